@@ -1,0 +1,202 @@
+//! The collector: decodes request bodies within capped sizes, checks every event against its
+//! dataset's contract, encodes the accepted events once as an Arrow record batch, and appends it
+//! to the dataset's log topic. `ingest` returns only after the append is durable.
+//!
+//! HTTP is not known here: the server maps `Error` and `IngestReport` to responses.
+
+mod decode;
+mod encode;
+mod metrics;
+mod validate;
+
+use std::sync::Arc;
+
+use tarn_catalog::Catalog;
+use tarn_core::{Clock, DatasetSpec, Limits};
+use tarn_log::{Log, Topic};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use decode::Encoding;
+pub use encode::{PAYLOAD_VERSION, arrow_schema, decode_payload};
+pub use metrics::{IngestMetrics, LATENCY_BUCKETS_MS};
+pub use validate::Rejection;
+
+/// Errors of an ingest request, by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("unsupported content encoding {0:?}; use gzip, zstd or none")]
+    UnsupportedEncoding(String),
+    #[error("dataset {0:?} does not exist and inferring new datasets is turned off")]
+    UnknownDataset(String),
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The topic holding a dataset's events.
+pub fn topic_name(dataset: &str) -> String {
+    format!("events.{dataset}")
+}
+
+/// The outcome of one accepted request.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IngestReport {
+    pub dataset: String,
+    pub accepted: usize,
+    pub rejected: usize,
+    /// The first rejections, up to `Limits::rejections_reported_max`.
+    pub errors: Vec<Rejection>,
+    /// The log sequence of the appended record, when any event was accepted.
+    pub sequence: Option<u64>,
+}
+
+/// Options of the collector.
+#[derive(Debug, Clone)]
+pub struct CollectorOptions {
+    pub limits: Limits,
+    /// Create a dataset with an inferred contract on its first write.
+    pub infer_datasets: bool,
+}
+
+/// The ingest front of the data path.
+pub struct Collector {
+    log: Log,
+    catalog: Arc<Catalog>,
+    clock: Arc<dyn Clock>,
+    opts: CollectorOptions,
+    inflight: Arc<Semaphore>,
+    pub metrics: Arc<IngestMetrics>,
+}
+
+/// Admission of a request's bytes; held until the request is answered.
+pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+
+const PERMIT_UNIT: usize = 1024;
+
+impl Collector {
+    pub fn new(log: Log, catalog: Arc<Catalog>, clock: Arc<dyn Clock>, opts: CollectorOptions) -> Self {
+        let permits = (opts.limits.ingest_inflight_bytes_max / PERMIT_UNIT).max(1);
+        Self {
+            log,
+            catalog,
+            clock,
+            inflight: Arc::new(Semaphore::new(permits)),
+            opts,
+            metrics: Arc::new(IngestMetrics::default()),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.opts.limits
+    }
+
+    /// Reserves memory for a request of (up to) `bytes` bytes before its body is read. The
+    /// reservation counts the decompressed size cap for compressed bodies.
+    pub fn admit(&self, bytes: usize, compressed: bool) -> Result<Admission> {
+        let l = &self.opts.limits;
+        if bytes > l.body_bytes_max {
+            return Err(Error::TooLarge(format!(
+                "request body of {bytes} bytes is larger than the limit of {} bytes",
+                l.body_bytes_max
+            )));
+        }
+        // Decoding holds the body, its parsed events and the encoded batch: about 3x.
+        let cost = if compressed { l.decompressed_bytes_max } else { bytes };
+        let units = u32::try_from((cost.saturating_mul(3) / PERMIT_UNIT).max(1)).unwrap_or(u32::MAX);
+        match self.inflight.clone().try_acquire_many_owned(units) {
+            Ok(p) => Ok(Admission(p)),
+            Err(_) => {
+                self.metrics.count_overloaded();
+                Err(Error::Overloaded(format!(
+                    "{} bytes of requests are already in flight; retry shortly",
+                    l.ingest_inflight_bytes_max
+                )))
+            }
+        }
+    }
+
+    /// Decodes, checks and durably appends the events of one request.
+    pub async fn ingest(&self, dataset: &str, body: &[u8], encoding: Encoding) -> Result<IngestReport> {
+        let started = std::time::Instant::now();
+        let res = self.ingest_inner(dataset, body, encoding).await;
+        match &res {
+            Ok(r) => self.metrics.record_ok(body.len(), r.accepted, r.rejected, started.elapsed()),
+            Err(_) => self.metrics.count_failed(),
+        }
+        res
+    }
+
+    async fn ingest_inner(&self, dataset: &str, body: &[u8], encoding: Encoding) -> Result<IngestReport> {
+        tarn_core::name::check_dataset(dataset).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let limits = &self.opts.limits;
+        let text = decode::decompress(body, encoding, limits)?;
+        let raw = decode::split_events(&text, limits)?;
+        let spec = match self.catalog.get(dataset) {
+            Some(s) => s,
+            None if self.opts.infer_datasets => self.infer(dataset, &raw)?,
+            None => return Err(Error::UnknownDataset(dataset.to_string())),
+        };
+        let received_at = self.clock.now_micros();
+        let (batch, errors, rejected) = validate::check_and_build(&spec, &raw, received_at, limits)?;
+        let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
+        let sequence = match batch {
+            Some(b) => {
+                let payload = encode::encode_payload(&b)?;
+                let topic = self.topic(dataset)?;
+                Some(topic.append(payload).await.map_err(|e| match e {
+                    tarn_log::Error::Overloaded(_) => Error::Overloaded(e.to_string()),
+                    tarn_log::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
+                    other => Error::Unavailable(other.to_string()),
+                })?)
+            }
+            None => None,
+        };
+        Ok(IngestReport {
+            dataset: dataset.to_string(),
+            accepted,
+            rejected,
+            errors,
+            sequence,
+        })
+    }
+
+    fn topic(&self, dataset: &str) -> Result<Topic> {
+        self.log
+            .topic(&topic_name(dataset))
+            .map_err(|e| Error::Unavailable(e.to_string()))
+    }
+
+    fn infer(&self, dataset: &str, raw: &[decode::RawEvent<'_>]) -> Result<Arc<DatasetSpec>> {
+        let sample: Vec<_> = raw
+            .iter()
+            .take(1000)
+            .filter_map(|r| match serde_json::from_str::<serde_json::Value>(r.text) {
+                Ok(serde_json::Value::Object(m)) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if sample.is_empty() {
+            return Err(Error::BadRequest(format!(
+                "dataset {dataset:?} does not exist and no event in this request is a JSON object to infer its contract from"
+            )));
+        }
+        let spec = DatasetSpec::infer(dataset, &sample).map_err(|e| Error::BadRequest(e.to_string()))?;
+        tracing::info!(dataset, fields = spec.fields.len(), "created dataset with an inferred contract");
+        self.catalog.register(spec).map_err(|e| match e {
+            tarn_catalog::Error::Invalid(e) => Error::BadRequest(e.to_string()),
+            other => Error::Unavailable(other.to_string()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

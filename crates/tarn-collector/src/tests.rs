@@ -1,0 +1,179 @@
+//! Collector tests: contract checks, encodings and limits, against a real embedded log.
+
+use std::io::Write;
+
+use arrow_array::cast::AsArray;
+use tarn_core::ManualClock;
+
+use super::*;
+
+const SPEC: &str = r#"
+name: auctions
+fields:
+  - { name: event_id, type: string }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: cpm, type: float64 }
+  - { name: n, type: int64 }
+  - { name: ok, type: bool }
+  - { name: extra, type: json }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    log: Log,
+    collector: Collector,
+    rt: tokio::runtime::Runtime,
+}
+
+fn fixture(infer: bool, limits: Limits) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
+    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
+    catalog.register(DatasetSpec::from_yaml(SPEC).expect("spec")).expect("register");
+    let clock = Arc::new(ManualClock::new(1_763_805_600_000_000));
+    let collector = Collector::new(
+        log.clone(),
+        catalog,
+        clock,
+        CollectorOptions {
+            limits,
+            infer_datasets: infer,
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+    Fixture { _dir: dir, log, collector, rt }
+}
+
+fn read_batches(f: &Fixture, dataset: &str) -> Vec<RecordBatch> {
+    let t = f.log.topic(&topic_name(dataset)).expect("topic");
+    let recs = t.cursor(0).read(usize::MAX).expect("read");
+    recs.iter().flat_map(|r| decode_payload(&r.payload).expect("decode")).collect()
+}
+
+use arrow_array::RecordBatch;
+
+#[test]
+fn accepts_ndjson_and_reports_each_rejection() {
+    let f = fixture(false, Limits::default());
+    let body = [
+        r#"{"event_id":"e1","ts":"2026-11-22T10:00:00Z","client_id":"acme","cpm":1.5,"n":3,"ok":true,"extra":{"a":[1]}}"#,
+        r#"{"ts":1763805600000,"client_id":"beta"}"#,
+        r#"{"ts":"yesterday","client_id":"acme"}"#,
+        r#"{"ts":"2026-11-22T10:00:00Z"}"#,
+        r#"{"ts":"2026-11-22T10:00:00Z","client_id":"../../etc"}"#,
+        r#"{"ts":"2026-11-22T10:00:00Z","client_id":"acme","colour":"red"}"#,
+        r#"{"ts":"2026-11-22T10:00:00Z","client_id":"acme","n":1.5}"#,
+        r#"not json"#,
+        r#"[1,2]"#,
+        "",
+    ]
+    .join("\n");
+    let r = f.rt.block_on(f.collector.ingest("auctions", body.as_bytes(), Encoding::Identity)).expect("ingest");
+    assert_eq!(r.accepted, 2);
+    assert_eq!(r.rejected, 7);
+    let got: Vec<(usize, Option<&str>)> = r.errors.iter().map(|e| (e.index, e.field.as_deref())).collect();
+    assert_eq!(
+        got,
+        [
+            (2, Some("ts")),
+            (3, Some("client_id")),
+            (4, Some("client_id")),
+            (5, Some("colour")),
+            (6, Some("n")),
+            (7, None),
+            (8, None)
+        ]
+    );
+    assert!(r.errors[0].reason.contains("RFC 3339"), "{:?}", r.errors[0]);
+    let batches = read_batches(&f, "auctions");
+    assert_eq!(batches.len(), 1);
+    let b = &batches[0];
+    assert_eq!(b.num_rows(), 2);
+    let ids = b.column_by_name("event_id").expect("event_id").as_string::<i32>();
+    assert_eq!(ids.value(0), "e1");
+    assert_eq!(ids.value(1).len(), 32, "generated id");
+    let days = b.column_by_name("day").expect("day").as_string::<i32>();
+    assert_eq!(days.value(0), "2026-11-22");
+    let extra = b.column_by_name("extra").expect("extra").as_string::<i32>();
+    assert_eq!(extra.value(0), r#"{"a":[1]}"#);
+    assert!(b.column_by_name("_received_at").is_some());
+}
+
+#[test]
+fn accepts_json_arrays_gzip_and_zstd() {
+    let f = fixture(false, Limits::default());
+    let body = r#"[{"ts":"2026-11-21T00:00:00Z","client_id":"a"},{"ts":"2026-11-22T00:00:00Z","client_id":"b"}]"#;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(body.as_bytes()).expect("gzip");
+    let gz = gz.finish().expect("gzip");
+    let zs = zstd::encode_all(body.as_bytes(), 1).expect("zstd");
+    for (bytes, enc) in [(body.as_bytes().to_vec(), Encoding::Identity), (gz, Encoding::Gzip), (zs, Encoding::Zstd)] {
+        let r = f.rt.block_on(f.collector.ingest("auctions", &bytes, enc)).expect("ingest");
+        assert_eq!((r.accepted, r.rejected), (2, 0), "{enc:?}");
+    }
+    assert_eq!(read_batches(&f, "auctions").iter().map(|b| b.num_rows()).sum::<usize>(), 6);
+    let bad = f.rt.block_on(f.collector.ingest("auctions", b"not gzip", Encoding::Gzip));
+    assert!(matches!(bad, Err(Error::BadRequest(_))), "{bad:?}");
+    assert!(matches!(Encoding::from_header(Some("br")), Err(Error::UnsupportedEncoding(_))));
+}
+
+#[test]
+fn limits_are_enforced() {
+    let limits = Limits {
+        decompressed_bytes_max: 1000,
+        batch_events_max: 3,
+        event_bytes_max: 200,
+        body_bytes_max: 5000,
+        ..Limits::default()
+    };
+    let f = fixture(false, limits);
+    let bomb = zstd::encode_all(&vec![b' '; 100_000][..], 19).expect("zstd");
+    assert!(bomb.len() < 1000);
+    let r = f.rt.block_on(f.collector.ingest("auctions", &bomb, Encoding::Zstd));
+    assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
+    let many = "{}\n{}\n{}\n{}\n";
+    let r = f.rt.block_on(f.collector.ingest("auctions", many.as_bytes(), Encoding::Identity));
+    assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
+    let big = format!(r#"{{"ts":"2026-11-22T00:00:00Z","client_id":"a","extra":"{}"}}"#, "x".repeat(300));
+    let r = f.rt.block_on(f.collector.ingest("auctions", big.as_bytes(), Encoding::Identity)).expect("ingest");
+    assert_eq!(r.rejected, 1);
+    assert!(r.errors[0].reason.contains("larger than the limit"));
+    assert!(matches!(f.collector.admit(6000, false), Err(Error::TooLarge(_))));
+    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", b"   \n", Encoding::Identity)), Err(Error::BadRequest(_))));
+    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", b"[1,", Encoding::Identity)), Err(Error::BadRequest(_))));
+    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", &[0xff, 0xfe], Encoding::Identity)), Err(Error::BadRequest(_))));
+}
+
+#[test]
+fn admission_bounds_bytes_in_flight() {
+    let f = fixture(
+        false,
+        Limits {
+            ingest_inflight_bytes_max: 30 * 1024,
+            ..Limits::default()
+        },
+    );
+    let a = f.collector.admit(5 * 1024, false).expect("first fits");
+    assert!(matches!(f.collector.admit(5 * 1024, false), Err(Error::Overloaded(_))));
+    drop(a);
+    f.collector.admit(5 * 1024, false).expect("fits again after release");
+}
+
+#[test]
+fn infers_new_datasets_only_when_allowed() {
+    let f = fixture(true, Limits::default());
+    let body = r#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","v":1}"#;
+    let r = f.rt.block_on(f.collector.ingest("clicks", body.as_bytes(), Encoding::Identity)).expect("ingest");
+    assert_eq!(r.accepted, 1);
+    let r = f.rt.block_on(f.collector.ingest("clicks", br#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","w":1}"#, Encoding::Identity)).expect("ingest");
+    assert_eq!((r.accepted, r.errors[0].field.as_deref()), (0, Some("w")));
+    let strict = fixture(false, Limits::default());
+    let r = strict.rt.block_on(strict.collector.ingest("clicks", body.as_bytes(), Encoding::Identity));
+    assert!(matches!(r, Err(Error::UnknownDataset(_))));
+    let r = strict.rt.block_on(strict.collector.ingest("../x", body.as_bytes(), Encoding::Identity));
+    assert!(matches!(r, Err(Error::BadRequest(_))));
+}

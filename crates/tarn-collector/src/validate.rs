@@ -1,0 +1,210 @@
+//! Contract checks: each event is parsed, checked field by field against the dataset's
+//! contract, and, when it passes, appended to the Arrow column builders of the batch.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use serde_json::Value;
+use tarn_core::contract::{DAY, RECEIVED_AT, day_of_micros, parse_rfc3339_micros};
+use tarn_core::{DatasetSpec, FieldType, Limits, UnknownFields};
+
+use crate::decode::RawEvent;
+use crate::encode::arrow_schema;
+use crate::{Error, Result};
+
+/// Why one event was refused.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Rejection {
+    /// Position of the event in the request, from 0.
+    pub index: usize,
+    /// The field at fault, when one is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+enum Cell {
+    Null,
+    Str(String),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Ts(i64),
+}
+
+enum Col {
+    Str(StringBuilder),
+    I64(Int64Builder),
+    F64(Float64Builder),
+    Bool(BooleanBuilder),
+    Ts(TimestampMicrosecondBuilder),
+}
+
+impl Col {
+    fn new(ty: FieldType, cap: usize) -> Self {
+        match ty {
+            FieldType::String | FieldType::Json => Col::Str(StringBuilder::with_capacity(cap, cap * 16)),
+            FieldType::Int64 => Col::I64(Int64Builder::with_capacity(cap)),
+            FieldType::Float64 => Col::F64(Float64Builder::with_capacity(cap)),
+            FieldType::Bool => Col::Bool(BooleanBuilder::with_capacity(cap)),
+            FieldType::Timestamp => Col::Ts(TimestampMicrosecondBuilder::with_capacity(cap).with_timezone("UTC")),
+        }
+    }
+
+    fn push(&mut self, c: Cell) {
+        match (self, c) {
+            (Col::Str(b), Cell::Str(s)) => b.append_value(s),
+            (Col::Str(b), _) => b.append_null(),
+            (Col::I64(b), Cell::I64(v)) => b.append_value(v),
+            (Col::I64(b), _) => b.append_null(),
+            (Col::F64(b), Cell::F64(v)) => b.append_value(v),
+            (Col::F64(b), _) => b.append_null(),
+            (Col::Bool(b), Cell::Bool(v)) => b.append_value(v),
+            (Col::Bool(b), _) => b.append_null(),
+            (Col::Ts(b), Cell::Ts(v)) => b.append_value(v),
+            (Col::Ts(b), _) => b.append_null(),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Col::Str(mut b) => Arc::new(b.finish()),
+            Col::I64(mut b) => Arc::new(b.finish()),
+            Col::F64(mut b) => Arc::new(b.finish()),
+            Col::Bool(mut b) => Arc::new(b.finish()),
+            Col::Ts(mut b) => Arc::new(b.finish()),
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn convert(ty: FieldType, v: Value) -> Result<Cell, String> {
+    match (ty, v) {
+        (_, Value::Null) => Ok(Cell::Null),
+        (FieldType::String, Value::String(s)) => Ok(Cell::Str(s)),
+        (FieldType::Int64, Value::Number(n)) => match n.as_i64() {
+            Some(i) => Ok(Cell::I64(i)),
+            None => Err(format!("expected a 64-bit integer, got {n}")),
+        },
+        (FieldType::Float64, Value::Number(n)) => match n.as_f64() {
+            Some(f) => Ok(Cell::F64(f)),
+            None => Err(format!("expected a number, got {n}")),
+        },
+        (FieldType::Bool, Value::Bool(b)) => Ok(Cell::Bool(b)),
+        (FieldType::Timestamp, Value::String(s)) => match parse_rfc3339_micros(&s) {
+            Some(t) => Ok(Cell::Ts(t)),
+            None => Err(format!("expected an RFC 3339 timestamp, got {s:?}")),
+        },
+        (FieldType::Timestamp, Value::Number(n)) => match n.as_i64().and_then(|ms| ms.checked_mul(1000)) {
+            Some(t) => Ok(Cell::Ts(t)),
+            None => Err(format!("expected epoch milliseconds as an integer, got {n}")),
+        },
+        (FieldType::Json, v) => Ok(Cell::Str(v.to_string())),
+        (ty, v) => Err(format!("expected {}, got {}", ty.as_str(), kind(&v))),
+    }
+}
+
+fn new_event_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Checks every event; returns the batch of accepted ones (if any), the first rejections and
+/// the number rejected.
+pub(crate) fn check_and_build(
+    spec: &DatasetSpec,
+    raw: &[RawEvent<'_>],
+    received_at: i64,
+    limits: &Limits,
+) -> Result<(Option<RecordBatch>, Vec<Rejection>, usize)> {
+    let n = raw.len();
+    let mut cols: Vec<Col> = spec.fields.iter().map(|f| Col::new(f.ty, n)).collect();
+    let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut days = StringBuilder::with_capacity(n, n * 10);
+    let mut errors = Vec::new();
+    let mut rejected = 0usize;
+    let mut accepted = 0usize;
+    let time_idx = spec.event_time.as_ref().and_then(|t| spec.fields.iter().position(|f| &f.name == t));
+    let tenant_idx = spec.tenant().and_then(|t| spec.fields.iter().position(|f| f.name == t));
+    let id_idx = spec.fields.iter().position(|f| f.name == spec.event_id);
+    let mut cells: Vec<Cell> = Vec::with_capacity(spec.fields.len());
+    for (index, ev) in raw.iter().enumerate() {
+        cells.clear();
+        let reject = |field: Option<&str>, reason: String| Rejection {
+            index,
+            field: field.map(str::to_string),
+            reason,
+        };
+        let outcome: Result<(), Rejection> = (|| {
+            if ev.text.len() > limits.event_bytes_max {
+                return Err(reject(None, format!("event of {} bytes is larger than the limit of {} bytes", ev.text.len(), limits.event_bytes_max)));
+            }
+            let mut obj = match serde_json::from_str::<Value>(ev.text) {
+                Ok(Value::Object(m)) => m,
+                Ok(other) => return Err(reject(None, format!("event must be a JSON object, got {}", kind(&other)))),
+                Err(e) => return Err(reject(None, format!("invalid JSON: {e}"))),
+            };
+            for (i, f) in spec.fields.iter().enumerate() {
+                let v = obj.remove(&f.name).unwrap_or(Value::Null);
+                let cell = convert(f.ty, v).map_err(|r| reject(Some(&f.name), r))?;
+                let cell = match cell {
+                    Cell::Null if Some(i) == id_idx => Cell::Str(new_event_id()),
+                    Cell::Null if f.required => return Err(reject(Some(&f.name), "required field is missing or null".into())),
+                    Cell::Str(s) if Some(i) == tenant_idx => {
+                        tarn_core::name::check_tenant_value(&s).map_err(|r| reject(Some(&f.name), r.to_string()))?;
+                        Cell::Str(s)
+                    }
+                    Cell::Str(s) if Some(i) == id_idx && (s.is_empty() || s.len() > 256) => {
+                        return Err(reject(Some(&f.name), "event id must be 1 to 256 characters".into()));
+                    }
+                    c => c,
+                };
+                cells.push(cell);
+            }
+            if spec.unknown_fields == UnknownFields::Reject
+                && let Some(k) = obj.keys().next()
+            {
+                return Err(reject(Some(k), "field is not in the dataset's contract".into()));
+            }
+            Ok(())
+        })();
+        if let Err(r) = outcome {
+            rejected += 1;
+            if errors.len() < limits.rejections_reported_max {
+                errors.push(r);
+            }
+            continue;
+        }
+        let time = match time_idx.map(|i| &cells[i]) {
+            Some(Cell::Ts(t)) => *t,
+            _ => received_at,
+        };
+        days.append_value(day_of_micros(time));
+        received.append_value(received_at);
+        for (col, cell) in cols.iter_mut().zip(cells.drain(..)) {
+            col.push(cell);
+        }
+        accepted += 1;
+    }
+    if accepted == 0 {
+        return Ok((None, errors, rejected));
+    }
+    let mut arrays: Vec<ArrayRef> = cols.into_iter().map(Col::finish).collect();
+    arrays.push(Arc::new(received.finish()));
+    arrays.push(Arc::new(days.finish()));
+    let batch = RecordBatch::try_new(arrow_schema(spec), arrays)
+        .map_err(|e| Error::Internal(format!("building the batch for {}: {e}", spec.name)))?;
+    debug_assert_eq!(batch.schema().field(batch.num_columns() - 2).name(), RECEIVED_AT);
+    debug_assert_eq!(batch.schema().field(batch.num_columns() - 1).name(), DAY);
+    Ok((Some(batch), errors, rejected))
+}

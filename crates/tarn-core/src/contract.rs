@@ -1,0 +1,368 @@
+//! Dataset contracts: the declared (or inferred) schema of a dataset, how it is partitioned and
+//! which fields carry the event time, the event id and the tenant. Descriptors are YAML files;
+//! the same type is persisted by the catalog as JSON.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::name;
+
+/// The column types a contract may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    String,
+    Int64,
+    Float64,
+    Bool,
+    /// RFC 3339 text or integer epoch milliseconds on input; stored as UTC microseconds.
+    Timestamp,
+    /// Any JSON value, stored as its JSON text.
+    Json,
+}
+
+impl FieldType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Int64 => "int64",
+            FieldType::Float64 => "float64",
+            FieldType::Bool => "bool",
+            FieldType::Timestamp => "timestamp",
+            FieldType::Json => "json",
+        }
+    }
+}
+
+/// One declared field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Field {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What the collector does with a field the contract does not declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFields {
+    /// The event is rejected, naming the field.
+    #[default]
+    Reject,
+    /// The field is dropped and the event accepted.
+    Drop,
+}
+
+/// Partitioning: always `day` of the event time (UTC), plus an optional tenant field.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partitioning {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// A dataset's contract, as written in a descriptor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetSpec {
+    /// Descriptor format version; only 1 exists.
+    #[serde(default = "one")]
+    pub version: u32,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub fields: Vec<Field>,
+    /// The timestamp field whose UTC day partitions the table. Absent: the receive time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_time: Option<String>,
+    /// The string field holding the producer's event id; generated when an event lacks it.
+    pub event_id: String,
+    #[serde(default)]
+    pub partitioning: Partitioning,
+    #[serde(default)]
+    pub unknown_fields: UnknownFields,
+    /// True when tarn inferred this contract from the first write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inferred: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The column tarn adds with the time it received each event.
+pub const RECEIVED_AT: &str = "_received_at";
+/// The partition column tarn derives from the event time.
+pub const DAY: &str = "day";
+
+impl DatasetSpec {
+    /// Parses a YAML descriptor and checks it.
+    pub fn from_yaml(text: &str) -> Result<Self> {
+        let spec: DatasetSpec =
+            serde_norway::from_str(text).map_err(|e| Error::InvalidContract {
+                dataset: "?".into(),
+                reason: format!("descriptor is not valid: {e}"),
+            })?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    pub fn field(&self, name: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+
+    pub fn tenant(&self) -> Option<&str> {
+        self.partitioning.tenant.as_deref()
+    }
+
+    /// Checks names, references and types.
+    pub fn check(&self) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::InvalidContract {
+                dataset: self.name.clone(),
+                reason,
+            })
+        };
+        if self.version != 1 {
+            return bad(format!("descriptor version {} is not supported (only 1)", self.version));
+        }
+        name::check_dataset(&self.name)?;
+        if self.fields.is_empty() {
+            return bad("a dataset needs at least one field".into());
+        }
+        if self.fields.len() > 1000 {
+            return bad(format!("{} fields; at most 1000", self.fields.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &self.fields {
+            name::check_field(&f.name)?;
+            if !seen.insert(f.name.to_ascii_lowercase()) {
+                return bad(format!("field {:?} is declared twice (names are case-insensitive)", f.name));
+            }
+        }
+        match self.field(&self.event_id) {
+            Some(f) if f.ty == FieldType::String => {}
+            Some(f) => return bad(format!("event_id field {:?} must be a string, not {}", f.name, f.ty.as_str())),
+            None => return bad(format!("event_id field {:?} is not declared", self.event_id)),
+        }
+        if let Some(t) = &self.event_time {
+            match self.field(t) {
+                Some(f) if f.ty == FieldType::Timestamp && f.required => {}
+                Some(f) if f.ty == FieldType::Timestamp => {
+                    return bad(format!("event_time field {:?} must be required", f.name));
+                }
+                Some(f) => return bad(format!("event_time field {:?} must be a timestamp, not {}", f.name, f.ty.as_str())),
+                None => return bad(format!("event_time field {t:?} is not declared")),
+            }
+        }
+        if let Some(t) = self.tenant() {
+            match self.field(t) {
+                Some(f) if f.ty == FieldType::String && f.required => {}
+                Some(f) if f.ty == FieldType::String => {
+                    return bad(format!("tenant field {:?} must be required", f.name));
+                }
+                Some(f) => return bad(format!("tenant field {:?} must be a string, not {}", f.name, f.ty.as_str())),
+                None => return bad(format!("tenant field {t:?} is not declared")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Infers a contract from the first events written to a dataset without a descriptor.
+    ///
+    /// Every key seen becomes a field (JSON strings are `string`, integers `int64`, other
+    /// numbers `float64`, booleans `bool`, objects and arrays `json`; a key seen with two types
+    /// becomes `json`). The event time is the first of `ts`, `timestamp`, `event_time`, `time`
+    /// present in every event as RFC 3339 text or epoch milliseconds, else the receive time. The
+    /// tenant is the first of `client_id`, `tenant_id`, `customer_id` present as a string in
+    /// every event. The event id is `event_id` (added as a field when absent). Only the event
+    /// id, event time and tenant are required; unknown fields are rejected afterwards.
+    pub fn infer(dataset: &str, events: &[serde_json::Map<String, serde_json::Value>]) -> Result<Self> {
+        use serde_json::Value;
+        name::check_dataset(dataset)?;
+        let mut fields: Vec<Field> = Vec::new();
+        for ev in events {
+            for (k, v) in ev {
+                let ty = match v {
+                    Value::Null => continue,
+                    Value::String(_) => FieldType::String,
+                    Value::Bool(_) => FieldType::Bool,
+                    Value::Number(n) if n.is_i64() => FieldType::Int64,
+                    Value::Number(_) => FieldType::Float64,
+                    Value::Array(_) | Value::Object(_) => FieldType::Json,
+                };
+                match fields.iter_mut().find(|f| f.name == *k) {
+                    Some(f) if f.ty == ty => {}
+                    Some(f) if (f.ty, ty) == (FieldType::Int64, FieldType::Float64) => f.ty = ty,
+                    Some(f) if (f.ty, ty) == (FieldType::Float64, FieldType::Int64) => {}
+                    Some(f) => f.ty = FieldType::Json,
+                    None => {
+                        name::check_field(k)?;
+                        fields.push(Field { name: k.clone(), ty, required: false, description: None });
+                    }
+                }
+            }
+        }
+        let everywhere = |key: &str, ok: &dyn Fn(&Value) -> bool| {
+            !events.is_empty() && events.iter().all(|e| e.get(key).is_some_and(ok))
+        };
+        let is_time = |v: &Value| match v {
+            Value::String(s) => parse_rfc3339_micros(s).is_some(),
+            Value::Number(n) => n.is_i64(),
+            _ => false,
+        };
+        let event_time = ["ts", "timestamp", "event_time", "time"]
+            .into_iter()
+            .find(|k| everywhere(k, &is_time))
+            .map(str::to_string);
+        let tenant = ["client_id", "tenant_id", "customer_id"]
+            .into_iter()
+            .find(|k| everywhere(k, &|v: &Value| v.as_str().is_some_and(|s| name::check_tenant_value(s).is_ok())))
+            .map(str::to_string);
+        let event_id = "event_id".to_string();
+        match fields.iter_mut().find(|f| f.name == event_id) {
+            Some(f) if f.ty == FieldType::String => {}
+            Some(_) => {
+                return Err(Error::InvalidContract {
+                    dataset: dataset.into(),
+                    reason: "field event_id must be a string to infer a contract; declare the dataset with a descriptor".into(),
+                });
+            }
+            None => fields.insert(0, Field { name: event_id.clone(), ty: FieldType::String, required: false, description: None }),
+        }
+        for f in &mut fields {
+            if Some(&f.name) == event_time.as_ref() {
+                f.ty = FieldType::Timestamp;
+                f.required = true;
+            }
+            if Some(&f.name) == tenant.as_ref() {
+                f.required = true;
+            }
+        }
+        let spec = DatasetSpec {
+            version: 1,
+            name: dataset.to_string(),
+            description: None,
+            fields,
+            event_time,
+            event_id,
+            partitioning: Partitioning { tenant },
+            unknown_fields: UnknownFields::Reject,
+            inferred: true,
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+}
+
+/// Parses RFC 3339 text ("2026-11-22T10:00:00Z", "2026-11-22T10:00:00.123+01:00") into UTC
+/// microseconds since the epoch.
+pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+    Some(t.timestamp_micros())
+}
+
+/// The UTC day (`YYYY-MM-DD`) of a timestamp in microseconds.
+pub fn day_of_micros(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    match chrono::DateTime::from_timestamp(secs, 0) {
+        Some(t) => t.format("%Y-%m-%d").to_string(),
+        None => "1970-01-01".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AUCTIONS: &str = r#"
+version: 1
+name: auctions
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: cpm, type: float64 }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+"#;
+
+    #[test]
+    fn parses_a_descriptor() {
+        let s = DatasetSpec::from_yaml(AUCTIONS).expect("valid");
+        assert_eq!(s.name, "auctions");
+        assert_eq!(s.tenant(), Some("client_id"));
+        assert_eq!(s.field("cpm").map(|f| f.ty), Some(FieldType::Float64));
+        assert_eq!(s.unknown_fields, UnknownFields::Reject);
+    }
+
+    #[test]
+    fn refuses_bad_descriptors() {
+        let cases = [
+            (AUCTIONS.replace("name: auctions", "name: ../etc"), "dataset"),
+            (AUCTIONS.replace("event_time: ts", "event_time: nope"), "not declared"),
+            (AUCTIONS.replace("event_time: ts", "event_time: cpm"), "must be a timestamp"),
+            (AUCTIONS.replace("tenant: client_id", "tenant: cpm"), "must be a string"),
+            (AUCTIONS.replace("event_id: event_id", "event_id: ts"), "must be a string"),
+            (AUCTIONS.replace("version: 1", "version: 2"), "not supported"),
+            (AUCTIONS.replace("type: float64", "type: decimal"), "not valid"),
+            (AUCTIONS.replace("partitioning:", "colour: red\npartitioning:"), "not valid"),
+            (AUCTIONS.replace("name: cpm", "name: client_id"), "twice"),
+            (AUCTIONS.replace("name: cpm", "name: _cpm"), "reserved"),
+        ];
+        for (text, want) in cases {
+            let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        match v {
+            serde_json::Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn infers_a_contract() {
+        let evs = [
+            obj(serde_json::json!({"ts": "2026-11-22T10:00:00Z", "client_id": "acme", "n": 1, "x": {"a": 1}})),
+            obj(serde_json::json!({"ts": 1763805600000_i64, "client_id": "beta", "n": 2.5, "ok": true})),
+        ];
+        let s = DatasetSpec::infer("clicks", &evs).expect("inferred");
+        assert_eq!(s.event_time.as_deref(), Some("ts"));
+        assert_eq!(s.tenant(), Some("client_id"));
+        assert_eq!(s.event_id, "event_id");
+        let ty = |n: &str| s.field(n).map(|f| f.ty);
+        assert_eq!(ty("ts"), Some(FieldType::Timestamp));
+        assert_eq!(ty("n"), Some(FieldType::Float64));
+        assert_eq!(ty("x"), Some(FieldType::Json));
+        assert_eq!(ty("ok"), Some(FieldType::Bool));
+        assert_eq!(ty("event_id"), Some(FieldType::String));
+        assert!(s.inferred);
+    }
+
+    #[test]
+    fn infers_without_time_or_tenant() {
+        let evs = [obj(serde_json::json!({"a": "x"})), obj(serde_json::json!({"b": 1}))];
+        let s = DatasetSpec::infer("misc", &evs).expect("inferred");
+        assert_eq!(s.event_time, None);
+        assert_eq!(s.tenant(), None);
+        let bad = [obj(serde_json::json!({"a-b": 1}))];
+        assert!(DatasetSpec::infer("misc", &bad).is_err());
+    }
+
+    #[test]
+    fn days() {
+        assert_eq!(day_of_micros(0), "1970-01-01");
+        assert_eq!(day_of_micros(-1), "1969-12-31");
+        let t = parse_rfc3339_micros("2026-11-22T23:59:59.999999-01:00").expect("parses");
+        assert_eq!(day_of_micros(t), "2026-11-23");
+    }
+}

@@ -1,0 +1,13 @@
+//! Core types shared by every tarn crate: dataset contracts, names, the clock, limits and error
+//! codes. No IO and no Arrow here, so every other crate can depend on it cheaply.
+
+pub mod clock;
+pub mod contract;
+pub mod error;
+pub mod limits;
+pub mod name;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use contract::{DatasetSpec, Field, FieldType, UnknownFields};
+pub use error::{Error, Result};
+pub use limits::Limits;

@@ -1,0 +1,125 @@
+//! Name rules for datasets, fields and tenant values. Dataset names and tenant values become
+//! path components in the data directory, so these checks are what keeps every input inside it.
+
+use crate::error::{Error, Result};
+
+/// Dataset names: lowercase snake case, 1 to 64 characters, starting with a letter, no double
+/// underscore (reserved for system tables such as `x__rejected`).
+pub fn check_dataset(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            what: "dataset",
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 64 {
+        return bad("must be 1 to 64 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return bad("must start with a lowercase letter");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        return bad("may hold only a-z, 0-9 and _");
+    }
+    if name.contains("__") {
+        return bad("double underscore is reserved for system tables");
+    }
+    Ok(())
+}
+
+/// Field names: 1 to 128 characters of ASCII letters, digits and `_`, not starting with a digit;
+/// names starting with `_` are reserved for fields tarn adds (`_received_at`).
+pub fn check_field(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            what: "field",
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > 128 {
+        return bad("must be 1 to 128 characters");
+    }
+    if name.starts_with('_') {
+        return bad("names starting with _ are reserved for tarn");
+    }
+    if name.starts_with(|c: char| c.is_ascii_digit()) {
+        return bad("must not start with a digit");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return bad("may hold only A-Z, a-z, 0-9 and _");
+    }
+    if name == "day" {
+        return bad("`day` is the partition column tarn derives from the event time");
+    }
+    Ok(())
+}
+
+/// Tenant values (for example a `client_id`) name a partition folder: 1 to 128 characters of
+/// ASCII letters, digits, `_`, `-` and `.`, not starting with `.`.
+pub fn check_tenant_value(value: &str) -> std::result::Result<(), &'static str> {
+    if value.is_empty() || value.len() > 128 {
+        return Err("tenant value must be 1 to 128 characters");
+    }
+    if value.starts_with('.') {
+        return Err("tenant value must not start with '.'");
+    }
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err("tenant value may hold only A-Z, a-z, 0-9, _, - and .");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dataset_names() {
+        for ok in ["auctions", "a", "page_views_2", "x1"] {
+            assert!(check_dataset(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "Auctions",
+            "1abc",
+            "_x",
+            "a/b",
+            "..",
+            "a.b",
+            "a b",
+            "a__rejected",
+            "é",
+            &"a".repeat(65),
+        ] {
+            assert!(check_dataset(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn field_names() {
+        for ok in ["client_id", "ts", "CPM", "a1"] {
+            assert!(check_field(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "_received_at", "1a", "a-b", "a.b", "day", "a b"] {
+            assert!(check_field(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn tenant_values() {
+        for ok in ["acme", "client-42", "a.b", "A_1"] {
+            assert!(check_tenant_value(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "../etc", "a/b", "a b", "%2e", &"x".repeat(129)] {
+            assert!(check_tenant_value(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

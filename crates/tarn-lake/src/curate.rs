@@ -1,0 +1,219 @@
+//! Curate: the subscriber of the object-created stream that appends each raw object's rows to
+//! its dataset's Delta table. Notifications read together are grouped per dataset into one
+//! Delta commit. Each commit carries the application transaction `(tarn-curate/<dataset>/<shard>,
+//! last sequence)`; rows at or below the version already committed are skipped, so a replayed
+//! notification or an overlapping raw object adds nothing twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use deltalake::DeltaTable;
+use tarn_catalog::Catalog;
+use tarn_log::{Log, Topic};
+use tokio::sync::watch;
+
+use crate::raw::{batch_seq, read_object, without_seq};
+use crate::table::{append, app_version, curate_app_id};
+use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
+
+/// The consumer group of curate on the objects topic.
+pub const GROUP: &str = "curate";
+
+#[derive(Debug, Clone)]
+pub struct CurateOptions {
+    /// Most notification bytes read for one round of commits.
+    pub read_bytes_max: usize,
+}
+
+impl Default for CurateOptions {
+    fn default() -> Self {
+        Self { read_bytes_max: 1 << 20 }
+    }
+}
+
+/// Progress counters of curate.
+#[derive(Debug, Default)]
+pub struct CurateStats {
+    pub rows: AtomicU64,
+    pub commits: AtomicU64,
+    pub objects: AtomicU64,
+    pub errors: AtomicU64,
+    /// The next objects-topic sequence curate has not processed.
+    pub next_notification: AtomicU64,
+    /// Wall time (µs) of the last successful commit.
+    pub last_commit_us: AtomicI64,
+}
+
+/// The curate subscriber.
+pub struct Curator {
+    objects: Topic,
+    lake: Lake,
+    catalog: Arc<Catalog>,
+    opts: CurateOptions,
+    tables: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+    pub stats: Arc<CurateStats>,
+}
+
+impl Curator {
+    pub fn new(log: &Log, lake: Lake, catalog: Arc<Catalog>, opts: CurateOptions) -> Result<Self> {
+        let objects = log.topic(OBJECTS_TOPIC)?;
+        let start = objects.register_group(GROUP)?;
+        let stats = Arc::new(CurateStats::default());
+        stats.next_notification.store(start, Relaxed);
+        Ok(Self {
+            objects,
+            lake,
+            catalog,
+            opts,
+            tables: tokio::sync::Mutex::new(HashMap::new()),
+            stats,
+        })
+    }
+
+    /// Runs until `shutdown` turns true, retrying failed rounds with backoff from the committed
+    /// offset.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff_ms = 100u64;
+        loop {
+            match self.run_once(&mut shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Relaxed);
+                    tracing::error!(error = %e, "curate failed; retrying from the committed offset");
+                    self.tables.lock().await.clear();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff_ms = (backoff_ms * 2).min(10_000);
+                }
+            }
+        }
+    }
+
+    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+        let start = self.objects.committed(GROUP).unwrap_or(0);
+        let mut cursor = Some(self.objects.cursor(start));
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            let Some(c) = cursor.take() else {
+                return Err(Error::Internal("cursor lost".into()));
+            };
+            let max = self.opts.read_bytes_max;
+            let (c, recs) = tokio::task::spawn_blocking(move || {
+                let mut c = c;
+                let r = c.read(max);
+                (c, r)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("reader task: {e}")))?;
+            let recs = recs?;
+            if recs.is_empty() {
+                tokio::select! {
+                    _ = c.wait() => {}
+                    _ = shutdown.changed() => {}
+                }
+                cursor = Some(c);
+                continue;
+            }
+            let mut notes = Vec::with_capacity(recs.len());
+            for r in &recs {
+                let n: ObjectCreated = serde_json::from_slice(&r.payload).map_err(|e| Error::Corrupt {
+                    what: format!("notification {}", r.seq),
+                    reason: e.to_string(),
+                })?;
+                notes.push(n);
+            }
+            self.apply(&notes).await?;
+            let next = c.next_seq();
+            self.objects.commit(GROUP, next)?;
+            self.objects.apply_retention()?;
+            self.stats.next_notification.store(next, Relaxed);
+            cursor = Some(c);
+        }
+    }
+
+    /// Applies notifications: per dataset and shard, in order, one commit.
+    pub async fn apply(&self, notes: &[ObjectCreated]) -> Result<()> {
+        let mut order: Vec<(String, u32)> = Vec::new();
+        let mut groups: HashMap<(String, u32), Vec<&ObjectCreated>> = HashMap::new();
+        for n in notes {
+            if n.version != 1 {
+                return Err(Error::Corrupt {
+                    what: n.path.clone(),
+                    reason: format!("notification version {} is not supported", n.version),
+                });
+            }
+            let key = (n.dataset.clone(), n.shard);
+            if !groups.contains_key(&key) {
+                order.push(key.clone());
+            }
+            groups.entry(key).or_default().push(n);
+        }
+        for key in order {
+            let list = groups.remove(&key).unwrap_or_default();
+            self.apply_dataset(&key.0, key.1, &list).await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_dataset(&self, dataset: &str, shard: u32, notes: &[&ObjectCreated]) -> Result<()> {
+        let spec = self.catalog.get(dataset).ok_or_else(|| Error::Corrupt {
+            what: format!("notification for {dataset}"),
+            reason: "dataset is not in the catalog".into(),
+        })?;
+        let mut tables = self.tables.lock().await;
+        let table = match tables.remove(dataset) {
+            Some(t) => t,
+            None => self.lake.open_table(dataset).await?,
+        };
+        let app_id = curate_app_id(dataset, shard);
+        let done = app_version(&table, dataset, &app_id).await?;
+        let mut batches = Vec::new();
+        let mut last = done;
+        let mut rows = 0u64;
+        let mut objects = 0u64;
+        for n in notes {
+            let last_seq = i64::try_from(n.last_seq).map_err(|_| Error::Corrupt {
+                what: n.path.clone(),
+                reason: "sequence out of range".into(),
+            })?;
+            if last_seq <= done {
+                continue;
+            }
+            let root = self.lake.root().to_path_buf();
+            let rel = n.path.clone();
+            let raw = tokio::task::spawn_blocking(move || read_object(&root, &rel))
+                .await
+                .map_err(|e| Error::Internal(format!("reader task: {e}")))??;
+            for b in raw {
+                let seq = batch_seq(&b)? as i64;
+                if seq <= last {
+                    continue;
+                }
+                last = seq;
+                rows += b.num_rows() as u64;
+                batches.push(without_seq(&b)?);
+            }
+            objects += 1;
+        }
+        if batches.is_empty() {
+            tables.insert(dataset.to_string(), table);
+            return Ok(());
+        }
+        let table = append(table, dataset, spec.tenant(), batches, &app_id, last).await?;
+        tables.insert(dataset.to_string(), table);
+        self.stats.rows.fetch_add(rows, Relaxed);
+        self.stats.commits.fetch_add(1, Relaxed);
+        self.stats.objects.fetch_add(objects, Relaxed);
+        self.stats.last_commit_us.store(tarn_core::SystemClock.now_micros(), Relaxed);
+        tracing::debug!(dataset, rows, objects, version = last, "curated");
+        Ok(())
+    }
+}
+
+use tarn_core::Clock as _;

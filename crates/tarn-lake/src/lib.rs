@@ -1,0 +1,77 @@
+//! The lake: the raw zone, the object-created notification stream, delivery (log to raw
+//! objects) and curate (raw objects to partitioned Delta tables).
+//!
+//! Layout under the lake root:
+//! - `raw/<dataset>/shard=<n>/<first:020>-<last:020>.arrow`: one immutable Arrow IPC file
+//!   (zstd) per delivery batch, holding a `_seq` column with each row's log sequence.
+//! - `tables/<dataset>/`: the dataset's Delta table, partitioned by `day` and the tenant field.
+//!
+//! # Guarantees
+//! - A raw object is written to a temporary name, synced and renamed, and its directory synced,
+//!   before its notification is published; the delivery offset is committed only after that.
+//! - Curate commits each append with a Delta application transaction
+//!   (`tarn-curate/<dataset>/<shard>`, version = last log sequence) in the same commit as the
+//!   rows, and skips every row whose sequence is at or below the committed version, so replays
+//!   and overlapping raw objects never add a row twice.
+
+pub mod curate;
+pub mod delivery;
+pub mod raw;
+pub mod table;
+
+use std::path::PathBuf;
+
+pub use curate::{CurateOptions, Curator};
+pub use delivery::{Delivery, DeliveryOptions};
+pub use table::Lake;
+
+/// The system topic carrying object-created notifications.
+pub const OBJECTS_TOPIC: &str = "system.objects";
+
+/// Errors of the lake, by what the caller can do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("lake io error at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt data in {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("log error: {0}")]
+    Log(#[from] tarn_log::Error),
+    #[error("delta table error on {dataset}: {source}")]
+    Delta {
+        dataset: String,
+        #[source]
+        source: deltalake::DeltaTableError,
+    },
+    #[error("arrow error: {0}")]
+    Arrow(#[from] deltalake::arrow::error::ArrowError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+/// An object-created notification, as published on [`OBJECTS_TOPIC`] (JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectCreated {
+    /// Format version; only 1 exists.
+    pub version: u32,
+    pub dataset: String,
+    pub shard: u32,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Path relative to the lake root.
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+}

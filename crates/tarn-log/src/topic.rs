@@ -1,0 +1,590 @@
+//! Topics, the group-commit writer thread, cursors and consumer offsets.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::segment::{self, HEADER_LEN, SegmentReader};
+use crate::{Error, Result, io_err, sync_dir};
+
+/// Limits of the log.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// A segment rolls once it holds this many bytes.
+    pub segment_bytes_max: u64,
+    /// Largest payload of one record.
+    pub record_bytes_max: usize,
+    /// Appends waiting for the writer; past it `append` fails with `Overloaded`.
+    pub queue_max: usize,
+    /// Most bytes written in one group commit round.
+    pub group_bytes_max: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes_max: 128 << 20,
+            record_bytes_max: 256 << 20,
+            queue_max: 4096,
+            group_bytes_max: 64 << 20,
+        }
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub payload: Vec<u8>,
+}
+
+/// Sizes of a topic, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct TopicStats {
+    pub first_seq: u64,
+    pub next_seq: u64,
+    pub segments: usize,
+    pub bytes: u64,
+}
+
+struct AppendReq {
+    topic: Arc<TopicInner>,
+    payload: Vec<u8>,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+/// An embedded log rooted in one directory.
+#[derive(Clone)]
+pub struct Log {
+    inner: Arc<LogInner>,
+}
+
+struct LogInner {
+    root: PathBuf,
+    opts: LogOptions,
+    topics: Mutex<HashMap<String, Arc<TopicInner>>>,
+    tx: mpsc::Sender<AppendReq>,
+}
+
+#[derive(Debug, Clone)]
+struct SegInfo {
+    base: u64,
+    /// Durable bytes in the file, header included.
+    len: u64,
+}
+
+struct Active {
+    file: File,
+    base: u64,
+    len: u64,
+    next_seq: u64,
+    buf: Vec<u8>,
+}
+
+struct TopicInner {
+    name: String,
+    dir: PathBuf,
+    opts: LogOptions,
+    segments: Mutex<Vec<SegInfo>>,
+    active: Mutex<Active>,
+    durable: watch::Sender<u64>,
+    offsets: Mutex<HashMap<String, u64>>,
+    poisoned: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind, never a broken
+    // invariant on disk, so the data is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
+    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_string())) }
+}
+
+impl Log {
+    /// Opens (creating if needed) the log rooted at `root` and starts its writer thread.
+    pub fn open(root: impl AsRef<Path>, opts: LogOptions) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let (tx, rx) = mpsc::channel(opts.queue_max.max(1));
+        let group_bytes_max = opts.group_bytes_max;
+        std::thread::Builder::new()
+            .name("tarn-log-writer".into())
+            .spawn(move || writer_loop(rx, group_bytes_max))
+            .map_err(io_err(&root))?;
+        Ok(Self {
+            inner: Arc::new(LogInner {
+                root,
+                opts,
+                topics: Mutex::new(HashMap::new()),
+                tx,
+            }),
+        })
+    }
+
+    /// Opens (creating or recovering) a topic.
+    pub fn topic(&self, name: &str) -> Result<Topic> {
+        check_name(name)?;
+        let mut topics = lock(&self.inner.topics);
+        if let Some(t) = topics.get(name) {
+            return Ok(Topic {
+                inner: t.clone(),
+                tx: self.inner.tx.clone(),
+            });
+        }
+        let t = Arc::new(open_topic(&self.inner.root, name, &self.inner.opts)?);
+        topics.insert(name.to_string(), t.clone());
+        Ok(Topic {
+            inner: t,
+            tx: self.inner.tx.clone(),
+        })
+    }
+
+    /// Names of the topics that exist on disk.
+    pub fn topic_names(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.inner.root).map_err(io_err(&self.inner.root))? {
+            let e = e.map_err(io_err(&self.inner.root))?;
+            if e.path().is_dir()
+                && let Some(n) = e.file_name().to_str()
+                && check_name(n).is_ok()
+            {
+                out.push(n.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn list_segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let e = e.map_err(io_err(dir))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(stem) = name.strip_suffix(".seg")
+            && let Ok(base) = stem.parse::<u64>()
+        {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn create_segment(dir: &Path, base: u64) -> Result<File> {
+    let path = segment::segment_path(dir, base);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .read(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    f.write_all(&segment::encode_header(base)).map_err(io_err(&path))?;
+    f.sync_all().map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok(f)
+}
+
+fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> {
+    let dir = root.join(name);
+    let offsets_dir = dir.join("offsets");
+    std::fs::create_dir_all(&offsets_dir).map_err(io_err(&offsets_dir))?;
+    let mut bases = list_segments(&dir)?;
+    if bases.is_empty() {
+        create_segment(&dir, 0)?;
+        bases.push(0);
+    }
+    let mut segments = Vec::with_capacity(bases.len());
+    for (i, base) in bases.iter().enumerate() {
+        let path = segment::segment_path(&dir, *base);
+        if i + 1 == bases.len() {
+            continue;
+        }
+        let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        segments.push(SegInfo { base: *base, len });
+    }
+    let last = *bases.last().unwrap_or(&0);
+    let last_path = segment::segment_path(&dir, last);
+    let rec = match segment::recover(&last_path, opts.record_bytes_max) {
+        Ok(r) => r,
+        Err(Error::Corrupt { offset: 0, .. }) => {
+            // The header itself was torn: the segment was being created when the process died,
+            // so it holds no record. Start it again.
+            tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
+            create_segment(&dir, last)?;
+            segment::Recovered { valid_len: HEADER_LEN, next_seq: last }
+        }
+        Err(e) => return Err(e),
+    };
+    segments.push(SegInfo { base: last, len: rec.valid_len });
+    let file = OpenOptions::new()
+        .append(true)
+        .open(&last_path)
+        .map_err(io_err(&last_path))?;
+    let mut offsets = HashMap::new();
+    for e in std::fs::read_dir(&offsets_dir).map_err(io_err(&offsets_dir))? {
+        let e = e.map_err(io_err(&offsets_dir))?;
+        let Some(group) = e.file_name().to_str().map(str::to_string) else { continue };
+        if group.ends_with(".tmp") || check_name(&group).is_err() {
+            continue;
+        }
+        offsets.insert(group, read_offset(&e.path())?);
+    }
+    let (durable, _) = watch::channel(rec.next_seq);
+    Ok(TopicInner {
+        name: name.to_string(),
+        dir,
+        opts: opts.clone(),
+        segments: Mutex::new(segments),
+        active: Mutex::new(Active {
+            file,
+            base: last,
+            len: rec.valid_len,
+            next_seq: rec.next_seq,
+            buf: Vec::new(),
+        }),
+        durable,
+        offsets: Mutex::new(offsets),
+        poisoned: AtomicBool::new(false),
+    })
+}
+
+fn read_offset(path: &Path) -> Result<u64> {
+    let b = std::fs::read(path).map_err(io_err(path))?;
+    if b.len() != 12 {
+        return Err(Error::Corrupt {
+            path: path.into(),
+            offset: 0,
+            reason: format!("offset file has {} bytes, expected 12", b.len()),
+        });
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[..8]);
+    let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+    if crc != crc32c::crc32c(&v) {
+        return Err(Error::Corrupt {
+            path: path.into(),
+            offset: 0,
+            reason: "offset checksum mismatch".into(),
+        });
+    }
+    Ok(u64::from_le_bytes(v))
+}
+
+fn write_offset(dir: &Path, group: &str, next: u64) -> Result<()> {
+    let path = dir.join(group);
+    let tmp = dir.join(format!("{group}.tmp"));
+    let mut b = next.to_le_bytes().to_vec();
+    b.extend_from_slice(&crc32c::crc32c(&next.to_le_bytes()).to_le_bytes());
+    {
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&b).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)
+}
+
+/// Drains append requests, writes them, syncs once per touched topic, then answers.
+fn writer_loop(mut rx: mpsc::Receiver<AppendReq>, group_bytes_max: usize) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.payload.len();
+        let mut batch = vec![first];
+        while bytes < group_bytes_max {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.payload.len();
+                    batch.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        commit_round(batch);
+    }
+}
+
+fn commit_round(batch: Vec<AppendReq>) {
+    let mut touched: Vec<Arc<TopicInner>> = Vec::new();
+    let mut results: Vec<Result<u64>> = Vec::with_capacity(batch.len());
+    // Encode every record into its topic's buffer, rolling segments as needed.
+    for req in &batch {
+        let t = &req.topic;
+        if t.poisoned.load(Ordering::SeqCst) {
+            results.push(Err(Error::Closed(format!("topic {} stopped after an io error; restart tarn", t.name))));
+            continue;
+        }
+        let mut a = lock(&t.active);
+        let pending = a.buf.len() as u64;
+        if a.len + pending > HEADER_LEN && a.len + pending + req.payload.len() as u64 > t.opts.segment_bytes_max {
+            if let Err(e) = roll(t, &mut a) {
+                t.poisoned.store(true, Ordering::SeqCst);
+                results.push(Err(e));
+                continue;
+            }
+        }
+        let seq = a.next_seq;
+        a.next_seq += 1;
+        let h = segment::encode_record_header(seq, &req.payload);
+        a.buf.extend_from_slice(&h);
+        a.buf.extend_from_slice(&req.payload);
+        results.push(Ok(seq));
+        if !touched.iter().any(|x| Arc::ptr_eq(x, t)) {
+            touched.push(t.clone());
+        }
+    }
+    // Write and sync each touched topic once.
+    let mut failed: Vec<String> = Vec::new();
+    for t in &touched {
+        let mut a = lock(&t.active);
+        if let Err(e) = flush_active(t, &mut a) {
+            tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
+            t.poisoned.store(true, Ordering::SeqCst);
+            failed.push(t.name.clone());
+        }
+    }
+    for (req, res) in batch.into_iter().zip(results) {
+        let res = match res {
+            Ok(_) if failed.contains(&req.topic.name) => Err(Error::Closed(format!("write to topic {} failed", req.topic.name))),
+            r => r,
+        };
+        let _ = req.reply.send(res);
+    }
+}
+
+/// Writes the buffered records of a topic, syncs, and publishes the new durable end.
+fn flush_active(t: &TopicInner, a: &mut Active) -> Result<()> {
+    if a.buf.is_empty() {
+        return Ok(());
+    }
+    let path = segment::segment_path(&t.dir, a.base);
+    let buf = std::mem::take(&mut a.buf);
+    a.file.write_all(&buf).map_err(io_err(&path))?;
+    a.file.sync_data().map_err(io_err(&path))?;
+    a.len += buf.len() as u64;
+    {
+        let mut segs = lock(&t.segments);
+        if let Some(last) = segs.last_mut()
+            && last.base == a.base
+        {
+            last.len = a.len;
+        }
+    }
+    // Every record given a sequence so far is in `buf`, so all of them are durable now.
+    t.durable.send_replace(a.next_seq);
+    a.buf = buf;
+    a.buf.clear();
+    Ok(())
+}
+
+/// Closes the active segment and starts a new one at the next sequence.
+fn roll(t: &TopicInner, a: &mut Active) -> Result<()> {
+    flush_active(t, a)?;
+    let base = a.next_seq;
+    create_segment(&t.dir, base)?;
+    let path = segment::segment_path(&t.dir, base);
+    a.file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
+    a.base = base;
+    a.len = HEADER_LEN;
+    lock(&t.segments).push(SegInfo { base, len: HEADER_LEN });
+    Ok(())
+}
+
+/// A handle on one topic.
+#[derive(Clone)]
+pub struct Topic {
+    inner: Arc<TopicInner>,
+    tx: mpsc::Sender<AppendReq>,
+}
+
+impl Topic {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Appends one record; returns its sequence once it is durable.
+    pub async fn append(&self, payload: Vec<u8>) -> Result<u64> {
+        if payload.len() > self.inner.opts.record_bytes_max {
+            return Err(Error::TooLarge {
+                size: payload.len(),
+                max: self.inner.opts.record_bytes_max,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = AppendReq {
+            topic: self.inner.clone(),
+            payload,
+            reply,
+        };
+        self.tx.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.inner.opts.queue_max),
+            mpsc::error::TrySendError::Closed(_) => Error::Closed("writer thread is gone".into()),
+        })?;
+        rx.await.map_err(|_| Error::Closed("writer dropped the request".into()))?
+    }
+
+    /// The sequence the next append will get, among durable records.
+    pub fn durable_end(&self) -> u64 {
+        *self.inner.durable.borrow()
+    }
+
+    /// Waits until a record with sequence `seq` or later is durable.
+    pub async fn wait_beyond(&self, seq: u64) {
+        let mut rx = self.inner.durable.subscribe();
+        let _ = rx.wait_for(|end| *end > seq).await;
+    }
+
+    /// A cursor reading from `seq`.
+    pub fn cursor(&self, seq: u64) -> Cursor {
+        Cursor {
+            topic: self.inner.clone(),
+            next_seq: seq,
+            reader: None,
+        }
+    }
+
+    /// Registers a consumer group, starting it at the first record still in the log, unless it
+    /// already has an offset. Returns its offset.
+    pub fn register_group(&self, group: &str) -> Result<u64> {
+        check_name(group)?;
+        let mut offs = lock(&self.inner.offsets);
+        if let Some(o) = offs.get(group) {
+            return Ok(*o);
+        }
+        let first = lock(&self.inner.segments).first().map(|s| s.base).unwrap_or(0);
+        write_offset(&self.inner.dir.join("offsets"), group, first)?;
+        offs.insert(group.to_string(), first);
+        Ok(first)
+    }
+
+    /// The committed offset of a group: the next sequence it has not processed.
+    pub fn committed(&self, group: &str) -> Option<u64> {
+        lock(&self.inner.offsets).get(group).copied()
+    }
+
+    /// Durably records that `group` has processed every record before `next`.
+    pub fn commit(&self, group: &str, next: u64) -> Result<()> {
+        check_name(group)?;
+        let mut offs = lock(&self.inner.offsets);
+        write_offset(&self.inner.dir.join("offsets"), group, next)?;
+        offs.insert(group.to_string(), next);
+        Ok(())
+    }
+
+    /// Deletes segments whose every record all registered groups have committed past.
+    /// Returns how many segments were removed.
+    pub fn apply_retention(&self) -> Result<usize> {
+        let min = {
+            let offs = lock(&self.inner.offsets);
+            match offs.values().min() {
+                Some(m) => *m,
+                None => return Ok(0),
+            }
+        };
+        let mut segs = lock(&self.inner.segments);
+        let mut removed = 0;
+        while segs.len() > 1 && segs[1].base <= min {
+            let path = segment::segment_path(&self.inner.dir, segs[0].base);
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            segs.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.inner.dir)?;
+        }
+        Ok(removed)
+    }
+
+    pub fn stats(&self) -> TopicStats {
+        let segs = lock(&self.inner.segments);
+        TopicStats {
+            first_seq: segs.first().map(|s| s.base).unwrap_or(0),
+            next_seq: self.durable_end(),
+            segments: segs.len(),
+            bytes: segs.iter().map(|s| s.len).sum(),
+        }
+    }
+}
+
+/// Reads records in order from a starting sequence, never past the durable end.
+pub struct Cursor {
+    topic: Arc<TopicInner>,
+    next_seq: u64,
+    reader: Option<SegmentReader>,
+}
+
+impl Cursor {
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Reads durable records until about `bytes_max` payload bytes (at least one record when
+    /// any is there). Blocking file IO: call from a blocking thread for large reads.
+    pub fn read(&mut self, bytes_max: usize) -> Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let record_max = self.topic.opts.record_bytes_max;
+        while bytes < bytes_max {
+            let durable = *self.topic.durable.borrow();
+            if self.next_seq >= durable {
+                break;
+            }
+            let segs = lock(&self.topic.segments).clone();
+            let Some(first) = segs.first() else { break };
+            if self.next_seq < first.base {
+                return Err(Error::Truncated(self.next_seq));
+            }
+            let idx = segs.partition_point(|s| s.base <= self.next_seq) - 1;
+            let seg = &segs[idx];
+            let need_open = self.reader.as_ref().is_none_or(|r| r.base != seg.base);
+            if need_open {
+                let path = segment::segment_path(&self.topic.dir, seg.base);
+                self.reader = Some(SegmentReader::open(&path)?);
+            }
+            let Some(r) = self.reader.as_mut() else { break };
+            if r.next_seq != self.next_seq {
+                r.seek_to(self.next_seq, seg.len, record_max)?;
+            }
+            match r.next(seg.len, record_max)? {
+                Some((seq, payload)) => {
+                    bytes += payload.len();
+                    self.next_seq = seq + 1;
+                    out.push(Record { seq, payload });
+                }
+                None => {
+                    if idx + 1 < segs.len() && r.next_seq == segs[idx + 1].base {
+                        self.reader = None;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until a record at the cursor's position is durable.
+    pub async fn wait(&self) {
+        let mut rx = self.topic.durable.subscribe();
+        let at = self.next_seq;
+        let _ = rx.wait_for(|end| *end > at).await;
+    }
+}
+
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! Query: SQL over every dataset's Delta table through DataFusion, with partition pruning on
+//! `day` and the tenant column (Delta partition values), and scan accounting read from the
+//! executed plan's metrics.
+
+mod convert;
+mod stats;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use deltalake::datafusion::error::DataFusionError;
+use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
+use futures::StreamExt;
+use tarn_catalog::Catalog;
+use tarn_lake::Lake;
+
+pub use stats::ScanStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The SQL is wrong: syntax, unknown table or column, type mismatch.
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("query failed: {0}")]
+    Execution(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A result column.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Column {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+}
+
+/// The answer to a query.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QueryResult {
+    pub columns: Vec<Column>,
+    pub rows: Vec<Vec<serde_json::Value>>,
+    /// True when the result had more rows than `row_limit` and was cut.
+    pub truncated: bool,
+    pub stats: ScanStats,
+}
+
+/// Limits of one query.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Most rows returned; the rest are counted as truncated.
+    pub row_limit: usize,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self { row_limit: 10_000 }
+    }
+}
+
+/// Runs SQL over the catalog's tables.
+pub struct QueryEngine {
+    lake: Lake,
+    catalog: Arc<Catalog>,
+}
+
+fn classify(e: DataFusionError) -> Error {
+    match e {
+        DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
+            Error::BadQuery(e.to_string())
+        }
+        DataFusionError::Context(ctx, inner) => match classify(*inner) {
+            Error::BadQuery(m) => Error::BadQuery(format!("{ctx}: {m}")),
+            Error::Execution(m) => Error::Execution(format!("{ctx}: {m}")),
+            Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
+        },
+        other => Error::Execution(other.to_string()),
+    }
+}
+
+impl QueryEngine {
+    pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
+        Self { lake, catalog }
+    }
+
+    /// A session with every dataset that has a table registered under its name.
+    async fn session(&self) -> Result<SessionContext> {
+        let config = SessionConfig::new().with_information_schema(true);
+        let ctx = SessionContext::new_with_config(config);
+        for spec in self.catalog.list() {
+            if !self.lake.table_exists(&spec.name) {
+                continue;
+            }
+            let table = self
+                .lake
+                .open_table(&spec.name)
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            table
+                .update_datafusion_session(&ctx.state())
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let provider = table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))?;
+            ctx.register_table(spec.name.as_str(), provider).map_err(classify)?;
+        }
+        Ok(ctx)
+    }
+
+    /// Plans and runs one SQL statement.
+    pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
+        let started = Instant::now();
+        let ctx = self.session().await?;
+        let df = ctx.sql(sql).await.map_err(classify)?;
+        let schema = df.schema().as_arrow().clone();
+        let plan = df.create_physical_plan().await.map_err(classify)?;
+        let task = ctx.task_ctx();
+        let mut stream = deltalake::datafusion::physical_plan::execute_stream(plan.clone(), task).map_err(classify)?;
+        let mut rows = Vec::new();
+        let mut truncated = false;
+        let mut returned = 0u64;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(classify)?;
+            returned += batch.num_rows() as u64;
+            if truncated {
+                continue;
+            }
+            let room = opts.row_limit - rows.len();
+            let take = batch.num_rows().min(room);
+            convert::append_rows(&batch.slice(0, take), &mut rows)?;
+            if take < batch.num_rows() {
+                truncated = true;
+            }
+        }
+        let mut stats = stats::collect(&plan);
+        stats.rows_returned = returned;
+        stats.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| Column {
+                name: f.name().clone(),
+                ty: f.data_type().to_string(),
+            })
+            .collect();
+        Ok(QueryResult {
+            columns,
+            rows,
+            truncated,
+            stats,
+        })
+    }
+}

@@ -1,0 +1,189 @@
+//! The HTTP API and the one place where errors become status codes.
+//!
+//! - `POST /v1/datasets/{name}/events`: JSON array or NDJSON, optionally gzip/zstd.
+//! - `POST /v1/query`: `{"sql": "...", "row_limit": N}`.
+//! - `GET /v1/datasets`: the registered contracts.
+//! - `GET /healthz`, `GET /metrics` (Prometheus text).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use tarn_collector::{Encoding, LATENCY_BUCKETS_MS};
+
+use crate::serve::App;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/datasets/{name}/events", post(ingest))
+        .route("/v1/datasets", get(datasets))
+        .route("/v1/query", post(query))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+/// An error answer: status, a stable code and a message.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after_s: Option<u32>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+fn api(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError {
+        status,
+        code,
+        message: message.into(),
+        retry_after_s: None,
+    }
+}
+
+impl From<tarn_collector::Error> for ApiError {
+    fn from(e: tarn_collector::Error) -> Self {
+        use tarn_collector::Error as E;
+        let msg = e.to_string();
+        match e {
+            E::BadRequest(_) => api(StatusCode::BAD_REQUEST, "bad_request", msg),
+            E::TooLarge(_) => api(StatusCode::PAYLOAD_TOO_LARGE, "too_large", msg),
+            E::UnsupportedEncoding(_) => api(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding", msg),
+            E::UnknownDataset(_) => api(StatusCode::NOT_FOUND, "unknown_dataset", msg),
+            E::Overloaded(_) => ApiError {
+                retry_after_s: Some(1),
+                ..api(StatusCode::SERVICE_UNAVAILABLE, "overloaded", msg)
+            },
+            E::Unavailable(_) => ApiError {
+                retry_after_s: Some(5),
+                ..api(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
+            },
+            E::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        }
+    }
+}
+
+impl From<tarn_query::Error> for ApiError {
+    fn from(e: tarn_query::Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            tarn_query::Error::BadQuery(_) => api(StatusCode::BAD_REQUEST, "bad_query", msg),
+            tarn_query::Error::Execution(_) => api(StatusCode::UNPROCESSABLE_ENTITY, "query_failed", msg),
+            tarn_query::Error::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        }
+    }
+}
+
+async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let encoding = Encoding::from_header(headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()))?;
+    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+        && (ct.contains("protobuf") || ct.starts_with("multipart/"))
+    {
+        return Err(api(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("content type {ct:?} is not supported; send a JSON array or NDJSON"),
+        ));
+    }
+    let limit = app.collector.limits().body_bytes_max;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let _admission = app.collector.admit(declared.unwrap_or(limit), encoding != Encoding::Identity)?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_big = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
+        if too_big || e.to_string().contains("length limit") {
+            api(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body is larger than the limit of {limit} bytes"))
+        } else {
+            api(StatusCode::BAD_REQUEST, "bad_request", format!("reading the request body: {e}"))
+        }
+    })?;
+    let report = app.collector.ingest(&name, &bytes, encoding).await?;
+    if report.accepted > 0
+        && let Err(e) = app.ensure_delivery(&name)
+    {
+        tracing::error!(dataset = %name, error = %e, "cannot start delivery");
+    }
+    let status = if report.accepted == 0 && report.rejected > 0 { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    Ok((status, axum::Json(report)).into_response())
+}
+
+async fn datasets(State(app): State<Arc<App>>) -> Response {
+    let list: Vec<_> = app.catalog.list().iter().map(|s| (**s).clone()).collect();
+    axum::Json(json!({ "datasets": list })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryRequest {
+    sql: String,
+    #[serde(default)]
+    row_limit: Option<usize>,
+}
+
+async fn query(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: QueryRequest = serde_json::from_slice(&body)
+        .map_err(|e| api(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"sql\": \"...\"}}: {e}")))?;
+    let opts = tarn_query::QueryOptions {
+        row_limit: req.row_limit.unwrap_or(10_000).min(1_000_000),
+    };
+    let result = app.query.sql(&req.sql, &opts).await?;
+    Ok(axum::Json(result).into_response())
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let m = &app.collector.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter("tarn_ingest_requests_total", "Ingest requests answered 2xx.", m.requests_ok.load(Relaxed));
+    counter("tarn_ingest_requests_failed_total", "Ingest requests that failed.", m.requests_failed.load(Relaxed));
+    counter("tarn_ingest_requests_overloaded_total", "Ingest requests refused for overload.", m.requests_overloaded.load(Relaxed));
+    counter("tarn_ingest_events_accepted_total", "Events accepted and durable in the log.", m.events_accepted.load(Relaxed));
+    counter("tarn_ingest_events_rejected_total", "Events refused by their contract.", m.events_rejected.load(Relaxed));
+    counter("tarn_ingest_body_bytes_total", "Request body bytes of answered requests.", m.body_bytes.load(Relaxed));
+    let c = &app.curate_stats;
+    counter("tarn_curate_rows_total", "Rows appended to Delta tables.", c.rows.load(Relaxed));
+    counter("tarn_curate_commits_total", "Delta commits made by curate.", c.commits.load(Relaxed));
+    counter("tarn_curate_errors_total", "Curate rounds that failed and were retried.", c.errors.load(Relaxed));
+    let _ = writeln!(out, "# HELP tarn_ingest_latency_seconds Time from request decoded to durable append.");
+    let _ = writeln!(out, "# TYPE tarn_ingest_latency_seconds histogram");
+    for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+        let _ = writeln!(out, "tarn_ingest_latency_seconds_bucket{{le=\"{}\"}} {}", b / 1000.0, m.latency_buckets[i].load(Relaxed));
+    }
+    let total = m.latency_buckets[LATENCY_BUCKETS_MS.len()].load(Relaxed);
+    let _ = writeln!(out, "tarn_ingest_latency_seconds_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "tarn_ingest_latency_seconds_sum {}", m.latency_sum_us.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "tarn_ingest_latency_seconds_count {total}");
+    let _ = writeln!(out, "# HELP tarn_log_bytes Bytes in log segments per topic.\n# TYPE tarn_log_bytes gauge");
+    let stats = app.log_stats();
+    for (topic, s) in &stats {
+        let _ = writeln!(out, "tarn_log_bytes{{topic=\"{topic}\"}} {}", s.bytes);
+    }
+    let _ = writeln!(out, "# HELP tarn_log_next_sequence Next sequence per topic.\n# TYPE tarn_log_next_sequence gauge");
+    for (topic, s) in &stats {
+        let _ = writeln!(out, "tarn_log_next_sequence{{topic=\"{topic}\"}} {}", s.next_seq);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

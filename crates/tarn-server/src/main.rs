@@ -1,0 +1,62 @@
+//! The `tarn` binary: `tarn serve` runs every role on one machine; `tarn sql` asks a running
+//! server; `tarn bench` measures ingestion end to end.
+
+mod bench;
+mod http;
+mod serve;
+mod sql;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// The default HTTP listener: loopback only, on a port no common service uses.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
+
+#[derive(Parser)]
+#[command(name = "tarn", version, about = "An event data platform in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run tarn: HTTP ingestion, the embedded log, delivery, curate and SQL.
+    Serve(serve::ServeArgs),
+    /// Run a SQL statement against a running server.
+    Sql(sql::SqlArgs),
+    /// Generate ad-auction events, post them to a fresh server and report rates.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TARN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => serve::run(a).await,
+            Command::Sql(a) => sql::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
+        }
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("tarn-data")
+}

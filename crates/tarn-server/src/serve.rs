@@ -1,0 +1,198 @@
+//! `tarn serve`: opens the data directory, starts delivery for every dataset and the curate
+//! subscriber, and serves HTTP until SIGINT or SIGTERM.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tarn_catalog::Catalog;
+use tarn_collector::{Collector, CollectorOptions};
+use tarn_core::{Clock, Limits, SystemClock};
+use tarn_lake::curate::CurateStats;
+use tarn_lake::{CurateOptions, Curator, Delivery, DeliveryOptions, Lake};
+use tarn_log::{Log, LogOptions};
+use tarn_query::QueryEngine;
+use tokio::sync::watch;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Data directory: log, lake and catalog live here.
+    #[arg(long, env = "TARN_DATA_DIR", default_value = "tarn-data")]
+    pub data_dir: PathBuf,
+    /// HTTP listen address.
+    #[arg(long, env = "TARN_HTTP", default_value = crate::DEFAULT_HTTP)]
+    pub http: SocketAddr,
+    /// Folder of dataset descriptors (*.yaml) to register at start.
+    #[arg(long, env = "TARN_DATASETS")]
+    pub datasets: Option<PathBuf>,
+    /// Refuse writes to datasets without a descriptor instead of inferring their contract.
+    #[arg(long, env = "TARN_NO_INFER")]
+    pub no_infer: bool,
+    /// Delivery closes a batch after this many milliseconds.
+    #[arg(long, env = "TARN_BATCH_AGE_MS", default_value_t = Limits::default().delivery_batch_age_ms)]
+    pub batch_age_ms: u64,
+    /// Delivery closes a batch at this many bytes of encoded events.
+    #[arg(long, env = "TARN_BATCH_BYTES", default_value_t = Limits::default().delivery_batch_bytes)]
+    pub batch_bytes: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "TARN_BODY_BYTES_MAX", default_value_t = Limits::default().body_bytes_max)]
+    pub body_bytes_max: usize,
+}
+
+/// Everything the HTTP handlers reach.
+pub struct App {
+    pub collector: Collector,
+    pub query: QueryEngine,
+    pub catalog: Arc<Catalog>,
+    pub curate_stats: Arc<CurateStats>,
+    log: Log,
+    lake: Lake,
+    clock: Arc<dyn Clock>,
+    delivery_opts: DeliveryOptions,
+    deliveries: Mutex<HashSet<String>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl App {
+    /// Starts the delivery consumer of a dataset unless it runs already.
+    pub fn ensure_delivery(&self, dataset: &str) -> Result<()> {
+        let mut running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        if running.contains(dataset) {
+            return Ok(());
+        }
+        let d = Delivery::new(&self.log, self.lake.clone(), self.clock.clone(), dataset, self.delivery_opts.clone())
+            .with_context(|| format!("starting delivery for {dataset}"))?;
+        tokio::spawn(d.run(self.shutdown.clone()));
+        running.insert(dataset.to_string());
+        Ok(())
+    }
+
+    pub fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
+        let mut out = Vec::new();
+        if let Ok(names) = self.log.topic_names() {
+            for n in names {
+                if let Ok(t) = self.log.topic(&n) {
+                    out.push((n, t.stats()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Takes an exclusive lock on the data directory so two servers never share it.
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
+    let path = dir.join("LOCK");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!("data directory {} is in use by another tarn process", dir.display()),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    let _lock = lock_data_dir(&args.data_dir)?;
+    let limits = Limits {
+        delivery_batch_age_ms: args.batch_age_ms,
+        delivery_batch_bytes: args.batch_bytes,
+        body_bytes_max: args.body_bytes_max,
+        ..Limits::default()
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let log = Log::open(
+        args.data_dir.join("log"),
+        LogOptions {
+            segment_bytes_max: limits.segment_bytes_max,
+            ..LogOptions::default()
+        },
+    )
+    .context("opening the log")?;
+    let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
+    if let Some(dir) = &args.datasets {
+        let loaded = catalog
+            .load_descriptors(dir)
+            .with_context(|| format!("loading dataset descriptors from {}", dir.display()))?;
+        tracing::info!(count = loaded.len(), dir = %dir.display(), "registered dataset descriptors");
+    }
+    let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
+    let curate_stats = curator.stats.clone();
+    let curate_task = tokio::spawn(curator.run(shutdown_rx.clone()));
+    let collector = Collector::new(
+        log.clone(),
+        catalog.clone(),
+        clock.clone(),
+        CollectorOptions {
+            limits: limits.clone(),
+            infer_datasets: !args.no_infer,
+        },
+    );
+    let app = Arc::new(App {
+        collector,
+        query: QueryEngine::new(lake.clone(), catalog.clone()),
+        catalog: catalog.clone(),
+        curate_stats,
+        log,
+        lake,
+        clock,
+        delivery_opts: DeliveryOptions {
+            batch_bytes: limits.delivery_batch_bytes,
+            batch_age_ms: limits.delivery_batch_age_ms,
+        },
+        deliveries: Mutex::new(HashSet::new()),
+        shutdown: shutdown_rx,
+    });
+    for spec in catalog.list() {
+        app.ensure_delivery(&spec.name)?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.http)
+        .await
+        .with_context(|| format!("binding HTTP listener on {}", args.http))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), "tarn is serving");
+    // A line on stdout that scripts wait for.
+    println!("tarn listening on http://{addr}");
+    let router = crate::http::router(app.clone());
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+        })
+        .await
+        .context("serving HTTP")?;
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

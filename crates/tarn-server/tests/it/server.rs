@@ -1,0 +1,118 @@
+//! Starting and stopping the real `tarn` process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl Server {
+    /// Starts `tarn serve` on `data_dir` with extra arguments and waits for its listening line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tarn"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--http", "127.0.0.1:0"])
+            .args(extra)
+            .env("TARN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tarn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("tarn printed its address");
+        let url = line.strip_prefix("tarn listening on ").expect("listening line").to_string();
+        Server {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+}
+
+pub async fn post_events(c: &reqwest::Client, url: &str, dataset: &str, body: String) -> (u16, serde_json::Value) {
+    let r = c
+        .post(format!("{url}/v1/datasets/{dataset}/events"))
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+pub async fn sql(c: &reqwest::Client, url: &str, q: &str) -> (u16, serde_json::Value) {
+    let r = c
+        .post(format!("{url}/v1/query"))
+        .json(&serde_json::json!({"sql": q, "row_limit": 1_000_000}))
+        .send()
+        .await
+        .expect("query");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
+}
+
+/// Polls a query until `done` accepts its answer, for at most `secs` seconds.
+pub async fn wait_for(c: &reqwest::Client, url: &str, q: &str, secs: u64, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let (status, v) = sql(c, url, q).await;
+        if status == 200 && done(&v) {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(secs), "timed out waiting on {q}: last answer {status} {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn write_descriptor(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(
+        dir.join("auctions.yaml"),
+        r#"version: 1
+name: auctions
+description: ad auctions
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: bidder, type: string }
+  - { name: cpm, type: float64 }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+"#,
+    )
+    .expect("write descriptor");
+}
