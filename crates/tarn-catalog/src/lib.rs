@@ -176,7 +176,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().join("d");
         std::fs::create_dir_all(&d).expect("mkdir");
-        std::fs::write(d.join("x.yaml"), "name: x\nfields:\n  - { name: event_id, type: string }\nevent_id: event_id\n").expect("write");
+        std::fs::write(
+            d.join("x.yaml"),
+            "name: x\nfields:\n  - { name: event_id, type: string }\nevent_id: event_id\n",
+        )
+        .expect("write");
         let c = Catalog::open(dir.path().join("cat")).expect("open");
         assert_eq!(c.load_descriptors(&d).expect("load").len(), 1);
         std::fs::write(d.join("y.yaml"), "name: Y\nfields: []\nevent_id: e\n").expect("write");

@@ -63,9 +63,8 @@ pub(crate) struct RawEvent<'a> {
 /// Splits a body into events. A body whose first non-blank byte is `[` is a JSON array;
 /// anything else is NDJSON, one event per non-blank line.
 pub(crate) fn split_events<'a>(body: &'a [u8], limits: &Limits) -> Result<Vec<RawEvent<'a>>> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        Error::BadRequest(format!("body is not UTF-8: invalid byte at offset {}", e.valid_up_to()))
-    })?;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Error::BadRequest(format!("body is not UTF-8: invalid byte at offset {}", e.valid_up_to())))?;
     let trimmed = text.trim_start();
     let events: Vec<RawEvent<'a>> = if trimmed.starts_with('[') {
         let items: Vec<&serde_json::value::RawValue> = serde_json::from_str(text)

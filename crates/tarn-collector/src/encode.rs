@@ -44,8 +44,10 @@ pub(crate) fn encode_payload(batch: &RecordBatch) -> Result<Vec<u8>> {
     let mut out = vec![PAYLOAD_VERSION];
     let mut w = arrow_ipc::writer::StreamWriter::try_new(&mut out, &batch.schema())
         .map_err(|e| Error::Internal(format!("encoding a batch: {e}")))?;
-    w.write(batch).map_err(|e| Error::Internal(format!("encoding a batch: {e}")))?;
-    w.finish().map_err(|e| Error::Internal(format!("encoding a batch: {e}")))?;
+    w.write(batch)
+        .map_err(|e| Error::Internal(format!("encoding a batch: {e}")))?;
+    w.finish()
+        .map_err(|e| Error::Internal(format!("encoding a batch: {e}")))?;
     drop(w);
     Ok(out)
 }
@@ -56,7 +58,9 @@ pub fn decode_payload(payload: &[u8]) -> Result<Vec<RecordBatch>, String> {
         return Err("empty payload".into());
     };
     if version != PAYLOAD_VERSION {
-        return Err(format!("payload version {version} is not supported (expected {PAYLOAD_VERSION})"));
+        return Err(format!(
+            "payload version {version} is not supported (expected {PAYLOAD_VERSION})"
+        ));
     }
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)
         .map_err(|e| format!("bad payload: {e}"))?;

@@ -129,7 +129,9 @@ impl Collector {
         let started = std::time::Instant::now();
         let res = self.ingest_inner(dataset, body, encoding).await;
         match &res {
-            Ok(r) => self.metrics.record_ok(body.len(), r.accepted, r.rejected, started.elapsed()),
+            Ok(r) => self
+                .metrics
+                .record_ok(body.len(), r.accepted, r.rejected, started.elapsed()),
             Err(_) => self.metrics.count_failed(),
         }
         res
@@ -190,7 +192,11 @@ impl Collector {
             )));
         }
         let spec = DatasetSpec::infer(dataset, &sample).map_err(|e| Error::BadRequest(e.to_string()))?;
-        tracing::info!(dataset, fields = spec.fields.len(), "created dataset with an inferred contract");
+        tracing::info!(
+            dataset,
+            fields = spec.fields.len(),
+            "created dataset with an inferred contract"
+        );
         self.catalog.register(spec).map_err(|e| match e {
             tarn_catalog::Error::Invalid(e) => Error::BadRequest(e.to_string()),
             other => Error::Unavailable(other.to_string()),

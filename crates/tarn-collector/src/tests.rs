@@ -33,7 +33,9 @@ fn fixture(infer: bool, limits: Limits) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
     let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    catalog.register(DatasetSpec::from_yaml(SPEC).expect("spec")).expect("register");
+    catalog
+        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
+        .expect("register");
     let clock = Arc::new(ManualClock::new(1_763_805_600_000_000));
     let collector = Collector::new(
         log.clone(),
@@ -44,14 +46,24 @@ fn fixture(infer: bool, limits: Limits) -> Fixture {
             infer_datasets: infer,
         },
     );
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-    Fixture { _dir: dir, log, collector, rt }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    Fixture {
+        _dir: dir,
+        log,
+        collector,
+        rt,
+    }
 }
 
 fn read_batches(f: &Fixture, dataset: &str) -> Vec<RecordBatch> {
     let t = f.log.topic(&topic_name(dataset)).expect("topic");
     let recs = t.cursor(0).read(usize::MAX).expect("read");
-    recs.iter().flat_map(|r| decode_payload(&r.payload).expect("decode")).collect()
+    recs.iter()
+        .flat_map(|r| decode_payload(&r.payload).expect("decode"))
+        .collect()
 }
 
 use arrow_array::RecordBatch;
@@ -72,7 +84,9 @@ fn accepts_ndjson_and_reports_each_rejection() {
         "",
     ]
     .join("\n");
-    let r = f.rt.block_on(f.collector.ingest("auctions", body.as_bytes(), Encoding::Identity)).expect("ingest");
+    let r =
+        f.rt.block_on(f.collector.ingest("auctions", body.as_bytes(), Encoding::Identity))
+            .expect("ingest");
     assert_eq!(r.accepted, 2);
     assert_eq!(r.rejected, 7);
     let got: Vec<(usize, Option<&str>)> = r.errors.iter().map(|e| (e.index, e.field.as_deref())).collect();
@@ -111,14 +125,27 @@ fn accepts_json_arrays_gzip_and_zstd() {
     gz.write_all(body.as_bytes()).expect("gzip");
     let gz = gz.finish().expect("gzip");
     let zs = zstd::encode_all(body.as_bytes(), 1).expect("zstd");
-    for (bytes, enc) in [(body.as_bytes().to_vec(), Encoding::Identity), (gz, Encoding::Gzip), (zs, Encoding::Zstd)] {
-        let r = f.rt.block_on(f.collector.ingest("auctions", &bytes, enc)).expect("ingest");
+    for (bytes, enc) in [
+        (body.as_bytes().to_vec(), Encoding::Identity),
+        (gz, Encoding::Gzip),
+        (zs, Encoding::Zstd),
+    ] {
+        let r =
+            f.rt.block_on(f.collector.ingest("auctions", &bytes, enc))
+                .expect("ingest");
         assert_eq!((r.accepted, r.rejected), (2, 0), "{enc:?}");
     }
-    assert_eq!(read_batches(&f, "auctions").iter().map(|b| b.num_rows()).sum::<usize>(), 6);
-    let bad = f.rt.block_on(f.collector.ingest("auctions", b"not gzip", Encoding::Gzip));
+    assert_eq!(
+        read_batches(&f, "auctions").iter().map(|b| b.num_rows()).sum::<usize>(),
+        6
+    );
+    let bad =
+        f.rt.block_on(f.collector.ingest("auctions", b"not gzip", Encoding::Gzip));
     assert!(matches!(bad, Err(Error::BadRequest(_))), "{bad:?}");
-    assert!(matches!(Encoding::from_header(Some("br")), Err(Error::UnsupportedEncoding(_))));
+    assert!(matches!(
+        Encoding::from_header(Some("br")),
+        Err(Error::UnsupportedEncoding(_))
+    ));
 }
 
 #[test]
@@ -136,16 +163,31 @@ fn limits_are_enforced() {
     let r = f.rt.block_on(f.collector.ingest("auctions", &bomb, Encoding::Zstd));
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
     let many = "{}\n{}\n{}\n{}\n";
-    let r = f.rt.block_on(f.collector.ingest("auctions", many.as_bytes(), Encoding::Identity));
+    let r =
+        f.rt.block_on(f.collector.ingest("auctions", many.as_bytes(), Encoding::Identity));
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
-    let big = format!(r#"{{"ts":"2026-11-22T00:00:00Z","client_id":"a","extra":"{}"}}"#, "x".repeat(300));
-    let r = f.rt.block_on(f.collector.ingest("auctions", big.as_bytes(), Encoding::Identity)).expect("ingest");
+    let big = format!(
+        r#"{{"ts":"2026-11-22T00:00:00Z","client_id":"a","extra":"{}"}}"#,
+        "x".repeat(300)
+    );
+    let r =
+        f.rt.block_on(f.collector.ingest("auctions", big.as_bytes(), Encoding::Identity))
+            .expect("ingest");
     assert_eq!(r.rejected, 1);
     assert!(r.errors[0].reason.contains("larger than the limit"));
     assert!(matches!(f.collector.admit(6000, false), Err(Error::TooLarge(_))));
-    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", b"   \n", Encoding::Identity)), Err(Error::BadRequest(_))));
-    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", b"[1,", Encoding::Identity)), Err(Error::BadRequest(_))));
-    assert!(matches!(f.rt.block_on(f.collector.ingest("auctions", &[0xff, 0xfe], Encoding::Identity)), Err(Error::BadRequest(_))));
+    assert!(matches!(
+        f.rt.block_on(f.collector.ingest("auctions", b"   \n", Encoding::Identity)),
+        Err(Error::BadRequest(_))
+    ));
+    assert!(matches!(
+        f.rt.block_on(f.collector.ingest("auctions", b"[1,", Encoding::Identity)),
+        Err(Error::BadRequest(_))
+    ));
+    assert!(matches!(
+        f.rt.block_on(f.collector.ingest("auctions", &[0xff, 0xfe], Encoding::Identity)),
+        Err(Error::BadRequest(_))
+    ));
 }
 
 #[test]
@@ -153,7 +195,7 @@ fn admission_bounds_bytes_in_flight() {
     let f = fixture(
         false,
         Limits {
-            ingest_inflight_bytes_max: 30 * 1024,
+            ingest_inflight_bytes_max: 20 * 1024,
             ..Limits::default()
         },
     );
@@ -167,13 +209,25 @@ fn admission_bounds_bytes_in_flight() {
 fn infers_new_datasets_only_when_allowed() {
     let f = fixture(true, Limits::default());
     let body = r#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","v":1}"#;
-    let r = f.rt.block_on(f.collector.ingest("clicks", body.as_bytes(), Encoding::Identity)).expect("ingest");
+    let r =
+        f.rt.block_on(f.collector.ingest("clicks", body.as_bytes(), Encoding::Identity))
+            .expect("ingest");
     assert_eq!(r.accepted, 1);
-    let r = f.rt.block_on(f.collector.ingest("clicks", br#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","w":1}"#, Encoding::Identity)).expect("ingest");
+    let r =
+        f.rt.block_on(f.collector.ingest(
+            "clicks",
+            br#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","w":1}"#,
+            Encoding::Identity,
+        ))
+        .expect("ingest");
     assert_eq!((r.accepted, r.errors[0].field.as_deref()), (0, Some("w")));
     let strict = fixture(false, Limits::default());
-    let r = strict.rt.block_on(strict.collector.ingest("clicks", body.as_bytes(), Encoding::Identity));
+    let r = strict
+        .rt
+        .block_on(strict.collector.ingest("clicks", body.as_bytes(), Encoding::Identity));
     assert!(matches!(r, Err(Error::UnknownDataset(_))));
-    let r = strict.rt.block_on(strict.collector.ingest("../x", body.as_bytes(), Encoding::Identity));
+    let r = strict
+        .rt
+        .block_on(strict.collector.ingest("../x", body.as_bytes(), Encoding::Identity));
     assert!(matches!(r, Err(Error::BadRequest(_))));
 }

@@ -134,7 +134,10 @@ pub(crate) fn check_and_build(
     let mut errors = Vec::new();
     let mut rejected = 0usize;
     let mut accepted = 0usize;
-    let time_idx = spec.event_time.as_ref().and_then(|t| spec.fields.iter().position(|f| &f.name == t));
+    let time_idx = spec
+        .event_time
+        .as_ref()
+        .and_then(|t| spec.fields.iter().position(|f| &f.name == t));
     let tenant_idx = spec.tenant().and_then(|t| spec.fields.iter().position(|f| f.name == t));
     let id_idx = spec.fields.iter().position(|f| f.name == spec.event_id);
     let mut cells: Vec<Cell> = Vec::with_capacity(spec.fields.len());
@@ -147,11 +150,23 @@ pub(crate) fn check_and_build(
         };
         let outcome: Result<(), Rejection> = (|| {
             if ev.text.len() > limits.event_bytes_max {
-                return Err(reject(None, format!("event of {} bytes is larger than the limit of {} bytes", ev.text.len(), limits.event_bytes_max)));
+                return Err(reject(
+                    None,
+                    format!(
+                        "event of {} bytes is larger than the limit of {} bytes",
+                        ev.text.len(),
+                        limits.event_bytes_max
+                    ),
+                ));
             }
             let mut obj = match serde_json::from_str::<Value>(ev.text) {
                 Ok(Value::Object(m)) => m,
-                Ok(other) => return Err(reject(None, format!("event must be a JSON object, got {}", kind(&other)))),
+                Ok(other) => {
+                    return Err(reject(
+                        None,
+                        format!("event must be a JSON object, got {}", kind(&other)),
+                    ));
+                }
                 Err(e) => return Err(reject(None, format!("invalid JSON: {e}"))),
             };
             for (i, f) in spec.fields.iter().enumerate() {
@@ -159,7 +174,9 @@ pub(crate) fn check_and_build(
                 let cell = convert(f.ty, v).map_err(|r| reject(Some(&f.name), r))?;
                 let cell = match cell {
                     Cell::Null if Some(i) == id_idx => Cell::Str(new_event_id()),
-                    Cell::Null if f.required => return Err(reject(Some(&f.name), "required field is missing or null".into())),
+                    Cell::Null if f.required => {
+                        return Err(reject(Some(&f.name), "required field is missing or null".into()));
+                    }
                     Cell::Str(s) if Some(i) == tenant_idx => {
                         tarn_core::name::check_tenant_value(&s).map_err(|r| reject(Some(&f.name), r.to_string()))?;
                         Cell::Str(s)

@@ -103,11 +103,10 @@ pub const DAY: &str = "day";
 impl DatasetSpec {
     /// Parses a YAML descriptor and checks it.
     pub fn from_yaml(text: &str) -> Result<Self> {
-        let spec: DatasetSpec =
-            serde_norway::from_str(text).map_err(|e| Error::InvalidContract {
-                dataset: "?".into(),
-                reason: format!("descriptor is not valid: {e}"),
-            })?;
+        let spec: DatasetSpec = serde_norway::from_str(text).map_err(|e| Error::InvalidContract {
+            dataset: "?".into(),
+            reason: format!("descriptor is not valid: {e}"),
+        })?;
         spec.check()?;
         Ok(spec)
     }
@@ -142,12 +141,21 @@ impl DatasetSpec {
         for f in &self.fields {
             name::check_field(&f.name)?;
             if !seen.insert(f.name.to_ascii_lowercase()) {
-                return bad(format!("field {:?} is declared twice (names are case-insensitive)", f.name));
+                return bad(format!(
+                    "field {:?} is declared twice (names are case-insensitive)",
+                    f.name
+                ));
             }
         }
         match self.field(&self.event_id) {
             Some(f) if f.ty == FieldType::String => {}
-            Some(f) => return bad(format!("event_id field {:?} must be a string, not {}", f.name, f.ty.as_str())),
+            Some(f) => {
+                return bad(format!(
+                    "event_id field {:?} must be a string, not {}",
+                    f.name,
+                    f.ty.as_str()
+                ));
+            }
             None => return bad(format!("event_id field {:?} is not declared", self.event_id)),
         }
         if let Some(t) = &self.event_time {
@@ -156,7 +164,13 @@ impl DatasetSpec {
                 Some(f) if f.ty == FieldType::Timestamp => {
                     return bad(format!("event_time field {:?} must be required", f.name));
                 }
-                Some(f) => return bad(format!("event_time field {:?} must be a timestamp, not {}", f.name, f.ty.as_str())),
+                Some(f) => {
+                    return bad(format!(
+                        "event_time field {:?} must be a timestamp, not {}",
+                        f.name,
+                        f.ty.as_str()
+                    ));
+                }
                 None => return bad(format!("event_time field {t:?} is not declared")),
             }
         }
@@ -166,7 +180,13 @@ impl DatasetSpec {
                 Some(f) if f.ty == FieldType::String => {
                     return bad(format!("tenant field {:?} must be required", f.name));
                 }
-                Some(f) => return bad(format!("tenant field {:?} must be a string, not {}", f.name, f.ty.as_str())),
+                Some(f) => {
+                    return bad(format!(
+                        "tenant field {:?} must be a string, not {}",
+                        f.name,
+                        f.ty.as_str()
+                    ));
+                }
                 None => return bad(format!("tenant field {t:?} is not declared")),
             }
         }
@@ -203,7 +223,12 @@ impl DatasetSpec {
                     Some(f) => f.ty = FieldType::Json,
                     None => {
                         name::check_field(k)?;
-                        fields.push(Field { name: k.clone(), ty, required: false, description: None });
+                        fields.push(Field {
+                            name: k.clone(),
+                            ty,
+                            required: false,
+                            description: None,
+                        });
                     }
                 }
             }
@@ -222,7 +247,11 @@ impl DatasetSpec {
             .map(str::to_string);
         let tenant = ["client_id", "tenant_id", "customer_id"]
             .into_iter()
-            .find(|k| everywhere(k, &|v: &Value| v.as_str().is_some_and(|s| name::check_tenant_value(s).is_ok())))
+            .find(|k| {
+                everywhere(k, &|v: &Value| {
+                    v.as_str().is_some_and(|s| name::check_tenant_value(s).is_ok())
+                })
+            })
             .map(str::to_string);
         let event_id = "event_id".to_string();
         match fields.iter_mut().find(|f| f.name == event_id) {
@@ -230,10 +259,20 @@ impl DatasetSpec {
             Some(_) => {
                 return Err(Error::InvalidContract {
                     dataset: dataset.into(),
-                    reason: "field event_id must be a string to infer a contract; declare the dataset with a descriptor".into(),
+                    reason:
+                        "field event_id must be a string to infer a contract; declare the dataset with a descriptor"
+                            .into(),
                 });
             }
-            None => fields.insert(0, Field { name: event_id.clone(), ty: FieldType::String, required: false, description: None }),
+            None => fields.insert(
+                0,
+                Field {
+                    name: event_id.clone(),
+                    ty: FieldType::String,
+                    required: false,
+                    description: None,
+                },
+            ),
         }
         for f in &mut fields {
             if Some(&f.name) == event_time.as_ref() {
@@ -307,12 +346,21 @@ partitioning: { tenant: client_id }
         let cases = [
             (AUCTIONS.replace("name: auctions", "name: ../etc"), "dataset"),
             (AUCTIONS.replace("event_time: ts", "event_time: nope"), "not declared"),
-            (AUCTIONS.replace("event_time: ts", "event_time: cpm"), "must be a timestamp"),
+            (
+                AUCTIONS.replace("event_time: ts", "event_time: cpm"),
+                "must be a timestamp",
+            ),
             (AUCTIONS.replace("tenant: client_id", "tenant: cpm"), "must be a string"),
-            (AUCTIONS.replace("event_id: event_id", "event_id: ts"), "must be a string"),
+            (
+                AUCTIONS.replace("event_id: event_id", "event_id: ts"),
+                "must be a string",
+            ),
             (AUCTIONS.replace("version: 1", "version: 2"), "not supported"),
             (AUCTIONS.replace("type: float64", "type: decimal"), "not valid"),
-            (AUCTIONS.replace("partitioning:", "colour: red\npartitioning:"), "not valid"),
+            (
+                AUCTIONS.replace("partitioning:", "colour: red\npartitioning:"),
+                "not valid",
+            ),
             (AUCTIONS.replace("name: cpm", "name: client_id"), "twice"),
             (AUCTIONS.replace("name: cpm", "name: _cpm"), "reserved"),
         ];

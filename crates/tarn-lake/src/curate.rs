@@ -15,7 +15,7 @@ use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
 use crate::raw::{batch_seq, read_object, without_seq};
-use crate::table::{append, app_version, curate_app_id};
+use crate::table::{app_version, append, curate_app_id};
 use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
 
 /// The consumer group of curate on the objects topic.
@@ -29,7 +29,9 @@ pub struct CurateOptions {
 
 impl Default for CurateOptions {
     fn default() -> Self {
-        Self { read_bytes_max: 1 << 20 }
+        Self {
+            read_bytes_max: 1 << 20,
+        }
     }
 }
 
@@ -210,7 +212,9 @@ impl Curator {
         self.stats.rows.fetch_add(rows, Relaxed);
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats.objects.fetch_add(objects, Relaxed);
-        self.stats.last_commit_us.store(tarn_core::SystemClock.now_micros(), Relaxed);
+        self.stats
+            .last_commit_us
+            .store(tarn_core::SystemClock.now_micros(), Relaxed);
         tracing::debug!(dataset, rows, objects, version = last, "curated");
         Ok(())
     }

@@ -37,12 +37,16 @@ pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u
         return Err(Error::Internal("a raw object needs at least one batch".into()));
     };
     let path = root.join(rel);
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| root.to_path_buf());
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let tmp: PathBuf = path.with_extension("arrow.tmp");
     let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let opts = IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
-    let mut w = FileWriter::try_new_with_options(std::io::BufWriter::with_capacity(1 << 20, file), &first.schema(), opts)?;
+    let mut w =
+        FileWriter::try_new_with_options(std::io::BufWriter::with_capacity(1 << 20, file), &first.schema(), opts)?;
     for b in batches {
         w.write(b)?;
     }

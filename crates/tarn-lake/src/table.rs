@@ -47,10 +47,17 @@ impl Lake {
     /// Opens a dataset's table; an absent table comes back uninitialised (version `None`).
     pub async fn open_table(&self, dataset: &str) -> Result<DeltaTable> {
         let url = self.table_url(dataset)?;
-        DeltaTable::try_from_url(url).await.map_err(|source| Error::Delta {
+        let err = |source| Error::Delta {
             dataset: dataset.to_string(),
             source,
-        })
+        };
+        if !self.table_exists(dataset) {
+            // Loading a table that has no commit yet only logs errors; build it unloaded.
+            return deltalake::DeltaTableBuilder::from_url(url)
+                .and_then(|b| b.build())
+                .map_err(err);
+        }
+        DeltaTable::try_from_url(url).await.map_err(err)
     }
 
     /// Whether a dataset's table has at least one commit.
@@ -87,7 +94,7 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_size(128 * 1024)
+        .set_max_row_group_row_count(Some(128 * 1024))
         .build()
 }
 

@@ -35,11 +35,7 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("corrupt log data in {path} at byte {offset}: {reason}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, reason: String },
     #[error("log is overloaded: {0} appends are queued; retry later")]
     Overloaded(usize),
     #[error("record of {size} bytes is larger than the limit of {max} bytes")]

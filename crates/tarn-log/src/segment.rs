@@ -68,7 +68,11 @@ pub(crate) fn read_header(path: &Path, f: &mut impl Read) -> Result<u64> {
 
 /// What one step of a scan found.
 pub(crate) enum Next {
-    Record { seq: u64, payload: Vec<u8>, len: u64 },
+    Record {
+        seq: u64,
+        payload: Vec<u8>,
+        len: u64,
+    },
     /// Clean end of data.
     End,
     /// A partial or corrupt record starts here.
@@ -81,7 +85,9 @@ pub(crate) fn read_record(r: &mut impl Read, limit: u64, record_bytes_max: usize
         return Ok(Next::End);
     }
     if limit < RECORD_HEADER_LEN as u64 {
-        return Ok(Next::Bad(format!("{limit} trailing bytes, shorter than a record header")));
+        return Ok(Next::Bad(format!(
+            "{limit} trailing bytes, shorter than a record header"
+        )));
     }
     let mut h = [0u8; RECORD_HEADER_LEN];
     if let Err(e) = r.read_exact(&mut h) {
@@ -96,11 +102,15 @@ pub(crate) fn read_record(r: &mut impl Read, limit: u64, record_bytes_max: usize
     sb.copy_from_slice(&h[8..16]);
     let seq = u64::from_le_bytes(sb);
     if len > record_bytes_max {
-        return Ok(Next::Bad(format!("record length {len} exceeds the limit {record_bytes_max}")));
+        return Ok(Next::Bad(format!(
+            "record length {len} exceeds the limit {record_bytes_max}"
+        )));
     }
     let total = (RECORD_HEADER_LEN + len) as u64;
     if total > limit {
-        return Ok(Next::Bad(format!("record of {total} bytes runs past the end ({limit} bytes left)")));
+        return Ok(Next::Bad(format!(
+            "record of {total} bytes runs past the end ({limit} bytes left)"
+        )));
     }
     let mut payload = vec![0u8; len];
     if let Err(e) = r.read_exact(&mut payload) {
@@ -112,7 +122,11 @@ pub(crate) fn read_record(r: &mut impl Read, limit: u64, record_bytes_max: usize
     if record_crc(seq, &payload) != crc {
         return Ok(Next::Bad(format!("checksum mismatch on record {seq}")));
     }
-    Ok(Next::Record { seq, payload, len: total })
+    Ok(Next::Record {
+        seq,
+        payload,
+        len: total,
+    })
 }
 
 /// The result of recovering the last segment.
@@ -157,7 +171,10 @@ pub(crate) fn recover(path: &Path, record_bytes_max: usize) -> Result<Recovered>
         file.set_len(pos).map_err(io_err(path))?;
         file.sync_all().map_err(io_err(path))?;
     }
-    Ok(Recovered { valid_len: pos, next_seq: next })
+    Ok(Recovered {
+        valid_len: pos,
+        next_seq: next,
+    })
 }
 
 /// A sequential reader over one segment, bounded by a byte limit (the durable end).
@@ -191,7 +208,11 @@ impl SegmentReader {
         match read_record(&mut self.reader, end - self.pos, record_bytes_max).map_err(io_err(&self.path))? {
             Next::Record { seq, payload, len } => {
                 if seq != self.next_seq {
-                    return Err(corrupt(&self.path, self.pos, format!("expected sequence {}, found {seq}", self.next_seq)));
+                    return Err(corrupt(
+                        &self.path,
+                        self.pos,
+                        format!("expected sequence {}, found {seq}", self.next_seq),
+                    ));
                 }
                 self.pos += len;
                 self.next_seq += 1;
@@ -205,7 +226,9 @@ impl SegmentReader {
     /// Skips records until `seq` is next.
     pub fn seek_to(&mut self, seq: u64, end: u64, record_bytes_max: usize) -> Result<()> {
         if seq < self.next_seq {
-            self.reader.seek(SeekFrom::Start(HEADER_LEN)).map_err(io_err(&self.path))?;
+            self.reader
+                .seek(SeekFrom::Start(HEADER_LEN))
+                .map_err(io_err(&self.path))?;
             self.pos = HEADER_LEN;
             self.next_seq = self.base;
         }

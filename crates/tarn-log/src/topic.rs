@@ -110,7 +110,11 @@ fn check_name(name: &str) -> Result<()> {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-' | '.'));
-    if ok { Ok(()) } else { Err(Error::InvalidName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName(name.to_string()))
+    }
 }
 
 impl Log {
@@ -227,11 +231,17 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
             // so it holds no record. Start it again.
             tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
             create_segment(&dir, last)?;
-            segment::Recovered { valid_len: HEADER_LEN, next_seq: last }
+            segment::Recovered {
+                valid_len: HEADER_LEN,
+                next_seq: last,
+            }
         }
         Err(e) => return Err(e),
     };
-    segments.push(SegInfo { base: last, len: rec.valid_len });
+    segments.push(SegInfo {
+        base: last,
+        len: rec.valid_len,
+    });
     let file = OpenOptions::new()
         .append(true)
         .open(&last_path)
@@ -239,7 +249,9 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
     let mut offsets = HashMap::new();
     for e in std::fs::read_dir(&offsets_dir).map_err(io_err(&offsets_dir))? {
         let e = e.map_err(io_err(&offsets_dir))?;
-        let Some(group) = e.file_name().to_str().map(str::to_string) else { continue };
+        let Some(group) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
         if group.ends_with(".tmp") || check_name(&group).is_err() {
             continue;
         }
@@ -325,17 +337,20 @@ fn commit_round(batch: Vec<AppendReq>) {
     for req in &batch {
         let t = &req.topic;
         if t.poisoned.load(Ordering::SeqCst) {
-            results.push(Err(Error::Closed(format!("topic {} stopped after an io error; restart tarn", t.name))));
+            results.push(Err(Error::Closed(format!(
+                "topic {} stopped after an io error; restart tarn",
+                t.name
+            ))));
             continue;
         }
         let mut a = lock(&t.active);
         let pending = a.buf.len() as u64;
-        if a.len + pending > HEADER_LEN && a.len + pending + req.payload.len() as u64 > t.opts.segment_bytes_max {
-            if let Err(e) = roll(t, &mut a) {
-                t.poisoned.store(true, Ordering::SeqCst);
-                results.push(Err(e));
-                continue;
-            }
+        let full =
+            a.len + pending > HEADER_LEN && a.len + pending + req.payload.len() as u64 > t.opts.segment_bytes_max;
+        if full && let Err(e) = roll(t, &mut a) {
+            t.poisoned.store(true, Ordering::SeqCst);
+            results.push(Err(e));
+            continue;
         }
         let seq = a.next_seq;
         a.next_seq += 1;
@@ -359,7 +374,9 @@ fn commit_round(batch: Vec<AppendReq>) {
     }
     for (req, res) in batch.into_iter().zip(results) {
         let res = match res {
-            Ok(_) if failed.contains(&req.topic.name) => Err(Error::Closed(format!("write to topic {} failed", req.topic.name))),
+            Ok(_) if failed.contains(&req.topic.name) => {
+                Err(Error::Closed(format!("write to topic {} failed", req.topic.name)))
+            }
             r => r,
         };
         let _ = req.reply.send(res);
@@ -434,7 +451,8 @@ impl Topic {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded(self.inner.opts.queue_max),
             mpsc::error::TrySendError::Closed(_) => Error::Closed("writer thread is gone".into()),
         })?;
-        rx.await.map_err(|_| Error::Closed("writer dropped the request".into()))?
+        rx.await
+            .map_err(|_| Error::Closed("writer dropped the request".into()))?
     }
 
     /// The sequence the next append will get, among durable records.
@@ -584,7 +602,6 @@ impl Cursor {
         let _ = rx.wait_for(|end| *end > at).await;
     }
 }
-
 
 #[cfg(test)]
 mod tests;

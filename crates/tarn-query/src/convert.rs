@@ -18,9 +18,18 @@ pub(crate) fn append_rows(batch: &RecordBatch, rows: &mut Vec<Vec<Value>>) -> Re
         let ty = col.data_type();
         let as_int = matches!(
             ty,
-            DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32
+            DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
         );
-        let as_float = matches!(ty, DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::UInt64 | DataType::Decimal128(..));
+        let as_float = matches!(
+            ty,
+            DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::UInt64 | DataType::Decimal128(..)
+        );
         if as_int {
             let c = cast(col, &DataType::Int64).map_err(|e| Error::Internal(e.to_string()))?;
             let c = c
@@ -28,7 +37,11 @@ pub(crate) fn append_rows(batch: &RecordBatch, rows: &mut Vec<Vec<Value>>) -> Re
                 .downcast_ref::<deltalake::arrow::array::Int64Array>()
                 .ok_or_else(|| Error::Internal("cast to int64".into()))?;
             for i in 0..n {
-                rows[start + i].push(if c.is_null(i) { Value::Null } else { Value::from(c.value(i)) });
+                rows[start + i].push(if c.is_null(i) {
+                    Value::Null
+                } else {
+                    Value::from(c.value(i))
+                });
             }
         } else if as_float {
             let c = cast(col, &DataType::Float64).map_err(|e| Error::Internal(e.to_string()))?;
@@ -37,7 +50,11 @@ pub(crate) fn append_rows(batch: &RecordBatch, rows: &mut Vec<Vec<Value>>) -> Re
                 .downcast_ref::<deltalake::arrow::array::Float64Array>()
                 .ok_or_else(|| Error::Internal("cast to float64".into()))?;
             for i in 0..n {
-                rows[start + i].push(if c.is_null(i) { Value::Null } else { Value::from(c.value(i)) });
+                rows[start + i].push(if c.is_null(i) {
+                    Value::Null
+                } else {
+                    Value::from(c.value(i))
+                });
             }
         } else if matches!(ty, DataType::Boolean) {
             let c = col
@@ -45,12 +62,20 @@ pub(crate) fn append_rows(batch: &RecordBatch, rows: &mut Vec<Vec<Value>>) -> Re
                 .downcast_ref::<deltalake::arrow::array::BooleanArray>()
                 .ok_or_else(|| Error::Internal("boolean".into()))?;
             for i in 0..n {
-                rows[start + i].push(if c.is_null(i) { Value::Null } else { Value::from(c.value(i)) });
+                rows[start + i].push(if c.is_null(i) {
+                    Value::Null
+                } else {
+                    Value::from(c.value(i))
+                });
             }
         } else {
             let f = ArrayFormatter::try_new(col.as_ref(), &opts).map_err(|e| Error::Internal(e.to_string()))?;
             for i in 0..n {
-                rows[start + i].push(if col.is_null(i) { Value::Null } else { Value::from(f.value(i).to_string()) });
+                rows[start + i].push(if col.is_null(i) {
+                    Value::Null
+                } else {
+                    Value::from(f.value(i).to_string())
+                });
             }
         }
     }

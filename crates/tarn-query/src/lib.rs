@@ -68,9 +68,18 @@ pub struct QueryEngine {
 
 fn classify(e: DataFusionError) -> Error {
     match e {
-        DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
-            Error::BadQuery(e.to_string())
-        }
+        DataFusionError::SQL(..)
+        | DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_) => Error::BadQuery(e.to_string()),
+        DataFusionError::Diagnostic(_, inner) => classify(*inner),
+        DataFusionError::Collection(mut errs) if !errs.is_empty() => classify(errs.remove(0)),
+        DataFusionError::Shared(inner) => match &*inner {
+            DataFusionError::SQL(..) | DataFusionError::Plan(_) | DataFusionError::SchemaError(..) => {
+                Error::BadQuery(inner.to_string())
+            }
+            other => Error::Execution(other.to_string()),
+        },
         DataFusionError::Context(ctx, inner) => match classify(*inner) {
             Error::BadQuery(m) => Error::BadQuery(format!("{ctx}: {m}")),
             Error::Execution(m) => Error::Execution(format!("{ctx}: {m}")),
@@ -101,7 +110,10 @@ impl QueryEngine {
             table
                 .update_datafusion_session(&ctx.state())
                 .map_err(|e| Error::Internal(e.to_string()))?;
-            let provider = table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))?;
+            let provider = table
+                .table_provider()
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?;
             ctx.register_table(spec.name.as_str(), provider).map_err(classify)?;
         }
         Ok(ctx)

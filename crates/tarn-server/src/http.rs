@@ -93,7 +93,12 @@ impl From<tarn_query::Error> for ApiError {
     }
 }
 
-async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn ingest(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let encoding = Encoding::from_header(headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()))?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
         && (ct.contains("protobuf") || ct.starts_with("multipart/"))
@@ -109,13 +114,32 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, headers: 
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    let _admission = app.collector.admit(declared.unwrap_or(limit), encoding != Encoding::Identity)?;
+    let _admission = match app
+        .collector
+        .admit(declared.unwrap_or(limit), encoding != Encoding::Identity)
+    {
+        Ok(a) => a,
+        Err(e) => {
+            // Read (and drop) what the client is sending, up to a bound, so that it gets to
+            // read the answer instead of a connection reset.
+            drain(body, limit.saturating_mul(4)).await;
+            return Err(e.into());
+        }
+    };
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_big = std::error::Error::source(&e).is_some_and(|s| s.to_string().contains("length limit"));
         if too_big || e.to_string().contains("length limit") {
-            api(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body is larger than the limit of {limit} bytes"))
+            api(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is larger than the limit of {limit} bytes"),
+            )
         } else {
-            api(StatusCode::BAD_REQUEST, "bad_request", format!("reading the request body: {e}"))
+            api(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the request body: {e}"),
+            )
         }
     })?;
     let report = app.collector.ingest(&name, &bytes, encoding).await?;
@@ -124,8 +148,25 @@ async fn ingest(State(app): State<Arc<App>>, Path(name): Path<String>, headers: 
     {
         tracing::error!(dataset = %name, error = %e, "cannot start delivery");
     }
-    let status = if report.accepted == 0 && report.rejected > 0 { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    let status = if report.accepted == 0 && report.rejected > 0 {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(report)).into_response())
+}
+
+/// Reads and discards up to `max` bytes of a body.
+async fn drain(body: Body, max: usize) {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut seen = 0usize;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > max {
+            break;
+        }
+    }
 }
 
 async fn datasets(State(app): State<Arc<App>>) -> Response {
@@ -142,8 +183,13 @@ struct QueryRequest {
 }
 
 async fn query(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    let req: QueryRequest = serde_json::from_slice(&body)
-        .map_err(|e| api(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"sql\": \"...\"}}: {e}")))?;
+    let req: QueryRequest = serde_json::from_slice(&body).map_err(|e| {
+        api(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"sql\": \"...\"}}: {e}"),
+        )
+    })?;
     let opts = tarn_query::QueryOptions {
         row_limit: req.row_limit.unwrap_or(10_000).min(1_000_000),
     };
@@ -157,31 +203,85 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     };
-    counter("tarn_ingest_requests_total", "Ingest requests answered 2xx.", m.requests_ok.load(Relaxed));
-    counter("tarn_ingest_requests_failed_total", "Ingest requests that failed.", m.requests_failed.load(Relaxed));
-    counter("tarn_ingest_requests_overloaded_total", "Ingest requests refused for overload.", m.requests_overloaded.load(Relaxed));
-    counter("tarn_ingest_events_accepted_total", "Events accepted and durable in the log.", m.events_accepted.load(Relaxed));
-    counter("tarn_ingest_events_rejected_total", "Events refused by their contract.", m.events_rejected.load(Relaxed));
-    counter("tarn_ingest_body_bytes_total", "Request body bytes of answered requests.", m.body_bytes.load(Relaxed));
+    counter(
+        "tarn_ingest_requests_total",
+        "Ingest requests answered 2xx.",
+        m.requests_ok.load(Relaxed),
+    );
+    counter(
+        "tarn_ingest_requests_failed_total",
+        "Ingest requests that failed.",
+        m.requests_failed.load(Relaxed),
+    );
+    counter(
+        "tarn_ingest_requests_overloaded_total",
+        "Ingest requests refused for overload.",
+        m.requests_overloaded.load(Relaxed),
+    );
+    counter(
+        "tarn_ingest_events_accepted_total",
+        "Events accepted and durable in the log.",
+        m.events_accepted.load(Relaxed),
+    );
+    counter(
+        "tarn_ingest_events_rejected_total",
+        "Events refused by their contract.",
+        m.events_rejected.load(Relaxed),
+    );
+    counter(
+        "tarn_ingest_body_bytes_total",
+        "Request body bytes of answered requests.",
+        m.body_bytes.load(Relaxed),
+    );
     let c = &app.curate_stats;
-    counter("tarn_curate_rows_total", "Rows appended to Delta tables.", c.rows.load(Relaxed));
-    counter("tarn_curate_commits_total", "Delta commits made by curate.", c.commits.load(Relaxed));
-    counter("tarn_curate_errors_total", "Curate rounds that failed and were retried.", c.errors.load(Relaxed));
-    let _ = writeln!(out, "# HELP tarn_ingest_latency_seconds Time from request decoded to durable append.");
+    counter(
+        "tarn_curate_rows_total",
+        "Rows appended to Delta tables.",
+        c.rows.load(Relaxed),
+    );
+    counter(
+        "tarn_curate_commits_total",
+        "Delta commits made by curate.",
+        c.commits.load(Relaxed),
+    );
+    counter(
+        "tarn_curate_errors_total",
+        "Curate rounds that failed and were retried.",
+        c.errors.load(Relaxed),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tarn_ingest_latency_seconds Time from request decoded to durable append."
+    );
     let _ = writeln!(out, "# TYPE tarn_ingest_latency_seconds histogram");
     for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-        let _ = writeln!(out, "tarn_ingest_latency_seconds_bucket{{le=\"{}\"}} {}", b / 1000.0, m.latency_buckets[i].load(Relaxed));
+        let _ = writeln!(
+            out,
+            "tarn_ingest_latency_seconds_bucket{{le=\"{}\"}} {}",
+            b / 1000.0,
+            m.latency_buckets[i].load(Relaxed)
+        );
     }
     let total = m.latency_buckets[LATENCY_BUCKETS_MS.len()].load(Relaxed);
     let _ = writeln!(out, "tarn_ingest_latency_seconds_bucket{{le=\"+Inf\"}} {total}");
-    let _ = writeln!(out, "tarn_ingest_latency_seconds_sum {}", m.latency_sum_us.load(Relaxed) as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "tarn_ingest_latency_seconds_sum {}",
+        m.latency_sum_us.load(Relaxed) as f64 / 1e6
+    );
     let _ = writeln!(out, "tarn_ingest_latency_seconds_count {total}");
-    let _ = writeln!(out, "# HELP tarn_log_bytes Bytes in log segments per topic.\n# TYPE tarn_log_bytes gauge");
+    let _ = writeln!(
+        out,
+        "# HELP tarn_log_bytes Bytes in log segments per topic.\n# TYPE tarn_log_bytes gauge"
+    );
     let stats = app.log_stats();
     for (topic, s) in &stats {
         let _ = writeln!(out, "tarn_log_bytes{{topic=\"{topic}\"}} {}", s.bytes);
     }
-    let _ = writeln!(out, "# HELP tarn_log_next_sequence Next sequence per topic.\n# TYPE tarn_log_next_sequence gauge");
+    let _ = writeln!(
+        out,
+        "# HELP tarn_log_next_sequence Next sequence per topic.\n# TYPE tarn_log_next_sequence gauge"
+    );
     for (topic, s) in &stats {
         let _ = writeln!(out, "tarn_log_next_sequence{{topic=\"{topic}\"}} {}", s.next_seq);
     }

@@ -63,8 +63,14 @@ impl App {
         if running.contains(dataset) {
             return Ok(());
         }
-        let d = Delivery::new(&self.log, self.lake.clone(), self.clock.clone(), dataset, self.delivery_opts.clone())
-            .with_context(|| format!("starting delivery for {dataset}"))?;
+        let d = Delivery::new(
+            &self.log,
+            self.lake.clone(),
+            self.clock.clone(),
+            dataset,
+            self.delivery_opts.clone(),
+        )
+        .with_context(|| format!("starting delivery for {dataset}"))?;
         tokio::spawn(d.run(self.shutdown.clone()));
         running.insert(dataset.to_string());
         Ok(())
@@ -94,13 +100,16 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!("data directory {} is in use by another tarn process", dir.display()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("data directory {} is in use by another tarn process", dir.display())
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
     let limits = Limits {
         delivery_batch_age_ms: args.batch_age_ms,
@@ -126,7 +135,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
+    let curator =
+        Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
     let curate_stats = curator.stats.clone();
     let curate_task = tokio::spawn(curator.run(shutdown_rx.clone()));
     let collector = Collector::new(

@@ -80,7 +80,10 @@ pub fn render_table(r: &tarn_query::QueryResult) -> String {
         format!("{}\n", parts.join(" | ").trim_end())
     };
     let mut out = line(r.columns.iter().map(|c| c.name.as_str()).collect());
-    out.push_str(&format!("{}\n", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-")));
+    out.push_str(&format!(
+        "{}\n",
+        widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("-+-")
+    ));
     for row in &cells {
         out.push_str(&line(row.iter().map(String::as_str).collect()));
     }

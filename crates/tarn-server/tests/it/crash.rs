@@ -37,12 +37,20 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
                         .iter()
                         .enumerate()
                         .map(|(i, id)| {
-                            format!(r#"{{"event_id":"{id}","ts":"2026-11-{:02}T10:00:00Z","client_id":"c{}","cpm":1.0}}"#, 20 + i % 3, i % 7)
+                            format!(
+                                r#"{{"event_id":"{id}","ts":"2026-11-{:02}T10:00:00Z","client_id":"c{}","cpm":1.0}}"#,
+                                20 + i % 3,
+                                i % 7
+                            )
                         })
                         .collect::<Vec<_>>()
                         .join("\n");
                     batch_no += 1;
-                    let res = c.post(format!("{url}/v1/datasets/auctions/events")).body(body).send().await;
+                    let res = c
+                        .post(format!("{url}/v1/datasets/auctions/events"))
+                        .body(body)
+                        .send()
+                        .await;
                     match res {
                         Ok(r) if r.status().as_u16() == 200 => {
                             let v: serde_json::Value = match r.json().await {
@@ -73,10 +81,21 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
         }
     }
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() > 1000, "too few acknowledged events to prove anything: {}", acked.len());
+    assert!(
+        acked.len() > 1000,
+        "too few acknowledged events to prove anything: {}",
+        acked.len()
+    );
     // Every acknowledged event must become queryable.
     let want = acked.len() as u64;
-    wait_for(&c, &server.url, "SELECT count(DISTINCT event_id) FROM auctions", 90, |v| v["rows"][0][0].as_u64().is_some_and(|n| n >= want)).await;
+    wait_for(
+        &c,
+        &server.url,
+        "SELECT count(DISTINCT event_id) FROM auctions",
+        90,
+        |v| v["rows"][0][0].as_u64().is_some_and(|n| n >= want),
+    )
+    .await;
     // Conservation: read every id back and count.
     let (_, v) = sql(&c, &server.url, "SELECT event_id FROM auctions").await;
     let mut counts: HashMap<String, u32> = HashMap::new();
@@ -84,8 +103,16 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
         *counts.entry(row[0].as_str().expect("id").to_string()).or_default() += 1;
     }
     let missing: Vec<_> = acked.iter().filter(|id| !counts.contains_key(*id)).take(5).collect();
-    assert!(missing.is_empty(), "acknowledged events lost: {missing:?} ({} in all)", acked.iter().filter(|id| !counts.contains_key(*id)).count());
+    assert!(
+        missing.is_empty(),
+        "acknowledged events lost: {missing:?} ({} in all)",
+        acked.iter().filter(|id| !counts.contains_key(*id)).count()
+    );
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "events stored more than once: {doubled:?}");
-    eprintln!("crash test: {} acknowledged, {} stored, {kills} kills", acked.len(), counts.len());
+    eprintln!(
+        "crash test: {} acknowledged, {} stored, {kills} kills",
+        acked.len(),
+        counts.len()
+    );
 }

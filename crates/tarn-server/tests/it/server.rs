@@ -35,8 +35,13 @@ impl Server {
             // Keep draining so the child never blocks on a full pipe.
             for _ in lines {}
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).expect("tarn printed its address");
-        let url = line.strip_prefix("tarn listening on ").expect("listening line").to_string();
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("tarn printed its address");
+        let url = line
+            .strip_prefix("tarn listening on ")
+            .expect("listening line")
+            .to_string();
         Server {
             child,
             url,
@@ -58,7 +63,10 @@ impl Drop for Server {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
 }
 
 pub async fn post_events(c: &reqwest::Client, url: &str, dataset: &str, body: String) -> (u16, serde_json::Value) {
@@ -84,14 +92,23 @@ pub async fn sql(c: &reqwest::Client, url: &str, q: &str) -> (u16, serde_json::V
 }
 
 /// Polls a query until `done` accepts its answer, for at most `secs` seconds.
-pub async fn wait_for(c: &reqwest::Client, url: &str, q: &str, secs: u64, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub async fn wait_for(
+    c: &reqwest::Client,
+    url: &str,
+    q: &str,
+    secs: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let start = Instant::now();
     loop {
         let (status, v) = sql(c, url, q).await;
         if status == 200 && done(&v) {
             return v;
         }
-        assert!(start.elapsed() < Duration::from_secs(secs), "timed out waiting on {q}: last answer {status} {v}");
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting on {q}: last answer {status} {v}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
