@@ -207,7 +207,7 @@ impl Curator {
             tables.insert(dataset.to_string(), table);
             return Ok(());
         }
-        let table = append(table, dataset, spec.tenant(), batches, &app_id, last).await?;
+        let table = append(table, &spec, batches, &app_id, last).await?;
         tables.insert(dataset.to_string(), table);
         self.stats.rows.fetch_add(rows, Relaxed);
         self.stats.commits.fetch_add(1, Relaxed);
@@ -221,3 +221,6 @@ impl Curator {
 }
 
 use tarn_core::Clock as _;
+
+#[cfg(test)]
+mod tests;

@@ -9,8 +9,10 @@ use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::SaveMode;
-use tarn_core::contract::DAY;
+use tarn_core::contract::{DAY, RECEIVED_AT};
+use tarn_core::{DatasetSpec, FieldType};
 
 use crate::{Error, Result, io_err};
 
@@ -90,25 +92,35 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
     Ok(v.unwrap_or(-1))
 }
 
-/// Parquet settings of curated files: zstd, with dictionaries left to the columns that repeat.
-pub fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
+/// Parquet settings of curated files: zstd, and no dictionary for the columns that almost never
+/// repeat (the event id and timestamps), where a dictionary only costs space and time.
+pub fn writer_properties(spec: &DatasetSpec) -> WriterProperties {
+    let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
-        .set_max_row_group_row_count(Some(128 * 1024))
-        .build()
+        .set_max_row_group_row_count(Some(128 * 1024));
+    let unique = spec
+        .fields
+        .iter()
+        .filter(|f| f.name == spec.event_id || f.ty == FieldType::Timestamp)
+        .map(|f| f.name.clone())
+        .chain([RECEIVED_AT.to_string()]);
+    for name in unique {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(name), false);
+    }
+    b.build()
 }
 
 /// Appends batches in one commit that also records `(app_id, version)`.
 pub async fn append(
     table: DeltaTable,
-    dataset: &str,
-    tenant: Option<&str>,
+    spec: &DatasetSpec,
     batches: Vec<RecordBatch>,
     app_id: &str,
     version: i64,
 ) -> Result<DeltaTable> {
+    let dataset = spec.name.as_str();
     let mut parts = vec![DAY.to_string()];
-    if let Some(t) = tenant {
+    if let Some(t) = spec.tenant() {
         parts.push(t.to_string());
     }
     let props = CommitProperties::default().with_application_transaction(Transaction::new(app_id, version));
@@ -116,7 +128,7 @@ pub async fn append(
         .write(batches)
         .with_save_mode(SaveMode::Append)
         .with_partition_columns(parts)
-        .with_writer_properties(writer_properties())
+        .with_writer_properties(writer_properties(spec))
         .with_commit_properties(props)
         .await
         .map_err(|source| Error::Delta {
