@@ -25,12 +25,16 @@ pub const GROUP: &str = "curate";
 pub struct CurateOptions {
     /// Most notification bytes read for one round of commits.
     pub read_bytes_max: usize,
+    /// A commit is made as soon as the rows gathered for it take this much memory, so one round
+    /// over many raw objects never holds them all at once.
+    pub commit_bytes_max: usize,
 }
 
 impl Default for CurateOptions {
     fn default() -> Self {
         Self {
             read_bytes_max: 1 << 20,
+            commit_bytes_max: 256 << 20,
         }
     }
 }
@@ -175,16 +179,17 @@ impl Curator {
         };
         let app_id = curate_app_id(dataset, shard);
         let done = app_version(&table, dataset, &app_id).await?;
+        let mut table = Some(table);
         let mut batches = Vec::new();
+        let mut held = 0usize;
         let mut last = done;
         let mut rows = 0u64;
-        let mut objects = 0u64;
         for n in notes {
             let last_seq = i64::try_from(n.last_seq).map_err(|_| Error::Corrupt {
                 what: n.path.clone(),
                 reason: "sequence out of range".into(),
             })?;
-            if last_seq <= done {
+            if last_seq <= last {
                 continue;
             }
             let root = self.lake.root().to_path_buf();
@@ -199,24 +204,49 @@ impl Curator {
                 }
                 last = seq;
                 rows += b.num_rows() as u64;
+                held += b.get_array_memory_size();
                 batches.push(without_seq(&b)?);
             }
-            objects += 1;
+            self.stats.objects.fetch_add(1, Relaxed);
+            if held >= self.opts.commit_bytes_max {
+                table = Some(
+                    self.commit(table.take(), &spec, std::mem::take(&mut batches), &app_id, last, rows)
+                        .await?,
+                );
+                held = 0;
+                rows = 0;
+            }
         }
-        if batches.is_empty() {
-            tables.insert(dataset.to_string(), table);
-            return Ok(());
+        if !batches.is_empty() {
+            table = Some(self.commit(table.take(), &spec, batches, &app_id, last, rows).await?);
         }
-        let table = append(table, &spec, batches, &app_id, last).await?;
-        tables.insert(dataset.to_string(), table);
+        if let Some(t) = table {
+            tables.insert(dataset.to_string(), t);
+        }
+        Ok(())
+    }
+
+    async fn commit(
+        &self,
+        table: Option<DeltaTable>,
+        spec: &tarn_core::DatasetSpec,
+        batches: Vec<deltalake::arrow::array::RecordBatch>,
+        app_id: &str,
+        version: i64,
+        rows: u64,
+    ) -> Result<DeltaTable> {
+        let table = match table {
+            Some(t) => t,
+            None => self.lake.open_table(&spec.name).await?,
+        };
+        let table = append(table, spec, batches, app_id, version).await?;
         self.stats.rows.fetch_add(rows, Relaxed);
         self.stats.commits.fetch_add(1, Relaxed);
-        self.stats.objects.fetch_add(objects, Relaxed);
         self.stats
             .last_commit_us
             .store(tarn_core::SystemClock.now_micros(), Relaxed);
-        tracing::debug!(dataset, rows, objects, version = last, "curated");
-        Ok(())
+        tracing::debug!(dataset = %spec.name, rows, version, "curated");
+        Ok(table)
     }
 }
 

@@ -120,3 +120,29 @@ async fn a_missing_raw_object_is_an_error_not_a_skip() {
     n.path = "../../etc/passwd".into();
     assert!(matches!(cur.apply(&[n]).await, Err(Error::Corrupt { .. })));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rounds_commit_in_bounded_pieces() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
+    let lake = Lake::open(dir.path().join("lake")).expect("lake");
+    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
+    catalog
+        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
+        .expect("register");
+    let opts = CurateOptions {
+        commit_bytes_max: 1,
+        ..CurateOptions::default()
+    };
+    let cur = Curator::new(&log, lake.clone(), catalog, opts).expect("curator");
+    let notes = [note(&lake, 0, 1), note(&lake, 2, 3), note(&lake, 4, 4)];
+    cur.apply(&notes).await.expect("apply");
+    assert_eq!(
+        cur.stats.commits.load(Relaxed),
+        3,
+        "one commit per object when the cap is tiny"
+    );
+    cur.apply(&notes).await.expect("replay");
+    assert_eq!(cur.stats.commits.load(Relaxed), 3);
+    assert_eq!(count(&lake).await, (50, 50));
+}
