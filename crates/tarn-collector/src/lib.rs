@@ -11,6 +11,7 @@ mod validate;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use tarn_catalog::Catalog;
 use tarn_core::{Clock, DatasetSpec, Limits};
 use tarn_log::{Log, Topic};
@@ -124,35 +125,33 @@ impl Collector {
         }
     }
 
-    /// Decodes, checks and durably appends the events of one request.
-    pub async fn ingest(&self, dataset: &str, body: &[u8], encoding: Encoding) -> Result<IngestReport> {
+    /// Decodes, checks and durably appends the events of one request. Decoding and checking
+    /// run on a blocking thread so that a large body never stalls the async runtime.
+    pub async fn ingest(&self, dataset: &str, body: Bytes, encoding: Encoding) -> Result<IngestReport> {
         let started = std::time::Instant::now();
+        let len = body.len();
         let res = self.ingest_inner(dataset, body, encoding).await;
         match &res {
-            Ok(r) => self
-                .metrics
-                .record_ok(body.len(), r.accepted, r.rejected, started.elapsed()),
+            Ok(r) => self.metrics.record_ok(len, r.accepted, r.rejected, started.elapsed()),
             Err(_) => self.metrics.count_failed(),
         }
         res
     }
 
-    async fn ingest_inner(&self, dataset: &str, body: &[u8], encoding: Encoding) -> Result<IngestReport> {
+    async fn ingest_inner(&self, dataset: &str, body: Bytes, encoding: Encoding) -> Result<IngestReport> {
         tarn_core::name::check_dataset(dataset).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let limits = &self.opts.limits;
-        let text = decode::decompress(body, encoding, limits)?;
-        let raw = decode::split_events(&text, limits)?;
-        let spec = match self.catalog.get(dataset) {
-            Some(s) => s,
-            None if self.opts.infer_datasets => self.infer(dataset, &raw)?,
-            None => return Err(Error::UnknownDataset(dataset.to_string())),
+        let prep = Prepare {
+            catalog: self.catalog.clone(),
+            limits: self.opts.limits.clone(),
+            infer: self.opts.infer_datasets,
+            dataset: dataset.to_string(),
+            received_at: self.clock.now_micros(),
         };
-        let received_at = self.clock.now_micros();
-        let (batch, errors, rejected) = validate::check_and_build(&spec, &raw, received_at, limits)?;
-        let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
-        let sequence = match batch {
-            Some(b) => {
-                let payload = encode::encode_payload(&b)?;
+        let (payload, accepted, errors, rejected) = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
+            .await
+            .map_err(|e| Error::Internal(format!("decoder task: {e}")))??;
+        let sequence = match payload {
+            Some(payload) => {
                 let topic = self.topic(dataset)?;
                 Some(topic.append(payload).await.map_err(|e| match e {
                     tarn_log::Error::Overloaded(_) => Error::Overloaded(e.to_string()),
@@ -175,6 +174,34 @@ impl Collector {
         self.log
             .topic(&topic_name(dataset))
             .map_err(|e| Error::Unavailable(e.to_string()))
+    }
+}
+
+/// The CPU-bound part of a request, run on a blocking thread.
+struct Prepare {
+    catalog: Arc<Catalog>,
+    limits: Limits,
+    infer: bool,
+    dataset: String,
+    received_at: i64,
+}
+
+type Prepared = (Option<Vec<u8>>, usize, Vec<Rejection>, usize);
+
+impl Prepare {
+    fn run(&self, body: &[u8], encoding: Encoding) -> Result<Prepared> {
+        let dataset = self.dataset.as_str();
+        let text = decode::decompress(body, encoding, &self.limits)?;
+        let raw = decode::split_events(&text, &self.limits)?;
+        let spec = match self.catalog.get(dataset) {
+            Some(s) => s,
+            None if self.infer => self.infer(dataset, &raw)?,
+            None => return Err(Error::UnknownDataset(dataset.to_string())),
+        };
+        let (batch, errors, rejected) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
+        let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
+        let payload = batch.as_ref().map(encode::encode_payload).transpose()?;
+        Ok((payload, accepted, errors, rejected))
     }
 
     fn infer(&self, dataset: &str, raw: &[decode::RawEvent<'_>]) -> Result<Arc<DatasetSpec>> {

@@ -3,6 +3,7 @@
 use std::io::Write;
 
 use arrow_array::cast::AsArray;
+use bytes::Bytes;
 use tarn_core::ManualClock;
 
 use super::*;
@@ -85,8 +86,11 @@ fn accepts_ndjson_and_reports_each_rejection() {
     ]
     .join("\n");
     let r =
-        f.rt.block_on(f.collector.ingest("auctions", body.as_bytes(), Encoding::Identity))
-            .expect("ingest");
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::copy_from_slice(body.as_bytes()), Encoding::Identity),
+        )
+        .expect("ingest");
     assert_eq!(r.accepted, 2);
     assert_eq!(r.rejected, 7);
     let got: Vec<(usize, Option<&str>)> = r.errors.iter().map(|e| (e.index, e.field.as_deref())).collect();
@@ -131,7 +135,7 @@ fn accepts_json_arrays_gzip_and_zstd() {
         (zs, Encoding::Zstd),
     ] {
         let r =
-            f.rt.block_on(f.collector.ingest("auctions", &bytes, enc))
+            f.rt.block_on(f.collector.ingest("auctions", Bytes::copy_from_slice(&bytes), enc))
                 .expect("ingest");
         assert_eq!((r.accepted, r.rejected), (2, 0), "{enc:?}");
     }
@@ -139,8 +143,10 @@ fn accepts_json_arrays_gzip_and_zstd() {
         read_batches(&f, "auctions").iter().map(|b| b.num_rows()).sum::<usize>(),
         6
     );
-    let bad =
-        f.rt.block_on(f.collector.ingest("auctions", b"not gzip", Encoding::Gzip));
+    let bad = f.rt.block_on(
+        f.collector
+            .ingest("auctions", Bytes::copy_from_slice(b"not gzip"), Encoding::Gzip),
+    );
     assert!(matches!(bad, Err(Error::BadRequest(_))), "{bad:?}");
     assert!(matches!(
         Encoding::from_header(Some("br")),
@@ -160,32 +166,49 @@ fn limits_are_enforced() {
     let f = fixture(false, limits);
     let bomb = zstd::encode_all(&vec![b' '; 100_000][..], 19).expect("zstd");
     assert!(bomb.len() < 1000);
-    let r = f.rt.block_on(f.collector.ingest("auctions", &bomb, Encoding::Zstd));
+    let r = f.rt.block_on(
+        f.collector
+            .ingest("auctions", Bytes::copy_from_slice(&bomb), Encoding::Zstd),
+    );
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
     let many = "{}\n{}\n{}\n{}\n";
-    let r =
-        f.rt.block_on(f.collector.ingest("auctions", many.as_bytes(), Encoding::Identity));
+    let r = f.rt.block_on(
+        f.collector
+            .ingest("auctions", Bytes::copy_from_slice(many.as_bytes()), Encoding::Identity),
+    );
     assert!(matches!(r, Err(Error::TooLarge(_))), "{r:?}");
     let big = format!(
         r#"{{"ts":"2026-11-22T00:00:00Z","client_id":"a","extra":"{}"}}"#,
         "x".repeat(300)
     );
     let r =
-        f.rt.block_on(f.collector.ingest("auctions", big.as_bytes(), Encoding::Identity))
-            .expect("ingest");
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::copy_from_slice(big.as_bytes()), Encoding::Identity),
+        )
+        .expect("ingest");
     assert_eq!(r.rejected, 1);
     assert!(r.errors[0].reason.contains("larger than the limit"));
     assert!(matches!(f.collector.admit(6000, false), Err(Error::TooLarge(_))));
     assert!(matches!(
-        f.rt.block_on(f.collector.ingest("auctions", b"   \n", Encoding::Identity)),
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::copy_from_slice(b"   \n"), Encoding::Identity)
+        ),
         Err(Error::BadRequest(_))
     ));
     assert!(matches!(
-        f.rt.block_on(f.collector.ingest("auctions", b"[1,", Encoding::Identity)),
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::from_static(b"[1,"), Encoding::Identity)
+        ),
         Err(Error::BadRequest(_))
     ));
     assert!(matches!(
-        f.rt.block_on(f.collector.ingest("auctions", &[0xff, 0xfe], Encoding::Identity)),
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::from_static(&[0xff, 0xfe]), Encoding::Identity)
+        ),
         Err(Error::BadRequest(_))
     ));
 }
@@ -210,24 +233,31 @@ fn infers_new_datasets_only_when_allowed() {
     let f = fixture(true, Limits::default());
     let body = r#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","v":1}"#;
     let r =
-        f.rt.block_on(f.collector.ingest("clicks", body.as_bytes(), Encoding::Identity))
-            .expect("ingest");
+        f.rt.block_on(
+            f.collector
+                .ingest("clicks", Bytes::copy_from_slice(body.as_bytes()), Encoding::Identity),
+        )
+        .expect("ingest");
     assert_eq!(r.accepted, 1);
     let r =
         f.rt.block_on(f.collector.ingest(
             "clicks",
-            br#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","w":1}"#,
+            Bytes::from_static(br#"{"ts":"2026-11-22T00:00:00Z","client_id":"acme","w":1}"#),
             Encoding::Identity,
         ))
         .expect("ingest");
     assert_eq!((r.accepted, r.errors[0].field.as_deref()), (0, Some("w")));
     let strict = fixture(false, Limits::default());
-    let r = strict
-        .rt
-        .block_on(strict.collector.ingest("clicks", body.as_bytes(), Encoding::Identity));
+    let r = strict.rt.block_on(strict.collector.ingest(
+        "clicks",
+        Bytes::copy_from_slice(body.as_bytes()),
+        Encoding::Identity,
+    ));
     assert!(matches!(r, Err(Error::UnknownDataset(_))));
-    let r = strict
-        .rt
-        .block_on(strict.collector.ingest("../x", body.as_bytes(), Encoding::Identity));
+    let r = strict.rt.block_on(strict.collector.ingest(
+        "../x",
+        Bytes::copy_from_slice(body.as_bytes()),
+        Encoding::Identity,
+    ));
     assert!(matches!(r, Err(Error::BadRequest(_))));
 }

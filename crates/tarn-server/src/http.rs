@@ -142,7 +142,7 @@ async fn ingest(
             )
         }
     })?;
-    let report = app.collector.ingest(&name, &bytes, encoding).await?;
+    let report = app.collector.ingest(&name, bytes, encoding).await?;
     if report.accepted > 0
         && let Err(e) = app.ensure_delivery(&name)
     {
