@@ -7,6 +7,7 @@
 mod decode;
 mod encode;
 mod metrics;
+mod parse;
 mod validate;
 
 use std::sync::Arc;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use serde_json::Value;
-use tarn_core::contract::{DAY, RECEIVED_AT, day_of_micros, parse_rfc3339_micros};
+use tarn_core::contract::{DAY, RECEIVED_AT, day_of_micros};
 use tarn_core::{DatasetSpec, FieldType, Limits, UnknownFields};
 
 use crate::decode::RawEvent;
 use crate::encode::arrow_schema;
+use crate::parse::{Cell, Shape, Slots, parse_event};
 use crate::{Error, Result};
 
 /// Why one event was refused.
@@ -22,15 +22,6 @@ pub struct Rejection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     pub reason: String,
-}
-
-enum Cell {
-    Null,
-    Str(String),
-    I64(i64),
-    F64(f64),
-    Bool(bool),
-    Ts(i64),
 }
 
 enum Col {
@@ -78,43 +69,6 @@ impl Col {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn convert(ty: FieldType, v: Value) -> Result<Cell, String> {
-    match (ty, v) {
-        (_, Value::Null) => Ok(Cell::Null),
-        (FieldType::String, Value::String(s)) => Ok(Cell::Str(s)),
-        (FieldType::Int64, Value::Number(n)) => match n.as_i64() {
-            Some(i) => Ok(Cell::I64(i)),
-            None => Err(format!("expected a 64-bit integer, got {n}")),
-        },
-        (FieldType::Float64, Value::Number(n)) => match n.as_f64() {
-            Some(f) => Ok(Cell::F64(f)),
-            None => Err(format!("expected a number, got {n}")),
-        },
-        (FieldType::Bool, Value::Bool(b)) => Ok(Cell::Bool(b)),
-        (FieldType::Timestamp, Value::String(s)) => match parse_rfc3339_micros(&s) {
-            Some(t) => Ok(Cell::Ts(t)),
-            None => Err(format!("expected an RFC 3339 timestamp, got {s:?}")),
-        },
-        (FieldType::Timestamp, Value::Number(n)) => match n.as_i64().and_then(|ms| ms.checked_mul(1000)) {
-            Some(t) => Ok(Cell::Ts(t)),
-            None => Err(format!("expected epoch milliseconds as an integer, got {n}")),
-        },
-        (FieldType::Json, v) => Ok(Cell::Str(v.to_string())),
-        (ty, v) => Err(format!("expected {}, got {}", ty.as_str(), kind(&v))),
-    }
-}
-
 fn new_event_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
@@ -141,6 +95,17 @@ pub(crate) fn check_and_build(
     let tenant_idx = spec.tenant().and_then(|t| spec.fields.iter().position(|f| f.name == t));
     let id_idx = spec.fields.iter().position(|f| f.name == spec.event_id);
     let mut cells: Vec<Cell> = Vec::with_capacity(spec.fields.len());
+    let shape = Shape {
+        types: spec.fields.iter().map(|f| f.ty).collect(),
+        index: spec
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.as_str(), i))
+            .collect(),
+        track_unknown: spec.unknown_fields == UnknownFields::Reject,
+    };
+    let mut slots = Slots::new(spec.fields.len());
     for (index, ev) in raw.iter().enumerate() {
         cells.clear();
         let reject = |field: Option<&str>, reason: String| Rejection {
@@ -159,19 +124,19 @@ pub(crate) fn check_and_build(
                     ),
                 ));
             }
-            let mut obj = match serde_json::from_str::<Value>(ev.text) {
-                Ok(Value::Object(m)) => m,
-                Ok(other) => {
-                    return Err(reject(
-                        None,
-                        format!("event must be a JSON object, got {}", kind(&other)),
-                    ));
+            parse_event(ev.text, &shape, &mut slots).map_err(|e| {
+                if e.contains("expected a JSON object") {
+                    reject(None, format!("event must be a JSON object: {e}"))
+                } else {
+                    reject(None, format!("invalid JSON: {e}"))
                 }
-                Err(e) => return Err(reject(None, format!("invalid JSON: {e}"))),
-            };
+            })?;
             for (i, f) in spec.fields.iter().enumerate() {
-                let v = obj.remove(&f.name).unwrap_or(Value::Null);
-                let cell = convert(f.ty, v).map_err(|r| reject(Some(&f.name), r))?;
+                let cell = match slots.cells[i].take() {
+                    None => Cell::Null,
+                    Some(Ok(c)) => c,
+                    Some(Err(r)) => return Err(reject(Some(&f.name), r)),
+                };
                 let cell = match cell {
                     Cell::Null if Some(i) == id_idx => Cell::Str(new_event_id()),
                     Cell::Null if f.required => {
@@ -188,9 +153,7 @@ pub(crate) fn check_and_build(
                 };
                 cells.push(cell);
             }
-            if spec.unknown_fields == UnknownFields::Reject
-                && let Some(k) = obj.keys().next()
-            {
+            if let Some(k) = &slots.unknown {
                 return Err(reject(Some(k), "field is not in the dataset's contract".into()));
             }
             Ok(())
