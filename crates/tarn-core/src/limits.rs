@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Explicit limits. Defaults are documented in `docs/CONFIG.md`.
+/// Explicit limits. Defaults are documented in the README (Limits).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {

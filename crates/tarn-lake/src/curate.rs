@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use deltalake::DeltaTable;
 use tarn_catalog::Catalog;
@@ -81,20 +80,12 @@ impl Curator {
     /// Runs until `shutdown` turns true, retrying failed rounds with backoff from the committed
     /// offset.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff_ms = 100u64;
-        loop {
-            match self.run_once(&mut shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.stats.errors.fetch_add(1, Relaxed);
-                    tracing::error!(error = %e, "curate failed; retrying from the committed offset");
-                    self.tables.lock().await.clear();
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    backoff_ms = (backoff_ms * 2).min(10_000);
-                }
+        let mut backoff = crate::Backoff::new();
+        while let Err(e) = self.run_once(&mut shutdown).await {
+            self.stats.errors.fetch_add(1, Relaxed);
+            self.tables.lock().await.clear();
+            if !backoff.after("curate", &e, &mut shutdown).await {
+                return;
             }
         }
     }

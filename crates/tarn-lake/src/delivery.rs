@@ -66,18 +66,10 @@ impl Delivery {
     /// Runs until `shutdown` turns true; on an error it logs, waits and resumes from the last
     /// committed offset, so no record is skipped.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff_ms = 100u64;
-        loop {
-            match self.run_once(&mut shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::error!(dataset = %self.dataset, error = %e, "delivery failed; retrying from the committed offset");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                    backoff_ms = (backoff_ms * 2).min(10_000);
-                }
+        let mut backoff = crate::Backoff::new();
+        while let Err(e) = self.run_once(&mut shutdown).await {
+            if !backoff.after(&self.dataset, &e, &mut shutdown).await {
+                return;
             }
         }
     }

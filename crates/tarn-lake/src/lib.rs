@@ -60,6 +60,33 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+/// Exponential backoff between failed rounds of a consumer: 100 ms doubling to 10 s.
+pub(crate) struct Backoff {
+    ms: u64,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Self { ms: 100 }
+    }
+
+    /// Logs the failure and waits; false when `shutdown` turned true meanwhile.
+    pub(crate) async fn after(
+        &mut self,
+        what: &str,
+        e: &Error,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        tracing::error!(what, error = %e, "failed; retrying from the committed offset");
+        let wait = std::time::Duration::from_millis(self.ms);
+        self.ms = (self.ms * 2).min(10_000);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+}
+
 /// An object-created notification, as published on [`OBJECTS_TOPIC`] (JSON).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

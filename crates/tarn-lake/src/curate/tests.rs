@@ -49,6 +49,16 @@ fn note(lake: &Lake, first: u64, last: u64) -> ObjectCreated {
     }
 }
 
+fn setup(dir: &std::path::Path) -> (Log, Lake, Arc<Catalog>) {
+    let log = Log::open(dir.join("log"), tarn_log::LogOptions::default()).expect("log");
+    let lake = Lake::open(dir.join("lake")).expect("lake");
+    let catalog = Arc::new(Catalog::open(dir.join("catalog")).expect("catalog"));
+    catalog
+        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
+        .expect("register");
+    (log, lake, catalog)
+}
+
 async fn count(lake: &Lake) -> (i64, i64) {
     let table = lake.open_table("bids").await.expect("table");
     let ctx = SessionContext::new();
