@@ -83,12 +83,7 @@ async fn count(lake: &Lake) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_overlaps_never_duplicate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
-    let lake = Lake::open(dir.path().join("lake")).expect("lake");
-    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    catalog
-        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
-        .expect("register");
+    let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
 
     let a = note(&lake, 0, 2);
@@ -117,12 +112,7 @@ async fn replays_and_overlaps_never_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_raw_object_is_an_error_not_a_skip() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
-    let lake = Lake::open(dir.path().join("lake")).expect("lake");
-    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    catalog
-        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
-        .expect("register");
+    let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
     let mut n = note(&lake, 0, 0);
     n.path = object_path("bids", 0, 5, 9);
@@ -134,12 +124,7 @@ async fn a_missing_raw_object_is_an_error_not_a_skip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_rounds_commit_in_bounded_pieces() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
-    let lake = Lake::open(dir.path().join("lake")).expect("lake");
-    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    catalog
-        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
-        .expect("register");
+    let (log, lake, catalog) = setup(dir.path());
     let opts = CurateOptions {
         commit_bytes_max: 1,
         ..CurateOptions::default()
