@@ -16,7 +16,15 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     let ds = dir.path().join("datasets");
     write_descriptor(&ds);
     let data = dir.path().join("data");
-    let args = ["--datasets", ds.to_str().expect("utf8"), "--batch-age-ms", "50"];
+    // Small batches close by size as well as by age, so both paths are cut by the kills.
+    let args = [
+        "--datasets",
+        ds.to_str().expect("utf8"),
+        "--batch-age-ms",
+        "50",
+        "--batch-bytes",
+        "100000",
+    ];
     let acked: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let c = client();
     let kills = 5;
