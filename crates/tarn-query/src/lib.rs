@@ -6,7 +6,12 @@ mod convert;
 mod stats;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::datafusion::execution::SendableRecordBatchStream;
+use deltalake::datafusion::physical_plan::ExecutionPlan;
 
 use deltalake::datafusion::error::DataFusionError;
 use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
@@ -23,6 +28,8 @@ pub enum Error {
     BadQuery(String),
     #[error("query failed: {0}")]
     Execution(String),
+    #[error("query stopped after its timeout of {0:?}")]
+    Timeout(Duration),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -50,13 +57,18 @@ pub struct QueryResult {
 /// Limits of one query.
 #[derive(Debug, Clone)]
 pub struct QueryOptions {
-    /// Most rows returned; the rest are counted as truncated.
+    /// Most rows returned; when the result has more, it is cut and marked truncated.
     pub row_limit: usize,
+    /// A query still running after this is stopped.
+    pub timeout: Duration,
 }
 
 impl Default for QueryOptions {
     fn default() -> Self {
-        Self { row_limit: 10_000 }
+        Self {
+            row_limit: 10_000,
+            timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -83,6 +95,7 @@ fn classify(e: DataFusionError) -> Error {
         DataFusionError::Context(ctx, inner) => match classify(*inner) {
             Error::BadQuery(m) => Error::BadQuery(format!("{ctx}: {m}")),
             Error::Execution(m) => Error::Execution(format!("{ctx}: {m}")),
+            Error::Timeout(d) => Error::Timeout(d),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
         },
         other => Error::Execution(other.to_string()),
@@ -119,35 +132,52 @@ impl QueryEngine {
         Ok(ctx)
     }
 
-    /// Plans and runs one SQL statement.
-    pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
+    /// Plans a statement and starts it; batches are computed as they are pulled, so a caller
+    /// that stops pulling (or drops the stream) stops the work.
+    pub async fn stream(&self, sql: &str) -> Result<QueryStream> {
         let started = Instant::now();
         let ctx = self.session().await?;
         let df = ctx.sql(sql).await.map_err(classify)?;
-        let schema = df.schema().as_arrow().clone();
+        let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
-        let task = ctx.task_ctx();
-        let mut stream = deltalake::datafusion::physical_plan::execute_stream(plan.clone(), task).map_err(classify)?;
+        let batches =
+            deltalake::datafusion::physical_plan::execute_stream(plan.clone(), ctx.task_ctx()).map_err(classify)?;
+        Ok(QueryStream {
+            schema,
+            batches,
+            plan,
+            started,
+            rows: 0,
+        })
+    }
+
+    /// Plans and runs one SQL statement, keeping at most `row_limit` rows and giving up after
+    /// `timeout`.
+    pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        let mut q = tokio::time::timeout_at(deadline, self.stream(sql))
+            .await
+            .map_err(|_| Error::Timeout(opts.timeout))??;
         let mut rows = Vec::new();
         let mut truncated = false;
-        let mut returned = 0u64;
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(classify)?;
-            returned += batch.num_rows() as u64;
-            if truncated {
-                continue;
-            }
+        while let Some(batch) = tokio::time::timeout_at(deadline, q.next())
+            .await
+            .map_err(|_| Error::Timeout(opts.timeout))?
+        {
+            let batch = batch?;
             let room = opts.row_limit - rows.len();
             let take = batch.num_rows().min(room);
             convert::append_rows(&batch.slice(0, take), &mut rows)?;
             if take < batch.num_rows() {
+                // More rows exist than were asked for: stop computing them.
                 truncated = true;
+                break;
             }
         }
-        let mut stats = stats::collect(&plan);
-        stats.rows_returned = returned;
-        stats.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let columns = schema
+        let mut stats = q.stats();
+        stats.rows_returned = rows.len() as u64;
+        let columns = q
+            .schema
             .fields()
             .iter()
             .map(|f| Column {
@@ -161,5 +191,36 @@ impl QueryEngine {
             truncated,
             stats,
         })
+    }
+}
+
+/// A running query.
+pub struct QueryStream {
+    pub schema: SchemaRef,
+    batches: SendableRecordBatchStream,
+    plan: Arc<dyn ExecutionPlan>,
+    started: Instant,
+    rows: u64,
+}
+
+impl QueryStream {
+    /// The next batch of the result.
+    pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
+        let b = self.batches.next().await?;
+        Some(match b {
+            Ok(b) => {
+                self.rows += b.num_rows() as u64;
+                Ok(b)
+            }
+            Err(e) => Err(classify(e)),
+        })
+    }
+
+    /// What the query has read so far (all of it, once the stream is exhausted).
+    pub fn stats(&self) -> ScanStats {
+        let mut s = stats::collect(&self.plan);
+        s.rows_returned = self.rows;
+        s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        s
     }
 }

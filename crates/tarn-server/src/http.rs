@@ -1,7 +1,8 @@
 //! The HTTP API and the one place where errors become status codes.
 //!
 //! - `POST /v1/datasets/{name}/events`: JSON array or NDJSON, optionally gzip/zstd.
-//! - `POST /v1/query`: `{"sql": "...", "row_limit": N}`.
+//! - `POST /v1/query`: `{"sql": "...", "row_limit": N, "format": "json|csv|ndjson|arrow",
+//!   "timeout_ms": N}`; the format may also come from the Accept header.
 //! - `GET /v1/datasets`: the registered contracts.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
 
@@ -88,6 +89,7 @@ impl From<tarn_query::Error> for ApiError {
         match e {
             tarn_query::Error::BadQuery(_) => api(StatusCode::BAD_REQUEST, "bad_query", msg),
             tarn_query::Error::Execution(_) => api(StatusCode::UNPROCESSABLE_ENTITY, "query_failed", msg),
+            tarn_query::Error::Timeout(_) => api(StatusCode::GATEWAY_TIMEOUT, "timeout", msg),
             tarn_query::Error::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }
@@ -178,11 +180,35 @@ async fn datasets(State(app): State<Arc<App>>) -> Response {
 #[serde(deny_unknown_fields)]
 struct QueryRequest {
     sql: String,
+    /// Most rows returned: 10,000 by default for JSON; no limit by default for the streamed
+    /// formats. At most 1,000,000 for JSON.
     #[serde(default)]
     row_limit: Option<usize>,
+    /// `json` (default), `csv`, `ndjson` or `arrow`; overrides the Accept header.
+    #[serde(default)]
+    format: Option<String>,
+    /// Stop the query after this many milliseconds (default 300,000).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
 
-async fn query(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+const JSON_ROWS_MAX: usize = 1_000_000;
+
+fn pick_format(param: Option<&str>, accept: Option<&str>) -> Result<crate::results::Format, ApiError> {
+    use crate::results::Format;
+    if let Some(p) = param {
+        return Format::from_name(p).ok_or_else(|| {
+            api(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("unknown format {p:?}; use json, csv, ndjson or arrow"),
+            )
+        });
+    }
+    Ok(accept.and_then(Format::from_accept).unwrap_or(Format::Json))
+}
+
+async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: QueryRequest = serde_json::from_slice(&body).map_err(|e| {
         api(
             StatusCode::BAD_REQUEST,
@@ -190,11 +216,28 @@ async fn query(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<R
             format!("expected {{\"sql\": \"...\"}}: {e}"),
         )
     })?;
-    let opts = tarn_query::QueryOptions {
-        row_limit: req.row_limit.unwrap_or(10_000).min(1_000_000),
-    };
-    let result = app.query.sql(&req.sql, &opts).await?;
-    Ok(axum::Json(result).into_response())
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = pick_format(req.format.as_deref(), accept)?;
+    let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(300_000));
+    if format == crate::results::Format::Json {
+        let opts = tarn_query::QueryOptions {
+            row_limit: req.row_limit.unwrap_or(10_000).min(JSON_ROWS_MAX),
+            timeout,
+        };
+        let result = app.query.sql(&req.sql, &opts).await?;
+        return Ok(axum::Json(result).into_response());
+    }
+    let q = tokio::time::timeout(timeout, app.query.stream(&req.sql))
+        .await
+        .map_err(|_| ApiError::from(tarn_query::Error::Timeout(timeout)))??;
+    let body = crate::results::stream_body(q, format, req.row_limit, timeout).map_err(|e| {
+        api(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("starting the result stream: {e}"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

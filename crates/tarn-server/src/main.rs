@@ -3,6 +3,7 @@
 
 mod bench;
 mod http;
+mod results;
 mod serve;
 mod sql;
 

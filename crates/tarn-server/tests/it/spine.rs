@@ -93,6 +93,55 @@ async fn events_in_sql_out_with_partition_pruning() {
         "{v}"
     );
 
+    // Streamed result formats, by parameter and by Accept header.
+    let body = |fmt: &str| serde_json::json!({"sql": "SELECT event_id, cpm FROM auctions WHERE client_id = 'acme' ORDER BY event_id", "format": fmt});
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&body("csv"))
+        .send()
+        .await
+        .expect("csv");
+    assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = r.text().await.expect("text");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "event_id,cpm");
+    assert_eq!(lines.len(), 76, "header + 75 acme rows");
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .header("accept", "application/x-ndjson")
+        .json(&serde_json::json!({"sql": "SELECT event_id FROM auctions", "row_limit": 7}))
+        .send()
+        .await
+        .expect("ndjson");
+    let text = r.text().await.expect("text");
+    assert_eq!(text.lines().count(), 7, "{text}");
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().expect("line")).expect("json line");
+    assert!(first["event_id"].is_string());
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&body("arrow"))
+        .send()
+        .await
+        .expect("arrow");
+    let bytes = r.bytes().await.expect("bytes");
+    let reader = deltalake::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None).expect("ipc");
+    let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
+    assert_eq!(rows, 75);
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&serde_json::json!({"sql": "SELECT a.event_id, sum(b.cpm) FROM auctions a, auctions b, auctions c GROUP BY 1", "timeout_ms": 50}))
+        .send()
+        .await
+        .expect("timeout query");
+    assert_eq!(r.status().as_u16(), 504);
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&body("parquet"))
+        .send()
+        .await
+        .expect("bad format");
+    assert_eq!(r.status().as_u16(), 400);
+
     // The CLI against the same server.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarn"))
         .args([
