@@ -11,6 +11,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc returns freed memory to the system more readily than glibc's allocator under the
+/// many-threaded, bursty allocations of encoding batches, which keeps peak RSS down.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The default HTTP listener: loopback only, on a port no common service uses.
 pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
 

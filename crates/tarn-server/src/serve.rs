@@ -54,6 +54,9 @@ pub struct App {
     delivery_opts: DeliveryOptions,
     deliveries: Mutex<HashSet<String>>,
     shutdown: watch::Receiver<bool>,
+    /// The runtime of delivery and curate, apart from the one answering HTTP, so that long
+    /// stretches of Parquet encoding never hold up an ingest request's task.
+    background: tokio::runtime::Handle,
 }
 
 impl App {
@@ -71,7 +74,7 @@ impl App {
             self.delivery_opts.clone(),
         )
         .with_context(|| format!("starting delivery for {dataset}"))?;
-        tokio::spawn(d.run(self.shutdown.clone()));
+        self.background.spawn(d.run(self.shutdown.clone()));
         running.insert(dataset.to_string());
         Ok(())
     }
@@ -135,10 +138,16 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let background = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tarn-background")
+        .enable_all()
+        .build()
+        .context("starting the background runtime")?;
     let curator =
         Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
     let curate_stats = curator.stats.clone();
-    let curate_task = tokio::spawn(curator.run(shutdown_rx.clone()));
+    let curate_task = background.spawn(curator.run(shutdown_rx.clone()));
     let collector = Collector::new(
         log.clone(),
         catalog.clone(),
@@ -162,6 +171,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         deliveries: Mutex::new(HashSet::new()),
         shutdown: shutdown_rx,
+        background: background.handle().clone(),
     });
     for spec in catalog.list() {
         app.ensure_delivery(&spec.name)?;
@@ -183,6 +193,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .context("serving HTTP")?;
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
+    // A runtime may not be dropped from async code; let its threads go on their own.
+    background.shutdown_background();
     Ok(())
 }
 
