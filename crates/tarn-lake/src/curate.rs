@@ -33,7 +33,7 @@ impl Default for CurateOptions {
     fn default() -> Self {
         Self {
             read_bytes_max: 1 << 20,
-            commit_bytes_max: 256 << 20,
+            commit_bytes_max: 128 << 20,
         }
     }
 }
@@ -45,6 +45,8 @@ pub struct CurateStats {
     pub commits: AtomicU64,
     pub objects: AtomicU64,
     pub errors: AtomicU64,
+    /// Milliseconds spent in Delta appends.
+    pub commit_ms: AtomicU64,
     /// The next objects-topic sequence curate has not processed.
     pub next_notification: AtomicU64,
     /// Wall time (µs) of the last successful commit.
@@ -230,13 +232,16 @@ impl Curator {
             Some(t) => t,
             None => self.lake.open_table(&spec.name).await?,
         };
+        let started = std::time::Instant::now();
         let table = append(table, spec, batches, app_id, version).await?;
+        let took_ms = started.elapsed().as_millis() as u64;
+        self.stats.commit_ms.fetch_add(took_ms, Relaxed);
         self.stats.rows.fetch_add(rows, Relaxed);
         self.stats.commits.fetch_add(1, Relaxed);
         self.stats
             .last_commit_us
             .store(tarn_core::SystemClock.now_micros(), Relaxed);
-        tracing::debug!(dataset = %spec.name, rows, version, "curated");
+        tracing::info!(dataset = %spec.name, rows, version, took_ms, "curated");
         Ok(table)
     }
 }

@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use deltalake::DeltaTable;
-use deltalake::arrow::array::{Array, RecordBatch, StringArray};
-use deltalake::arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
+use std::collections::HashMap;
+
+use deltalake::arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::compute::{concat_batches, take_record_batch};
+use deltalake::arrow::datatypes::DataType;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::parquet::basic::{Compression, ZstdLevel};
@@ -132,8 +136,9 @@ fn distinct_share(c: &StringArray) -> f64 {
     if n == 0 { 0.0 } else { seen.len() as f64 / n as f64 }
 }
 
-/// Concatenates the batches and orders the rows by partition (day, then tenant), so that the
-/// writer gets each partition's rows as one slice instead of thousands of small ones.
+/// Concatenates the batches and groups the rows by partition (day and tenant), so that the
+/// writer gets each partition's rows as one slice instead of thousands of small ones. Grouping
+/// is one hash pass, not a sort.
 pub fn gather_by_partition(spec: &DatasetSpec, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
     let Some(first) = batches.first() else {
         return Err(Error::Internal("nothing to gather".into()));
@@ -141,23 +146,34 @@ pub fn gather_by_partition(spec: &DatasetSpec, batches: Vec<RecordBatch>) -> Res
     let schema = first.schema();
     let all = concat_batches(&schema, &batches)?;
     drop(batches);
-    let mut keys = vec![SortColumn {
-        values: all
-            .column_by_name(DAY)
+    let strings = |name: &str| -> Result<StringArray> {
+        let col = all
+            .column_by_name(name)
+            .ok_or_else(|| Error::Internal(format!("no {name} column")))?;
+        let col = cast(col, &DataType::Utf8)?;
+        col.as_any()
+            .downcast_ref::<StringArray>()
             .cloned()
-            .ok_or_else(|| Error::Internal("no day column".into()))?,
-        options: None,
-    }];
-    if let Some(t) = spec.tenant()
-        && let Some(c) = all.column_by_name(t)
-    {
-        keys.push(SortColumn {
-            values: c.clone(),
-            options: None,
-        });
+            .ok_or_else(|| Error::Internal(format!("{name} is not a string column")))
+    };
+    let days = strings(DAY)?;
+    let tenants = spec.tenant().map(&strings).transpose()?;
+    let mut groups: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
+    for i in 0..all.num_rows() {
+        let day = if days.is_null(i) { "" } else { days.value(i) };
+        let tenant = match &tenants {
+            Some(t) if !t.is_null(i) => t.value(i),
+            _ => "",
+        };
+        groups.entry((day, tenant)).or_default().push(i as u32);
     }
-    let order = lexsort_to_indices(&keys, None)?;
-    Ok(take_record_batch(&all, &order)?)
+    let mut order: Vec<u32> = Vec::with_capacity(all.num_rows());
+    let mut keys: Vec<_> = groups.into_iter().collect();
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (_, rows) in keys {
+        order.extend(rows);
+    }
+    Ok(take_record_batch(&all, &UInt32Array::from(order))?)
 }
 
 /// Appends batches in one commit that also records `(app_id, version)`.
@@ -169,8 +185,15 @@ pub async fn append(
     version: i64,
 ) -> Result<DeltaTable> {
     let dataset = spec.name.as_str();
+    let t = std::time::Instant::now();
     let batch = gather_by_partition(spec, batches)?;
     let props_w = writer_properties(spec, &batch);
+    tracing::debug!(
+        dataset,
+        rows = batch.num_rows(),
+        gather_ms = t.elapsed().as_millis() as u64,
+        "gathered rows by partition"
+    );
     let mut parts = vec![DAY.to_string()];
     if let Some(t) = spec.tenant() {
         parts.push(t.to_string());

@@ -291,7 +291,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         .arg(a.dir.join("datasets"))
         .arg("--data-dir")
         .arg(&data)
-        .env("TARN_LOG", "warn")
+        .env("TARN_LOG", std::env::var("TARN_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
         .spawn()
         .context("starting tarn serve")?;
