@@ -40,6 +40,11 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "TARN_BODY_BYTES_MAX", default_value_t = Limits::default().body_bytes_max)]
     pub body_bytes_max: usize,
+    /// Bytes of ingest requests being decoded or awaiting their append at once (each request
+    /// counts three times its body size, or three times the decompressed cap when compressed);
+    /// past it the collector answers 503 with Retry-After.
+    #[arg(long, env = "TARN_INFLIGHT_BYTES_MAX", default_value_t = Limits::default().ingest_inflight_bytes_max)]
+    pub inflight_bytes_max: usize,
 }
 
 /// Everything the HTTP handlers reach.
@@ -118,6 +123,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         delivery_batch_age_ms: args.batch_age_ms,
         delivery_batch_bytes: args.batch_bytes,
         body_bytes_max: args.body_bytes_max,
+        ingest_inflight_bytes_max: args.inflight_bytes_max,
         ..Limits::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

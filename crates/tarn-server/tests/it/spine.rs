@@ -287,3 +287,83 @@ async fn inferred_dataset_and_restart_keep_data() {
     assert_eq!(st, 400);
     assert_eq!(r["errors"][0]["field"], "unknown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_503_with_retry_after_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    // Room for about one 100 KB request at a time.
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--inflight-bytes-max",
+            "400000",
+            "--batch-age-ms",
+            "100",
+        ],
+    );
+    let c = client();
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let (c, url) = (c.clone(), s.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut busy) = (Vec::new(), 0u32);
+            for b in 0..10 {
+                let ids: Vec<String> = (0..500).map(|i| format!("o{p}-{b}-{i}")).collect();
+                let body = ids
+                    .iter()
+                    .map(|id| event(id, 21, "acme", 1.0))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let r = c
+                    .post(format!("{url}/v1/datasets/auctions/events"))
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("post");
+                match r.status().as_u16() {
+                    200 => ok.extend(ids),
+                    503 => {
+                        assert_eq!(r.headers()["retry-after"], "1");
+                        let v: serde_json::Value = r.json().await.expect("json");
+                        assert_eq!(v["error"]["code"], "overloaded", "{v}");
+                        busy += 1;
+                    }
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            (ok, busy)
+        }));
+    }
+    let (mut acked, mut busy) = (Vec::new(), 0);
+    for t in tasks {
+        let (ok, b) = t.await.expect("producer");
+        acked.extend(ok);
+        busy += b;
+    }
+    assert!(
+        busy > 0,
+        "eight concurrent producers past the in-flight limit should see 503s"
+    );
+    assert!(!acked.is_empty(), "some requests must get through");
+    let want = acked.len() as u64;
+    wait_for(&c, &s.url, "SELECT count(*), sum(cpm) FROM auctions", 30, |v| {
+        v["rows"][0][0] == want
+    })
+    .await;
+    let m = c
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains(&format!("tarn_ingest_requests_overloaded_total {busy}")),
+        "{m}"
+    );
+}
