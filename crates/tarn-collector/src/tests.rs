@@ -261,3 +261,63 @@ fn infers_new_datasets_only_when_allowed() {
     ));
     assert!(matches!(r, Err(Error::BadRequest(_))));
 }
+
+mod hostile {
+    //! Hostile and malformed bodies: whatever arrives, the collector answers with a report or a
+    //! classified error, never a panic, and a report accounts for every event.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn event_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            // Plausible events with wrong or odd values.
+            (
+                prop_oneof![
+                    Just("\"2026-11-22T00:00:00Z\"".to_string()),
+                    any::<i64>().prop_map(|v| v.to_string()),
+                    ".{0,12}".prop_map(|s| format!("{s:?}"))
+                ],
+                prop_oneof![
+                    Just("\"acme\"".to_string()),
+                    ".{0,20}".prop_map(|s| format!("{s:?}")),
+                    Just("null".to_string())
+                ],
+                prop_oneof![
+                    any::<f64>().prop_map(|v| if v.is_finite() { v.to_string() } else { "1".into() }),
+                    Just("\"x\"".into()),
+                    Just("[1,{}]".into())
+                ],
+            )
+                .prop_map(|(ts, c, cpm)| format!(
+                    r#"{{"ts":{ts},"client_id":{c},"cpm":{cpm},"extra":{{"k":[1,2,{{"z":null}}]}}}}"#
+                )),
+            // Arbitrary text, including broken JSON and control characters.
+            "[^\n]{0,80}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn ndjson_of_anything_is_answered(lines in proptest::collection::vec(event_text(), 1..20)) {
+            let f = fixture(false, Limits::default());
+            let body = lines.join("\n");
+            let nonblank = lines.iter().filter(|l| !l.trim().is_empty()).count();
+            match f.rt.block_on(f.collector.ingest("auctions", Bytes::from(body), Encoding::Identity)) {
+                Ok(r) => prop_assert_eq!(r.accepted + r.rejected, nonblank),
+                Err(Error::BadRequest(_)) => prop_assert!(nonblank == 0 || lines.concat().trim_start().starts_with('[')),
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400), enc in 0u8..3) {
+            let f = fixture(true, Limits::default());
+            let enc = [Encoding::Identity, Encoding::Gzip, Encoding::Zstd][enc as usize];
+            let _ = f.rt.block_on(f.collector.ingest("fuzz", Bytes::from(body), enc));
+        }
+    }
+}
