@@ -172,6 +172,15 @@ mod tests {
     }
 
     #[test]
+    fn the_example_descriptors_load() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(dir.path()).expect("open");
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/datasets");
+        let loaded = c.load_descriptors(&examples).expect("examples are valid");
+        assert!(loaded.iter().any(|s| s.name == "auctions" && s.tenant() == Some("client_id")));
+    }
+
+    #[test]
     fn loads_descriptors_and_reports_bad_ones() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path().join("d");
