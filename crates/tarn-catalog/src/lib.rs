@@ -177,7 +177,11 @@ mod tests {
         let c = Catalog::open(dir.path()).expect("open");
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/datasets");
         let loaded = c.load_descriptors(&examples).expect("examples are valid");
-        assert!(loaded.iter().any(|s| s.name == "auctions" && s.tenant() == Some("client_id")));
+        assert!(
+            loaded
+                .iter()
+                .any(|s| s.name == "auctions" && s.tenant() == Some("client_id"))
+        );
     }
 
     #[test]
