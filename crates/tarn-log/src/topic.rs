@@ -403,8 +403,12 @@ fn flush_active(t: &TopicInner, a: &mut Active) -> Result<()> {
     }
     // Every record given a sequence so far is in `buf`, so all of them are durable now.
     t.durable.send_replace(a.next_seq);
-    a.buf = buf;
-    a.buf.clear();
+    // Keep the buffer for the next round unless a large round grew it: with many topics, one
+    // big burst each must not pin its size in memory for good.
+    if buf.capacity() <= 4 << 20 {
+        a.buf = buf;
+        a.buf.clear();
+    }
     Ok(())
 }
 
