@@ -147,6 +147,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let background = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tarn-background")
+        // Delivery and curate may use every idle cycle, but an ingest request that needs the
+        // CPU gets it first: the lowest scheduling priority (nice 19 on Linux).
+        .on_thread_start(|| {
+            if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
+                tracing::warn!(error = ?e, "cannot lower the priority of a background thread");
+            }
+        })
         .enable_all()
         .build()
         .context("starting the background runtime")?;
