@@ -226,9 +226,12 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
     let last_path = segment::segment_path(&dir, last);
     let rec = match segment::recover(&last_path, opts.record_bytes_max) {
         Ok(r) => r,
-        Err(Error::Corrupt { offset: 0, .. }) => {
-            // The header itself was torn: the segment was being created when the process died,
-            // so it holds no record. Start it again.
+        Err(Error::Corrupt { offset: 0, .. })
+            if std::fs::metadata(&last_path).map_err(io_err(&last_path))?.len() < HEADER_LEN =>
+        {
+            // The header itself is short: the segment was being created when the process died,
+            // so it holds no record. Start it again. A full-length header that fails its check
+            // is real damage and stays an error.
             tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
             create_segment(&dir, last)?;
             segment::Recovered {

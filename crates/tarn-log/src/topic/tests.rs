@@ -169,6 +169,43 @@ fn garbage_tail_is_truncated_and_mid_corruption_is_reported() {
 }
 
 #[test]
+fn a_torn_segment_header_is_restarted_but_a_damaged_one_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    {
+        let log = Log::open(dir.path(), opts(200)).expect("open");
+        let t = log.topic("t").expect("topic");
+        rt.block_on(async {
+            for i in 0..6u8 {
+                t.append(vec![i; 64]).await.expect("append");
+            }
+        });
+    }
+    let last = last_segment(&dir.path().join("t"));
+    let base: u64 = last
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse().ok())
+        .expect("base");
+    // A crash while creating the next segment leaves a short header.
+    let next = segment::segment_path(&dir.path().join("t"), 6);
+    std::fs::write(&next, &segment::encode_header(6)[..7]).expect("write");
+    {
+        let log = Log::open(dir.path(), opts(200)).expect("reopen");
+        let t = log.topic("t").expect("topic");
+        assert_eq!(t.durable_end(), 6);
+        assert_eq!(rt.block_on(t.append(vec![9; 8])).expect("append"), 6);
+        assert_eq!(read_all(&t, base).len() as u64, 7 - base);
+    }
+    // A full header with a bad checksum is damage, not a torn write.
+    let mut bytes = std::fs::read(&next).expect("read");
+    bytes[9] ^= 0xFF;
+    std::fs::write(&next, &bytes).expect("write");
+    let log = Log::open(dir.path(), opts(200)).expect("reopen");
+    assert!(matches!(log.topic("t"), Err(Error::Corrupt { .. })));
+}
+
+#[test]
 fn corruption_in_a_closed_segment_is_an_error_not_a_skip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = rt();
