@@ -14,6 +14,7 @@
 //!   rows, and skips every row whose sequence is at or below the committed version, so replays
 //!   and overlapping raw objects never add a row twice.
 
+pub mod compaction;
 pub mod curate;
 pub mod delivery;
 pub mod raw;
