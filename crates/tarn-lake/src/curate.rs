@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use deltalake::DeltaTable;
 use tarn_catalog::Catalog;
+use tarn_core::Clock as _;
 use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
@@ -245,8 +246,6 @@ impl Curator {
         Ok(table)
     }
 }
-
-use tarn_core::Clock as _;
 
 #[cfg(test)]
 mod tests;

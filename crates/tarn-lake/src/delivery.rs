@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use deltalake::arrow::array::RecordBatch;
 use tarn_core::Clock;
-use tarn_log::{Cursor, Log, Topic};
+use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
 use crate::raw::{object_path, with_seq, write_object};
@@ -97,7 +97,6 @@ impl Delivery {
             .await
             .map_err(|e| Error::Internal(format!("reader task: {e}")))?;
             let recs = recs?;
-            let c: Cursor = c;
             for r in recs {
                 let batches = tarn_collector::decode_payload(&r.payload).map_err(|reason| Error::Corrupt {
                     what: format!("log record {} of {}", r.seq, self.dataset),

@@ -100,19 +100,22 @@ fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     segs.pop().expect("a segment")
 }
 
+/// Writes `n` records of `size` bytes (record i holds the byte i) to topic `t`, then closes.
+fn fill(dir: &std::path::Path, opts: LogOptions, n: u8, size: usize) {
+    let log = Log::open(dir, opts).expect("open");
+    let t = log.topic("t").expect("topic");
+    rt().block_on(async {
+        for i in 0..n {
+            t.append(vec![i; size]).await.expect("append");
+        }
+    });
+}
+
 #[test]
 fn torn_tail_is_truncated_on_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = rt();
-    {
-        let log = Log::open(dir.path(), LogOptions::default()).expect("open");
-        let t = log.topic("t").expect("topic");
-        rt.block_on(async {
-            for i in 0..10u8 {
-                t.append(vec![i; 100]).await.expect("append");
-            }
-        });
-    }
+    fill(dir.path(), LogOptions::default(), 10, 100);
     let seg = last_segment(&dir.path().join("t"));
     let full = std::fs::metadata(&seg).expect("meta").len();
     // Cut the last record in half, as a crash mid-write would.
@@ -133,16 +136,7 @@ fn torn_tail_is_truncated_on_open() {
 #[test]
 fn garbage_tail_is_truncated_and_mid_corruption_is_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = rt();
-    {
-        let log = Log::open(dir.path(), LogOptions::default()).expect("open");
-        let t = log.topic("t").expect("topic");
-        rt.block_on(async {
-            for i in 0..5u8 {
-                t.append(vec![i; 64]).await.expect("append");
-            }
-        });
-    }
+    fill(dir.path(), LogOptions::default(), 5, 64);
     let seg = last_segment(&dir.path().join("t"));
     let mut bytes = std::fs::read(&seg).expect("read");
     let good = bytes.len();
@@ -172,15 +166,7 @@ fn garbage_tail_is_truncated_and_mid_corruption_is_reported() {
 fn a_torn_segment_header_is_restarted_but_a_damaged_one_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = rt();
-    {
-        let log = Log::open(dir.path(), opts(200)).expect("open");
-        let t = log.topic("t").expect("topic");
-        rt.block_on(async {
-            for i in 0..6u8 {
-                t.append(vec![i; 64]).await.expect("append");
-            }
-        });
-    }
+    fill(dir.path(), opts(200), 6, 64);
     let last = last_segment(&dir.path().join("t"));
     let base: u64 = last
         .file_stem()
