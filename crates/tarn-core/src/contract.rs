@@ -89,6 +89,30 @@ pub struct DatasetSpec {
     /// True when tarn inferred this contract from the first write.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inferred: bool,
+    #[serde(default, skip_serializing_if = "Compaction::is_default")]
+    pub compaction: Compaction,
+}
+
+/// Compaction settings of a dataset.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compaction {
+    /// Size of the files compaction writes, in MiB (default 128, from 1 to 4096).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mib: Option<u64>,
+}
+
+impl Compaction {
+    pub const TARGET_MIB_DEFAULT: u64 = 128;
+
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The target file size in bytes.
+    pub fn target_bytes(&self) -> u64 {
+        self.target_mib.unwrap_or(Self::TARGET_MIB_DEFAULT) << 20
+    }
 }
 
 fn one() -> u32 {
@@ -173,6 +197,11 @@ impl DatasetSpec {
                 }
                 None => return bad(format!("event_time field {t:?} is not declared")),
             }
+        }
+        if let Some(m) = self.compaction.target_mib
+            && !(1..=4096).contains(&m)
+        {
+            return bad(format!("compaction.target_mib is {m}; it must be from 1 to 4096"));
         }
         if let Some(t) = self.tenant() {
             match self.field(t) {
@@ -293,6 +322,7 @@ impl DatasetSpec {
             partitioning: Partitioning { tenant },
             unknown_fields: UnknownFields::Reject,
             inferred: true,
+            compaction: Compaction::default(),
         };
         spec.check()?;
         Ok(spec)
@@ -339,6 +369,9 @@ partitioning: { tenant: client_id }
         assert_eq!(s.tenant(), Some("client_id"));
         assert_eq!(s.field("cpm").map(|f| f.ty), Some(FieldType::Float64));
         assert_eq!(s.unknown_fields, UnknownFields::Reject);
+        assert_eq!(s.compaction.target_bytes(), 128 << 20);
+        let small = DatasetSpec::from_yaml(&format!("{AUCTIONS}compaction: {{ target_mib: 16 }}\n")).expect("valid");
+        assert_eq!(small.compaction.target_bytes(), 16 << 20);
     }
 
     #[test]
@@ -363,6 +396,8 @@ partitioning: { tenant: client_id }
             ),
             (AUCTIONS.replace("name: cpm", "name: client_id"), "twice"),
             (AUCTIONS.replace("name: cpm", "name: _cpm"), "reserved"),
+            (format!("{AUCTIONS}compaction: {{ target_mib: 0 }}\n"), "from 1 to 4096"),
+            (format!("{AUCTIONS}compaction: {{ target_gb: 1 }}\n"), "not valid"),
         ];
         for (text, want) in cases {
             let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();

@@ -9,13 +9,15 @@
 
 use std::collections::BTreeMap;
 
+/// Partition values in partition-column order, for example `[("day", "2026-11-22"),
+/// ("client_id", "acme")]`.
+pub type Partition = Vec<(String, String)>;
+
 /// One data file of a table, as the planner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInfo {
     pub path: String,
-    /// Partition values in partition-column order, for example `[("day", "2026-11-22"),
-    /// ("client_id", "acme")]`.
-    pub partition: Vec<(String, String)>,
+    pub partition: Partition,
     pub size_bytes: u64,
     pub rows: u64,
 }
@@ -29,6 +31,10 @@ pub struct CompactionRules {
     pub small_file_bytes: u64,
     /// Most bins in one plan, so a run over a huge backlog stays bounded.
     pub bins_max: usize,
+    /// A partition is planned only when it holds at least this many small files (never fewer
+    /// than 2). Runs by hand and on the schedule use 2; the automatic trigger uses more, so
+    /// that a partition still being written is not rewritten after every append.
+    pub min_small_files: usize,
 }
 
 impl Default for CompactionRules {
@@ -37,6 +43,7 @@ impl Default for CompactionRules {
             target_bytes: 128 << 20,
             small_file_bytes: 96 << 20,
             bins_max: 1_000,
+            min_small_files: 2,
         }
     }
 }
@@ -44,7 +51,7 @@ impl Default for CompactionRules {
 /// Files to merge into one new file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bin {
-    pub partition: Vec<(String, String)>,
+    pub partition: Partition,
     pub files: Vec<String>,
     pub bytes: u64,
     pub rows: u64,
@@ -61,7 +68,7 @@ pub fn plan(files: &[FileInfo], rules: &CompactionRules) -> Vec<Bin> {
     }
     let mut out = Vec::new();
     for (partition, mut small) in by_partition {
-        if small.len() < 2 {
+        if small.len() < rules.min_small_files.max(2) {
             continue;
         }
         small.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then_with(|| a.path.cmp(&b.path)));
@@ -112,6 +119,7 @@ mod tests {
             target_bytes: target,
             small_file_bytes: target * 3 / 4,
             bins_max: 1000,
+            min_small_files: 2,
         }
     }
 
@@ -167,6 +175,33 @@ mod tests {
             ..rules(100)
         };
         assert_eq!(plan(&files, &r).len(), 7);
+    }
+
+    #[test]
+    fn the_trigger_waits_for_enough_small_files() {
+        let r = CompactionRules {
+            min_small_files: 4,
+            ..rules(100)
+        };
+        let three: Vec<_> = (0..3).map(|i| file(&format!("f{i}"), "d1", 5)).collect();
+        assert!(plan(&three, &r).is_empty());
+        let mut four = three.clone();
+        four.push(file("f3", "d1", 5));
+        // Large files do not count towards the trigger.
+        four.push(file("big", "d1", 90));
+        assert_eq!(plan(&four, &r).len(), 1);
+        assert!(
+            plan(
+                &three,
+                &CompactionRules {
+                    min_small_files: 0,
+                    ..r
+                }
+            )
+            .len()
+                == 1,
+            "never fewer than 2"
+        );
     }
 
     fn files_strategy() -> impl Strategy<Value = Vec<FileInfo>> {

@@ -204,7 +204,7 @@ impl Curator {
             self.stats.objects.fetch_add(1, Relaxed);
             if held >= self.opts.commit_bytes_max {
                 table = Some(
-                    self.commit(table.take(), &spec, std::mem::take(&mut batches), &app_id, last, rows)
+                    self.commit(table.take(), &spec, std::mem::take(&mut batches), shard, last, rows)
                         .await?,
                 );
                 held = 0;
@@ -212,7 +212,7 @@ impl Curator {
             }
         }
         if !batches.is_empty() {
-            table = Some(self.commit(table.take(), &spec, batches, &app_id, last, rows).await?);
+            table = Some(self.commit(table.take(), &spec, batches, shard, last, rows).await?);
         }
         if let Some(t) = table {
             tables.insert(dataset.to_string(), t);
@@ -225,7 +225,7 @@ impl Curator {
         table: Option<DeltaTable>,
         spec: &tarn_core::DatasetSpec,
         batches: Vec<deltalake::arrow::array::RecordBatch>,
-        app_id: &str,
+        shard: u32,
         version: i64,
         rows: u64,
     ) -> Result<DeltaTable> {
@@ -234,7 +234,7 @@ impl Curator {
             None => self.lake.open_table(&spec.name).await?,
         };
         let started = std::time::Instant::now();
-        let table = append(table, spec, batches, app_id, version).await?;
+        let table = append(table, spec, batches, shard, version).await?;
         let took_ms = started.elapsed().as_millis() as u64;
         self.stats.commit_ms.fetch_add(took_ms, Relaxed);
         self.stats.rows.fetch_add(rows, Relaxed);

@@ -14,11 +14,15 @@
 //!   rows, and skips every row whose sequence is at or below the committed version, so replays
 //!   and overlapping raw objects never add a row twice.
 
+pub mod compact;
 pub mod compaction;
 pub mod curate;
+pub mod datafile;
 pub mod delivery;
 pub mod raw;
 pub mod table;
+#[cfg(test)]
+mod testkit;
 
 use std::path::PathBuf;
 

@@ -2,24 +2,23 @@
 //! transaction so that a replayed append is recognised.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use deltalake::DeltaTable;
-use std::collections::HashMap;
-
-use deltalake::arrow::array::{Array, RecordBatch, StringArray, UInt32Array};
-use deltalake::arrow::compute::cast;
-use deltalake::arrow::compute::{concat_batches, take_record_batch};
-use deltalake::arrow::datatypes::DataType;
-use deltalake::kernel::Transaction;
-use deltalake::kernel::transaction::CommitProperties;
+use deltalake::arrow::array::{RecordBatch, StringArray};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, StructType, Transaction};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::EnabledStatistics;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
-use deltalake::protocol::SaveMode;
-use tarn_core::contract::{DAY, RECEIVED_AT};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use tarn_core::contract::DAY;
 use tarn_core::{DatasetSpec, FieldType};
 
+use crate::datafile::{FileSet, group_by_partition, sync_files};
 use crate::{Error, Result, io_err};
 
 /// The lake root on the local filesystem.
@@ -100,9 +99,9 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 
 /// Parquet settings of curated files: zstd; statistics per column chunk (what pruning uses;
 /// page-level indexes only make small files bigger); and a dictionary only for the columns
-/// whose values repeat. Event ids, timestamps and floats never get one; a string column gets
-/// one when, in a sample of the batch, fewer than half of its values are distinct.
-pub fn writer_properties(spec: &DatasetSpec, batch: &RecordBatch) -> WriterProperties {
+/// whose values repeat. Event ids, event times and floats never get one; a string column gets
+/// one when, in a sample of the rows, fewer than half of its values are distinct.
+pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch]) -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Chunk)
@@ -111,103 +110,182 @@ pub fn writer_properties(spec: &DatasetSpec, batch: &RecordBatch) -> WriterPrope
         let repeats = match f.ty {
             FieldType::Float64 | FieldType::Timestamp => false,
             _ if f.name == spec.event_id => false,
-            FieldType::String | FieldType::Json => batch
-                .column_by_name(&f.name)
-                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                .is_none_or(|c| distinct_share(c) < 0.5),
+            FieldType::String | FieldType::Json => distinct_share(batches, &f.name) < 0.5,
             FieldType::Int64 | FieldType::Bool => true,
         };
         if !repeats {
             b = b.set_column_dictionary_enabled(ColumnPath::from(f.name.clone()), false);
         }
     }
-    b = b.set_column_dictionary_enabled(ColumnPath::from(RECEIVED_AT), false);
     b.build()
 }
 
-/// The share of distinct values among the first 4,096 non-null values.
-fn distinct_share(c: &StringArray) -> f64 {
+/// The share of distinct values among the first 4,096 non-null values of a string column
+/// across `batches`; 1 when there are none.
+fn distinct_share(batches: &[RecordBatch], column: &str) -> f64 {
     let mut seen = std::collections::HashSet::new();
     let mut n = 0usize;
-    for v in c.iter().flatten().take(4096) {
+    let columns = batches
+        .iter()
+        .filter_map(|b| b.column_by_name(column))
+        .filter_map(|c| c.as_any().downcast_ref::<StringArray>());
+    for v in columns.flat_map(|c| c.iter().flatten()).take(4096) {
         seen.insert(v);
         n += 1;
     }
-    if n == 0 { 0.0 } else { seen.len() as f64 / n as f64 }
+    if n == 0 { 1.0 } else { seen.len() as f64 / n as f64 }
 }
 
-/// Concatenates the batches and groups the rows by partition (day and tenant), so that the
-/// writer gets each partition's rows as one slice instead of thousands of small ones. Grouping
-/// is one hash pass, not a sort.
-pub fn gather_by_partition(spec: &DatasetSpec, batches: Vec<RecordBatch>) -> Result<RecordBatch> {
-    let Some(first) = batches.first() else {
-        return Err(Error::Internal("nothing to gather".into()));
-    };
-    let schema = first.schema();
-    let all = concat_batches(&schema, &batches)?;
-    drop(batches);
-    let strings = |name: &str| -> Result<StringArray> {
-        let col = all
-            .column_by_name(name)
-            .ok_or_else(|| Error::Internal(format!("no {name} column")))?;
-        let col = cast(col, &DataType::Utf8)?;
-        col.as_any()
-            .downcast_ref::<StringArray>()
-            .cloned()
-            .ok_or_else(|| Error::Internal(format!("{name} is not a string column")))
-    };
-    let days = strings(DAY)?;
-    let tenants = spec.tenant().map(&strings).transpose()?;
-    let mut groups: HashMap<(&str, &str), Vec<u32>> = HashMap::new();
-    for i in 0..all.num_rows() {
-        let day = if days.is_null(i) { "" } else { days.value(i) };
-        let tenant = match &tenants {
-            Some(t) if !t.is_null(i) => t.value(i),
-            _ => "",
-        };
-        groups.entry((day, tenant)).or_default().push(i as u32);
-    }
-    let mut order: Vec<u32> = Vec::with_capacity(all.num_rows());
-    let mut keys: Vec<_> = groups.into_iter().collect();
-    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    for (_, rows) in keys {
-        order.extend(rows);
-    }
-    Ok(take_record_batch(&all, &UInt32Array::from(order))?)
-}
-
-/// Appends batches in one commit that also records `(app_id, version)`.
-pub async fn append(
-    table: DeltaTable,
-    spec: &DatasetSpec,
-    batches: Vec<RecordBatch>,
-    app_id: &str,
-    version: i64,
-) -> Result<DeltaTable> {
-    let dataset = spec.name.as_str();
-    let t = std::time::Instant::now();
-    let batch = gather_by_partition(spec, batches)?;
-    let props_w = writer_properties(spec, &batch);
-    tracing::debug!(
-        dataset,
-        rows = batch.num_rows(),
-        gather_ms = t.elapsed().as_millis() as u64,
-        "gathered rows by partition"
-    );
+/// The partition columns of a dataset's table: `day`, then the tenant field if any.
+pub fn partition_columns(spec: &DatasetSpec) -> Vec<String> {
     let mut parts = vec![DAY.to_string()];
     if let Some(t) = spec.tenant() {
         parts.push(t.to_string());
     }
-    let props = CommitProperties::default().with_application_transaction(Transaction::new(app_id, version));
+    parts
+}
+
+/// Creates a dataset's table from the Arrow schema of its rows, if it has no commit yet.
+async fn ensure_created(table: DeltaTable, spec: &DatasetSpec, batch: &RecordBatch) -> Result<DeltaTable> {
+    if table.version().is_some() {
+        return Ok(table);
+    }
+    let err = |source| Error::Delta {
+        dataset: spec.name.clone(),
+        source,
+    };
+    let schema: StructType = batch
+        .schema()
+        .as_ref()
+        .try_into_kernel()
+        .map_err(|e| Error::Internal(format!("schema of {}: {e}", spec.name)))?;
     table
-        .write([batch])
-        .with_save_mode(SaveMode::Append)
-        .with_partition_columns(parts)
-        .with_writer_properties(props_w)
-        .with_commit_properties(props)
+        .create()
+        .with_columns(schema.fields().cloned())
+        .with_partition_columns(partition_columns(spec))
+        .with_save_mode(SaveMode::Ignore)
         .await
-        .map_err(|source| Error::Delta {
-            dataset: dataset.to_string(),
-            source,
-        })
+        .map_err(err)
+}
+
+/// How many threads write the files of one commit.
+fn write_threads(partitions: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.clamp(1, 4).min(partitions.max(1))
+}
+
+/// Appends batches in one commit that also records the application transaction
+/// `(curate_app_id(dataset, shard), version)`. Each partition's rows become one Parquet file,
+/// written and synced by a few threads; the commit lists their `Add` actions with statistics,
+/// and its log entry and directory are synced before this returns.
+pub async fn append(
+    table: DeltaTable,
+    spec: &DatasetSpec,
+    batches: Vec<RecordBatch>,
+    shard: u32,
+    version: i64,
+) -> Result<DeltaTable> {
+    let dataset = spec.name.clone();
+    let Some(first) = batches.first() else {
+        return Err(Error::Internal("an append needs at least one batch".into()));
+    };
+    let mut table = ensure_created(table, spec, first).await?;
+    let delta_err = |source| Error::Delta {
+        dataset: dataset.clone(),
+        source,
+    };
+    let table_dir = table_dir_of(&table)?;
+    let started = std::time::Instant::now();
+    let spec_w = spec.clone();
+    let dir = table_dir.clone();
+    let adds = tokio::task::spawn_blocking(move || -> Result<Vec<Action>> {
+        let table_dir = dir;
+        let parts = group_by_partition(&spec_w, &batches)?;
+        let files = FileSet {
+            table_dir: &table_dir,
+            spec: &spec_w,
+            props: writer_properties(&spec_w, &batches),
+            shard,
+            version,
+        };
+        let next = AtomicUsize::new(0);
+        let out = Mutex::new(Vec::with_capacity(parts.len()));
+        let failed = Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..write_threads(parts.len()) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(p) = parts.get(i) else { return };
+                        match files.write(&batches, p) {
+                            Ok(add) => out.lock().unwrap_or_else(|e| e.into_inner()).push(Action::Add(add)),
+                            Err(e) => {
+                                failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                                next.store(parts.len(), Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e);
+        }
+        let adds = out.into_inner().unwrap_or_else(|e| e.into_inner());
+        let paths: Vec<&str> = adds
+            .iter()
+            .filter_map(|a| match a {
+                Action::Add(a) => Some(a.path.as_str()),
+                _ => None,
+            })
+            .collect();
+        sync_files(&table_dir, &paths)?;
+        Ok(adds)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("writer task: {e}")))??;
+    let files = adds.len();
+    let write_ms = started.elapsed().as_millis() as u64;
+    let app_id = curate_app_id(&dataset, shard);
+    let props = CommitProperties::default().with_application_transaction(Transaction::new(&app_id, version));
+    let op = DeltaOperation::Write {
+        mode: SaveMode::Append,
+        partition_by: Some(partition_columns(spec)),
+        predicate: None,
+    };
+    let snapshot = table.snapshot().map_err(delta_err)?;
+    let committed = CommitBuilder::from(props)
+        .with_actions(adds)
+        .build(Some(snapshot), table.log_store(), op)
+        .await
+        .map_err(delta_err)?;
+    sync_commit(&table_dir_of(&table)?, committed.version())?;
+    table
+        .update_incremental(Some(committed.version()))
+        .await
+        .map_err(delta_err)?;
+    tracing::debug!(dataset, files, write_ms, version = committed.version(), "appended");
+    Ok(table)
+}
+
+/// The local directory of a table.
+fn table_dir_of(table: &DeltaTable) -> Result<PathBuf> {
+    table
+        .table_url()
+        .to_file_path()
+        .map_err(|_| Error::Internal(format!("{} is not a local table", table.table_url())))
+}
+
+/// Makes a commit durable: the local log store writes the entry without syncing it, so the
+/// entry and the log directory are synced here, before anyone acts on the commit.
+pub fn sync_commit(table_dir: &Path, version: u64) -> Result<()> {
+    let log_dir = table_dir.join("_delta_log");
+    let entry = log_dir.join(format!("{version:020}.json"));
+    std::fs::File::open(&entry)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&entry))?;
+    std::fs::File::open(&log_dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&log_dir))
 }

@@ -4,6 +4,8 @@
 //! - `POST /v1/query`: `{"sql": "...", "row_limit": N, "format": "json|csv|ndjson|arrow",
 //!   "timeout_ms": N}`; the format may also come from the Accept header.
 //! - `GET /v1/datasets`: the registered contracts.
+//! - `POST /v1/compact`: `{"dataset": D, "day": "YYYY-MM-DD", "dry_run": bool}`, all optional;
+//!   answers NDJSON: progress lines, one report per dataset, then `done` or `error`.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
 
 use std::fmt::Write as _;
@@ -27,6 +29,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/datasets/{name}/events", post(ingest))
         .route("/v1/datasets", get(datasets))
         .route("/v1/query", post(query))
+        .route("/v1/compact", post(compact))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
@@ -238,6 +241,39 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
         )
     })?;
     Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
+}
+
+async fn compact(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    use crate::maintenance::{CompactRequest, RequestError};
+    let req: CompactRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CompactRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            api(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"dataset\": ..., \"day\": ..., \"dry_run\": ...}}: {e}"),
+            )
+        })?
+    };
+    let specs = app.maintenance.check(&req).map_err(|e| match e {
+        RequestError::Bad(m) => api(StatusCode::BAD_REQUEST, "bad_request", m),
+        e @ RequestError::UnknownDataset(_) => api(StatusCode::NOT_FOUND, "unknown_dataset", e.to_string()),
+    })?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let m = app.maintenance.clone();
+    app.spawn_background(async move { m.run_request(specs, req, tx).await });
+    let lines = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

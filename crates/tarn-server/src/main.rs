@@ -2,7 +2,9 @@
 //! server; `tarn bench` measures ingestion end to end.
 
 mod bench;
+mod compact;
 mod http;
+mod maintenance;
 mod results;
 mod serve;
 mod sql;
@@ -37,6 +39,8 @@ enum Command {
     Sql(sql::SqlArgs),
     /// Generate ad-auction events, post them to a fresh server and report rates.
     Bench(bench::BenchArgs),
+    /// Compact small files into target-sized ones on a running server.
+    Compact(compact::CompactArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -59,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(a) => serve::run(a).await,
             Command::Sql(a) => sql::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Compact(a) => compact::run(a).await,
         }
     });
     match res {

@@ -17,6 +17,8 @@ use tarn_log::{Log, LogOptions};
 use tarn_query::QueryEngine;
 use tokio::sync::watch;
 
+use crate::maintenance::{AutoCompaction, Maintenance};
+
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Data directory: log, lake and catalog live here.
@@ -45,6 +47,15 @@ pub struct ServeArgs {
     /// past it the collector answers 503 with Retry-After.
     #[arg(long, env = "TARN_INFLIGHT_BYTES_MAX", default_value_t = Limits::default().ingest_inflight_bytes_max)]
     pub inflight_bytes_max: usize,
+    /// Compact a partition on its own once it holds this many small files (0: never).
+    #[arg(long, env = "TARN_COMPACT_TRIGGER_FILES", default_value_t = 32)]
+    pub compact_trigger_files: usize,
+    /// How often partitions are checked against the compaction trigger, in milliseconds.
+    #[arg(long, env = "TARN_COMPACT_CHECK_MS", default_value_t = 30_000)]
+    pub compact_check_ms: u64,
+    /// Compact every partition with two or more small files this often, in seconds (0: never).
+    #[arg(long, env = "TARN_COMPACT_EVERY_S", default_value_t = 3600)]
+    pub compact_every_s: u64,
 }
 
 /// Everything the HTTP handlers reach.
@@ -53,6 +64,7 @@ pub struct App {
     pub query: QueryEngine,
     pub catalog: Arc<Catalog>,
     pub curate_stats: Arc<CurateStats>,
+    pub maintenance: Arc<Maintenance>,
     log: Log,
     lake: Lake,
     clock: Arc<dyn Clock>,
@@ -82,6 +94,11 @@ impl App {
         self.background.spawn(d.run(self.shutdown.clone()));
         running.insert(dataset.to_string());
         Ok(())
+    }
+
+    /// Runs a task on the background runtime.
+    pub fn spawn_background(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.background.spawn(f);
     }
 
     pub fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
@@ -170,11 +187,21 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             infer_datasets: !args.no_infer,
         },
     );
+    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone()));
+    background.spawn(maintenance.clone().run_auto(
+        AutoCompaction {
+            check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),
+            trigger_files: args.compact_trigger_files,
+            every: std::time::Duration::from_secs(args.compact_every_s),
+        },
+        shutdown_rx.clone(),
+    ));
     let app = Arc::new(App {
         collector,
         query: QueryEngine::new(lake.clone(), catalog.clone()),
         catalog: catalog.clone(),
         curate_stats,
+        maintenance,
         log,
         lake,
         clock,

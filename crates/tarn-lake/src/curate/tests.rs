@@ -2,83 +2,11 @@
 
 use std::sync::Arc;
 
-use deltalake::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
-use deltalake::datafusion::prelude::SessionContext;
 use tarn_core::DatasetSpec;
 
 use super::*;
-use crate::raw::{object_path, with_seq, write_object};
-
-const SPEC: &str = "name: bids\nfields:\n  - { name: event_id, type: string }\n  - { name: client_id, type: string, required: true }\n  - { name: cpm, type: float64 }\nevent_id: event_id\npartitioning: { tenant: client_id }\n";
-
-fn record(seq: u64, rows: usize) -> RecordBatch {
-    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
-    let schema = tarn_collector::arrow_schema(&spec);
-    let ids: Vec<String> = (0..rows).map(|i| format!("s{seq}-{i}")).collect();
-    let clients: Vec<&str> = (0..rows).map(|i| if i % 2 == 0 { "acme" } else { "beta" }).collect();
-    let cpm: Vec<f64> = (0..rows).map(|i| i as f64).collect();
-    let received = deltalake::arrow::array::TimestampMicrosecondArray::from(vec![0i64; rows]).with_timezone("UTC");
-    let days = StringArray::from(vec!["2026-11-22"; rows]);
-    let b = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from(ids)),
-            Arc::new(StringArray::from(clients)),
-            Arc::new(Float64Array::from(cpm)),
-            Arc::new(received),
-            Arc::new(days),
-        ],
-    )
-    .expect("batch");
-    with_seq(&b, seq).expect("seq")
-}
-
-fn note(lake: &Lake, first: u64, last: u64) -> ObjectCreated {
-    let batches: Vec<_> = (first..=last).map(|s| record(s, 10)).collect();
-    let path = object_path("bids", 0, first, last);
-    let bytes = write_object(lake.root(), &path, &batches).expect("write");
-    ObjectCreated {
-        version: 1,
-        dataset: "bids".into(),
-        shard: 0,
-        first_seq: first,
-        last_seq: last,
-        path,
-        rows: (last - first + 1) * 10,
-        bytes,
-    }
-}
-
-fn setup(dir: &std::path::Path) -> (Log, Lake, Arc<Catalog>) {
-    let log = Log::open(dir.join("log"), tarn_log::LogOptions::default()).expect("log");
-    let lake = Lake::open(dir.join("lake")).expect("lake");
-    let catalog = Arc::new(Catalog::open(dir.join("catalog")).expect("catalog"));
-    catalog
-        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
-        .expect("register");
-    (log, lake, catalog)
-}
-
-async fn count(lake: &Lake) -> (i64, i64) {
-    let table = lake.open_table("bids").await.expect("table");
-    let ctx = SessionContext::new();
-    table.update_datafusion_session(&ctx.state()).expect("session");
-    ctx.register_table("bids", table.table_provider().await.expect("provider"))
-        .expect("register");
-    let df = ctx
-        .sql("SELECT count(*), count(DISTINCT event_id) FROM bids")
-        .await
-        .expect("sql");
-    let b = df.collect().await.expect("collect");
-    let col = |i: usize| {
-        b[0].column(i)
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .expect("i64")
-            .value(0)
-    };
-    (col(0), col(1))
-}
+use crate::raw::object_path;
+use crate::testkit::{SPEC, count, files_on_disk, note, setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_overlaps_never_duplicate() {
@@ -140,4 +68,67 @@ async fn large_rounds_commit_in_bounded_pieces() {
     cur.apply(&notes).await.expect("replay");
     assert_eq!(cur.stats.commits.load(Relaxed), 3);
     assert_eq!(count(&lake).await, (50, 50));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let a = note(&lake, 0, 2);
+    cur.apply(std::slice::from_ref(&a)).await.expect("apply");
+    let table = lake.open_table("bids").await.expect("table");
+    let snap = table.snapshot().expect("snapshot");
+    let mut listed = Vec::new();
+    let mut rows = 0;
+    for f in snap.log_data().iter() {
+        let stats: serde_json::Value = serde_json::from_str(&f.stats().expect("stats")).expect("json");
+        let n = stats["numRecords"].as_u64().expect("numRecords");
+        rows += n;
+        // Rows 0, 2, 4.. of each record are acme with cpm 0, 2, 4..; the rest are beta.
+        let client = f.partition_values_map()["client_id"].clone().expect("tenant");
+        let (lo, hi) = if client == "acme" { (0.0, 8.0) } else { (1.0, 9.0) };
+        assert_eq!(stats["minValues"]["cpm"], lo, "{client}");
+        assert_eq!(stats["maxValues"]["cpm"], hi, "{client}");
+        assert_eq!(stats["nullCount"]["cpm"], 0);
+        assert!(
+            stats["minValues"].get("client_id").is_none(),
+            "partition columns have no stats"
+        );
+        listed.push(f.path().into_owned());
+    }
+    assert_eq!(rows, 30);
+    listed.sort();
+    assert_eq!(listed.len(), 2, "one file per partition");
+    assert_eq!(files_on_disk(&lake.table_dir("bids")), listed);
+
+    // A retry of the same commit whose first attempt wrote its files but never committed (a
+    // crash between the two) writes the same names: nothing is left unreferenced.
+    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
+    let next = note(&lake, 3, 4);
+    let raw = read_object(lake.root(), &next.path).expect("read");
+    let batches: Vec<_> = raw.iter().map(|b| without_seq(b).expect("strip")).collect();
+    let parts = crate::datafile::group_by_partition(&spec, &batches).expect("group");
+    let files = crate::datafile::FileSet {
+        table_dir: &lake.table_dir("bids"),
+        spec: &spec,
+        props: crate::table::writer_properties(&spec, &batches),
+        shard: 0,
+        version: 4,
+    };
+    for p in &parts {
+        files.write(&batches, p).expect("write without commit");
+    }
+    cur.apply(&[next]).await.expect("apply after the failed attempt");
+    assert_eq!(count(&lake).await, (50, 50));
+    let table = lake.open_table("bids").await.expect("table");
+    let mut listed: Vec<String> = table
+        .snapshot()
+        .expect("snapshot")
+        .log_data()
+        .iter()
+        .map(|f| f.path().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(files_on_disk(&lake.table_dir("bids")), listed);
 }

@@ -2,5 +2,6 @@
 //! port, and talk to it over HTTP as a user would.
 
 mod crash;
+mod maintenance;
 mod server;
 mod spine;

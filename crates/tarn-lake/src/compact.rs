@@ -1,0 +1,357 @@
+//! The compaction executor: reads the table's files, asks the planner ([`crate::compaction`])
+//! which to merge, writes each bin as one new file by streaming its input files batch by batch
+//! (memory stays at a few batches, whatever the bin's size), and swaps each partition's files in
+//! one Delta commit (`OPTIMIZE`: removes and adds with `dataChange = false`).
+//!
+//! Safety beside ingestion and queries: appends only add files, so a concurrent append never
+//! conflicts with a compaction commit (delta-rs rebases it); the removed files stay on disk
+//! until vacuum, so a query that planned against the old version still reads them. A commit that
+//! fails is counted as a conflict, its new files are deleted, and that partition is left for the
+//! next run. The planner never proposes a bin of one file, so a compacted partition is not
+//! rewritten again until new small files arrive.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use deltalake::DeltaTable;
+use deltalake::arrow::array::{RecordBatch, new_null_array};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::SchemaRef;
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Remove};
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::protocol::DeltaOperation;
+use serde::Serialize;
+use tarn_core::DatasetSpec;
+use tarn_core::contract::DAY;
+
+use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
+use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
+use crate::table::{sync_commit, writer_properties};
+use crate::{Error, Lake, Result, io_err};
+
+/// Rows per batch when streaming input files.
+const READ_BATCH_ROWS: usize = 8_192;
+
+/// What to compact.
+#[derive(Debug, Clone, Default)]
+pub struct CompactOptions {
+    pub rules: CompactionRules,
+    /// Only this day's partitions.
+    pub day: Option<String>,
+    /// Plan only.
+    pub dry_run: bool,
+}
+
+/// Progress of one run, reported after every bin.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompactProgress {
+    pub dataset: String,
+    pub bins_done: usize,
+    pub bins_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// One planned bin, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct BinReport {
+    pub partition: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub rows: u64,
+}
+
+/// What a run did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompactReport {
+    pub dataset: String,
+    pub dry_run: bool,
+    /// Files in the table (within the day filter) before the run.
+    pub files_before: usize,
+    pub partitions: usize,
+    pub bins: Vec<BinReport>,
+    pub files_removed: usize,
+    pub files_added: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub rows: u64,
+    pub commits: usize,
+    /// Partitions whose commit failed (left for the next run).
+    pub conflicts: usize,
+    pub seconds: f64,
+}
+
+fn delta_err(dataset: &str) -> impl Fn(deltalake::DeltaTableError) -> Error + '_ {
+    move |source| Error::Delta {
+        dataset: dataset.to_string(),
+        source,
+    }
+}
+
+/// The files of a table as the planner sees them; partitions in partition-column order.
+pub fn table_files(table: &DeltaTable, spec: &DatasetSpec) -> Result<Vec<FileInfo>> {
+    if table.version().is_none() {
+        return Ok(Vec::new());
+    }
+    let snap = table.snapshot().map_err(delta_err(&spec.name))?;
+    let mut cols = vec![DAY.to_string()];
+    cols.extend(spec.tenant().map(str::to_string));
+    let mut out = Vec::new();
+    for f in snap.log_data().iter() {
+        let values = f.partition_values_map();
+        let partition = cols
+            .iter()
+            .map(|c| (c.clone(), values.get(c).cloned().flatten().unwrap_or_default()))
+            .collect();
+        out.push(FileInfo {
+            path: f.path().into_owned(),
+            partition,
+            size_bytes: u64::try_from(f.size()).unwrap_or(0),
+            rows: f.num_records().unwrap_or(0) as u64,
+        });
+    }
+    Ok(out)
+}
+
+/// A path from the Delta log, checked to stay inside the table directory.
+fn data_path(table_dir: &Path, rel: &str) -> Result<PathBuf> {
+    let p = Path::new(rel);
+    if p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::Corrupt {
+            what: format!("data file {rel}"),
+            reason: "path leaves the table directory".into(),
+        });
+    }
+    Ok(table_dir.join(p))
+}
+
+/// Reads a data file batch by batch, aligned to `schema` by column name: a column the file
+/// lacks (added after it was written) comes back null, a narrower type is cast.
+fn read_aligned(path: PathBuf, schema: SchemaRef) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    let file = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.with_batch_size(READ_BATCH_ROWS).build())
+        .map_err(|e| Error::Corrupt {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(reader.map(move |b| {
+        let b = b?;
+        let cols = schema
+            .fields()
+            .iter()
+            .map(|f| match b.column_by_name(f.name()) {
+                Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+                Some(c) => Ok(cast(c, f.data_type())?),
+                None => Ok(new_null_array(f.data_type(), b.num_rows())),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    }))
+}
+
+/// Compacts one dataset's table.
+pub async fn compact_dataset(
+    lake: &Lake,
+    spec: &DatasetSpec,
+    opts: &CompactOptions,
+    progress: &(dyn Fn(&CompactProgress) + Send + Sync),
+) -> Result<CompactReport> {
+    let started = std::time::Instant::now();
+    let dataset = spec.name.as_str();
+    let mut report = CompactReport {
+        dataset: dataset.to_string(),
+        dry_run: opts.dry_run,
+        ..CompactReport::default()
+    };
+    if !lake.table_exists(dataset) {
+        return Ok(report);
+    }
+    let mut table = lake.open_table(dataset).await?;
+    let mut files = table_files(&table, spec)?;
+    if let Some(day) = &opts.day {
+        files.retain(|f| f.partition.first().is_some_and(|(_, v)| v == day));
+    }
+    report.files_before = files.len();
+    let bins = plan(&files, &opts.rules);
+    let mut by_partition: Vec<(Partition, Vec<Bin>)> = Vec::new();
+    for b in bins {
+        match by_partition.last_mut() {
+            Some((p, list)) if *p == b.partition => list.push(b),
+            _ => by_partition.push((b.partition.clone(), vec![b])),
+        }
+    }
+    report.partitions = by_partition.len();
+    report.bins = by_partition
+        .iter()
+        .flat_map(|(_, bins)| bins.iter())
+        .map(|b| BinReport {
+            partition: partition_text(&b.partition),
+            files: b.files.len(),
+            bytes: b.bytes,
+            rows: b.rows,
+        })
+        .collect();
+    if opts.dry_run || by_partition.is_empty() {
+        report.seconds = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    let schema = table.snapshot().map_err(delta_err(dataset))?.snapshot().arrow_schema();
+    let schema = file_schema(spec, &schema);
+    let table_dir = lake.table_dir(dataset);
+    let info: HashMap<String, FileInfo> = files.into_iter().map(|f| (f.path.clone(), f)).collect();
+    let mut state = CompactProgress {
+        dataset: dataset.to_string(),
+        bins_done: 0,
+        bins_total: report.bins.len(),
+        bytes_done: 0,
+        bytes_total: report.bins.iter().map(|b| b.bytes).sum(),
+    };
+    progress(&state);
+    for (partition, bins) in by_partition {
+        let mut actions = Vec::new();
+        let mut written = Vec::new();
+        for bin in &bins {
+            let add = write_bin(&table_dir, spec, &schema, bin).await?;
+            written.push(add.path.clone());
+            report.bytes_written += u64::try_from(add.size).unwrap_or(0);
+            actions.push(Action::Add(add));
+            let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+            for f in &bin.files {
+                let fi = &info[f];
+                actions.push(Action::Remove(Remove {
+                    path: f.clone(),
+                    data_change: false,
+                    deletion_timestamp: Some(now),
+                    extended_file_metadata: Some(true),
+                    partition_values: Some(fi.partition.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()),
+                    size: Some(fi.size_bytes as i64),
+                    tags: None,
+                    deletion_vector: None,
+                    base_row_id: None,
+                    default_row_commit_version: None,
+                }));
+            }
+            state.bins_done += 1;
+            state.bytes_done += bin.bytes;
+            progress(&state);
+        }
+        let dir = table_dir.clone();
+        let paths = written.clone();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+            sync_files(&dir, &refs)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        let op = DeltaOperation::Optimize {
+            predicate: Some(partition_text(&partition)),
+            target_size: opts.rules.target_bytes as i64,
+        };
+        let snap = table.snapshot().map_err(delta_err(dataset))?;
+        let commit = CommitBuilder::from(CommitProperties::default())
+            .with_actions(actions)
+            .build(Some(snap), table.log_store(), op)
+            .await;
+        match commit {
+            Ok(c) => {
+                sync_commit(&table_dir, c.version())?;
+                table
+                    .update_incremental(Some(c.version()))
+                    .await
+                    .map_err(delta_err(dataset))?;
+                report.commits += 1;
+                report.files_added += bins.len();
+                report.files_removed += bins.iter().map(|b| b.files.len()).sum::<usize>();
+                report.bytes_read += bins.iter().map(|b| b.bytes).sum::<u64>();
+                report.rows += bins.iter().map(|b| b.rows).sum::<u64>();
+            }
+            Err(e) => {
+                tracing::warn!(dataset, partition = %partition_text(&partition), error = %e,
+                    "compaction commit failed; the partition is left for the next run");
+                report.conflicts += 1;
+                for p in &written {
+                    let _ = std::fs::remove_file(table_dir.join(p));
+                }
+                table.update_incremental(None).await.map_err(delta_err(dataset))?;
+            }
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        dataset,
+        commits = report.commits,
+        files_removed = report.files_removed,
+        files_added = report.files_added,
+        seconds = report.seconds,
+        "compacted"
+    );
+    Ok(report)
+}
+
+/// `day=2026-11-22/client_id=acme`.
+fn partition_text(p: &[(String, String)]) -> String {
+    p.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("/")
+}
+
+/// Writes one bin as a new file, streaming its inputs; returns its `Add` (`dataChange` false).
+async fn write_bin(
+    table_dir: &Path,
+    spec: &DatasetSpec,
+    schema: &SchemaRef,
+    bin: &Bin,
+) -> Result<deltalake::kernel::Add> {
+    let (dir, spec, schema, bin) = (table_dir.to_path_buf(), spec.clone(), schema.clone(), bin.clone());
+    tokio::task::spawn_blocking(move || {
+        let inputs = bin
+            .files
+            .iter()
+            .map(|f| data_path(&dir, f))
+            .collect::<Result<Vec<_>>>()?;
+        // Writer settings from a sample of the first file, as curate takes them from its rows.
+        let sample: Vec<RecordBatch> = read_aligned(inputs[0].clone(), schema.clone())?
+            .take(1)
+            .collect::<Result<_>>()?;
+        let props = writer_properties(&spec, &sample);
+        let stamp = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
+        let rel = format!(
+            "{}/compact-{stamp}-{:08x}.zstd.parquet",
+            partition_text(&bin.partition),
+            name_hash(&bin.files)
+        );
+        let rows = inputs.into_iter().flat_map(|p| match read_aligned(p, schema.clone()) {
+            Ok(it) => Box::new(it) as Box<dyn Iterator<Item = Result<RecordBatch>>>,
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        });
+        let (size, stats) = write_parquet(&dir, &rel, schema.clone(), &props, rows)?;
+        if stats.rows() != bin.rows && bin.rows != 0 {
+            let _ = std::fs::remove_file(dir.join(&rel));
+            return Err(Error::Corrupt {
+                what: format!("compaction of {}", partition_text(&bin.partition)),
+                reason: format!("read {} rows where the log lists {}", stats.rows(), bin.rows),
+            });
+        }
+        let values = bin
+            .partition
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        Ok(new_add(rel, values, size, &stats, false))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("compaction task: {e}")))?
+}
+
+/// A short hash of the input names, so two bins of one partition written in the same
+/// microsecond get different names.
+fn name_hash(names: &[String]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in names.iter().flat_map(|n| n.bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests;

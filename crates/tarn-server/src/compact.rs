@@ -1,0 +1,157 @@
+//! `tarn compact`: asks a running server to compact, draws its progress on stderr and prints
+//! what was done (or, with `--dry-run`, the plan).
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use futures::StreamExt;
+
+use crate::maintenance::CompactEvent;
+
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    /// Only this dataset (default: every dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Only this day's partitions (YYYY-MM-DD).
+    #[arg(long)]
+    pub day: Option<String>,
+    /// Print the plan without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+/// A one-line progress bar.
+fn bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
+    format!(
+        "[{}{}]",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
+}
+
+/// The lines printed for one dataset's report.
+pub fn render_report(r: &serde_json::Value) -> String {
+    let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    let name = r["dataset"].as_str().unwrap_or("?");
+    let bins = r["bins"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    if r["dry_run"].as_bool().unwrap_or(false) {
+        out.push_str(&format!(
+            "{name}: {} files; would merge {} files into {} in {} partitions\n",
+            n("files_before"),
+            bins.iter().map(|b| b["files"].as_u64().unwrap_or(0)).sum::<u64>(),
+            bins.len(),
+            n("partitions")
+        ));
+        for b in &bins {
+            out.push_str(&format!(
+                "  {}: {} files, {:.1} MB, {} rows\n",
+                b["partition"].as_str().unwrap_or("?"),
+                b["files"],
+                mb(b["bytes"].as_u64().unwrap_or(0)),
+                b["rows"]
+            ));
+        }
+    } else {
+        out.push_str(&format!(
+            "{name}: {} files -> {} in {} partitions ({} commits, {} left for the next run); \
+             {:.1} MB read, {:.1} MB written, {} rows, {:.1} s\n",
+            n("files_removed"),
+            n("files_added"),
+            n("partitions"),
+            n("commits"),
+            n("conflicts"),
+            mb(n("bytes_read")),
+            mb(n("bytes_written")),
+            n("rows"),
+            r["seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    out
+}
+
+pub async fn run(a: CompactArgs) -> Result<()> {
+    let url = format!("{}/v1/compact", a.server.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&serde_json::json!({"dataset": a.dataset, "day": a.day, "dry_run": a.dry_run}))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{msg} (HTTP {status})");
+    }
+    let mut stream = resp.bytes_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut finished = false;
+    let mut drew = false;
+    while let Some(chunk) = stream.next().await {
+        pending.extend_from_slice(&chunk.context("reading the answer")?);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let ev: CompactEvent = serde_json::from_slice(&line).context("decoding a progress line")?;
+            match ev {
+                CompactEvent::Progress {
+                    dataset,
+                    bins_done,
+                    bins_total,
+                    bytes_done,
+                    bytes_total,
+                } => {
+                    eprint!(
+                        "\r{dataset} {} {bins_done}/{bins_total} bins, {:.1}/{:.1} MB",
+                        bar(bytes_done, bytes_total),
+                        mb(bytes_done),
+                        mb(bytes_total)
+                    );
+                    drew = true;
+                }
+                CompactEvent::Report { report } => {
+                    if drew {
+                        eprintln!();
+                        drew = false;
+                    }
+                    print!("{}", render_report(&report));
+                }
+                CompactEvent::Error { message } => bail!("{message}"),
+                CompactEvent::Done => finished = true,
+            }
+        }
+    }
+    if !finished {
+        bail!("the server stopped answering before compaction finished; run again to go on");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bars_and_reports() {
+        assert_eq!(bar(0, 10), format!("[{}]", ".".repeat(30)));
+        assert_eq!(bar(5, 10), format!("[{}{}]", "#".repeat(15), ".".repeat(15)));
+        assert_eq!(bar(0, 0), format!("[{}]", "#".repeat(30)));
+        let dry = serde_json::json!({"dataset": "a", "dry_run": true, "files_before": 12, "partitions": 2,
+            "bins": [{"partition": "day=2026-11-22/client_id=x", "files": 6, "bytes": 2_000_000, "rows": 60}]});
+        let text = render_report(&dry);
+        assert!(text.contains("would merge 6 files into 1 in 2 partitions"), "{text}");
+        assert!(
+            text.contains("day=2026-11-22/client_id=x: 6 files, 2.0 MB, 60 rows"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Lake maintenance inside the server: compaction by request (`POST /v1/compact`), when a
+//! partition collects enough small files, and on a schedule. One run at a time; runs go on the
+//! background runtime, at the lowest priority, beside ingestion and queries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tarn_catalog::Catalog;
+use tarn_core::DatasetSpec;
+use tarn_lake::Lake;
+use tarn_lake::compact::{CompactOptions, CompactProgress, CompactReport, compact_dataset};
+use tarn_lake::compaction::CompactionRules;
+use tokio::sync::{mpsc, watch};
+
+/// When compaction runs on its own.
+#[derive(Debug, Clone)]
+pub struct AutoCompaction {
+    /// How often partitions are checked against `trigger_files`.
+    pub check_every: Duration,
+    /// A partition with this many small files is compacted at the next check (0: never).
+    pub trigger_files: usize,
+    /// Every partition with two or more small files is compacted this often (zero: never).
+    pub every: Duration,
+}
+
+pub struct Maintenance {
+    lake: Lake,
+    catalog: Arc<Catalog>,
+    running: tokio::sync::Mutex<()>,
+}
+
+/// A compaction request, as `POST /v1/compact` takes it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompactRequest {
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub day: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Why a request was refused before it started.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0}")]
+    Bad(String),
+    #[error("dataset {0:?} does not exist")]
+    UnknownDataset(String),
+}
+
+/// One line of the streamed answer to `POST /v1/compact`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CompactEvent {
+    Progress {
+        dataset: String,
+        bins_done: usize,
+        bins_total: usize,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    Report {
+        report: serde_json::Value,
+    },
+    Error {
+        message: String,
+    },
+    Done,
+}
+
+impl From<&CompactProgress> for CompactEvent {
+    fn from(p: &CompactProgress) -> Self {
+        CompactEvent::Progress {
+            dataset: p.dataset.clone(),
+            bins_done: p.bins_done,
+            bins_total: p.bins_total,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+        }
+    }
+}
+
+fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
+    let target = spec.compaction.target_bytes();
+    CompactionRules {
+        target_bytes: target,
+        small_file_bytes: target / 4 * 3,
+        min_small_files,
+        ..CompactionRules::default()
+    }
+}
+
+impl Maintenance {
+    pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
+        Self {
+            lake,
+            catalog,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Checks a request before it starts: the dataset exists, the day is a date.
+    pub fn check(&self, req: &CompactRequest) -> Result<Vec<Arc<DatasetSpec>>, RequestError> {
+        if let Some(day) = &req.day
+            && chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err()
+        {
+            return Err(RequestError::Bad(format!("day {day:?} is not a date (YYYY-MM-DD)")));
+        }
+        match &req.dataset {
+            Some(d) => match self.catalog.get(d) {
+                Some(s) => Ok(vec![s]),
+                None => Err(RequestError::UnknownDataset(d.clone())),
+            },
+            None => Ok(self.catalog.list()),
+        }
+    }
+
+    /// Runs a request, sending progress, one report per dataset, then `Done` (or `Error`).
+    /// Waits for a run already going to finish first.
+    pub async fn run_request(
+        &self,
+        specs: Vec<Arc<DatasetSpec>>,
+        req: CompactRequest,
+        tx: mpsc::UnboundedSender<CompactEvent>,
+    ) {
+        let _one = self.running.lock().await;
+        for spec in specs {
+            let opts = CompactOptions {
+                rules: rules_for(&spec, 2),
+                day: req.day.clone(),
+                dry_run: req.dry_run,
+            };
+            let report_to = tx.clone();
+            let progress = move |p: &CompactProgress| {
+                let _ = report_to.send(CompactEvent::from(p));
+            };
+            match compact_dataset(&self.lake, &spec, &opts, &progress).await {
+                Ok(r) => {
+                    let report = serde_json::to_value(&r).unwrap_or_default();
+                    let _ = tx.send(CompactEvent::Report { report });
+                }
+                Err(e) => {
+                    let _ = tx.send(CompactEvent::Error {
+                        message: format!("compacting {}: {e}", spec.name),
+                    });
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(CompactEvent::Done);
+    }
+
+    /// One automatic pass over every dataset; skipped while another run is going.
+    async fn auto_pass(&self, min_small_files: usize) -> Vec<CompactReport> {
+        let Ok(_one) = self.running.try_lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for spec in self.catalog.list() {
+            let opts = CompactOptions {
+                rules: rules_for(&spec, min_small_files),
+                ..CompactOptions::default()
+            };
+            match compact_dataset(&self.lake, &spec, &opts, &|_| {}).await {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!(dataset = %spec.name, error = %e, "automatic compaction failed"),
+            }
+        }
+        out
+    }
+
+    /// Runs automatic compaction until `shutdown` turns true.
+    pub async fn run_auto(self: Arc<Self>, auto: AutoCompaction, mut shutdown: watch::Receiver<bool>) {
+        if auto.trigger_files == 0 && auto.every.is_zero() {
+            return;
+        }
+        let started = tokio::time::Instant::now();
+        let mut last_full = started;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(auto.check_every) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            let full = !auto.every.is_zero() && last_full.elapsed() >= auto.every;
+            let min = if full { 2 } else { auto.trigger_files };
+            if min == 0 {
+                continue;
+            }
+            for r in self.auto_pass(min).await {
+                if r.commits > 0 {
+                    tracing::info!(dataset = %r.dataset, files_removed = r.files_removed, files_added = r.files_added,
+                        scheduled = full, "automatic compaction");
+                }
+            }
+            if full {
+                last_full = tokio::time::Instant::now();
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Compaction through the real server: by hand with `tarn compact` (dry run, then for real), and
+//! on its own when partitions collect small files. Rows are the same before and after; the
+//! files a full scan reads drop to one per partition.
+
+use std::process::Command;
+
+use crate::server::*;
+
+fn event(id: usize, client: &str) -> String {
+    format!(
+        r#"{{"event_id":"e{id}","ts":"2026-11-22T12:00:00Z","client_id":"{client}","bidder":"b{}","cpm":{}}}"#,
+        id % 3,
+        id as f64 / 4.0
+    )
+}
+
+/// Posts `requests` requests of 10 events over two tenants, each waited on until queryable so
+/// that each becomes its own commit and so its own small file per partition.
+async fn post_in_pieces(c: &reqwest::Client, url: &str, requests: usize) {
+    for r in 0..requests {
+        let body: Vec<String> = (0..10)
+            .map(|i| event(r * 10 + i, if i % 2 == 0 { "acme" } else { "beta" }))
+            .collect();
+        let (st, v) = post_events(c, url, "auctions", body.join("\n")).await;
+        assert_eq!(st, 200, "{v}");
+        let want = (r + 1) * 10;
+        wait_for(c, url, "SELECT count(*) FROM auctions", 30, |v| v["rows"][0][0] == want).await;
+    }
+}
+
+/// (rows, sum of cpm, files scanned) of a full scan.
+async fn scan(c: &reqwest::Client, url: &str) -> (u64, f64, u64) {
+    let (st, v) = sql(c, url, "SELECT count(*), sum(cpm) FROM auctions").await;
+    assert_eq!(st, 200, "{v}");
+    (
+        v["rows"][0][0].as_u64().expect("count"),
+        v["rows"][0][1].as_f64().expect("sum"),
+        v["stats"]["files_scanned"].as_u64().expect("files"),
+    )
+}
+
+fn tarn_compact(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .arg("compact")
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .expect("run tarn compact");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--compact-trigger-files",
+            "0",
+            "--compact-every-s",
+            "0",
+        ],
+    );
+    let c = client();
+    post_in_pieces(&c, &s.url, 6).await;
+    let before = scan(&c, &s.url).await;
+    assert_eq!((before.0, before.2), (60, 12), "six commits over two tenants");
+
+    let (ok, out, err) = tarn_compact(&s.url, &["--dataset", "auctions", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("would merge 12 files into 2 in 2 partitions"), "{out}");
+    assert_eq!(scan(&c, &s.url).await, before, "a dry run changes nothing");
+
+    let (ok, out, err) = tarn_compact(&s.url, &["--dataset", "auctions", "--day", "2026-11-22"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("auctions: 12 files -> 2 in 2 partitions (2 commits, 0 left"),
+        "{out}"
+    );
+    assert!(err.contains("2/2 bins"), "a progress bar on stderr: {err}");
+    let after = scan(&c, &s.url).await;
+    assert_eq!((after.0, after.2), (60, 2));
+    assert!((after.1 - before.1).abs() < 1e-9, "same rows: {after:?} vs {before:?}");
+
+    let (ok, out, _) = tarn_compact(&s.url, &[]);
+    assert!(ok);
+    assert!(out.contains("auctions: 0 files -> 0"), "nothing left to do: {out}");
+    let (ok, _, err) = tarn_compact(&s.url, &["--dataset", "nope"]);
+    assert!(!ok && err.contains("dataset \"nope\" does not exist"), "{err}");
+    let (ok, _, err) = tarn_compact(&s.url, &["--day", "22/11/2026"]);
+    assert!(!ok && err.contains("is not a date"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_with_enough_small_files_are_compacted_on_their_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--compact-trigger-files",
+            "4",
+            "--compact-check-ms",
+            "200",
+            "--compact-every-s",
+            "0",
+        ],
+    );
+    let c = client();
+    // Each tenant's partition reaches the trigger of four small files with the fourth request.
+    post_in_pieces(&c, &s.url, 4).await;
+    let start = std::time::Instant::now();
+    loop {
+        let (rows, _, files) = scan(&c, &s.url).await;
+        assert_eq!(rows, 40, "no row lost or doubled while compacting");
+        if files <= 2 {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "still {files} files after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
