@@ -23,6 +23,7 @@ pub mod raw;
 pub mod table;
 #[cfg(test)]
 mod testkit;
+pub mod vacuum;
 
 use std::path::PathBuf;
 
@@ -54,6 +55,8 @@ pub enum Error {
     },
     #[error("arrow error: {0}")]
     Arrow(#[from] deltalake::arrow::error::ArrowError),
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -1,5 +1,5 @@
-//! `tarn compact`: asks a running server to compact, draws its progress on stderr and prints
-//! what was done (or, with `--dry-run`, the plan).
+//! `tarn compact` and `tarn vacuum`: ask a running server to compact (drawing its progress on
+//! stderr) or to vacuum, and print what was done (or, with `--dry-run`, the plan).
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -132,6 +132,49 @@ pub async fn run(a: CompactArgs) -> Result<()> {
     }
     if !finished {
         bail!("the server stopped answering before compaction finished; run again to go on");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct VacuumArgs {
+    /// Only this dataset (default: every dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Report what would be deleted without deleting.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+pub async fn run_vacuum(a: VacuumArgs) -> Result<()> {
+    let url = format!("{}/v1/vacuum", a.server.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&serde_json::json!({"dataset": a.dataset, "dry_run": a.dry_run}))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{msg} (HTTP {status})");
+    }
+    for r in body["reports"].as_array().cloned().unwrap_or_default() {
+        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+        println!(
+            "{}: {} files on disk, {} active; {} {} files ({:.1} MB), {} kept within the retention window",
+            r["dataset"].as_str().unwrap_or("?"),
+            n("files_on_disk"),
+            n("files_active"),
+            if a.dry_run { "would delete" } else { "deleted" },
+            n("files_deleted"),
+            mb(n("bytes_deleted")),
+            n("files_retained")
+        );
     }
     Ok(())
 }

@@ -6,6 +6,8 @@
 //! - `GET /v1/datasets`: the registered contracts.
 //! - `POST /v1/compact`: `{"dataset": D, "day": "YYYY-MM-DD", "dry_run": bool}`, all optional;
 //!   answers NDJSON: progress lines, one report per dataset, then `done` or `error`.
+//! - `POST /v1/vacuum`: `{"dataset": D, "dry_run": bool}`, both optional; answers
+//!   `{"reports": [...]}`.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
 
 use std::fmt::Write as _;
@@ -30,6 +32,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/datasets", get(datasets))
         .route("/v1/query", post(query))
         .route("/v1/compact", post(compact))
+        .route("/v1/vacuum", post(vacuum))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
@@ -190,12 +193,16 @@ struct QueryRequest {
     /// `json` (default), `csv`, `ndjson` or `arrow`; overrides the Accept header.
     #[serde(default)]
     format: Option<String>,
-    /// Stop the query after this many milliseconds (default 300,000).
+    /// Stop the query after this many milliseconds (default 300,000; at most 3,600,000).
     #[serde(default)]
     timeout_ms: Option<u64>,
 }
 
 const JSON_ROWS_MAX: usize = 1_000_000;
+
+/// The longest a query may run: one hour. Vacuum's shortest retention is twice this, so a
+/// running query never loses a file it planned to read.
+pub const QUERY_TIMEOUT_MAX_MS: u64 = 3_600_000;
 
 fn pick_format(param: Option<&str>, accept: Option<&str>) -> Result<crate::results::Format, ApiError> {
     use crate::results::Format;
@@ -221,7 +228,7 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
     })?;
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = pick_format(req.format.as_deref(), accept)?;
-    let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(300_000));
+    let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(300_000).min(QUERY_TIMEOUT_MAX_MS));
     if format == crate::results::Format::Json {
         let opts = tarn_query::QueryOptions {
             row_limit: req.row_limit.unwrap_or(10_000).min(JSON_ROWS_MAX),
@@ -243,23 +250,53 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
     Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
+impl From<crate::maintenance::RequestError> for ApiError {
+    fn from(e: crate::maintenance::RequestError) -> Self {
+        use crate::maintenance::RequestError;
+        match e {
+            RequestError::Bad(m) => api(StatusCode::BAD_REQUEST, "bad_request", m),
+            e @ RequestError::UnknownDataset(_) => api(StatusCode::NOT_FOUND, "unknown_dataset", e.to_string()),
+        }
+    }
+}
+
+impl From<tarn_lake::Error> for ApiError {
+    fn from(e: tarn_lake::Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            tarn_lake::Error::Refused(_) => api(StatusCode::BAD_REQUEST, "refused", msg),
+            _ => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        }
+    }
+}
+
+/// A maintenance request body: empty means every default.
+fn maintenance_request<T: serde::de::DeserializeOwned + Default>(body: &[u8], shape: &str) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| api(StatusCode::BAD_REQUEST, "bad_request", format!("expected {shape}: {e}")))
+}
+
+async fn vacuum(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: crate::maintenance::VacuumRequest = maintenance_request(&body, "{\"dataset\": ..., \"dry_run\": ...}")?;
+    let specs = app.maintenance.datasets(req.dataset.as_deref())?;
+    let m = app.maintenance.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.spawn_background(async move {
+        let _ = tx.send(m.vacuum(&specs, req.dry_run).await);
+    });
+    let reports = rx
+        .await
+        .map_err(|_| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", "vacuum task ended early"))??;
+    Ok(axum::Json(json!({ "reports": reports })).into_response())
+}
+
 async fn compact(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
-    use crate::maintenance::{CompactRequest, RequestError};
-    let req: CompactRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CompactRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            api(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("expected {{\"dataset\": ..., \"day\": ..., \"dry_run\": ...}}: {e}"),
-            )
-        })?
-    };
-    let specs = app.maintenance.check(&req).map_err(|e| match e {
-        RequestError::Bad(m) => api(StatusCode::BAD_REQUEST, "bad_request", m),
-        e @ RequestError::UnknownDataset(_) => api(StatusCode::NOT_FOUND, "unknown_dataset", e.to_string()),
-    })?;
+    let req: crate::maintenance::CompactRequest =
+        maintenance_request(&body, "{\"dataset\": ..., \"day\": ..., \"dry_run\": ...}")?;
+    let specs = app.maintenance.check(&req)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let m = app.maintenance.clone();
     app.spawn_background(async move { m.run_request(specs, req, tx).await });

@@ -41,6 +41,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Compact small files into target-sized ones on a running server.
     Compact(compact::CompactArgs),
+    /// Delete data files no table references any more, past the retention window.
+    Vacuum(compact::VacuumArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Sql(a) => sql::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Compact(a) => compact::run(a).await,
+            Command::Vacuum(a) => compact::run_vacuum(a).await,
         }
     });
     match res {

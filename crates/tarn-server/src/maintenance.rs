@@ -11,6 +11,7 @@ use tarn_core::DatasetSpec;
 use tarn_lake::Lake;
 use tarn_lake::compact::{CompactOptions, CompactProgress, CompactReport, compact_dataset};
 use tarn_lake::compaction::CompactionRules;
+use tarn_lake::vacuum::{VacuumReport, vacuum_dataset};
 use tokio::sync::{mpsc, watch};
 
 /// When compaction runs on its own.
@@ -20,7 +21,8 @@ pub struct AutoCompaction {
     pub check_every: Duration,
     /// A partition with this many small files is compacted at the next check (0: never).
     pub trigger_files: usize,
-    /// Every partition with two or more small files is compacted this often (zero: never).
+    /// Every partition with two or more small files is compacted this often, and then every
+    /// table vacuumed (zero: never).
     pub every: Duration,
 }
 
@@ -28,6 +30,18 @@ pub struct Maintenance {
     lake: Lake,
     catalog: Arc<Catalog>,
     running: tokio::sync::Mutex<()>,
+    /// How long an unreferenced data file is kept before vacuum deletes it.
+    retain: Duration,
+}
+
+/// A vacuum request, as `POST /v1/vacuum` takes it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VacuumRequest {
+    #[serde(default)]
+    pub dataset: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// A compaction request, as `POST /v1/compact` takes it.
@@ -94,12 +108,28 @@ fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
 }
 
 impl Maintenance {
-    pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
+    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration) -> Self {
         Self {
             lake,
             catalog,
             running: tokio::sync::Mutex::new(()),
+            retain,
         }
+    }
+
+    /// Vacuums the given datasets (after any compaction going on).
+    pub async fn vacuum(&self, specs: &[Arc<DatasetSpec>], dry_run: bool) -> tarn_lake::Result<Vec<VacuumReport>> {
+        let _one = self.running.lock().await;
+        self.vacuum_locked(specs, dry_run).await
+    }
+
+    async fn vacuum_locked(&self, specs: &[Arc<DatasetSpec>], dry_run: bool) -> tarn_lake::Result<Vec<VacuumReport>> {
+        let now_ms = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+        let mut out = Vec::new();
+        for spec in specs {
+            out.push(vacuum_dataset(&self.lake, &spec.name, now_ms, self.retain, dry_run).await?);
+        }
+        Ok(out)
     }
 
     /// Checks a request before it starts: the dataset exists, the day is a date.
@@ -109,10 +139,15 @@ impl Maintenance {
         {
             return Err(RequestError::Bad(format!("day {day:?} is not a date (YYYY-MM-DD)")));
         }
-        match &req.dataset {
+        self.datasets(req.dataset.as_deref())
+    }
+
+    /// One dataset, or every dataset.
+    pub fn datasets(&self, dataset: Option<&str>) -> Result<Vec<Arc<DatasetSpec>>, RequestError> {
+        match dataset {
             Some(d) => match self.catalog.get(d) {
                 Some(s) => Ok(vec![s]),
-                None => Err(RequestError::UnknownDataset(d.clone())),
+                None => Err(RequestError::UnknownDataset(d.to_string())),
             },
             None => Ok(self.catalog.list()),
         }
@@ -200,6 +235,15 @@ impl Maintenance {
             }
             if full {
                 last_full = tokio::time::Instant::now();
+                let _one = self.running.lock().await;
+                match self.vacuum_locked(&self.catalog.list(), false).await {
+                    Ok(reports) => {
+                        for r in reports.iter().filter(|r| r.files_deleted > 0) {
+                            tracing::info!(dataset = %r.dataset, files = r.files_deleted, bytes = r.bytes_deleted, "vacuumed");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "scheduled vacuum failed"),
+                }
             }
         }
     }

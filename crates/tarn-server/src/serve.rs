@@ -53,9 +53,13 @@ pub struct ServeArgs {
     /// How often partitions are checked against the compaction trigger, in milliseconds.
     #[arg(long, env = "TARN_COMPACT_CHECK_MS", default_value_t = 30_000)]
     pub compact_check_ms: u64,
-    /// Compact every partition with two or more small files this often, in seconds (0: never).
+    /// Compact every partition with two or more small files this often, then vacuum, in
+    /// seconds (0: never).
     #[arg(long, env = "TARN_COMPACT_EVERY_S", default_value_t = 3600)]
     pub compact_every_s: u64,
+    /// Vacuum deletes data files unreferenced for longer than this many hours (at least 2).
+    #[arg(long, env = "TARN_VACUUM_RETAIN_HOURS", default_value_t = 168)]
+    pub vacuum_retain_hours: u64,
 }
 
 /// Everything the HTTP handlers reach.
@@ -114,6 +118,27 @@ impl App {
     }
 }
 
+/// The background runtime. A runtime may not be dropped from async code, which every early
+/// return from `run` would do; this lets its threads go on their own instead.
+struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Takes an exclusive lock on the data directory so two servers never share it.
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
     let path = dir.join("LOCK");
@@ -133,6 +158,14 @@ fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File> {
 }
 
 pub async fn run(args: ServeArgs) -> Result<()> {
+    let retain = std::time::Duration::from_secs(args.vacuum_retain_hours.saturating_mul(3600));
+    if retain < tarn_lake::vacuum::RETAIN_MIN {
+        anyhow::bail!(
+            "--vacuum-retain-hours {} is below the minimum of {} (a query may run for up to an hour)",
+            args.vacuum_retain_hours,
+            tarn_lake::vacuum::RETAIN_MIN.as_secs() / 3600
+        );
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
@@ -161,19 +194,22 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let background = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("tarn-background")
-        // Delivery and curate may use every idle cycle, but an ingest request that needs the
-        // CPU gets it first: the lowest scheduling priority (nice 19 on Linux).
-        .on_thread_start(|| {
-            if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
-                tracing::warn!(error = ?e, "cannot lower the priority of a background thread");
-            }
-        })
-        .enable_all()
-        .build()
-        .context("starting the background runtime")?;
+    let background_rt = BackgroundRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tarn-background")
+            // Delivery and curate may use every idle cycle, but an ingest request that needs the
+            // CPU gets it first: the lowest scheduling priority (nice 19 on Linux).
+            .on_thread_start(|| {
+                if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
+                    tracing::warn!(error = ?e, "cannot lower the priority of a background thread");
+                }
+            })
+            .enable_all()
+            .build()
+            .context("starting the background runtime")?,
+    ));
+    let background = background_rt.handle();
     let curator =
         Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
     let curate_stats = curator.stats.clone();
@@ -187,7 +223,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             infer_datasets: !args.no_infer,
         },
     );
-    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone()));
+    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone(), retain));
     background.spawn(maintenance.clone().run_auto(
         AutoCompaction {
             check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),
@@ -211,7 +247,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         },
         deliveries: Mutex::new(HashSet::new()),
         shutdown: shutdown_rx,
-        background: background.handle().clone(),
+        background: background.clone(),
     });
     for spec in catalog.list() {
         app.ensure_delivery(&spec.name)?;
@@ -233,8 +269,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .context("serving HTTP")?;
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
-    // A runtime may not be dropped from async code; let its threads go on their own.
-    background.shutdown_background();
     Ok(())
 }
 

@@ -157,3 +157,74 @@ async fn compaction_racing_curate_loses_and_doubles_nothing() {
         "each tenant's partition ends as one file"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_keeps_what_readers_can_use_and_deletes_the_rest_after_retention() {
+    use crate::vacuum::{RETAIN_MIN, vacuum_dataset};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    for i in 0..6 {
+        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
+    }
+    // A reader plans on the current version before compaction removes its files.
+    let old = lake.open_table("bids").await.expect("table");
+    let ctx = SessionContext::new();
+    old.update_datafusion_session(&ctx.state()).expect("session");
+    ctx.register_table("old_bids", old.table_provider().await.expect("provider"))
+        .expect("register");
+    compact_dataset(&lake, &spec(), &CompactOptions::default(), &no_progress)
+        .await
+        .expect("compact");
+    // An orphan of a commit that never landed, written long ago.
+    let table_dir = lake.table_dir("bids");
+    let orphan = table_dir.join("day=2026-11-22/client_id=acme/part-000-00000000000000000099.zstd.parquet");
+    std::fs::write(&orphan, b"never committed").expect("orphan");
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 24 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .and_then(|f| f.set_modified(long_ago))
+        .expect("age the orphan");
+
+    let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+    let too_short = vacuum_dataset(&lake, "bids", now, std::time::Duration::from_secs(60), false).await;
+    assert!(matches!(too_short, Err(Error::Refused(_))), "{too_short:?}");
+
+    let r = vacuum_dataset(&lake, "bids", now, RETAIN_MIN, false)
+        .await
+        .expect("vacuum");
+    assert_eq!(
+        (r.files_on_disk, r.files_active, r.files_deleted, r.files_retained),
+        (15, 2, 1, 12)
+    );
+    assert!(!orphan.exists(), "the old orphan goes");
+    // The reader that planned before the compaction still reads every row.
+    let n = ctx
+        .sql("SELECT count(*) FROM old_bids")
+        .await
+        .expect("sql")
+        .collect()
+        .await
+        .expect("old files are still there");
+    assert_eq!(
+        n[0].column(0)
+            .as_any()
+            .downcast_ref::<deltalake::arrow::array::Int64Array>()
+            .map(|a| a.value(0)),
+        Some(120)
+    );
+
+    // Past the retention the removed files go; the table keeps every row.
+    let later = now + 3 * 3600 * 1000;
+    let dry = vacuum_dataset(&lake, "bids", later, RETAIN_MIN, true)
+        .await
+        .expect("dry run");
+    assert_eq!((dry.files_deleted, files_on_disk(&table_dir).len()), (12, 14));
+    let r = vacuum_dataset(&lake, "bids", later, RETAIN_MIN, false)
+        .await
+        .expect("vacuum");
+    assert_eq!(r.files_deleted, 12);
+    assert_eq!(files_on_disk(&table_dir).len(), 2);
+    assert_eq!(count(&lake).await, (120, 120));
+}

@@ -135,3 +135,65 @@ async fn partitions_with_enough_small_files_are_compacted_on_their_own() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vacuum_keeps_recently_removed_files_and_refuses_short_retention() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    let data = dir.path().join("data");
+    let short = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--vacuum-retain-hours",
+            "1",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .expect("run tarn serve");
+    assert!(!short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("below the minimum of 2"));
+    // A failure after the background runtime started is an error too, not a panic.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let busy = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["serve", "--http", &addr, "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("run tarn serve");
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(busy.status.code(), Some(1), "{err}");
+    assert!(err.contains("binding HTTP listener") && !err.contains("panicked"), "{err}");
+
+    let s = Server::start(
+        &data,
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--compact-trigger-files",
+            "0",
+        ],
+    );
+    let c = client();
+    post_in_pieces(&c, &s.url, 3).await;
+    let (ok, _, err) = tarn_compact(&s.url, &[]);
+    assert!(ok, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["vacuum", "--server", &s.url, "--dataset", "auctions"])
+        .output()
+        .expect("run tarn vacuum");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(
+            "auctions: 8 files on disk, 2 active; deleted 0 files (0.0 MB), 6 kept within the retention window"
+        ),
+        "{text}"
+    );
+    assert_eq!(scan(&c, &s.url).await.0, 30);
+}
