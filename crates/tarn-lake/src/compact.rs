@@ -3,6 +3,12 @@
 //! (memory stays at a few batches, whatever the bin's size), and swaps each partition's files in
 //! one Delta commit (`OPTIMIZE`: removes and adds with `dataChange = false`).
 //!
+//! One compaction runs per table at a time, across processes too (an exclusive lock on
+//! `_tarn_compaction.lock` in the table directory): delta-rs does not treat two commits that
+//! remove the same file with `dataChange = false` as a conflict, so two compactions of one
+//! partition could both land and double its rows. Before committing, a run also checks that its
+//! inputs are still active, which narrows the window against engines outside tarn.
+//!
 //! Safety beside ingestion and queries: appends only add files, so a concurrent append never
 //! conflicts with a compaction commit (delta-rs rebases it); the removed files stay on disk
 //! until vacuum, so a query that planned against the old version still reads them. A commit that
@@ -15,9 +21,9 @@ use std::path::{Component, Path, PathBuf};
 
 use deltalake::DeltaTable;
 use deltalake::arrow::array::{RecordBatch, new_null_array};
-use deltalake::arrow::compute::cast;
+use deltalake::arrow::compute::{CastOptions, cast_with_options};
 use deltalake::arrow::datatypes::SchemaRef;
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{Action, Remove};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::protocol::DeltaOperation;
@@ -27,8 +33,11 @@ use tarn_core::contract::DAY;
 
 use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
 use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
-use crate::table::{sync_commit, writer_properties};
+use crate::table::{commit_actions, writer_properties};
 use crate::{Error, Lake, Result, io_err};
+
+/// The lock file a compaction holds on its table (Delta readers ignore names starting with `_`).
+pub const LOCK_FILE: &str = "_tarn_compaction.lock";
 
 /// Rows per batch when streaming input files.
 const READ_BATCH_ROWS: usize = 8_192;
@@ -143,7 +152,14 @@ fn read_aligned(path: PathBuf, schema: SchemaRef) -> Result<impl Iterator<Item =
             .iter()
             .map(|f| match b.column_by_name(f.name()) {
                 Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
-                Some(c) => Ok(cast(c, f.data_type())?),
+                Some(c) => Ok(cast_with_options(
+                    c,
+                    f.data_type(),
+                    &CastOptions {
+                        safe: false,
+                        ..CastOptions::default()
+                    },
+                )?),
                 None => Ok(new_null_array(f.data_type(), b.num_rows())),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -168,6 +184,21 @@ pub async fn compact_dataset(
     if !lake.table_exists(dataset) {
         return Ok(report);
     }
+    // One compaction per table at a time, across processes: delta-rs would let two of them
+    // remove the same files and both add their merged copies.
+    let lock_path = lake.table_dir(dataset).join(LOCK_FILE);
+    let _lock = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        f.lock().map_err(io_err(&lock_path))?;
+        Ok(f)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("lock task: {e}")))??;
     let mut table = lake.open_table(dataset).await?;
     let mut files = table_files(&table, spec)?;
     if let Some(day) = &opts.day {
@@ -199,7 +230,6 @@ pub async fn compact_dataset(
     }
     let schema = table.snapshot().map_err(delta_err(dataset))?.snapshot().arrow_schema();
     let schema = file_schema(spec, &schema);
-    let table_dir = lake.table_dir(dataset);
     let info: HashMap<String, FileInfo> = files.into_iter().map(|f| (f.path.clone(), f)).collect();
     let mut state = CompactProgress {
         dataset: dataset.to_string(),
@@ -210,72 +240,39 @@ pub async fn compact_dataset(
     };
     progress(&state);
     for (partition, bins) in by_partition {
-        let mut actions = Vec::new();
         let mut written = Vec::new();
-        for bin in &bins {
-            let add = write_bin(&table_dir, spec, &schema, bin).await?;
-            written.push(add.path.clone());
-            report.bytes_written += u64::try_from(add.size).unwrap_or(0);
-            actions.push(Action::Add(add));
-            let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
-            for f in &bin.files {
-                let fi = &info[f];
-                actions.push(Action::Remove(Remove {
-                    path: f.clone(),
-                    data_change: false,
-                    deletion_timestamp: Some(now),
-                    extended_file_metadata: Some(true),
-                    partition_values: Some(fi.partition.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()),
-                    size: Some(fi.size_bytes as i64),
-                    tags: None,
-                    deletion_vector: None,
-                    base_row_id: None,
-                    default_row_commit_version: None,
-                }));
-            }
-            state.bins_done += 1;
-            state.bytes_done += bin.bytes;
-            progress(&state);
-        }
-        let dir = table_dir.clone();
-        let paths = written.clone();
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-            sync_files(&dir, &refs)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
-        let op = DeltaOperation::Optimize {
-            predicate: Some(partition_text(&partition)),
-            target_size: opts.rules.target_bytes as i64,
-        };
-        let snap = table.snapshot().map_err(delta_err(dataset))?;
-        let commit = CommitBuilder::from(CommitProperties::default())
-            .with_actions(actions)
-            .build(Some(snap), table.log_store(), op)
-            .await;
-        match commit {
-            Ok(c) => {
-                sync_commit(&table_dir, c.version())?;
-                table
-                    .update_incremental(Some(c.version()))
-                    .await
-                    .map_err(delta_err(dataset))?;
+        let step = compact_partition(
+            &mut table,
+            spec,
+            &schema,
+            &info,
+            &partition,
+            &bins,
+            opts,
+            &mut written,
+            &mut |bin: &Bin| {
+                state.bins_done += 1;
+                state.bytes_done += bin.bytes;
+                progress(&state);
+            },
+        )
+        .await;
+        match step {
+            Ok(()) => {
                 report.commits += 1;
                 report.files_added += bins.len();
                 report.files_removed += bins.iter().map(|b| b.files.len()).sum::<usize>();
                 report.bytes_read += bins.iter().map(|b| b.bytes).sum::<u64>();
+                report.bytes_written += written.iter().map(|(_, size)| size).sum::<u64>();
                 report.rows += bins.iter().map(|b| b.rows).sum::<u64>();
             }
-            Err(e) => {
+            Err(e @ Error::Conflict(_)) => {
                 tracing::warn!(dataset, partition = %partition_text(&partition), error = %e,
-                    "compaction commit failed; the partition is left for the next run");
+                    "compaction left the partition for the next run");
                 report.conflicts += 1;
-                for p in &written {
-                    let _ = std::fs::remove_file(table_dir.join(p));
-                }
                 table.update_incremental(None).await.map_err(delta_err(dataset))?;
             }
+            Err(e) => return Err(e),
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
@@ -288,6 +285,132 @@ pub async fn compact_dataset(
         "compacted"
     );
     Ok(report)
+}
+
+/// Compacts one partition: writes each bin's file (recorded in `written` with its size), syncs
+/// them, checks that every input is still active at the newest version, and commits removes and
+/// adds as one OPTIMIZE. When anything fails before the commit lands, the new files are deleted
+/// here; `Error::Conflict` then means another writer changed the partition first.
+#[allow(clippy::too_many_arguments)]
+async fn compact_partition(
+    table: &mut DeltaTable,
+    spec: &DatasetSpec,
+    schema: &SchemaRef,
+    info: &HashMap<String, FileInfo>,
+    partition: &Partition,
+    bins: &[Bin],
+    opts: &CompactOptions,
+    written: &mut Vec<(String, u64)>,
+    on_bin: &mut (dyn FnMut(&Bin) + Send),
+) -> Result<()> {
+    let table_dir = data_dir_of(table)?;
+    let prepared = prepare_partition(table, spec, schema, info, bins, written, on_bin).await;
+    let landed = match prepared {
+        Ok(actions) => {
+            let op = DeltaOperation::Optimize {
+                predicate: Some(partition_text(partition)),
+                target_size: opts.rules.target_bytes as i64,
+            };
+            commit_actions(table, &spec.name, actions, op, CommitProperties::default()).await
+        }
+        Err(e) => Err(e),
+    };
+    match landed {
+        Ok(_) => Ok(()),
+        // Any other error after the commit started may have landed: its files are kept.
+        Err(e @ Error::Conflict(_)) => {
+            discard(&table_dir, written);
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn discard(table_dir: &Path, written: &[(String, u64)]) {
+    for (p, _) in written {
+        let _ = std::fs::remove_file(table_dir.join(p));
+    }
+}
+
+/// Writes and syncs a partition's new files and returns the commit's actions; deletes what it
+/// wrote when it fails.
+async fn prepare_partition(
+    table: &mut DeltaTable,
+    spec: &DatasetSpec,
+    schema: &SchemaRef,
+    info: &HashMap<String, FileInfo>,
+    bins: &[Bin],
+    written: &mut Vec<(String, u64)>,
+    on_bin: &mut (dyn FnMut(&Bin) + Send),
+) -> Result<Vec<Action>> {
+    let table_dir = data_dir_of(table)?;
+    let res = prepare_inner(table, spec, schema, info, bins, written, on_bin).await;
+    if res.is_err() {
+        discard(&table_dir, written);
+    }
+    res
+}
+
+async fn prepare_inner(
+    table: &mut DeltaTable,
+    spec: &DatasetSpec,
+    schema: &SchemaRef,
+    info: &HashMap<String, FileInfo>,
+    bins: &[Bin],
+    written: &mut Vec<(String, u64)>,
+    on_bin: &mut (dyn FnMut(&Bin) + Send),
+) -> Result<Vec<Action>> {
+    let dataset = spec.name.as_str();
+    let table_dir = data_dir_of(table)?;
+    let mut actions = Vec::new();
+    for bin in bins {
+        let add = write_bin(&table_dir, spec, schema, bin).await?;
+        written.push((add.path.clone(), u64::try_from(add.size).unwrap_or(0)));
+        actions.push(Action::Add(add));
+        let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+        for f in &bin.files {
+            let fi = info
+                .get(f)
+                .ok_or_else(|| Error::Internal(format!("{f} is not in the plan's files")))?;
+            actions.push(Action::Remove(Remove {
+                path: f.clone(),
+                data_change: false,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: Some(true),
+                partition_values: Some(fi.partition.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()),
+                size: Some(fi.size_bytes as i64),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            }));
+        }
+        on_bin(bin);
+    }
+    let dir = table_dir.clone();
+    let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        sync_files(&dir, &refs)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+    // delta-rs does not treat two commits removing the same file with dataChange = false as a
+    // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
+    // tarn one run goes at a time; this re-check narrows the window against outside writers.
+    table.update_incremental(None).await.map_err(delta_err(dataset))?;
+    let active: std::collections::HashSet<String> = table_files(table, spec)?.into_iter().map(|f| f.path).collect();
+    if let Some(gone) = bins.iter().flat_map(|b| &b.files).find(|f| !active.contains(*f)) {
+        return Err(Error::Conflict(format!("{gone} was removed by another writer")));
+    }
+    Ok(actions)
+}
+
+fn data_dir_of(table: &DeltaTable) -> Result<PathBuf> {
+    table
+        .table_url()
+        .to_file_path()
+        .map_err(|_| Error::Internal(format!("{} is not a local table", table.table_url())))
 }
 
 /// `day=2026-11-22/client_id=acme`.

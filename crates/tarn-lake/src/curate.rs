@@ -178,12 +178,14 @@ impl Curator {
         let mut held = 0usize;
         let mut last = done;
         let mut rows = 0u64;
+        let mut replayed = false;
         for n in notes {
             let last_seq = i64::try_from(n.last_seq).map_err(|_| Error::Corrupt {
                 what: n.path.clone(),
                 reason: "sequence out of range".into(),
             })?;
             if last_seq <= last {
+                replayed |= last_seq <= done;
                 continue;
             }
             let root = self.lake.root().to_path_buf();
@@ -213,6 +215,14 @@ impl Curator {
         }
         if !batches.is_empty() {
             table = Some(self.commit(table.take(), &spec, batches, shard, last, rows).await?);
+        }
+        if replayed {
+            // Rows of a replay were committed before a failure that may have come before the
+            // commit's entry was synced: sync the newest entries before the offset moves past.
+            let dir = self.lake.table_dir(dataset);
+            tokio::task::spawn_blocking(move || crate::table::sync_log_tail(&dir, 16))
+                .await
+                .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
         }
         if let Some(t) = table {
             tables.insert(dataset.to_string(), t);

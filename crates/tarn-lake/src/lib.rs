@@ -20,6 +20,7 @@ pub mod curate;
 pub mod datafile;
 pub mod delivery;
 pub mod raw;
+pub mod storage;
 pub mod table;
 #[cfg(test)]
 mod testkit;
@@ -55,6 +56,9 @@ pub enum Error {
     },
     #[error("arrow error: {0}")]
     Arrow(#[from] deltalake::arrow::error::ArrowError),
+    /// Another writer changed the table first; the work can be planned again.
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("refused: {0}")]
     Refused(String),
     #[error("internal error: {0}")]

@@ -190,10 +190,6 @@ pub async fn append(
         return Err(Error::Internal("an append needs at least one batch".into()));
     };
     let mut table = ensure_created(table, spec, first).await?;
-    let delta_err = |source| Error::Delta {
-        dataset: dataset.clone(),
-        source,
-    };
     let table_dir = table_dir_of(&table)?;
     let started = std::time::Instant::now();
     let spec_w = spec.clone();
@@ -254,19 +250,64 @@ pub async fn append(
         partition_by: Some(partition_columns(spec)),
         predicate: None,
     };
-    let snapshot = table.snapshot().map_err(delta_err)?;
-    let committed = CommitBuilder::from(props)
-        .with_actions(adds)
-        .build(Some(snapshot), table.log_store(), op)
-        .await
-        .map_err(delta_err)?;
-    sync_commit(&table_dir_of(&table)?, committed.version())?;
-    table
-        .update_incremental(Some(committed.version()))
-        .await
-        .map_err(delta_err)?;
-    tracing::debug!(dataset, files, write_ms, version = committed.version(), "appended");
+    let version_committed = commit_actions(&mut table, &dataset, adds, op, props).await?;
+    tracing::debug!(dataset, files, write_ms, version = version_committed, "appended");
     Ok(table)
+}
+
+/// Commits `actions` on top of the table's snapshot and returns the version it landed at.
+/// `Error::Conflict` means the commit did not land (another writer won, or its entry could not
+/// be written), so what it would have added may be deleted; any other error comes after it
+/// landed. Once the entry is written it is synced at once, before delta-rs's post-commit work
+/// (checkpoints, log cleanup), whose failure is only logged: the commit stands either way. The
+/// table is brought up to the new version.
+pub async fn commit_actions(
+    table: &mut DeltaTable,
+    dataset: &str,
+    actions: Vec<Action>,
+    op: DeltaOperation,
+    props: CommitProperties,
+) -> Result<u64> {
+    let delta_err = |source| Error::Delta {
+        dataset: dataset.to_string(),
+        source,
+    };
+    let dir = table_dir_of(table)?;
+    let snapshot = table.snapshot().map_err(delta_err)?;
+    let not_landed = |e: deltalake::DeltaTableError| Error::Conflict(format!("commit to {dataset} did not land: {e}"));
+    let post = CommitBuilder::from(props)
+        .with_actions(actions)
+        .build(Some(snapshot), table.log_store(), op)
+        .into_prepared_commit_future()
+        .await
+        .map_err(not_landed)?
+        .await
+        .map_err(not_landed)?;
+    let version = post.version;
+    sync_commit(&dir, version)?;
+    if let Err(e) = post.await {
+        tracing::warn!(dataset, version, error = %e, "post-commit work failed; the commit stands");
+    }
+    table.update_incremental(Some(version)).await.map_err(delta_err)?;
+    Ok(version)
+}
+
+/// Syncs the newest `n` commit entries and the log directory: after a failure, rows found
+/// already committed may belong to an entry whose sync never ran.
+pub fn sync_log_tail(table_dir: &Path, n: usize) -> Result<()> {
+    let log_dir = table_dir.join("_delta_log");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(&log_dir)
+        .map_err(io_err(&log_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    entries.sort();
+    for e in entries.iter().rev().take(n) {
+        std::fs::File::open(e).and_then(|f| f.sync_all()).map_err(io_err(e))?;
+    }
+    std::fs::File::open(&log_dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&log_dir))
 }
 
 /// The local directory of a table.

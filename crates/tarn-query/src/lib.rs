@@ -4,7 +4,9 @@
 
 mod convert;
 mod stats;
+pub mod usage;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,7 @@ use tarn_catalog::Catalog;
 use tarn_lake::Lake;
 
 pub use stats::ScanStats;
+pub use usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -76,6 +79,19 @@ impl Default for QueryOptions {
 pub struct QueryEngine {
     lake: Lake,
     catalog: Arc<Catalog>,
+    usage: Arc<Usage>,
+}
+
+/// The month ("YYYY-MM", UTC) a query's scan is accounted to.
+pub fn current_month() -> String {
+    chrono_month(tarn_core::Clock::now_micros(&tarn_core::SystemClock))
+}
+
+fn chrono_month(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .unwrap_or_default()
+        .format("%Y-%m")
+        .to_string()
 }
 
 fn classify(e: DataFusionError) -> Error {
@@ -103,14 +119,24 @@ fn classify(e: DataFusionError) -> Error {
 }
 
 impl QueryEngine {
+    /// An engine whose scan accounting lives in `<lake>/_usage/scans.json`.
     pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
-        Self { lake, catalog }
+        let usage = Arc::new(Usage::open(lake.root().join("_usage").join("scans.json")));
+        Self { lake, catalog, usage }
     }
 
-    /// A session with every dataset that has a table registered under its name.
-    async fn session(&self) -> Result<SessionContext> {
+    /// Bytes scanned by queries, per dataset and month.
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    /// A session with every dataset that has a table registered under its name, and the
+    /// object store URL of each table (how a scan is traced back to its dataset).
+    async fn session(&self) -> Result<(SessionContext, HashMap<String, String>)> {
+        use deltalake::logstore::LogStore as _;
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
+        let mut urls = HashMap::new();
         for spec in self.catalog.list() {
             if !self.lake.table_exists(&spec.name) {
                 continue;
@@ -128,15 +154,22 @@ impl QueryEngine {
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?;
             ctx.register_table(spec.name.as_str(), provider).map_err(classify)?;
+            urls.insert(
+                table.log_store().object_store_url().as_str().to_string(),
+                spec.name.clone(),
+            );
+            let dir = self.lake.table_dir(&spec.name);
+            let prefix = format!("{}/", dir.to_string_lossy().trim_start_matches('/'));
+            urls.insert(prefix, spec.name.clone());
         }
-        Ok(ctx)
+        Ok((ctx, urls))
     }
 
     /// Plans a statement and starts it; batches are computed as they are pulled, so a caller
     /// that stops pulling (or drops the stream) stops the work.
     pub async fn stream(&self, sql: &str) -> Result<QueryStream> {
         let started = Instant::now();
-        let ctx = self.session().await?;
+        let (ctx, urls) = self.session().await?;
         let df = ctx.sql(sql).await.map_err(classify)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
@@ -148,6 +181,8 @@ impl QueryEngine {
             plan,
             started,
             rows: 0,
+            urls,
+            usage: self.usage.clone(),
         })
     }
 
@@ -201,6 +236,17 @@ pub struct QueryStream {
     plan: Arc<dyn ExecutionPlan>,
     started: Instant,
     rows: u64,
+    urls: HashMap<String, String>,
+    usage: Arc<Usage>,
+}
+
+impl Drop for QueryStream {
+    /// However the query ended (done, cut at its row limit, cancelled, timed out), what it read
+    /// is accounted.
+    fn drop(&mut self) {
+        let by: BTreeMap<String, u64> = stats::collect(&self.plan, &self.urls).bytes_by_dataset;
+        self.usage.record(&current_month(), &by);
+    }
 }
 
 impl QueryStream {
@@ -218,7 +264,7 @@ impl QueryStream {
 
     /// What the query has read so far (all of it, once the stream is exhausted).
     pub fn stats(&self) -> ScanStats {
-        let mut s = stats::collect(&self.plan);
+        let mut s = stats::collect(&self.plan, &self.urls);
         s.rows_returned = self.rows;
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         s

@@ -2,6 +2,7 @@
 //! partition and statistics pruning), the bytes the Parquet reader fetched, and the rows the
 //! scans produced.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use deltalake::datafusion::datasource::physical_plan::FileScanConfig;
@@ -21,31 +22,57 @@ pub struct ScanStats {
     /// Rows in the result.
     pub rows_returned: u64,
     pub duration_ms: f64,
+    /// `bytes_scanned` by dataset.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bytes_by_dataset: BTreeMap<String, u64>,
 }
 
-pub(crate) fn collect(plan: &Arc<dyn ExecutionPlan>) -> ScanStats {
+/// Scan statistics of a plan; `urls` maps each table's object store URL, and the path prefix
+/// of its files, to its dataset.
+pub(crate) fn collect(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> ScanStats {
     let mut s = ScanStats::default();
-    walk(plan, &mut s);
+    walk(plan, urls, &mut s);
     s
 }
 
-fn walk(plan: &Arc<dyn ExecutionPlan>, s: &mut ScanStats) {
+fn walk(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>, s: &mut ScanStats) {
     if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
         && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
     {
         s.files_scanned += config.file_groups.iter().map(|g| g.len() as u64).sum::<u64>();
         if let Some(m) = plan.metrics() {
             s.rows_scanned += m.output_rows().unwrap_or(0) as u64;
+            let mut bytes = 0;
             for metric in m.iter() {
                 if let MetricValue::Count { name, count } = metric.value()
                     && name == "bytes_scanned"
                 {
-                    s.bytes_scanned += count.value() as u64;
+                    bytes += count.value() as u64;
                 }
             }
+            s.bytes_scanned += bytes;
+            // A table's scan goes through a store of its own (its URL names the table) or through
+            // one shared store, where its files' paths start with the table's location.
+            let first_file = config
+                .file_groups
+                .iter()
+                .flat_map(|g| g.files())
+                .next()
+                .map(|f| f.object_meta.location.as_ref().to_string());
+            let dataset = urls
+                .get(config.object_store_url.as_str())
+                .or_else(|| {
+                    let path = first_file?;
+                    urls.iter()
+                        .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+                        .map(|(_, d)| d)
+                })
+                .cloned()
+                .unwrap_or_else(|| "(unknown)".to_string());
+            *s.bytes_by_dataset.entry(dataset).or_default() += bytes;
         }
     }
     for child in plan.children() {
-        walk(child, s);
+        walk(child, urls, s);
     }
 }

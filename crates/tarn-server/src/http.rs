@@ -6,6 +6,7 @@
 //! - `GET /v1/datasets`: the registered contracts.
 //! - `POST /v1/compact`: `{"dataset": D, "day": "YYYY-MM-DD", "dry_run": bool}`, all optional;
 //!   answers NDJSON: progress lines, one report per dataset, then `done` or `error`.
+//! - `GET /v1/storage[?dataset=D]`: the storage and cost report.
 //! - `POST /v1/vacuum`: `{"dataset": D, "dry_run": bool}`, both optional; answers
 //!   `{"reports": [...]}`.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
@@ -33,6 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/query", post(query))
         .route("/v1/compact", post(compact))
         .route("/v1/vacuum", post(vacuum))
+        .route("/v1/storage", get(storage))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
@@ -277,6 +279,23 @@ fn maintenance_request<T: serde::de::DeserializeOwned + Default>(body: &[u8], sh
     }
     serde_json::from_slice(body)
         .map_err(|e| api(StatusCode::BAD_REQUEST, "bad_request", format!("expected {shape}: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StorageQuery {
+    dataset: Option<String>,
+}
+
+async fn storage(
+    State(app): State<Arc<App>>,
+    axum::extract::Query(q): axum::extract::Query<StorageQuery>,
+) -> Result<Response, ApiError> {
+    let specs = app.maintenance.datasets(q.dataset.as_deref())?;
+    let month = tarn_query::current_month();
+    let scanned = app.query.usage().month(&month);
+    let report = app.maintenance.storage(&specs, &scanned, &month).await?;
+    Ok(axum::Json(report).into_response())
 }
 
 async fn vacuum(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {

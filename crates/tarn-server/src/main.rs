@@ -1,8 +1,8 @@
 //! The `tarn` binary: `tarn serve` runs every role on one machine; `tarn sql` asks a running
 //! server; `tarn bench` measures ingestion end to end.
 
+mod admin;
 mod bench;
-mod compact;
 mod http;
 mod maintenance;
 mod results;
@@ -40,9 +40,11 @@ enum Command {
     /// Generate ad-auction events, post them to a fresh server and report rates.
     Bench(bench::BenchArgs),
     /// Compact small files into target-sized ones on a running server.
-    Compact(compact::CompactArgs),
+    Compact(admin::CompactArgs),
     /// Delete data files no table references any more, past the retention window.
-    Vacuum(compact::VacuumArgs),
+    Vacuum(admin::VacuumArgs),
+    /// Print the storage and cost report of a running server.
+    Storage(admin::StorageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,8 +67,9 @@ fn main() -> std::process::ExitCode {
             Command::Serve(a) => serve::run(a).await,
             Command::Sql(a) => sql::run(a).await,
             Command::Bench(a) => bench::run(a).await,
-            Command::Compact(a) => compact::run(a).await,
-            Command::Vacuum(a) => compact::run_vacuum(a).await,
+            Command::Compact(a) => admin::run_compact(a).await,
+            Command::Vacuum(a) => admin::run_vacuum(a).await,
+            Command::Storage(a) => admin::run_storage(a).await,
         }
     });
     match res {

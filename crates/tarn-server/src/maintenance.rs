@@ -2,6 +2,7 @@
 //! partition collects enough small files, and on a schedule. One run at a time; runs go on the
 //! background runtime, at the lowest priority, beside ingestion and queries.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tarn_core::DatasetSpec;
 use tarn_lake::Lake;
 use tarn_lake::compact::{CompactOptions, CompactProgress, CompactReport, compact_dataset};
 use tarn_lake::compaction::CompactionRules;
+use tarn_lake::storage::{Prices, dataset_storage};
 use tarn_lake::vacuum::{VacuumReport, vacuum_dataset};
 use tokio::sync::{mpsc, watch};
 
@@ -32,6 +34,7 @@ pub struct Maintenance {
     running: tokio::sync::Mutex<()>,
     /// How long an unreferenced data file is kept before vacuum deletes it.
     retain: Duration,
+    prices: Prices,
 }
 
 /// A vacuum request, as `POST /v1/vacuum` takes it.
@@ -108,13 +111,44 @@ fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
 }
 
 impl Maintenance {
-    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration) -> Self {
+    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration, prices: Prices) -> Self {
         Self {
             lake,
             catalog,
             running: tokio::sync::Mutex::new(()),
             retain,
+            prices,
         }
+    }
+
+    /// The storage and cost report: each dataset's storage, plus the bytes its queries
+    /// scanned in `month` (`scanned`) and their price.
+    pub async fn storage(
+        &self,
+        specs: &[Arc<DatasetSpec>],
+        scanned: &BTreeMap<String, u64>,
+        month: &str,
+    ) -> tarn_lake::Result<serde_json::Value> {
+        let mut datasets = Vec::new();
+        let mut total = 0.0;
+        for spec in specs {
+            let s = dataset_storage(&self.lake, spec, &self.prices).await?;
+            let bytes = scanned.get(&spec.name).copied().unwrap_or(0);
+            let scan_cost = bytes as f64 / tarn_lake::storage::TB * self.prices.scan_tb;
+            let monthly = s.monthly_storage_cost + scan_cost;
+            total += monthly;
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["scanned_bytes_month"] = bytes.into();
+            v["scan_cost_month"] = scan_cost.into();
+            v["monthly_cost"] = monthly.into();
+            datasets.push(v);
+        }
+        Ok(serde_json::json!({
+            "month": month,
+            "prices": self.prices,
+            "datasets": datasets,
+            "total_monthly_cost": total,
+        }))
     }
 
     /// Vacuums the given datasets (after any compaction going on).

@@ -18,6 +18,7 @@ use tarn_query::QueryEngine;
 use tokio::sync::watch;
 
 use crate::maintenance::{AutoCompaction, Maintenance};
+use tarn_lake::storage::Prices;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -57,6 +58,21 @@ pub struct ServeArgs {
     /// seconds (0: never).
     #[arg(long, env = "TARN_COMPACT_EVERY_S", default_value_t = 3600)]
     pub compact_every_s: u64,
+    /// Storage price per GB-month of the standard tier, in dollars (cost report).
+    #[arg(long, env = "TARN_PRICE_STANDARD_GB_MONTH", default_value_t = Prices::default().standard_gb_month)]
+    pub price_standard_gb_month: f64,
+    /// Storage price per GB-month of the infrequent tier.
+    #[arg(long, env = "TARN_PRICE_INFREQUENT_GB_MONTH", default_value_t = Prices::default().infrequent_gb_month)]
+    pub price_infrequent_gb_month: f64,
+    /// Retrieval price per GB read from the infrequent tier.
+    #[arg(long, env = "TARN_PRICE_RETRIEVAL_GB", default_value_t = Prices::default().infrequent_retrieval_gb)]
+    pub price_retrieval_gb: f64,
+    /// Storage price per GB-month of the archive tier.
+    #[arg(long, env = "TARN_PRICE_ARCHIVE_GB_MONTH", default_value_t = Prices::default().archive_gb_month)]
+    pub price_archive_gb_month: f64,
+    /// Price per TB scanned by queries.
+    #[arg(long, env = "TARN_PRICE_SCAN_TB", default_value_t = Prices::default().scan_tb)]
+    pub price_scan_tb: f64,
     /// Vacuum deletes data files unreferenced for longer than this many hours (at least 2).
     #[arg(long, env = "TARN_VACUUM_RETAIN_HOURS", default_value_t = 168)]
     pub vacuum_retain_hours: u64,
@@ -223,7 +239,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             infer_datasets: !args.no_infer,
         },
     );
-    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone(), retain));
+    let prices = Prices {
+        standard_gb_month: args.price_standard_gb_month,
+        infrequent_gb_month: args.price_infrequent_gb_month,
+        infrequent_retrieval_gb: args.price_retrieval_gb,
+        archive_gb_month: args.price_archive_gb_month,
+        scan_tb: args.price_scan_tb,
+    };
+    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone(), retain, prices));
     background.spawn(maintenance.clone().run_auto(
         AutoCompaction {
             check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),

@@ -228,3 +228,77 @@ async fn vacuum_keeps_what_readers_can_use_and_deletes_the_rest_after_retention(
     assert_eq!(files_on_disk(&table_dir).len(), 2);
     assert_eq!(count(&lake).await, (120, 120));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_compactions_at_once_never_double_rows_or_leave_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    for i in 0..6 {
+        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
+    }
+    let before = ids(&lake).await;
+    let run = |lake: Lake| {
+        tokio::spawn(async move { compact_dataset(&lake, &spec(), &CompactOptions::default(), &no_progress).await })
+    };
+    let (a, b) = (run(lake.clone()), run(lake.clone()));
+    let (a, b) = (a.await.expect("join").expect("a"), b.await.expect("join").expect("b"));
+    assert_eq!(a.commits + b.commits, 2, "each partition compacted once: {a:?} {b:?}");
+    assert_eq!(ids(&lake).await, before, "no row lost or doubled");
+    // Only the winners' files remain beside the removed ones.
+    assert_eq!(files_on_disk(&lake.table_dir("bids")).len(), 14);
+    assert_eq!(active_files(&lake).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    for i in 0..3 {
+        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
+    }
+    let mut table = lake.open_table("bids").await.expect("table");
+    let files = table_files(&table, &spec()).expect("files");
+    let bins = plan(&files, &CompactionRules::default());
+    let partition = bins[0].partition.clone();
+    let mine: Vec<Bin> = bins.iter().filter(|b| b.partition == partition).cloned().collect();
+    // An outside writer removes one input after the plan was made.
+    let victim = mine[0].files[0].clone();
+    let mut other = lake.open_table("bids").await.expect("table");
+    let remove = Action::Remove(Remove {
+        path: victim.clone(),
+        data_change: true,
+        deletion_timestamp: Some(0),
+        extended_file_metadata: None,
+        partition_values: None,
+        size: None,
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    });
+    let op = DeltaOperation::Delete { predicate: None };
+    commit_actions(&mut other, "bids", vec![remove], op, CommitProperties::default())
+        .await
+        .expect("outside delete");
+    let on_disk = files_on_disk(&lake.table_dir("bids"));
+    let schema = file_schema(&spec(), &table.snapshot().expect("snapshot").snapshot().arrow_schema());
+    let info: HashMap<String, FileInfo> = files.into_iter().map(|f| (f.path.clone(), f)).collect();
+    let mut written = Vec::new();
+    let r = compact_partition(
+        &mut table,
+        &spec(),
+        &schema,
+        &info,
+        &partition,
+        &mine,
+        &CompactOptions::default(),
+        &mut written,
+        &mut |_| {},
+    )
+    .await;
+    assert!(matches!(&r, Err(Error::Conflict(m)) if m.contains(&victim)), "{r:?}");
+    assert_eq!(written.len(), 1, "the merged file was written");
+    assert_eq!(files_on_disk(&lake.table_dir("bids")), on_disk, "and deleted again");
+}

@@ -95,6 +95,46 @@ async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
     let (ok, out, _) = tarn_compact(&s.url, &[]);
     assert!(ok);
     assert!(out.contains("auctions: 0 files -> 0"), "nothing left to do: {out}");
+
+    // The storage report: the compacted table, the files waiting for vacuum, and the bytes the
+    // queries above scanned, priced.
+    let (_, q) = sql(&c, &s.url, "SELECT sum(cpm) FROM auctions").await;
+    let scanned = q["stats"]["bytes_by_dataset"]["auctions"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("bytes by dataset: {q}"));
+    assert!(
+        scanned > 0 && scanned == q["stats"]["bytes_scanned"].as_u64().expect("bytes"),
+        "{q}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["storage", "--json", "--server", &s.url])
+        .output()
+        .expect("run tarn storage");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let d = &r["datasets"][0];
+    assert_eq!(d["dataset"], "auctions");
+    assert_eq!(
+        (d["tiers"][0]["files"].as_u64(), d["tiers"][0]["partitions"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(d["unreferenced_files"].as_u64(), Some(12));
+    assert!(d["scanned_bytes_month"].as_u64().expect("scanned") >= scanned, "{d}");
+    let bytes = d["tiers"][0]["bytes"].as_f64().expect("bytes");
+    let storage = (bytes + (d["unreferenced_bytes"].as_f64().expect("u") + d["raw_bytes"].as_f64().expect("r")))
+        * 0.023
+        / (1u64 << 30) as f64;
+    let cost = d["monthly_storage_cost"].as_f64().expect("cost");
+    assert!((cost - storage).abs() < 1e-12, "{cost} vs {storage}");
+    let text = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["storage", "--dataset", "auctions", "--server", &s.url])
+        .output()
+        .expect("run tarn storage");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("standard   2026-11-22 .. 2026-11-22  2 partitions, 2 files"),
+        "{text}"
+    );
     let (ok, _, err) = tarn_compact(&s.url, &["--dataset", "nope"]);
     assert!(!ok && err.contains("dataset \"nope\" does not exist"), "{err}");
     let (ok, _, err) = tarn_compact(&s.url, &["--day", "22/11/2026"]);
@@ -166,7 +206,10 @@ async fn vacuum_keeps_recently_removed_files_and_refuses_short_retention() {
         .expect("run tarn serve");
     let err = String::from_utf8_lossy(&busy.stderr);
     assert_eq!(busy.status.code(), Some(1), "{err}");
-    assert!(err.contains("binding HTTP listener") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("binding HTTP listener") && !err.contains("panicked"),
+        "{err}"
+    );
 
     let s = Server::start(
         &data,

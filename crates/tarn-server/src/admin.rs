@@ -1,5 +1,6 @@
-//! `tarn compact` and `tarn vacuum`: ask a running server to compact (drawing its progress on
-//! stderr) or to vacuum, and print what was done (or, with `--dry-run`, the plan).
+//! The maintenance commands: `tarn compact`, `tarn vacuum` and `tarn storage` ask a running
+//! server to compact (drawing its progress on stderr), to vacuum, or for the storage and cost
+//! report, and print the answer (with `--dry-run`, the plan).
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -79,7 +80,7 @@ pub fn render_report(r: &serde_json::Value) -> String {
     out
 }
 
-pub async fn run(a: CompactArgs) -> Result<()> {
+pub async fn run_compact(a: CompactArgs) -> Result<()> {
     let url = format!("{}/v1/compact", a.server.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&url)
@@ -177,6 +178,85 @@ pub async fn run_vacuum(a: VacuumArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct StorageArgs {
+    /// Only this dataset (default: every dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+pub async fn run_storage(a: StorageArgs) -> Result<()> {
+    let url = format!("{}/v1/storage", a.server.trim_end_matches('/'));
+    let mut req = reqwest::Client::new().get(&url);
+    if let Some(d) = &a.dataset {
+        req = req.query(&[("dataset", d)]);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{msg} (HTTP {status})");
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        print!("{}", render_storage(&body));
+    }
+    Ok(())
+}
+
+/// The storage report as text: a line per dataset and tier, then the extras and the costs.
+pub fn render_storage(r: &serde_json::Value) -> String {
+    let mut out = format!("storage and cost, month {}\n", r["month"].as_str().unwrap_or("?"));
+    for d in r["datasets"].as_array().cloned().unwrap_or_default() {
+        let n = |k: &str| d[k].as_u64().unwrap_or(0);
+        let name = d["dataset"].as_str().unwrap_or("?");
+        out.push_str(&format!("{name}\n"));
+        for t in d["tiers"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!(
+                "  {:<10} {} .. {}  {} partitions, {} files, {:.1} MB, mean file {:.2} MB, ${:.4}/month\n",
+                t["tier"].as_str().unwrap_or("?"),
+                t["first_day"].as_str().unwrap_or("?"),
+                t["last_day"].as_str().unwrap_or("?"),
+                t["partitions"],
+                t["files"],
+                mb(t["bytes"].as_u64().unwrap_or(0)),
+                mb(t["mean_file_bytes"].as_u64().unwrap_or(0)),
+                t["monthly_cost"].as_f64().unwrap_or(0.0)
+            ));
+        }
+        out.push_str(&format!(
+            "  waiting for vacuum {} files, {:.1} MB; raw zone {} files, {:.1} MB\n",
+            n("unreferenced_files"),
+            mb(n("unreferenced_bytes")),
+            n("raw_files"),
+            mb(n("raw_bytes"))
+        ));
+        out.push_str(&format!(
+            "  scanned this month {:.1} MB, ${:.4}; storage ${:.4}/month; total ${:.4}/month\n",
+            mb(n("scanned_bytes_month")),
+            d["scan_cost_month"].as_f64().unwrap_or(0.0),
+            d["monthly_storage_cost"].as_f64().unwrap_or(0.0),
+            d["monthly_cost"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    out.push_str(&format!(
+        "total ${:.4}/month\n",
+        r["total_monthly_cost"].as_f64().unwrap_or(0.0)
+    ));
+    out
 }
 
 #[cfg(test)]
