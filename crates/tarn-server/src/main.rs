@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod bench_compaction;
 mod http;
 mod maintenance;
 mod results;
