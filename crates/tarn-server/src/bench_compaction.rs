@@ -75,7 +75,10 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
         }
         for rec in cursor.read(usize::MAX)? {
             let batches = tarn_collector::decode_payload(&rec.payload).map_err(anyhow::Error::msg)?;
-            let with: Vec<_> = batches.iter().map(|b| with_seq(b, rec.seq)).collect::<Result<_, _>>()?;
+            let mut with = Vec::with_capacity(batches.len());
+            for b in &batches {
+                with.push(with_seq(b, rec.seq)?);
+            }
             let path = object_path("auctions", 0, rec.seq, rec.seq);
             let bytes = write_object(lake.root(), &path, &with)?;
             let note = ObjectCreated {
