@@ -91,6 +91,54 @@ pub struct DatasetSpec {
     pub inferred: bool,
     #[serde(default, skip_serializing_if = "Compaction::is_default")]
     pub compaction: Compaction,
+    #[serde(default, skip_serializing_if = "Lifecycle::is_default")]
+    pub lifecycle: Lifecycle,
+}
+
+/// Lifecycle rules of a dataset, by the age of a day partition in whole days (today minus
+/// the day): after `infrequent_after_days` it moves to the infrequent tier, after
+/// `archive_after_days` to the archive, after `expire_after_days` it is removed from the table
+/// (and its files deleted by vacuum after the retention window). Each is optional; those given
+/// must increase in that order.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub infrequent_after_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive_after_days: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after_days: Option<u32>,
+}
+
+impl Lifecycle {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let steps = [
+            ("infrequent_after_days", self.infrequent_after_days),
+            ("archive_after_days", self.archive_after_days),
+            ("expire_after_days", self.expire_after_days),
+        ];
+        let mut last: Option<(&str, u32)> = None;
+        for (name, v) in steps {
+            let Some(v) = v else { continue };
+            if v == 0 {
+                return Err(format!("lifecycle.{name} must be at least 1"));
+            }
+            if let Some((prev, p)) = last
+                && v <= p
+            {
+                return Err(format!(
+                    "lifecycle.{name} ({v}) must be more than lifecycle.{prev} ({p})"
+                ));
+            }
+            last = Some((name, v));
+        }
+        Ok(())
+    }
 }
 
 /// Compaction settings of a dataset.
@@ -203,6 +251,10 @@ impl DatasetSpec {
         {
             return bad(format!("compaction.target_mib is {m}; it must be from 1 to 4096"));
         }
+        self.lifecycle.check().map_err(|r| Error::InvalidContract {
+            dataset: self.name.clone(),
+            reason: r,
+        })?;
         if let Some(t) = self.tenant() {
             match self.field(t) {
                 Some(f) if f.ty == FieldType::String && f.required => {}
@@ -323,6 +375,7 @@ impl DatasetSpec {
             unknown_fields: UnknownFields::Reject,
             inferred: true,
             compaction: Compaction::default(),
+            lifecycle: Lifecycle::default(),
         };
         spec.check()?;
         Ok(spec)
@@ -398,6 +451,14 @@ partitioning: { tenant: client_id }
             (AUCTIONS.replace("name: cpm", "name: _cpm"), "reserved"),
             (format!("{AUCTIONS}compaction: {{ target_mib: 0 }}\n"), "from 1 to 4096"),
             (format!("{AUCTIONS}compaction: {{ target_gb: 1 }}\n"), "not valid"),
+            (
+                format!("{AUCTIONS}lifecycle: {{ infrequent_after_days: 90, archive_after_days: 30 }}\n"),
+                "must be more than lifecycle.infrequent_after_days",
+            ),
+            (
+                format!("{AUCTIONS}lifecycle: {{ expire_after_days: 0 }}\n"),
+                "at least 1",
+            ),
         ];
         for (text, want) in cases {
             let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();

@@ -8,6 +8,6 @@ pub mod limits;
 pub mod name;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use contract::{Compaction, DatasetSpec, Field, FieldType, UnknownFields};
+pub use contract::{Compaction, DatasetSpec, Field, FieldType, Lifecycle, UnknownFields};
 pub use error::{Error, Result};
 pub use limits::Limits;

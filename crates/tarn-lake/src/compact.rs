@@ -241,6 +241,7 @@ pub async fn compact_dataset(
     progress(&state);
     for (partition, bins) in by_partition {
         let mut written = Vec::new();
+        let writing = lake.writing(dataset).await;
         let step = compact_partition(
             &mut table,
             spec,
@@ -257,6 +258,7 @@ pub async fn compact_dataset(
             },
         )
         .await;
+        drop(writing);
         match step {
             Ok(()) => {
                 report.commits += 1;

@@ -244,7 +244,9 @@ impl Curator {
             None => self.lake.open_table(&spec.name).await?,
         };
         let started = std::time::Instant::now();
+        let writing = self.lake.writing(&spec.name).await;
         let table = append(table, spec, batches, shard, version).await?;
+        drop(writing);
         let took_ms = started.elapsed().as_millis() as u64;
         self.stats.commit_ms.fetch_add(took_ms, Relaxed);
         self.stats.rows.fetch_add(rows, Relaxed);

@@ -19,11 +19,13 @@ pub mod compaction;
 pub mod curate;
 pub mod datafile;
 pub mod delivery;
+pub mod lifecycle;
 pub mod raw;
 pub mod storage;
 pub mod table;
 #[cfg(test)]
 mod testkit;
+pub mod tiers;
 pub mod vacuum;
 
 use std::path::PathBuf;

@@ -4,7 +4,10 @@
 
 use serde::Serialize;
 
+use std::collections::BTreeMap;
+
 use crate::compact::table_files;
+use crate::tiers::{Tier, Tiers};
 use crate::vacuum::list_data_files;
 use crate::{Lake, Result};
 
@@ -76,9 +79,13 @@ pub struct DatasetStorage {
     pub monthly_storage_cost: f64,
 }
 
-/// The storage of one dataset. Every partition is in the `standard` tier until lifecycle
-/// rules move them.
-pub async fn dataset_storage(lake: &Lake, spec: &tarn_core::DatasetSpec, prices: &Prices) -> Result<DatasetStorage> {
+/// The storage of one dataset, per tier (every day is `standard` without `tiers`).
+pub async fn dataset_storage(
+    lake: &Lake,
+    spec: &tarn_core::DatasetSpec,
+    prices: &Prices,
+    tiers: Option<&Tiers>,
+) -> Result<DatasetStorage> {
     let dataset = spec.name.as_str();
     let files = if lake.table_exists(dataset) {
         let table = lake.open_table(dataset).await?;
@@ -86,29 +93,46 @@ pub async fn dataset_storage(lake: &Lake, spec: &tarn_core::DatasetSpec, prices:
     } else {
         Vec::new()
     };
-    let tier = "standard".to_string();
-    let mut days: Vec<&str> = files
-        .iter()
-        .filter_map(|f| f.partition.first().map(|(_, v)| v.as_str()))
-        .collect();
-    days.sort_unstable();
-    let mut partitions: Vec<&crate::compaction::Partition> = files.iter().map(|f| &f.partition).collect();
-    partitions.sort();
-    partitions.dedup();
-    let bytes: u64 = files.iter().map(|f| f.size_bytes).sum();
-    let mut tiers = Vec::new();
-    if !files.is_empty() {
-        tiers.push(TierUsage {
+    let mut day_tier: BTreeMap<String, Tier> = BTreeMap::new();
+    let mut by_tier: BTreeMap<Tier, Vec<&crate::compaction::FileInfo>> = BTreeMap::new();
+    for f in &files {
+        let day = f.partition.first().map(|(_, v)| v.clone()).unwrap_or_default();
+        let tier = match day_tier.get(&day) {
+            Some(t) => *t,
+            None => {
+                let t = match tiers {
+                    Some(t) => t.tier_of(lake, dataset, &day)?,
+                    None => Tier::Standard,
+                };
+                day_tier.insert(day, t);
+                t
+            }
+        };
+        by_tier.entry(tier).or_default().push(f);
+    }
+    let mut tiers_out = Vec::new();
+    for (tier, files) in by_tier {
+        let mut days: Vec<&str> = files
+            .iter()
+            .filter_map(|f| f.partition.first().map(|(_, v)| v.as_str()))
+            .collect();
+        days.sort_unstable();
+        let mut partitions: Vec<&crate::compaction::Partition> = files.iter().map(|f| &f.partition).collect();
+        partitions.sort();
+        partitions.dedup();
+        let bytes: u64 = files.iter().map(|f| f.size_bytes).sum();
+        tiers_out.push(TierUsage {
+            tier: tier.as_str().to_string(),
             first_day: days.first().map(|d| d.to_string()).unwrap_or_default(),
             last_day: days.last().map(|d| d.to_string()).unwrap_or_default(),
             partitions: partitions.len(),
             files: files.len(),
             bytes,
-            mean_file_bytes: bytes / files.len() as u64,
-            monthly_cost: bytes as f64 / GB * prices.gb_month(&tier),
-            tier,
+            mean_file_bytes: bytes / files.len().max(1) as u64,
+            monthly_cost: bytes as f64 / GB * prices.gb_month(tier.as_str()),
         });
     }
+    let tiers = tiers_out;
     let table_dir = lake.table_dir(dataset);
     let raw_dir = lake.root().join("raw").join(dataset);
     let active: std::collections::HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
@@ -169,14 +193,14 @@ mod tests {
         let (log, lake, catalog) = setup(dir.path());
         let spec = tarn_core::DatasetSpec::from_yaml(SPEC).expect("spec");
         let prices = Prices::default();
-        let empty = dataset_storage(&lake, &spec, &prices).await.expect("empty");
+        let empty = dataset_storage(&lake, &spec, &prices, None).await.expect("empty");
         assert!(empty.tiers.is_empty() && empty.monthly_storage_cost == 0.0);
 
         let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
         for i in 0..3 {
             cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
         }
-        let r = dataset_storage(&lake, &spec, &prices).await.expect("report");
+        let r = dataset_storage(&lake, &spec, &prices, None).await.expect("report");
         let t = &r.tiers[0];
         assert_eq!((t.tier.as_str(), t.partitions, t.files), ("standard", 2, 6));
         assert_eq!(
@@ -189,7 +213,7 @@ mod tests {
         crate::compact::compact_dataset(&lake, &spec, &Default::default(), &|_| {})
             .await
             .expect("compact");
-        let r = dataset_storage(&lake, &spec, &prices).await.expect("report");
+        let r = dataset_storage(&lake, &spec, &prices, None).await.expect("report");
         assert_eq!((r.tiers[0].files, r.unreferenced_files), (2, 6));
         let want = (r.tiers[0].bytes as f64 * 0.023 + (r.unreferenced_bytes + r.raw_bytes) as f64 * 0.023) / GB;
         assert!((r.monthly_storage_cost - want).abs() < 1e-12);

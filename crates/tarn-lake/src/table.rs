@@ -1,9 +1,10 @@
 //! The lake root and its Delta tables: locating, opening, and appending with an application
 //! transaction so that a replayed append is recognised.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use deltalake::DeltaTable;
 use deltalake::arrow::array::{RecordBatch, StringArray};
@@ -25,6 +26,9 @@ use crate::{Error, Result, io_err};
 #[derive(Debug, Clone)]
 pub struct Lake {
     root: PathBuf,
+    /// Per dataset: held shared while data files are written and committed (curate,
+    /// compaction), exclusively while a day's directory moves between tiers.
+    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>>,
 }
 
 impl Lake {
@@ -33,7 +37,25 @@ impl Lake {
         std::fs::create_dir_all(root.join("raw")).map_err(io_err(&root))?;
         std::fs::create_dir_all(root.join("tables")).map_err(io_err(&root))?;
         let root = root.canonicalize().map_err(io_err(&root))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            locks: Arc::default(),
+        })
+    }
+
+    fn lock_of(&self, dataset: &str) -> Arc<tokio::sync::RwLock<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(dataset.to_string()).or_default().clone()
+    }
+
+    /// Held while writing a dataset's data files and committing them.
+    pub async fn writing(&self, dataset: &str) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.lock_of(dataset).read_owned().await
+    }
+
+    /// Held while moving a dataset's files between directories.
+    pub async fn moving(&self, dataset: &str) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.lock_of(dataset).write_owned().await
     }
 
     pub fn root(&self) -> &Path {

@@ -14,14 +14,15 @@ use crate::{Lake, ObjectCreated};
 
 pub const SPEC: &str = "name: bids\nfields:\n  - { name: event_id, type: string }\n  - { name: client_id, type: string, required: true }\n  - { name: cpm, type: float64 }\nevent_id: event_id\npartitioning: { tenant: client_id }\n";
 
-pub fn record(seq: u64, rows: usize) -> RecordBatch {
+/// Ten-row style records of one day: rows alternate between tenants acme and beta.
+pub fn record_on(seq: u64, rows: usize, day: &str) -> RecordBatch {
     let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
     let schema = tarn_collector::arrow_schema(&spec);
     let ids: Vec<String> = (0..rows).map(|i| format!("s{seq}-{i}")).collect();
     let clients: Vec<&str> = (0..rows).map(|i| if i % 2 == 0 { "acme" } else { "beta" }).collect();
     let cpm: Vec<f64> = (0..rows).map(|i| i as f64).collect();
     let received = deltalake::arrow::array::TimestampMicrosecondArray::from(vec![0i64; rows]).with_timezone("UTC");
-    let days = StringArray::from(vec!["2026-11-22"; rows]);
+    let days = StringArray::from(vec![day; rows]);
     let b = RecordBatch::try_new(
         schema,
         vec![
@@ -37,7 +38,12 @@ pub fn record(seq: u64, rows: usize) -> RecordBatch {
 }
 
 pub fn note(lake: &Lake, first: u64, last: u64) -> ObjectCreated {
-    let batches: Vec<_> = (first..=last).map(|s| record(s, 10)).collect();
+    note_on(lake, first, last, "2026-11-22")
+}
+
+/// A raw object of ten rows per sequence, all on `day`, and its notification.
+pub fn note_on(lake: &Lake, first: u64, last: u64, day: &str) -> ObjectCreated {
+    let batches: Vec<_> = (first..=last).map(|s| record_on(s, 10, day)).collect();
     let path = object_path("bids", 0, first, last);
     let bytes = write_object(lake.root(), &path, &batches).expect("write");
     ObjectCreated {

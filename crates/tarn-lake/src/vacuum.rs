@@ -79,7 +79,8 @@ pub fn list_data_files(table_dir: &Path) -> Result<Vec<DiskFile>> {
         for e in rd {
             let e = e.map_err(io_err(dir))?;
             let p = e.path();
-            let meta = e.metadata().map_err(io_err(&p))?;
+            // Followed through links: a day in a colder tier is a link to its directory.
+            let meta = std::fs::metadata(&p).map_err(io_err(&p))?;
             if meta.is_dir() {
                 if e.file_name() != "_delta_log" {
                     walk(root, &p, out)?;

@@ -20,6 +20,7 @@ use deltalake::datafusion::prelude::{SessionConfig, SessionContext};
 use futures::StreamExt;
 use tarn_catalog::Catalog;
 use tarn_lake::Lake;
+use tarn_lake::tiers::{Tier, Tiers};
 
 pub use stats::ScanStats;
 pub use usage::Usage;
@@ -33,6 +34,9 @@ pub enum Error {
     Execution(String),
     #[error("query stopped after its timeout of {0:?}")]
     Timeout(Duration),
+    /// The scan would read days in the archive tier, which must be restored first.
+    #[error("{0}")]
+    Archived(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -80,6 +84,7 @@ pub struct QueryEngine {
     lake: Lake,
     catalog: Arc<Catalog>,
     usage: Arc<Usage>,
+    tiers: Option<Tiers>,
 }
 
 /// The month ("YYYY-MM", UTC) a query's scan is accounted to.
@@ -112,6 +117,7 @@ fn classify(e: DataFusionError) -> Error {
             Error::BadQuery(m) => Error::BadQuery(format!("{ctx}: {m}")),
             Error::Execution(m) => Error::Execution(format!("{ctx}: {m}")),
             Error::Timeout(d) => Error::Timeout(d),
+            Error::Archived(m) => Error::Archived(m),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
         },
         other => Error::Execution(other.to_string()),
@@ -122,7 +128,45 @@ impl QueryEngine {
     /// An engine whose scan accounting lives in `<lake>/_usage/scans.json`.
     pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
         let usage = Arc::new(Usage::open(lake.root().join("_usage").join("scans.json")));
-        Self { lake, catalog, usage }
+        Self {
+            lake,
+            catalog,
+            usage,
+            tiers: None,
+        }
+    }
+
+    /// Refuses scans over days in the archive tier of `tiers`.
+    pub fn with_tiers(mut self, tiers: Tiers) -> Self {
+        self.tiers = Some(tiers);
+        self
+    }
+
+    /// Fails when the plan would read a day in the archive tier, naming the days and how to
+    /// restore them.
+    fn check_archive(&self, plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> Result<()> {
+        let Some(tiers) = &self.tiers else { return Ok(()) };
+        let mut days = std::collections::BTreeSet::new();
+        stats::scanned_days(plan, urls, &mut days);
+        let mut archived = Vec::new();
+        for (dataset, day) in days {
+            if tiers
+                .tier_of(&self.lake, &dataset, &day)
+                .map_err(|e| Error::Internal(e.to_string()))?
+                == Tier::Archive
+            {
+                archived.push((dataset, day));
+            }
+        }
+        let Some((first_ds, first_day)) = archived.first().cloned() else {
+            return Ok(());
+        };
+        let list: Vec<String> = archived.iter().map(|(d, day)| format!("{d} day={day}")).collect();
+        Err(Error::Archived(format!(
+            "the query would read {} archived partition(s): {}; restore them first (for example `tarn restore --dataset {first_ds} --day {first_day}`) or leave them out with a filter on day",
+            archived.len(),
+            list.join(", ")
+        )))
     }
 
     /// Bytes scanned by queries, per dataset and month.
@@ -173,6 +217,7 @@ impl QueryEngine {
         let df = ctx.sql(sql).await.map_err(classify)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
+        self.check_archive(&plan, &urls)?;
         let batches =
             deltalake::datafusion::physical_plan::execute_stream(plan.clone(), ctx.task_ctx()).map_err(classify)?;
         Ok(QueryStream {

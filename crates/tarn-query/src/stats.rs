@@ -76,3 +76,28 @@ fn walk(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>, s: &mut S
         walk(child, urls, s);
     }
 }
+
+/// The (dataset, day) partitions the plan's scans list, from their files' paths.
+pub(crate) fn scanned_days(
+    plan: &Arc<dyn ExecutionPlan>,
+    urls: &HashMap<String, String>,
+    out: &mut std::collections::BTreeSet<(String, String)>,
+) {
+    if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
+        && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
+    {
+        for f in config.file_groups.iter().flat_map(|g| g.files()) {
+            let path = f.object_meta.location.as_ref();
+            let Some((prefix, dataset)) = urls.iter().find(|(p, _)| path.starts_with(p.as_str())) else {
+                continue;
+            };
+            let rest = &path[prefix.len()..];
+            if let Some(day) = rest.strip_prefix("day=").and_then(|r| r.split('/').next()) {
+                out.insert((dataset.clone(), day.to_string()));
+            }
+        }
+    }
+    for child in plan.children() {
+        scanned_days(child, urls, out);
+    }
+}

@@ -181,6 +181,99 @@ pub async fn run_vacuum(a: VacuumArgs) -> Result<()> {
 }
 
 #[derive(Args, Debug)]
+pub struct LifecycleArgs {
+    /// Only this dataset (default: every dataset).
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Print the steps without taking them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+/// Posts a maintenance request and returns the JSON answer, or the server's error.
+async fn post_json(server: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", server.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
+    if !status.is_success() {
+        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{msg} (HTTP {status})");
+    }
+    Ok(body)
+}
+
+pub async fn run_lifecycle(a: LifecycleArgs) -> Result<()> {
+    let body = post_json(
+        &a.server,
+        "/v1/lifecycle",
+        serde_json::json!({"dataset": a.dataset, "dry_run": a.dry_run}),
+    )
+    .await?;
+    for r in body["reports"].as_array().cloned().unwrap_or_default() {
+        let steps = r["steps"].as_array().cloned().unwrap_or_default();
+        println!(
+            "{}: {} step(s){}; {} files compacted first, {} moved, {} expired",
+            r["dataset"].as_str().unwrap_or("?"),
+            steps.len(),
+            if a.dry_run { " planned" } else { "" },
+            r["compacted_files"],
+            r["files_moved"],
+            r["files_expired"]
+        );
+        for s in steps {
+            match s["step"].as_str() {
+                Some("move") => println!(
+                    "  day={} {} -> {}",
+                    s["day"].as_str().unwrap_or("?"),
+                    s["from"].as_str().unwrap_or("?"),
+                    s["to"].as_str().unwrap_or("?")
+                ),
+                _ => println!("  day={} expire", s["day"].as_str().unwrap_or("?")),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    #[arg(long)]
+    pub dataset: String,
+    /// The day to bring back to the standard tier (YYYY-MM-DD).
+    #[arg(long)]
+    pub day: String,
+    /// How many days it stays there before lifecycle may move it again.
+    #[arg(long, default_value_t = 7)]
+    pub days: u32,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+pub async fn run_restore(a: RestoreArgs) -> Result<()> {
+    let body = post_json(
+        &a.server,
+        "/v1/restore",
+        serde_json::json!({"dataset": a.dataset, "day": a.day, "days": a.days}),
+    )
+    .await?;
+    println!(
+        "{} day={}: {} files back in the standard tier for {} days",
+        a.dataset, a.day, body["files"], a.days
+    );
+    Ok(())
+}
+
+#[derive(Args, Debug)]
 pub struct StorageArgs {
     /// Only this dataset (default: every dataset).
     #[arg(long)]

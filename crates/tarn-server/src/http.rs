@@ -7,6 +7,8 @@
 //! - `POST /v1/compact`: `{"dataset": D, "day": "YYYY-MM-DD", "dry_run": bool}`, all optional;
 //!   answers NDJSON: progress lines, one report per dataset, then `done` or `error`.
 //! - `GET /v1/storage[?dataset=D]`: the storage and cost report.
+//! - `POST /v1/lifecycle`: `{"dataset": D, "dry_run": bool}`; answers `{"reports": [...]}`.
+//! - `POST /v1/restore`: `{"dataset": D, "day": "YYYY-MM-DD", "days": N}`.
 //! - `POST /v1/vacuum`: `{"dataset": D, "dry_run": bool}`, both optional; answers
 //!   `{"reports": [...]}`.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
@@ -35,6 +37,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/compact", post(compact))
         .route("/v1/vacuum", post(vacuum))
         .route("/v1/storage", get(storage))
+        .route("/v1/lifecycle", post(lifecycle))
+        .route("/v1/restore", post(restore))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
@@ -98,6 +102,7 @@ impl From<tarn_query::Error> for ApiError {
             tarn_query::Error::BadQuery(_) => api(StatusCode::BAD_REQUEST, "bad_query", msg),
             tarn_query::Error::Execution(_) => api(StatusCode::UNPROCESSABLE_ENTITY, "query_failed", msg),
             tarn_query::Error::Timeout(_) => api(StatusCode::GATEWAY_TIMEOUT, "timeout", msg),
+            tarn_query::Error::Archived(_) => api(StatusCode::CONFLICT, "archived", msg),
             tarn_query::Error::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }
@@ -296,6 +301,68 @@ async fn storage(
     let scanned = app.query.usage().month(&month);
     let report = app.maintenance.storage(&specs, &scanned, &month).await?;
     Ok(axum::Json(report).into_response())
+}
+
+async fn lifecycle(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: crate::maintenance::VacuumRequest = maintenance_request(&body, "{\"dataset\": ..., \"dry_run\": ...}")?;
+    let specs = app.maintenance.datasets(req.dataset.as_deref())?;
+    let m = app.maintenance.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.spawn_background(async move {
+        let today = chrono::Utc::now().date_naive();
+        let _ = tx.send(m.lifecycle(&specs, today, req.dry_run).await);
+    });
+    let reports = rx.await.map_err(|_| {
+        api(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "lifecycle task ended early",
+        )
+    })??;
+    Ok(axum::Json(json!({ "reports": reports })).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    dataset: String,
+    day: String,
+    /// Days the restore lasts (default 7, at most 365).
+    #[serde(default)]
+    days: Option<u32>,
+}
+
+async fn restore(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    let req: RestoreRequest = serde_json::from_slice(&body).map_err(|e| {
+        api(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("expected {{\"dataset\": ..., \"day\": \"YYYY-MM-DD\", \"days\": N}}: {e}"),
+        )
+    })?;
+    app.maintenance.datasets(Some(&req.dataset))?;
+    let days = req.days.unwrap_or(7);
+    if !(1..=365).contains(&days) {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("days is {days}; it must be from 1 to 365"),
+        ));
+    }
+    let m = app.maintenance.clone();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (dataset, day) = (req.dataset.clone(), req.day.clone());
+    app.spawn_background(async move {
+        let _ = tx.send(m.restore(&dataset, &day, days).await);
+    });
+    let files = rx.await.map_err(|_| {
+        api(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "restore task ended early",
+        )
+    })??;
+    Ok(axum::Json(json!({ "dataset": req.dataset, "day": req.day, "files": files, "days": days })).into_response())
 }
 
 async fn vacuum(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {

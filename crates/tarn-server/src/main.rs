@@ -46,6 +46,10 @@ enum Command {
     Vacuum(admin::VacuumArgs),
     /// Print the storage and cost report of a running server.
     Storage(admin::StorageArgs),
+    /// Apply lifecycle rules now: move old days to colder tiers, expire the oldest.
+    Lifecycle(admin::LifecycleArgs),
+    /// Bring an archived (or infrequent) day back to the standard tier for a while.
+    Restore(admin::RestoreArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,6 +75,8 @@ fn main() -> std::process::ExitCode {
             Command::Compact(a) => admin::run_compact(a).await,
             Command::Vacuum(a) => admin::run_vacuum(a).await,
             Command::Storage(a) => admin::run_storage(a).await,
+            Command::Lifecycle(a) => admin::run_lifecycle(a).await,
+            Command::Restore(a) => admin::run_restore(a).await,
         }
     });
     match res {

@@ -12,7 +12,9 @@ use tarn_core::DatasetSpec;
 use tarn_lake::Lake;
 use tarn_lake::compact::{CompactOptions, CompactProgress, CompactReport, compact_dataset};
 use tarn_lake::compaction::CompactionRules;
+use tarn_lake::lifecycle::LifecycleReport;
 use tarn_lake::storage::{Prices, dataset_storage};
+use tarn_lake::tiers::Tiers;
 use tarn_lake::vacuum::{VacuumReport, vacuum_dataset};
 use tokio::sync::{mpsc, watch};
 
@@ -35,6 +37,7 @@ pub struct Maintenance {
     /// How long an unreferenced data file is kept before vacuum deletes it.
     retain: Duration,
     prices: Prices,
+    tiers: Tiers,
 }
 
 /// A vacuum request, as `POST /v1/vacuum` takes it.
@@ -111,14 +114,37 @@ fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
 }
 
 impl Maintenance {
-    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration, prices: Prices) -> Self {
+    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration, prices: Prices, tiers: Tiers) -> Self {
         Self {
             lake,
             catalog,
             running: tokio::sync::Mutex::new(()),
             retain,
             prices,
+            tiers,
         }
+    }
+
+    /// Applies lifecycle rules at `today` (UTC) to the given datasets.
+    pub async fn lifecycle(
+        &self,
+        specs: &[Arc<DatasetSpec>],
+        today: chrono::NaiveDate,
+        dry_run: bool,
+    ) -> tarn_lake::Result<Vec<LifecycleReport>> {
+        let _one = self.running.lock().await;
+        let mut out = Vec::new();
+        for spec in specs {
+            out.push(tarn_lake::lifecycle::apply(&self.lake, &self.tiers, spec, today, dry_run).await?);
+        }
+        Ok(out)
+    }
+
+    /// Restores a day of a dataset to the standard tier for `days` days.
+    pub async fn restore(&self, dataset: &str, day: &str, days: u32) -> tarn_lake::Result<usize> {
+        let _one = self.running.lock().await;
+        let until = chrono::Utc::now().date_naive() + chrono::Duration::days(i64::from(days));
+        self.tiers.restore(&self.lake, dataset, day, until).await
     }
 
     /// The storage and cost report: each dataset's storage, plus the bytes its queries
@@ -132,7 +158,7 @@ impl Maintenance {
         let mut datasets = Vec::new();
         let mut total = 0.0;
         for spec in specs {
-            let s = dataset_storage(&self.lake, spec, &self.prices).await?;
+            let s = dataset_storage(&self.lake, spec, &self.prices, Some(&self.tiers)).await?;
             let bytes = scanned.get(&spec.name).copied().unwrap_or(0);
             let scan_cost = bytes as f64 / tarn_lake::storage::TB * self.prices.scan_tb;
             let monthly = s.monthly_storage_cost + scan_cost;
@@ -269,6 +295,16 @@ impl Maintenance {
             }
             if full {
                 last_full = tokio::time::Instant::now();
+                let today = chrono::Utc::now().date_naive();
+                match self.lifecycle(&self.catalog.list(), today, false).await {
+                    Ok(reports) => {
+                        for r in reports.iter().filter(|r| !r.steps.is_empty()) {
+                            tracing::info!(dataset = %r.dataset, steps = r.steps.len(), moved = r.files_moved,
+                                expired = r.files_expired, "lifecycle applied");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "scheduled lifecycle failed"),
+                }
                 let _one = self.running.lock().await;
                 match self.vacuum_locked(&self.catalog.list(), false).await {
                     Ok(reports) => {

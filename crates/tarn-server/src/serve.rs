@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::maintenance::{AutoCompaction, Maintenance};
 use tarn_lake::storage::Prices;
+use tarn_lake::tiers::Tiers;
 
 #[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
@@ -73,6 +74,12 @@ pub struct ServeArgs {
     /// Price per TB scanned by queries.
     #[arg(long, env = "TARN_PRICE_SCAN_TB", default_value_t = Prices::default().scan_tb)]
     pub price_scan_tb: f64,
+    /// Directory of the infrequent tier (default: <data-dir>/lake/tiers/infrequent).
+    #[arg(long, env = "TARN_TIER_INFREQUENT_DIR")]
+    pub tier_infrequent_dir: Option<PathBuf>,
+    /// Directory of the archive tier (default: <data-dir>/lake/tiers/archive).
+    #[arg(long, env = "TARN_TIER_ARCHIVE_DIR")]
+    pub tier_archive_dir: Option<PathBuf>,
     /// Vacuum deletes data files unreferenced for longer than this many hours (at least 2).
     #[arg(long, env = "TARN_VACUUM_RETAIN_HOURS", default_value_t = 168)]
     pub vacuum_retain_hours: u64,
@@ -246,7 +253,22 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         archive_gb_month: args.price_archive_gb_month,
         scan_tb: args.price_scan_tb,
     };
-    let maintenance = Arc::new(Maintenance::new(lake.clone(), catalog.clone(), retain, prices));
+    let tiers = Tiers::new(
+        args.tier_infrequent_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/infrequent")),
+        args.tier_archive_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/archive")),
+    )
+    .context("opening the tier directories")?;
+    let maintenance = Arc::new(Maintenance::new(
+        lake.clone(),
+        catalog.clone(),
+        retain,
+        prices,
+        tiers.clone(),
+    ));
     background.spawn(maintenance.clone().run_auto(
         AutoCompaction {
             check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),
@@ -257,7 +279,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     ));
     let app = Arc::new(App {
         collector,
-        query: QueryEngine::new(lake.clone(), catalog.clone()),
+        query: QueryEngine::new(lake.clone(), catalog.clone()).with_tiers(tiers),
         catalog: catalog.clone(),
         curate_stats,
         maintenance,

@@ -240,3 +240,128 @@ async fn vacuum_keeps_recently_removed_files_and_refuses_short_retention() {
     );
     assert_eq!(scan(&c, &s.url).await.0, 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    std::fs::create_dir_all(&ds).expect("mkdir");
+    std::fs::write(
+        ds.join("clicks.yaml"),
+        "name: clicks\nfields:\n  - { name: event_id, type: string, required: true }\n  - { name: ts, type: timestamp, required: true }\n  - { name: client_id, type: string, required: true }\nevent_time: ts\nevent_id: event_id\npartitioning: { tenant: client_id }\nlifecycle: { infrequent_after_days: 30, archive_after_days: 365, expire_after_days: 3000 }\n",
+    )
+    .expect("descriptor");
+    let cold = dir.path().join("cold-volume");
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--tier-archive-dir",
+            cold.to_str().expect("utf8"),
+        ],
+    );
+    let c = client();
+    let today = chrono::Utc::now().date_naive();
+    let days = [
+        today - chrono::Duration::days(4000),
+        today - chrono::Duration::days(400),
+        today - chrono::Duration::days(100),
+        today,
+    ];
+    let body: Vec<String> = days
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!(r#"{{"event_id":"e{i}","ts":"{d}T12:00:00Z","client_id":"acme"}}"#))
+        .collect();
+    let (st, v) = post_events(&c, &s.url, "clicks", body.join("\n")).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(&c, &s.url, "SELECT count(*) FROM clicks", 30, |v| v["rows"][0][0] == 4).await;
+
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+            .args(args)
+            .args(["--server", &s.url])
+            .output()
+            .expect("run tarn");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plan = run(&["lifecycle", "--dry-run"]);
+    assert!(plan.contains("clicks: 3 step(s) planned"), "{plan}");
+    assert!(plan.contains(&format!("day={} expire", days[0])), "{plan}");
+    assert!(plan.contains(&format!("day={} standard -> archive", days[1])), "{plan}");
+    assert!(
+        plan.contains(&format!("day={} standard -> infrequent", days[2])),
+        "{plan}"
+    );
+    let done = run(&["lifecycle"]);
+    assert!(
+        done.contains("clicks: 3 step(s); 0 files compacted first, 2 moved, 1 expired"),
+        "{done}"
+    );
+    assert!(
+        cold.join(format!("clicks/day={}", days[1])).is_dir(),
+        "the archive is its own volume"
+    );
+
+    // count(*) alone is answered from the log's statistics and reads no file, archived or not.
+    let (st, v) = sql(&c, &s.url, "SELECT count(*) FROM clicks").await;
+    assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(3)), "{v}");
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
+    assert_eq!(st, 409, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(&format!("clicks day={}", days[1])) && msg.contains("tarn restore"),
+        "{msg}"
+    );
+    let since = days[2].to_string();
+    let (st, v) = sql(
+        &c,
+        &s.url,
+        &format!("SELECT count(*) FROM clicks WHERE day >= '{since}'"),
+    )
+    .await;
+    assert_eq!(
+        (st, v["rows"][0][0].as_u64()),
+        (200, Some(2)),
+        "the infrequent tier is read: {v}"
+    );
+
+    let storage = run(&["storage", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&storage).expect("json");
+    let tiers: Vec<&str> = r["datasets"][0]["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .map(|t| t["tier"].as_str().expect("tier"))
+        .collect();
+    assert_eq!(tiers, ["standard", "infrequent", "archive"]);
+
+    let restored = run(&[
+        "restore",
+        "--dataset",
+        "clicks",
+        "--day",
+        &days[1].to_string(),
+        "--days",
+        "3",
+    ]);
+    assert!(
+        restored.contains("1 files back in the standard tier for 3 days"),
+        "{restored}"
+    );
+    let (st, v) = sql(&c, &s.url, "SELECT count(*) FROM clicks").await;
+    assert_eq!(
+        (st, v["rows"][0][0].as_u64()),
+        (200, Some(3)),
+        "restored, and the expired day is gone: {v}"
+    );
+    let again = run(&["lifecycle", "--dry-run"]);
+    assert!(
+        again.contains("clicks: 0 step(s) planned"),
+        "a restored day stays: {again}"
+    );
+}

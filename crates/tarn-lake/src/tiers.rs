@@ -1,0 +1,253 @@
+//! Storage tiers on a local disk. A tier is a directory (which may sit on another volume): a
+//! day partition in the `infrequent` or `archive` tier lives in
+//! `<tier dir>/<dataset>/day=<day>/`, and the table's own `day=<day>` entry is a symbolic link
+//! to it, so the Delta log and every reader's paths stay the same. The standard tier is the
+//! table directory itself.
+//!
+//! Moving a day copies its files to the new place, syncs them, then swaps the table's entry in
+//! one atomic exchange (`renameat2(RENAME_EXCHANGE)` on Linux): a reader sees the old place or
+//! the new one, never neither; files a reader holds open stay readable. Curate and compaction
+//! hold the dataset's write lock ([`Lake::writing`]) while they write files, and a move holds it
+//! exclusively, so no file lands in a directory while it is being moved.
+//!
+//! The archive is not read by queries (as an archive storage class cannot be): a query whose
+//! scan would touch an archived day fails with the days and the command that restores them.
+//! `tarn restore` brings a day back to the standard tier for a number of days, during which
+//! lifecycle leaves it there.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Lake, Result, io_err};
+
+/// A storage tier, from warmest to coldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Standard,
+    Infrequent,
+    Archive,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Standard => "standard",
+            Tier::Infrequent => "infrequent",
+            Tier::Archive => "archive",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Tier> {
+        match s {
+            "standard" => Some(Tier::Standard),
+            "infrequent" => Some(Tier::Infrequent),
+            "archive" => Some(Tier::Archive),
+            _ => None,
+        }
+    }
+}
+
+/// The file recording restored days of a table: day -> last day of the restore.
+const RESTORED_FILE: &str = "_tarn_restored.json";
+
+/// Where the colder tiers live.
+#[derive(Debug, Clone)]
+pub struct Tiers {
+    infrequent: PathBuf,
+    archive: PathBuf,
+}
+
+impl Tiers {
+    /// Tier directories; created if missing.
+    pub fn new(infrequent: impl AsRef<Path>, archive: impl AsRef<Path>) -> Result<Self> {
+        let mut dirs = Vec::new();
+        for d in [infrequent.as_ref(), archive.as_ref()] {
+            std::fs::create_dir_all(d).map_err(io_err(d))?;
+            dirs.push(d.canonicalize().map_err(io_err(d))?);
+        }
+        let archive = dirs.pop().unwrap_or_default();
+        let infrequent = dirs.pop().unwrap_or_default();
+        if infrequent == archive || infrequent.starts_with(&archive) || archive.starts_with(&infrequent) {
+            return Err(Error::Refused(format!(
+                "the infrequent ({}) and archive ({}) tier directories must be apart",
+                infrequent.display(),
+                archive.display()
+            )));
+        }
+        Ok(Self { infrequent, archive })
+    }
+
+    /// The default tier directories under the lake root.
+    pub fn under(lake: &Lake) -> Result<Self> {
+        Self::new(lake.root().join("tiers/infrequent"), lake.root().join("tiers/archive"))
+    }
+
+    fn dir(&self, tier: Tier) -> Option<&Path> {
+        match tier {
+            Tier::Standard => None,
+            Tier::Infrequent => Some(&self.infrequent),
+            Tier::Archive => Some(&self.archive),
+        }
+    }
+
+    /// The tier a day of a dataset is in.
+    pub fn tier_of(&self, lake: &Lake, dataset: &str, day: &str) -> Result<Tier> {
+        let entry = lake.table_dir(dataset).join(format!("day={day}"));
+        match std::fs::read_link(&entry) {
+            Ok(target) if target.starts_with(&self.archive) => Ok(Tier::Archive),
+            Ok(target) if target.starts_with(&self.infrequent) => Ok(Tier::Infrequent),
+            Ok(target) => Err(Error::Corrupt {
+                what: entry.display().to_string(),
+                reason: format!("links to {}, which is no tier directory", target.display()),
+            }),
+            Err(_) => Ok(Tier::Standard),
+        }
+    }
+
+    /// Restored days of a dataset and the last day of each restore.
+    pub fn restored(&self, lake: &Lake, dataset: &str) -> Result<HashMap<String, NaiveDate>> {
+        let path = lake.table_dir(dataset).join(RESTORED_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Brings a day back to the standard tier until `until`; lifecycle leaves it there until
+    /// then. Returns the files moved.
+    pub async fn restore(&self, lake: &Lake, dataset: &str, day: &str, until: NaiveDate) -> Result<usize> {
+        let moved = self.move_day(lake, dataset, day, Tier::Standard).await?;
+        let mut restored = self.restored(lake, dataset)?;
+        restored.insert(day.to_string(), until);
+        let path = lake.table_dir(dataset).join(RESTORED_FILE);
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(&restored).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        Ok(moved)
+    }
+
+    /// Moves a day of a dataset to `to`; returns the files moved (0 when it is there already or
+    /// the day has no directory).
+    pub async fn move_day(&self, lake: &Lake, dataset: &str, day: &str, to: Tier) -> Result<usize> {
+        if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
+            return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
+        }
+        if self.tier_of(lake, dataset, day)? == to {
+            return Ok(0);
+        }
+        let _exclusive = lake.moving(dataset).await;
+        let table_dir = lake.table_dir(dataset);
+        let dest = self.dir(to).map(|d| d.join(dataset).join(format!("day={day}")));
+        let day = day.to_string();
+        tokio::task::spawn_blocking(move || move_blocking(&table_dir, &day, dest))
+            .await
+            .map_err(|e| Error::Internal(format!("move task: {e}")))?
+    }
+}
+
+fn move_blocking(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<usize> {
+    let entry = table_dir.join(format!("day={day}"));
+    let current = match std::fs::symlink_metadata(&entry) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::read_link(&entry).map_err(io_err(&entry))?,
+        Ok(_) => entry.clone(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err(&entry)(e)),
+    };
+    // The new home: a tier directory, or (back to standard) a hidden directory in the table
+    // that the exchange then puts in place.
+    let staged = dest
+        .clone()
+        .unwrap_or_else(|| table_dir.join(format!(".day={day}.restore")));
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged).map_err(io_err(&staged))?;
+    }
+    let files = copy_tree(&current, &staged)?;
+    let swap = match &dest {
+        Some(d) => {
+            let link = table_dir.join(format!(".day={day}.link"));
+            let _ = std::fs::remove_file(&link);
+            symlink_dir(d, &link)?;
+            link
+        }
+        None => staged.clone(),
+    };
+    exchange(&swap, &entry)?;
+    // `swap` now names what `entry` was: the old directory or the old link.
+    if std::fs::symlink_metadata(&swap).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(&swap).map_err(io_err(&swap))?;
+        std::fs::remove_dir_all(&current).map_err(io_err(&current))?;
+    } else {
+        std::fs::remove_dir_all(&swap).map_err(io_err(&swap))?;
+    }
+    sync_dir(table_dir)?;
+    Ok(files)
+}
+
+/// Copies a directory tree, syncing every file and directory; returns the files copied.
+fn copy_tree(from: &Path, to: &Path) -> Result<usize> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    let mut files = 0;
+    for e in std::fs::read_dir(from).map_err(io_err(from))? {
+        let e = e.map_err(io_err(from))?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if e.file_type().map_err(io_err(&src))?.is_dir() {
+            files += copy_tree(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
+            std::fs::File::open(&dst)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(&dst))?;
+            files += 1;
+        }
+    }
+    sync_dir(to)?;
+    if let Some(parent) = to.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(files)
+}
+
+fn sync_dir(d: &Path) -> Result<()> {
+    std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(io_err(d))
+}
+
+#[cfg(unix)]
+fn symlink_dir(target: &Path, link: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(target, link).map_err(io_err(link))
+}
+
+#[cfg(not(unix))]
+fn symlink_dir(_target: &Path, link: &Path) -> Result<()> {
+    Err(Error::Refused(format!(
+        "storage tiers need symbolic links ({})",
+        link.display()
+    )))
+}
+
+/// Swaps two directory entries atomically.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(|e| Error::Io {
+        path: b.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Swaps two directory entries (not atomically: a reader may briefly find neither).
+#[cfg(not(target_os = "linux"))]
+fn exchange(a: &Path, b: &Path) -> Result<()> {
+    let aside = b.with_extension("aside");
+    std::fs::rename(b, &aside).map_err(io_err(b))?;
+    std::fs::rename(a, b).map_err(io_err(a))?;
+    std::fs::rename(&aside, a).map_err(io_err(a))
+}
