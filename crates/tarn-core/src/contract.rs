@@ -148,6 +148,10 @@ pub struct Compaction {
     /// Size of the files compaction writes, in MiB (default 128, from 1 to 4096).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_mib: Option<u64>,
+    /// Fields the rows of a compacted file are sorted by (ascending, nulls first), so that
+    /// its row groups carry narrow statistics on them. Empty: files are concatenated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sort_by: Vec<String>,
 }
 
 impl Compaction {
@@ -250,6 +254,16 @@ impl DatasetSpec {
             && !(1..=4096).contains(&m)
         {
             return bad(format!("compaction.target_mib is {m}; it must be from 1 to 4096"));
+        }
+        for f in &self.compaction.sort_by {
+            if self.field(f).is_none() && f != RECEIVED_AT {
+                return bad(format!("compaction.sort_by field {f:?} is not declared"));
+            }
+            if Some(f.as_str()) == self.tenant() {
+                return bad(format!(
+                    "compaction.sort_by field {f:?} is the tenant partition; every row of a file has the same value"
+                ));
+            }
         }
         self.lifecycle.check().map_err(|r| Error::InvalidContract {
             dataset: self.name.clone(),

@@ -145,26 +145,70 @@ fn read_aligned(path: PathBuf, schema: SchemaRef) -> Result<impl Iterator<Item =
             what: path.display().to_string(),
             reason: e.to_string(),
         })?;
-    Ok(reader.map(move |b| {
-        let b = b?;
-        let cols = schema
-            .fields()
-            .iter()
-            .map(|f| match b.column_by_name(f.name()) {
-                Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
-                Some(c) => Ok(cast_with_options(
-                    c,
-                    f.data_type(),
-                    &CastOptions {
-                        safe: false,
-                        ..CastOptions::default()
-                    },
-                )?),
-                None => Ok(new_null_array(f.data_type(), b.num_rows())),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(RecordBatch::try_new(schema.clone(), cols)?)
-    }))
+    Ok(reader.map(move |b| align(&b?, &schema)))
+}
+
+/// A batch aligned to `schema` by column name: a missing column comes back null, another
+/// type is cast (failing rather than nulling a value that does not fit).
+fn align(b: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch> {
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match b.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => Ok(cast_with_options(
+                c,
+                f.data_type(),
+                &CastOptions {
+                    safe: false,
+                    ..CastOptions::default()
+                },
+            )?),
+            None => Ok(new_null_array(f.data_type(), b.num_rows())),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+/// Memory a sorting compaction may use before it spills to disk.
+const SORT_MEMORY_BYTES: usize = 256 << 20;
+
+/// The rows of `inputs` sorted by `sort_by` (ascending, nulls first), streamed: DataFusion's
+/// external sort, limited to [`SORT_MEMORY_BYTES`] and spilling beyond it.
+async fn sorted_rows(
+    inputs: &[PathBuf],
+    schema: &SchemaRef,
+    sort_by: &[String],
+    tx: std::sync::mpsc::SyncSender<Result<RecordBatch>>,
+) -> Result<()> {
+    use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use deltalake::datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext, col};
+    use futures::StreamExt;
+    let df_err =
+        |e: deltalake::datafusion::error::DataFusionError| Error::Internal(format!("sorting for compaction: {e}"));
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(SORT_MEMORY_BYTES, 1.0)
+        .build_arc()
+        .map_err(df_err)?;
+    let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_target_partitions(1), runtime);
+    let paths: Vec<String> = inputs.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let df = ctx
+        .read_parquet(paths, ParquetReadOptions::default().schema(schema.as_ref()))
+        .await
+        .map_err(df_err)?;
+    let order = sort_by
+        .iter()
+        .map(|c| col(format!("\"{c}\"")).sort(true, true))
+        .collect();
+    let mut stream = df.sort(order).map_err(df_err)?.execute_stream().await.map_err(df_err)?;
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(df_err).and_then(|b| align(&b, schema));
+        let failed = b.is_err();
+        if tx.send(b).is_err() || failed {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Compacts one dataset's table.
@@ -428,6 +472,7 @@ async fn write_bin(
     bin: &Bin,
 ) -> Result<deltalake::kernel::Add> {
     let (dir, spec, schema, bin) = (table_dir.to_path_buf(), spec.clone(), schema.clone(), bin.clone());
+    let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let inputs = bin
             .files
@@ -445,11 +490,29 @@ async fn write_bin(
             partition_text(&bin.partition),
             name_hash(&bin.files)
         );
-        let rows = inputs.into_iter().flat_map(|p| match read_aligned(p, schema.clone()) {
-            Ok(it) => Box::new(it) as Box<dyn Iterator<Item = Result<RecordBatch>>>,
-            Err(e) => Box::new(std::iter::once(Err(e))),
-        });
-        let (size, stats) = write_parquet(&dir, &rel, schema.clone(), &props, rows)?;
+        let (size, stats) = if spec.compaction.sort_by.is_empty() {
+            let rows = inputs.into_iter().flat_map(|p| match read_aligned(p, schema.clone()) {
+                Ok(it) => Box::new(it) as Box<dyn Iterator<Item = Result<RecordBatch>>>,
+                Err(e) => Box::new(std::iter::once(Err(e))),
+            });
+            write_parquet(&dir, &rel, schema.clone(), &props, rows)?
+        } else {
+            // The sort runs on the async runtime and hands batches over, two at a time.
+            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let (inputs, schema_s, sort_by) = (inputs.clone(), schema.clone(), spec.compaction.sort_by.clone());
+            let sorter = handle.spawn(async move { sorted_rows(&inputs, &schema_s, &sort_by, tx).await });
+            let written = write_parquet(&dir, &rel, schema.clone(), &props, rx.into_iter());
+            let sorted = handle
+                .block_on(sorter)
+                .map_err(|e| Error::Internal(format!("sort task: {e}")));
+            match (written, sorted) {
+                (Ok(w), Ok(Ok(()))) => w,
+                (Err(e), _) | (_, Ok(Err(e))) | (_, Err(e)) => {
+                    let _ = std::fs::remove_file(dir.join(&rel));
+                    return Err(e);
+                }
+            }
+        };
         if stats.rows() != bin.rows && bin.rows != 0 {
             let _ = std::fs::remove_file(dir.join(&rel));
             return Err(Error::Corrupt {

@@ -302,3 +302,39 @@ async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() 
     assert_eq!(written.len(), 1, "the merged file was written");
     assert_eq!(files_on_disk(&lake.table_dir("bids")), on_disk, "and deleted again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_compaction_orders_rows_and_conserves_them() {
+    use deltalake::arrow::array::Float64Array;
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    for i in 0..5 {
+        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
+    }
+    let before = ids(&lake).await;
+    let mut sorted = spec();
+    sorted.compaction.sort_by = vec!["cpm".into()];
+    let r = compact_dataset(&lake, &sorted, &CompactOptions::default(), &no_progress)
+        .await
+        .expect("compact");
+    assert_eq!((r.commits, r.files_added, r.rows), (2, 2, 100));
+    assert_eq!(ids(&lake).await, before);
+    for f in active_files(&lake).await {
+        let file = std::fs::File::open(lake.table_dir("bids").join(&f.path)).expect("open");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("parquet")
+            .build()
+            .expect("reader");
+        let mut cpm = Vec::new();
+        for b in reader {
+            let b = b.expect("batch");
+            let c = b.column_by_name("cpm").expect("cpm");
+            let c = c.as_any().downcast_ref::<Float64Array>().expect("f64");
+            cpm.extend(c.iter().flatten());
+        }
+        assert_eq!(cpm.len(), 50);
+        assert!(cpm.windows(2).all(|w| w[0] <= w[1]), "{} is sorted by cpm", f.path);
+    }
+}
