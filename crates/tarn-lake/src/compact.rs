@@ -179,7 +179,7 @@ async fn sorted_rows(
     inputs: &[PathBuf],
     schema: &SchemaRef,
     sort_by: &[String],
-    tx: std::sync::mpsc::SyncSender<Result<RecordBatch>>,
+    tx: tokio::sync::mpsc::Sender<Result<RecordBatch>>,
 ) -> Result<()> {
     use deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder;
     use deltalake::datafusion::prelude::{ParquetReadOptions, SessionConfig, SessionContext, col};
@@ -204,7 +204,7 @@ async fn sorted_rows(
     while let Some(b) = stream.next().await {
         let b = b.map_err(df_err).and_then(|b| align(&b, schema));
         let failed = b.is_err();
-        if tx.send(b).is_err() || failed {
+        if tx.send(b).await.is_err() || failed {
             break;
         }
     }
@@ -498,10 +498,16 @@ async fn write_bin(
             write_parquet(&dir, &rel, schema.clone(), &props, rows)?
         } else {
             // The sort runs on the async runtime and hands batches over, two at a time.
-            let (tx, rx) = std::sync::mpsc::sync_channel(2);
+            let (tx, mut rx) = tokio::sync::mpsc::channel(2);
             let (inputs, schema_s, sort_by) = (inputs.clone(), schema.clone(), spec.compaction.sort_by.clone());
             let sorter = handle.spawn(async move { sorted_rows(&inputs, &schema_s, &sort_by, tx).await });
-            let written = write_parquet(&dir, &rel, schema.clone(), &props, rx.into_iter());
+            let written = write_parquet(
+                &dir,
+                &rel,
+                schema.clone(),
+                &props,
+                std::iter::from_fn(|| rx.blocking_recv()),
+            );
             let sorted = handle
                 .block_on(sorter)
                 .map_err(|e| Error::Internal(format!("sort task: {e}")));

@@ -331,6 +331,29 @@ mod tests {
         assert_eq!(v.files_deleted, 6, "{v:?}");
         assert_eq!(files_on_disk(&lake.table_dir("bids")).len(), v.files_active);
         assert_eq!(count(&lake).await.0, 80);
+
+        // A crash between a restore's swap and its cleanup leaves a hidden link to the archive;
+        // once the day is archived again, vacuum must not take the files behind that link for
+        // garbage, and the next move clears the leftover.
+        let r = apply(&lake, &tiers, &spec, until, false).await.expect("archive again");
+        assert_eq!(r.steps.len(), 1);
+        let leftover = lake.table_dir("bids").join(".day=2026-01-01.restore");
+        std::os::unix::fs::symlink(lake.root().join("tiers/archive/bids/day=2026-01-01"), &leftover).expect("link");
+        let far = now + 30 * 24 * 3_600_000;
+        let v = crate::vacuum::vacuum_dataset(&lake, "bids", far, crate::vacuum::RETAIN_MIN, false)
+            .await
+            .expect("vacuum");
+        assert_eq!(v.files_deleted, 0, "{v:?}");
+        assert_eq!(count(&lake).await.0, 80);
+        tiers
+            .restore(&lake, "bids", "2026-01-01", d("2026-12-31"))
+            .await
+            .expect("restore");
+        assert!(
+            std::fs::symlink_metadata(&leftover).is_err(),
+            "the leftover link is gone"
+        );
+        assert_eq!(count(&lake).await.0, 80);
     }
 
     #[test]

@@ -124,19 +124,29 @@ impl Tiers {
     /// Brings a day back to the standard tier until `until`; lifecycle leaves it there until
     /// then. Returns the files moved.
     pub async fn restore(&self, lake: &Lake, dataset: &str, day: &str, until: NaiveDate) -> Result<usize> {
-        let moved = self.move_day(lake, dataset, day, Tier::Standard).await?;
+        if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
+            return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
+        }
+        // Recorded (and synced) first: a crash during the move then leaves a day that lifecycle
+        // will not send back before the restore ends, and the restore can simply be run again.
         let mut restored = self.restored(lake, dataset)?;
         restored.insert(day.to_string(), until);
         let path = lake.table_dir(dataset).join(RESTORED_FILE);
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&restored).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        Ok(moved)
+        sync_dir(&lake.table_dir(dataset))?;
+        self.move_day(lake, dataset, day, Tier::Standard).await
     }
 
     /// Moves a day of a dataset to `to`; returns the files moved (0 when it is there already or
-    /// the day has no directory).
+    /// the day has no directory). The files are copied once without the lock, then, under the
+    /// dataset's exclusive lock, whatever arrived since is copied and the entry swapped, so
+    /// appends wait only for the last step.
     pub async fn move_day(&self, lake: &Lake, dataset: &str, day: &str, to: Tier) -> Result<usize> {
         if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
@@ -144,43 +154,94 @@ impl Tiers {
         if self.tier_of(lake, dataset, day)? == to {
             return Ok(0);
         }
-        let _exclusive = lake.moving(dataset).await;
         let table_dir = lake.table_dir(dataset);
         let dest = self.dir(to).map(|d| d.join(dataset).join(format!("day={day}")));
+        let (dir, d, dst) = (table_dir.clone(), day.to_string(), dest.clone());
+        tokio::task::spawn_blocking(move || prepare_move(&dir, &d, dst.as_deref()))
+            .await
+            .map_err(|e| Error::Internal(format!("move task: {e}")))??;
+        let _exclusive = lake.moving(dataset).await;
+        // Checked again under the lock: another move may have come first.
+        if self.tier_of(lake, dataset, day)? == to {
+            return Ok(0);
+        }
         let day = day.to_string();
-        tokio::task::spawn_blocking(move || move_blocking(&table_dir, &day, dest))
+        tokio::task::spawn_blocking(move || finish_move(&table_dir, &day, dest))
             .await
             .map_err(|e| Error::Internal(format!("move task: {e}")))?
     }
 }
 
-fn move_blocking(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<usize> {
+/// Where a day's files are now: the table's entry itself, or where its link points.
+fn current_place(entry: &Path) -> Result<Option<PathBuf>> {
+    match std::fs::symlink_metadata(entry) {
+        Ok(m) if m.file_type().is_symlink() => Ok(Some(std::fs::read_link(entry).map_err(io_err(entry))?)),
+        Ok(_) => Ok(Some(entry.to_path_buf())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(entry)(e)),
+    }
+}
+
+/// Removes what an interrupted move may have left under hidden names: a link is removed
+/// without following it; a directory (a partial copy, or the old place after the swap) with
+/// its contents.
+fn clear_leftover(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path).map_err(io_err(path)),
+        Ok(_) => std::fs::remove_dir_all(path).map_err(io_err(path)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Where the day's files are copied to: the tier directory, or (back to standard) a hidden
+/// directory in the table that the swap then puts in place.
+fn staged_place(table_dir: &Path, day: &str, dest: Option<&Path>) -> PathBuf {
+    dest.map(Path::to_path_buf)
+        .unwrap_or_else(|| table_dir.join(format!(".day={day}.restore")))
+}
+
+/// The first, unlocked copy.
+fn prepare_move(table_dir: &Path, day: &str, dest: Option<&Path>) -> Result<()> {
     let entry = table_dir.join(format!("day={day}"));
-    let current = match std::fs::symlink_metadata(&entry) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::read_link(&entry).map_err(io_err(&entry))?,
-        Ok(_) => entry.clone(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_err(&entry)(e)),
+    let Some(current) = current_place(&entry)? else {
+        return Ok(());
     };
-    // The new home: a tier directory, or (back to standard) a hidden directory in the table
-    // that the exchange then puts in place.
-    let staged = dest
-        .clone()
-        .unwrap_or_else(|| table_dir.join(format!(".day={day}.restore")));
-    if staged.exists() {
+    let staged = staged_place(table_dir, day, dest);
+    if staged == current {
+        return Ok(());
+    }
+    clear_leftover(&table_dir.join(format!(".day={day}.link")))?;
+    if dest.is_none() {
+        clear_leftover(&staged)?;
+    } else if staged.exists() {
         std::fs::remove_dir_all(&staged).map_err(io_err(&staged))?;
+    }
+    copy_tree(&current, &staged)?;
+    Ok(())
+}
+
+/// Under the lock: copies what changed since [`prepare_move`], swaps, and drops the old place.
+fn finish_move(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<usize> {
+    let entry = table_dir.join(format!("day={day}"));
+    let Some(current) = current_place(&entry)? else {
+        return Ok(0);
+    };
+    let staged = staged_place(table_dir, day, dest.as_deref());
+    if staged == current {
+        return Err(Error::Refused(format!("day={day} is already in {}", staged.display())));
     }
     let files = copy_tree(&current, &staged)?;
     let swap = match &dest {
         Some(d) => {
             let link = table_dir.join(format!(".day={day}.link"));
-            let _ = std::fs::remove_file(&link);
+            clear_leftover(&link)?;
             symlink_dir(d, &link)?;
             link
         }
         None => staged.clone(),
     };
     exchange(&swap, &entry)?;
+    sync_dir(table_dir)?;
     // `swap` now names what `entry` was: the old directory or the old link.
     if std::fs::symlink_metadata(&swap).is_ok_and(|m| m.file_type().is_symlink()) {
         std::fs::remove_file(&swap).map_err(io_err(&swap))?;
@@ -192,26 +253,45 @@ fn move_blocking(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<u
     Ok(files)
 }
 
-/// Copies a directory tree, syncing every file and directory; returns the files copied.
+/// Copies a directory tree, syncing every file and directory it writes (and the directories
+/// above a new tree); a file already there with the same size and a later time is kept.
+/// Returns the files in the tree.
 fn copy_tree(from: &Path, to: &Path) -> Result<usize> {
+    let created = !to.exists();
     std::fs::create_dir_all(to).map_err(io_err(to))?;
     let mut files = 0;
+    let mut wrote = false;
     for e in std::fs::read_dir(from).map_err(io_err(from))? {
         let e = e.map_err(io_err(from))?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
         if e.file_type().map_err(io_err(&src))?.is_dir() {
             files += copy_tree(&src, &dst)?;
-        } else {
+            continue;
+        }
+        files += 1;
+        let sm = e.metadata().map_err(io_err(&src))?;
+        let fresh = std::fs::metadata(&dst)
+            .is_ok_and(|dm| dm.len() == sm.len() && matches!((sm.modified(), dm.modified()), (Ok(s), Ok(d)) if d >= s));
+        if !fresh {
             std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
             std::fs::File::open(&dst)
                 .and_then(|f| f.sync_all())
                 .map_err(io_err(&dst))?;
-            files += 1;
+            wrote = true;
         }
     }
-    sync_dir(to)?;
-    if let Some(parent) = to.parent() {
-        sync_dir(parent)?;
+    if wrote || created {
+        sync_dir(to)?;
+    }
+    if created {
+        // New directories up to two levels (`<tier>/<dataset>/day=..`) need their entries
+        // synced too.
+        let mut d = to.parent();
+        for _ in 0..2 {
+            let Some(p) = d else { break };
+            sync_dir(p)?;
+            d = p.parent();
+        }
     }
     Ok(files)
 }

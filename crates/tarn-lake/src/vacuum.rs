@@ -78,13 +78,23 @@ pub fn list_data_files(table_dir: &Path) -> Result<Vec<DiskFile>> {
         };
         for e in rd {
             let e = e.map_err(io_err(dir))?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            // Hidden and `_` names are tarn's own (the log, locks, an interrupted move's
+            // leftovers): never data, and never followed.
+            if name.starts_with('.') || name.starts_with('_') {
+                continue;
+            }
             let p = e.path();
-            // Followed through links: a day in a colder tier is a link to its directory.
-            let meta = std::fs::metadata(&p).map_err(io_err(&p))?;
+            // Followed through links: a day in a colder tier is a link to its directory. A
+            // link to nothing holds nothing.
+            let meta = match std::fs::metadata(&p) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&p)(e)),
+            };
             if meta.is_dir() {
-                if e.file_name() != "_delta_log" {
-                    walk(root, &p, out)?;
-                }
+                walk(root, &p, out)?;
             } else if p.extension().is_some_and(|x| x == "parquet") {
                 let modified_ms = meta
                     .modified()

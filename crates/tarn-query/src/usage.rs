@@ -25,12 +25,21 @@ impl Usage {
     /// Accounting kept in `path` (loaded if present; an unreadable file starts afresh, with a
     /// warning, since it only holds estimates).
     pub fn open(path: PathBuf) -> Self {
-        let counts = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "scan accounting unreadable; starting afresh");
+        let counts = match std::fs::read(&path).map(|b| serde_json::from_slice::<Counts>(&b)) {
+            Ok(Ok(c)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Counts::default(),
+            other => {
+                // Kept aside for a person to look at, not overwritten by the next save.
+                let aside = path.with_extension("json.unreadable");
+                let _ = std::fs::rename(&path, &aside);
+                let error = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(_)) => String::new(),
+                };
+                tracing::warn!(path = %path.display(), aside = %aside.display(), error, "scan accounting unreadable; starting afresh");
                 Counts::default()
-            }),
-            Err(_) => Counts::default(),
+            }
         };
         Self {
             path: Some(path),
@@ -109,6 +118,10 @@ mod tests {
         let again = Usage::open(path.clone());
         assert_eq!(again.month("2026-12"), [("a".to_string(), 7)].into());
         std::fs::write(&path, b"{not json").expect("corrupt");
-        assert!(Usage::open(path).month("2026-11").is_empty());
+        assert!(Usage::open(path.clone()).month("2026-11").is_empty());
+        assert!(
+            path.with_extension("json.unreadable").exists(),
+            "the unreadable file is kept aside"
+        );
     }
 }

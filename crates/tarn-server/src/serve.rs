@@ -313,6 +313,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await
         .context("serving HTTP")?;
     let _ = shutdown_tx.send(true);
+    app.query.usage().flush();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
     Ok(())
 }
