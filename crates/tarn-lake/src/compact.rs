@@ -32,7 +32,7 @@ use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
 
 use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
-use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
+use crate::datafile::{file_schema, new_add, write_parquet};
 use crate::table::{commit_actions, writer_properties};
 use crate::{Error, Lake, Result, io_err};
 
@@ -433,14 +433,6 @@ async fn prepare_inner(
         }
         on_bin(bin);
     }
-    let dir = table_dir.clone();
-    let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        sync_files(&dir, &refs)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
     // delta-rs does not treat two commits removing the same file with dataChange = false as a
     // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
     // tarn one run goes at a time; this re-check narrows the window against outside writers.
@@ -483,7 +475,7 @@ async fn write_bin(
         let sample: Vec<RecordBatch> = read_aligned(inputs[0].clone(), schema.clone())?
             .take(1)
             .collect::<Result<_>>()?;
-        let props = writer_properties(&spec, &sample);
+        let props = writer_properties(&spec, &sample, false);
         let stamp = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
         let rel = format!(
             "{}/compact-{stamp}-{:08x}.zstd.parquet",

@@ -124,13 +124,13 @@ pub struct FileSet<'a> {
 }
 
 impl FileSet<'_> {
-    /// Writes one partition's rows as a Parquet file (without the partition columns) and
-    /// returns its `Add` action. The file is not synced: [`sync_files`] does that for all files
-    /// of a commit at once.
+    /// Writes one partition's rows as a Parquet file (without the partition columns), synced,
+    /// and returns its `Add` action.
     pub fn write(&self, batches: &[RecordBatch], part: &PartitionRows) -> Result<Add> {
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let rows = interleave_record_batch(&refs, &part.rows)?;
         let rows = without_partition_columns(self.spec, &rows)?;
+        let rows = sorted_by_event_time(self.spec, rows)?;
         let dir = partition_dir(self.spec, &part.day, part.tenant.as_deref())?;
         let rel = format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version);
         let schema = rows.schema();
@@ -142,6 +142,20 @@ impl FileSet<'_> {
         }
         Ok(new_add(rel, partition_values, size, &stats, true))
     }
+}
+
+/// The rows ordered by event time: timestamps then delta-encode into little, and the file's
+/// row groups carry tight ranges.
+fn sorted_by_event_time(spec: &DatasetSpec, rows: RecordBatch) -> Result<RecordBatch> {
+    let Some(col) = spec.event_time.as_deref().and_then(|t| rows.column_by_name(t)) else {
+        return Ok(rows);
+    };
+    let opts = deltalake::arrow::compute::SortOptions {
+        descending: false,
+        nulls_first: true,
+    };
+    let order = deltalake::arrow::compute::sort_to_indices(col, Some(opts), None)?;
+    Ok(deltalake::arrow::compute::take_record_batch(&rows, &order)?)
 }
 
 /// An `Add` action for a file written here.
@@ -168,7 +182,11 @@ pub fn new_add(
 }
 
 /// Writes `batches` (each with `schema`) as one Parquet file at `table_dir/rel`, creating its
-/// directory; returns the file's size and statistics. The file is not synced.
+/// directory; returns the file's size and statistics. The file is synced, and so is every
+/// directory whose new entry names it, before this returns. Syncing each file as it is
+/// written (rather than the whole filesystem once per commit) spreads the disk writes out, so
+/// that the log's own fsyncs, which an ingest acknowledgement waits for, never queue behind
+/// tens of megabytes of Parquet.
 pub fn write_parquet(
     table_dir: &Path,
     rel: &str,
@@ -177,6 +195,13 @@ pub fn write_parquet(
     batches: impl Iterator<Item = Result<RecordBatch>>,
 ) -> Result<(u64, FileStats)> {
     let path = table_dir.join(rel);
+    // The directories this file needs that do not exist yet, deepest first.
+    let mut created = Vec::new();
+    let mut d = path.parent();
+    while let Some(p) = d.filter(|p| p.starts_with(table_dir) && *p != table_dir && !p.exists()) {
+        created.push(p.to_path_buf());
+        d = p.parent();
+    }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
@@ -198,43 +223,24 @@ pub fn write_parquet(
         path: path.clone(),
         source: e.into_error(),
     })?;
+    file.sync_all().map_err(io_err(&path))?;
     let size = file.metadata().map_err(io_err(&path))?.len();
-    Ok((size, stats))
-}
-
-/// Makes the files of a commit, and the directories that name them, durable. On Linux this is
-/// one `syncfs` of the table's filesystem, which costs about half as much as syncing hundreds of
-/// files and their new directories one by one (0.32 s against 0.69 s for 600 files of 60 KB,
-/// measured on the CI machine); elsewhere each file and directory is synced.
-pub fn sync_files(table_dir: &Path, rel_paths: &[&str]) -> Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        let _ = rel_paths;
-        let dir = std::fs::File::open(table_dir).map_err(io_err(table_dir))?;
-        rustix::fs::syncfs(&dir).map_err(|e| Error::Io {
-            path: table_dir.to_path_buf(),
-            source: e.into(),
-        })
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let mut dirs = std::collections::BTreeSet::new();
-        for rel in rel_paths {
-            let path = table_dir.join(rel);
-            std::fs::File::open(&path)
+    // Each new directory's entry lives in its parent.
+    for dir in &created {
+        if let Some(parent) = dir.parent() {
+            std::fs::File::open(parent)
                 .and_then(|f| f.sync_all())
-                .map_err(io_err(&path))?;
-            let mut d = path.parent();
-            while let Some(p) = d.filter(|p| p.starts_with(table_dir)) {
-                dirs.insert(p.to_path_buf());
-                d = p.parent();
-            }
+                .map_err(io_err(parent))?;
         }
-        for d in dirs {
-            std::fs::File::open(&d).and_then(|f| f.sync_all()).map_err(io_err(&d))?;
-        }
-        Ok(())
     }
+    if created.is_empty()
+        && let Some(parent) = path.parent()
+    {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(parent))?;
+    }
+    Ok((size, stats))
 }
 
 fn parquet_err(rel: &str) -> impl FnOnce(deltalake::parquet::errors::ParquetError) -> Error + '_ {

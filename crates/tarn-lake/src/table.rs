@@ -11,7 +11,7 @@ use deltalake::arrow::array::{RecordBatch, StringArray};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, StructType, Transaction};
-use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
 use deltalake::parquet::file::properties::EnabledStatistics;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
@@ -19,7 +19,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use tarn_core::contract::DAY;
 use tarn_core::{DatasetSpec, FieldType};
 
-use crate::datafile::{FileSet, group_by_partition, sync_files};
+use crate::datafile::{FileSet, group_by_partition};
 use crate::{Error, Result, io_err};
 
 /// The lake root on the local filesystem.
@@ -120,42 +120,72 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 }
 
 /// Parquet settings of curated files: zstd; statistics per column chunk (what pruning uses;
-/// page-level indexes only make small files bigger); and a dictionary only for the columns
-/// whose values repeat. Event ids, event times and floats never get one; a string column gets
-/// one when, in a sample of the rows, fewer than half of its values are distinct.
-pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch]) -> WriterProperties {
+/// page-level indexes only make small files bigger); a dictionary only for the columns whose
+/// values repeat (a string column when, in a sample of the rows, fewer than half of its values
+/// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
+/// that suits the type: delta encoding for timestamps (rows are sorted by event time, so the
+/// deltas are small) and for integers, plain values for floats and strings. Event ids never get
+/// a dictionary. Strings without one (ids, URLs) get no Parquet statistics: their bounds are in
+/// the Delta log already, and in a footer repeated in every small file they cost more than
+/// they prune. `small` files (curate's, one per partition and commit) also skip the offset
+/// index, which only helps files of many pages.
+pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: bool) -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_offset_index_disabled(small)
         .set_max_row_group_row_count(Some(128 * 1024));
     for f in &spec.fields {
-        let repeats = match f.ty {
-            FieldType::Float64 | FieldType::Timestamp => false,
-            _ if f.name == spec.event_id => false,
-            FieldType::String | FieldType::Json => distinct_share(batches, &f.name) < 0.5,
-            FieldType::Int64 | FieldType::Bool => true,
+        let path = || ColumnPath::from(f.name.clone());
+        let encoding = match f.ty {
+            FieldType::Float64 => Some(Encoding::PLAIN),
+            FieldType::Timestamp => Some(Encoding::DELTA_BINARY_PACKED),
+            FieldType::Int64 if distinct_share(batches, &f.name) >= 0.1 => Some(Encoding::DELTA_BINARY_PACKED),
+            FieldType::String | FieldType::Json
+                if f.name == spec.event_id || distinct_share(batches, &f.name) >= 0.5 =>
+            {
+                b = b.set_column_statistics_enabled(path(), EnabledStatistics::None);
+                Some(Encoding::PLAIN)
+            }
+            _ => None,
         };
-        if !repeats {
-            b = b.set_column_dictionary_enabled(ColumnPath::from(f.name.clone()), false);
+        if let Some(e) = encoding {
+            b = b
+                .set_column_dictionary_enabled(path(), false)
+                .set_column_encoding(path(), e);
         }
     }
     b.build()
 }
 
-/// The share of distinct values among the first 4,096 non-null values of a string column
-/// across `batches`; 1 when there are none.
+/// The share of distinct values among the first 4,096 non-null values of a string or
+/// integer column across `batches`; 1 when there are none.
 fn distinct_share(batches: &[RecordBatch], column: &str) -> f64 {
-    let mut seen = std::collections::HashSet::new();
+    use deltalake::arrow::array::Int64Array;
+    let mut strings = std::collections::HashSet::new();
+    let mut ints = std::collections::HashSet::new();
     let mut n = 0usize;
-    let columns = batches
-        .iter()
-        .filter_map(|b| b.column_by_name(column))
-        .filter_map(|c| c.as_any().downcast_ref::<StringArray>());
-    for v in columns.flat_map(|c| c.iter().flatten()).take(4096) {
-        seen.insert(v);
-        n += 1;
+    for c in batches.iter().filter_map(|b| b.column_by_name(column)) {
+        if let Some(c) = c.as_any().downcast_ref::<StringArray>() {
+            for v in c.iter().flatten().take(4096 - n) {
+                strings.insert(v);
+                n += 1;
+            }
+        } else if let Some(c) = c.as_any().downcast_ref::<Int64Array>() {
+            for v in c.iter().flatten().take(4096 - n) {
+                ints.insert(v);
+                n += 1;
+            }
+        }
+        if n >= 4096 {
+            break;
+        }
     }
-    if n == 0 { 1.0 } else { seen.len() as f64 / n as f64 }
+    if n == 0 {
+        1.0
+    } else {
+        (strings.len() + ints.len()) as f64 / n as f64
+    }
 }
 
 /// The partition columns of a dataset's table: `day`, then the tenant field if any.
@@ -218,11 +248,13 @@ pub async fn append(
     let dir = table_dir.clone();
     let adds = tokio::task::spawn_blocking(move || -> Result<Vec<Action>> {
         let table_dir = dir;
+        let t0 = std::time::Instant::now();
         let parts = group_by_partition(&spec_w, &batches)?;
+        let group_ms = t0.elapsed().as_millis() as u64;
         let files = FileSet {
             table_dir: &table_dir,
             spec: &spec_w,
-            props: writer_properties(&spec_w, &batches),
+            props: writer_properties(&spec_w, &batches, true),
             shard,
             version,
         };
@@ -251,14 +283,11 @@ pub async fn append(
             return Err(e);
         }
         let adds = out.into_inner().unwrap_or_else(|e| e.into_inner());
-        let paths: Vec<&str> = adds
-            .iter()
-            .filter_map(|a| match a {
-                Action::Add(a) => Some(a.path.as_str()),
-                _ => None,
-            })
-            .collect();
-        sync_files(&table_dir, &paths)?;
+        tracing::debug!(
+            group_ms,
+            write_ms = t0.elapsed().as_millis() as u64 - group_ms,
+            "data files written and synced"
+        );
         Ok(adds)
     })
     .await

@@ -112,7 +112,7 @@ async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
     let files = crate::datafile::FileSet {
         table_dir: &lake.table_dir("bids"),
         spec: &spec,
-        props: crate::table::writer_properties(&spec, &batches),
+        props: crate::table::writer_properties(&spec, &batches, true),
         shard: 0,
         version: 4,
     };
