@@ -32,12 +32,15 @@ use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
 
 use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
-use crate::datafile::{file_schema, new_add, write_parquet};
+use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
 use crate::table::{commit_actions, writer_properties};
 use crate::{Error, Lake, Result, io_err};
 
 /// The lock file a compaction holds on its table (Delta readers ignore names starting with `_`).
 pub const LOCK_FILE: &str = "_tarn_compaction.lock";
+
+/// Most partitions swapped by one compaction commit.
+const PARTITIONS_PER_COMMIT: usize = 64;
 
 /// Rows per batch when streaming input files.
 const READ_BATCH_ROWS: usize = 8_192;
@@ -283,7 +286,25 @@ pub async fn compact_dataset(
         bytes_total: report.bins.iter().map(|b| b.bytes).sum(),
     };
     progress(&state);
+    // Partitions are swapped in groups: each partition's files change in one commit, and one
+    // commit carries up to `PARTITIONS_PER_COMMIT` partitions, so that a table of hundreds of
+    // small partitions is not hundreds of commits.
+    let mut groups: Vec<(usize, String, Vec<Bin>)> = Vec::new();
     for (partition, bins) in by_partition {
+        match groups.last_mut() {
+            Some((n, _, list)) if *n < PARTITIONS_PER_COMMIT => {
+                *n += 1;
+                list.extend(bins);
+            }
+            _ => groups.push((1, partition_text(&partition), bins)),
+        }
+    }
+    for (n, first, bins) in groups {
+        let label = if n == 1 {
+            first
+        } else {
+            format!("{n} partitions from {first}")
+        };
         let mut written = Vec::new();
         let writing = lake.writing(dataset).await;
         let step = compact_partition(
@@ -291,7 +312,7 @@ pub async fn compact_dataset(
             spec,
             &schema,
             &info,
-            &partition,
+            &label,
             &bins,
             opts,
             &mut written,
@@ -313,9 +334,9 @@ pub async fn compact_dataset(
                 report.rows += bins.iter().map(|b| b.rows).sum::<u64>();
             }
             Err(e @ Error::Conflict(_)) => {
-                tracing::warn!(dataset, partition = %partition_text(&partition), error = %e,
-                    "compaction left the partition for the next run");
-                report.conflicts += 1;
+                tracing::warn!(dataset, partitions = %label, error = %e,
+                    "compaction left the partitions for the next run");
+                report.conflicts += n;
                 table.update_incremental(None).await.map_err(delta_err(dataset))?;
             }
             Err(e) => return Err(e),
@@ -333,7 +354,7 @@ pub async fn compact_dataset(
     Ok(report)
 }
 
-/// Compacts one partition: writes each bin's file (recorded in `written` with its size), syncs
+/// Compacts a group of partitions: writes each bin's file (recorded in `written` with its size), syncs
 /// them, checks that every input is still active at the newest version, and commits removes and
 /// adds as one OPTIMIZE. When anything fails before the commit lands, the new files are deleted
 /// here; `Error::Conflict` then means another writer changed the partition first.
@@ -343,7 +364,7 @@ async fn compact_partition(
     spec: &DatasetSpec,
     schema: &SchemaRef,
     info: &HashMap<String, FileInfo>,
-    partition: &Partition,
+    label: &str,
     bins: &[Bin],
     opts: &CompactOptions,
     written: &mut Vec<(String, u64)>,
@@ -354,7 +375,7 @@ async fn compact_partition(
     let landed = match prepared {
         Ok(actions) => {
             let op = DeltaOperation::Optimize {
-                predicate: Some(partition_text(partition)),
+                predicate: Some(label.to_string()),
                 target_size: opts.rules.target_bytes as i64,
             };
             commit_actions(table, &spec.name, actions, op, CommitProperties::default()).await
@@ -433,6 +454,14 @@ async fn prepare_inner(
         }
         on_bin(bin);
     }
+    let dir = table_dir.clone();
+    let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        sync_files(&dir, &refs)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
     // delta-rs does not treat two commits removing the same file with dataChange = false as a
     // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
     // tarn one run goes at a time; this re-check narrows the window against outside writers.

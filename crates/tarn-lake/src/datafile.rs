@@ -124,8 +124,8 @@ pub struct FileSet<'a> {
 }
 
 impl FileSet<'_> {
-    /// Writes one partition's rows as a Parquet file (without the partition columns), synced,
-    /// and returns its `Add` action.
+    /// Writes one partition's rows as a Parquet file (without the partition columns) and
+    /// returns its `Add` action; [`sync_files`] makes it durable.
     pub fn write(&self, batches: &[RecordBatch], part: &PartitionRows) -> Result<Add> {
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let rows = interleave_record_batch(&refs, &part.rows)?;
@@ -182,11 +182,8 @@ pub fn new_add(
 }
 
 /// Writes `batches` (each with `schema`) as one Parquet file at `table_dir/rel`, creating its
-/// directory; returns the file's size and statistics. The file is synced, and so is every
-/// directory whose new entry names it, before this returns. Syncing each file as it is
-/// written (rather than the whole filesystem once per commit) spreads the disk writes out, so
-/// that the log's own fsyncs, which an ingest acknowledgement waits for, never queue behind
-/// tens of megabytes of Parquet.
+/// directory; returns the file's size and statistics. The file is not synced: [`sync_files`]
+/// does that for all the files of a commit.
 pub fn write_parquet(
     table_dir: &Path,
     rel: &str,
@@ -195,13 +192,6 @@ pub fn write_parquet(
     batches: impl Iterator<Item = Result<RecordBatch>>,
 ) -> Result<(u64, FileStats)> {
     let path = table_dir.join(rel);
-    // The directories this file needs that do not exist yet, deepest first.
-    let mut created = Vec::new();
-    let mut d = path.parent();
-    while let Some(p) = d.filter(|p| p.starts_with(table_dir) && *p != table_dir && !p.exists()) {
-        created.push(p.to_path_buf());
-        d = p.parent();
-    }
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
@@ -223,24 +213,51 @@ pub fn write_parquet(
         path: path.clone(),
         source: e.into_error(),
     })?;
-    file.sync_all().map_err(io_err(&path))?;
     let size = file.metadata().map_err(io_err(&path))?.len();
-    // Each new directory's entry lives in its parent.
-    for dir in &created {
-        if let Some(parent) = dir.parent() {
-            std::fs::File::open(parent)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(parent))?;
+    Ok((size, stats))
+}
+
+/// Threads syncing the files of one commit. Concurrent fsyncs share the filesystem journal's
+/// commits, so many at once cost little more than one.
+const SYNC_THREADS: usize = 16;
+
+/// Makes the files of a commit durable, with the directories that name them (each file's
+/// directory and every directory above it up to the table): fsyncs in parallel, before the
+/// commit that lists the files. Only these files and directories are flushed, not the whole
+/// filesystem.
+pub fn sync_files(table_dir: &Path, rel_paths: &[&str]) -> Result<()> {
+    let mut targets: Vec<std::path::PathBuf> = rel_paths.iter().map(|r| table_dir.join(r)).collect();
+    let mut dirs = std::collections::BTreeSet::new();
+    for r in rel_paths {
+        let mut d = table_dir.join(r);
+        while d.pop() && d.starts_with(table_dir) {
+            dirs.insert(d.clone());
         }
     }
-    if created.is_empty()
-        && let Some(parent) = path.parent()
-    {
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(parent))?;
+    targets.extend(dirs);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..SYNC_THREADS.min(targets.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(p) = targets.get(i) else { return };
+                    if let Err(e) = std::fs::File::open(p).and_then(|f| f.sync_all()) {
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(io_err(p)(e));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok((size, stats))
 }
 
 fn parquet_err(rel: &str) -> impl FnOnce(deltalake::parquet::errors::ParquetError) -> Error + '_ {

@@ -19,7 +19,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use tarn_core::contract::DAY;
 use tarn_core::{DatasetSpec, FieldType};
 
-use crate::datafile::{FileSet, group_by_partition};
+use crate::datafile::{FileSet, group_by_partition, sync_files};
 use crate::{Error, Result, io_err};
 
 /// The lake root on the local filesystem.
@@ -283,9 +283,19 @@ pub async fn append(
             return Err(e);
         }
         let adds = out.into_inner().unwrap_or_else(|e| e.into_inner());
+        let paths: Vec<&str> = adds
+            .iter()
+            .filter_map(|a| match a {
+                Action::Add(a) => Some(a.path.as_str()),
+                _ => None,
+            })
+            .collect();
+        let t1 = std::time::Instant::now();
+        sync_files(&table_dir, &paths)?;
         tracing::debug!(
             group_ms,
-            write_ms = t0.elapsed().as_millis() as u64 - group_ms,
+            write_ms = (t1 - t0).as_millis() as u64 - group_ms,
+            sync_ms = t1.elapsed().as_millis() as u64,
             "data files written and synced"
         );
         Ok(adds)

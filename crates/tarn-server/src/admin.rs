@@ -64,7 +64,7 @@ pub fn render_report(r: &serde_json::Value) -> String {
         }
     } else {
         out.push_str(&format!(
-            "{name}: {} files -> {} in {} partitions ({} commits, {} left for the next run); \
+            "{name}: {} files -> {} in {} partitions ({} commit(s), {} partition(s) left for the next run); \
              {:.1} MB read, {:.1} MB written, {} rows, {:.1} s\n",
             n("files_removed"),
             n("files_added"),

@@ -341,6 +341,29 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let table_bytes = du(&data.join("lake/tables/auctions"), None);
         let parquet_bytes = du(&data.join("lake/tables/auctions"), Some(".parquet"));
         let files = walk_count(&data.join("lake/tables/auctions"), ".parquet");
+        // Steady state: the same table after compaction (only the files its version lists).
+        let client = reqwest::Client::new();
+        let t = Instant::now();
+        let compact = client
+            .post(format!("{url}/v1/compact"))
+            .json(&serde_json::json!({"dataset": "auctions"}))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if !compact.contains("\"done\"") {
+            bail!("compaction did not finish: {compact}");
+        }
+        let compact_s = t.elapsed().as_secs_f64();
+        let storage: serde_json::Value = client
+            .get(format!("{url}/v1/storage?dataset=auctions"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let tier = &storage["datasets"][0]["tiers"][0];
+        let compacted_bytes = tier["bytes"].as_u64().unwrap_or(0);
+        let compacted_files = tier["files"].as_u64().unwrap_or(0);
         println!(
             "tarn bench: {} events ({:.1} MB NDJSON), {} per request, {} clients",
             a.events,
@@ -376,6 +399,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             files,
             parquet_bytes as f64 / 1e6
         );
+        println!(
+            "  after compaction           {:.1} MB parquet in {} files ({compact_s:.1} s)",
+            compacted_bytes as f64 / 1e6,
+            compacted_files
+        );
         if a.duckdb {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/duckdb_convert.py");
             let out = Command::new("python3")
@@ -405,6 +433,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             println!(
                 "  ratio tarn/duckdb output size (parquet)    {:.2}x",
                 parquet_bytes as f64 / bytes
+            );
+            println!(
+                "  ratio tarn/duckdb size after compaction    {:.2}x",
+                compacted_bytes as f64 / bytes
             );
         }
         Ok(())

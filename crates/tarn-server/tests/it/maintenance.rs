@@ -84,7 +84,7 @@ async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
     let (ok, out, err) = tarn_compact(&s.url, &["--dataset", "auctions", "--day", "2026-11-22"]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("auctions: 12 files -> 2 in 2 partitions (2 commits, 0 left"),
+        out.contains("auctions: 12 files -> 2 in 2 partitions (1 commit(s), 0 partition(s) left"),
         "{out}"
     );
     assert!(err.contains("2/2 bins"), "a progress bar on stderr: {err}");
