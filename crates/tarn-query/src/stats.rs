@@ -39,7 +39,14 @@ fn walk(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>, s: &mut S
     if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
         && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
     {
-        s.files_scanned += config.file_groups.iter().map(|g| g.len() as u64).sum::<u64>();
+        // A large file may be split into byte ranges scanned in parallel: count it once.
+        let distinct: std::collections::HashSet<&str> = config
+            .file_groups
+            .iter()
+            .flat_map(|g| g.files())
+            .map(|f| f.object_meta.location.as_ref())
+            .collect();
+        s.files_scanned += distinct.len() as u64;
         if let Some(m) = plan.metrics() {
             s.rows_scanned += m.output_rows().unwrap_or(0) as u64;
             let mut bytes = 0;
