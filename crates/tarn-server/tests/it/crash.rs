@@ -1,6 +1,6 @@
-//! Crash safety for real: concurrent producers, kill -9 of the server at random moments,
-//! restarts on the same data directory, and the conservation check: every acknowledged event is
-//! in the table exactly once.
+//! Crash safety for real: concurrent producers, kill -9 of the server at random moments (while
+//! it ingests, delivers, curates and compacts), restarts on the same data directory, and the
+//! conservation check: every acknowledged event is in the table exactly once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,8 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     let ds = dir.path().join("datasets");
     write_descriptor(&ds);
     let data = dir.path().join("data");
-    // Small batches close by size as well as by age, so both paths are cut by the kills.
+    // Small batches close by size as well as by age, so both paths are cut by the kills; and
+    // compaction runs whenever a partition holds three small files, so the kills cut it too.
     let args = [
         "--datasets",
         ds.to_str().expect("utf8"),
@@ -24,6 +25,10 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
         "50",
         "--batch-bytes",
         "100000",
+        "--compact-trigger-files",
+        "3",
+        "--compact-check-ms",
+        "100",
     ];
     let acked: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let c = client();
@@ -118,8 +123,25 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
     );
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "events stored more than once: {doubled:?}");
+    fn compacted(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    compacted(&p)
+                } else {
+                    usize::from(e.file_name().to_string_lossy().starts_with("compact-"))
+                }
+            })
+            .sum()
+    }
+    let merged = compacted(&data.join("lake/tables/auctions"));
+    assert!(merged > 0, "compaction ran between the kills");
     eprintln!(
-        "crash test: {} acknowledged, {} stored, {kills} kills",
+        "crash test: {} acknowledged, {} stored, {kills} kills, {merged} compacted files",
         acked.len(),
         counts.len()
     );
