@@ -6,7 +6,7 @@ mod convert;
 mod stats;
 pub mod usage;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,22 +144,29 @@ impl QueryEngine {
 
     /// Fails when the plan would read a day in the archive tier, naming the days and how to
     /// restore them.
-    fn check_archive(&self, plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> Result<()> {
-        let Some(tiers) = &self.tiers else { return Ok(()) };
+    /// Returns the (dataset, day) partitions the plan reads from the infrequent tier.
+    fn check_archive(&self, plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> Result<Infrequent> {
+        let Some(tiers) = &self.tiers else {
+            return Ok(Infrequent::default());
+        };
         let mut days = std::collections::BTreeSet::new();
         stats::scanned_days(plan, urls, &mut days);
         let mut archived = Vec::new();
+        let mut infrequent = Infrequent::default();
         for (dataset, day) in days {
-            if tiers
+            match tiers
                 .tier_of(&self.lake, &dataset, &day)
                 .map_err(|e| Error::Internal(e.to_string()))?
-                == Tier::Archive
             {
-                archived.push((dataset, day));
+                Tier::Archive => archived.push((dataset, day)),
+                Tier::Infrequent => {
+                    infrequent.insert((dataset, day));
+                }
+                Tier::Standard => {}
             }
         }
         let Some((first_ds, first_day)) = archived.first().cloned() else {
-            return Ok(());
+            return Ok(infrequent);
         };
         let list: Vec<String> = archived.iter().map(|(d, day)| format!("{d} day={day}")).collect();
         Err(Error::Archived(format!(
@@ -217,7 +224,7 @@ impl QueryEngine {
         let df = ctx.sql(sql).await.map_err(classify)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
-        self.check_archive(&plan, &urls)?;
+        let infrequent = self.check_archive(&plan, &urls)?;
         let batches =
             deltalake::datafusion::physical_plan::execute_stream(plan.clone(), ctx.task_ctx()).map_err(classify)?;
         Ok(QueryStream {
@@ -227,6 +234,7 @@ impl QueryEngine {
             started,
             rows: 0,
             urls,
+            infrequent,
             usage: self.usage.clone(),
         })
     }
@@ -282,15 +290,21 @@ pub struct QueryStream {
     started: Instant,
     rows: u64,
     urls: HashMap<String, String>,
+    infrequent: Infrequent,
     usage: Arc<Usage>,
 }
+
+/// (dataset, day) partitions in the infrequent tier, whose reads are priced as retrievals.
+type Infrequent = std::collections::HashSet<(String, String)>;
 
 impl Drop for QueryStream {
     /// However the query ended (done, cut at its row limit, cancelled, timed out), what it read
     /// is accounted.
     fn drop(&mut self) {
-        let by: BTreeMap<String, u64> = stats::collect(&self.plan, &self.urls).bytes_by_dataset;
-        self.usage.record(&current_month(), &by);
+        let s = stats::collect(&self.plan, &self.urls, &self.infrequent);
+        let month = current_month();
+        self.usage.record(&month, &s.bytes_by_dataset);
+        self.usage.record_retrieved(&month, &s.bytes_infrequent_by_dataset);
     }
 }
 
@@ -309,7 +323,7 @@ impl QueryStream {
 
     /// What the query has read so far (all of it, once the stream is exhausted).
     pub fn stats(&self) -> ScanStats {
-        let mut s = stats::collect(&self.plan, &self.urls);
+        let mut s = stats::collect(&self.plan, &self.urls, &self.infrequent);
         s.rows_returned = self.rows;
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         s

@@ -2,7 +2,7 @@
 //! partition and statistics pruning), the bytes the Parquet reader fetched, and the rows the
 //! scans produced.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use deltalake::datafusion::datasource::physical_plan::FileScanConfig;
@@ -25,17 +25,37 @@ pub struct ScanStats {
     /// `bytes_scanned` by dataset.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub bytes_by_dataset: BTreeMap<String, u64>,
+    /// Of those, the bytes read from days in the infrequent tier (an estimate: each scan's
+    /// bytes shared out by the size of its files).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bytes_infrequent_by_dataset: BTreeMap<String, u64>,
 }
 
 /// Scan statistics of a plan; `urls` maps each table's object store URL, and the path prefix
 /// of its files, to its dataset.
-pub(crate) fn collect(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> ScanStats {
+pub(crate) fn collect(
+    plan: &Arc<dyn ExecutionPlan>,
+    urls: &HashMap<String, String>,
+    infrequent: &HashSet<(String, String)>,
+) -> ScanStats {
     let mut s = ScanStats::default();
-    walk(plan, urls, &mut s);
+    walk(plan, urls, infrequent, &mut s);
     s
 }
 
-fn walk(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>, s: &mut ScanStats) {
+/// The (dataset, day) of a file path under one of the tables in `urls`.
+fn dataset_day(urls: &HashMap<String, String>, path: &str) -> Option<(String, String)> {
+    let (prefix, dataset) = urls.iter().find(|(p, _)| path.starts_with(p.as_str()))?;
+    let day = path[prefix.len()..].strip_prefix("day=")?.split('/').next()?;
+    Some((dataset.clone(), day.to_string()))
+}
+
+fn walk(
+    plan: &Arc<dyn ExecutionPlan>,
+    urls: &HashMap<String, String>,
+    infrequent: &HashSet<(String, String)>,
+    s: &mut ScanStats,
+) {
     if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
         && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
     {
@@ -76,11 +96,25 @@ fn walk(plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>, s: &mut S
                 })
                 .cloned()
                 .unwrap_or_else(|| "(unknown)".to_string());
+            if !infrequent.is_empty() {
+                let (mut cold, mut all) = (0u64, 0u64);
+                for f in config.file_groups.iter().flat_map(|g| g.files()) {
+                    let size = f.object_meta.size;
+                    all += size;
+                    if dataset_day(urls, f.object_meta.location.as_ref()).is_some_and(|k| infrequent.contains(&k)) {
+                        cold += size;
+                    }
+                }
+                if cold > 0 {
+                    let share = (bytes as f64 * cold as f64 / all.max(1) as f64) as u64;
+                    *s.bytes_infrequent_by_dataset.entry(dataset.clone()).or_default() += share;
+                }
+            }
             *s.bytes_by_dataset.entry(dataset).or_default() += bytes;
         }
     }
     for child in plan.children() {
-        walk(child, urls, s);
+        walk(child, urls, infrequent, s);
     }
 }
 
@@ -94,13 +128,8 @@ pub(crate) fn scanned_days(
         && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
     {
         for f in config.file_groups.iter().flat_map(|g| g.files()) {
-            let path = f.object_meta.location.as_ref();
-            let Some((prefix, dataset)) = urls.iter().find(|(p, _)| path.starts_with(p.as_str())) else {
-                continue;
-            };
-            let rest = &path[prefix.len()..];
-            if let Some(day) = rest.strip_prefix("day=").and_then(|r| r.split('/').next()) {
-                out.insert((dataset.clone(), day.to_string()));
+            if let Some(k) = dataset_day(urls, f.object_meta.location.as_ref()) {
+                out.insert(k);
             }
         }
     }

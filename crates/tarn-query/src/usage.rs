@@ -14,6 +14,9 @@ const SAVE_EVERY: Duration = Duration::from_secs(10);
 struct Counts {
     /// month ("2026-11") -> dataset -> bytes scanned.
     months: BTreeMap<String, BTreeMap<String, u64>>,
+    /// month -> dataset -> bytes of those read from the infrequent tier.
+    #[serde(default)]
+    retrieved: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 pub struct Usage {
@@ -57,11 +60,25 @@ impl Usage {
 
     /// Adds a query's bytes per dataset to `month` ("YYYY-MM").
     pub fn record(&self, month: &str, by_dataset: &BTreeMap<String, u64>) {
+        self.add(month, by_dataset, false);
+    }
+
+    /// Adds a query's bytes read from the infrequent tier, per dataset.
+    pub fn record_retrieved(&self, month: &str, by_dataset: &BTreeMap<String, u64>) {
+        self.add(month, by_dataset, true);
+    }
+
+    fn add(&self, month: &str, by_dataset: &BTreeMap<String, u64>, retrieved: bool) {
         if by_dataset.values().all(|b| *b == 0) {
             return;
         }
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let m = st.0.months.entry(month.to_string()).or_default();
+        let counts = if retrieved {
+            &mut st.0.retrieved
+        } else {
+            &mut st.0.months
+        };
+        let m = counts.entry(month.to_string()).or_default();
         for (d, b) in by_dataset {
             *m.entry(d.clone()).or_default() += b;
         }
@@ -99,6 +116,12 @@ impl Usage {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.0.months.get(month).cloned().unwrap_or_default()
     }
+
+    /// Bytes read from the infrequent tier in `month` per dataset.
+    pub fn retrieved(&self, month: &str) -> BTreeMap<String, u64> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.0.retrieved.get(month).cloned().unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -113,10 +136,12 @@ mod tests {
         u.record("2026-11", &[("a".to_string(), 10), ("b".to_string(), 5)].into());
         u.record("2026-11", &[("a".to_string(), 1)].into());
         u.record("2026-12", &[("a".to_string(), 7)].into());
+        u.record_retrieved("2026-12", &[("a".to_string(), 3)].into());
         assert_eq!(u.month("2026-11"), [("a".to_string(), 11), ("b".to_string(), 5)].into());
         u.flush();
         let again = Usage::open(path.clone());
         assert_eq!(again.month("2026-12"), [("a".to_string(), 7)].into());
+        assert_eq!(again.retrieved("2026-12"), [("a".to_string(), 3)].into());
         std::fs::write(&path, b"{not json").expect("corrupt");
         assert!(Usage::open(path.clone()).month("2026-11").is_empty());
         assert!(

@@ -338,9 +338,11 @@ pub fn render_storage(r: &serde_json::Value) -> String {
             mb(n("raw_bytes"))
         ));
         out.push_str(&format!(
-            "  scanned this month {:.1} MB, ${:.4}; storage ${:.4}/month; total ${:.4}/month\n",
+            "  scanned this month {:.1} MB, ${:.4}; retrieved from infrequent {:.1} MB, ${:.4}; storage ${:.4}/month; total ${:.4}/month\n",
             mb(n("scanned_bytes_month")),
             d["scan_cost_month"].as_f64().unwrap_or(0.0),
+            mb(n("retrieved_bytes_month")),
+            d["retrieval_cost_month"].as_f64().unwrap_or(0.0),
             d["monthly_storage_cost"].as_f64().unwrap_or(0.0),
             d["monthly_cost"].as_f64().unwrap_or(0.0)
         ));

@@ -299,7 +299,8 @@ async fn storage(
     let specs = app.maintenance.datasets(q.dataset.as_deref())?;
     let month = tarn_query::current_month();
     let scanned = app.query.usage().month(&month);
-    let report = app.maintenance.storage(&specs, &scanned, &month).await?;
+    let retrieved = app.query.usage().retrieved(&month);
+    let report = app.maintenance.storage(&specs, &scanned, &retrieved, &month).await?;
     Ok(axum::Json(report).into_response())
 }
 

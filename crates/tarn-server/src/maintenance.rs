@@ -153,6 +153,7 @@ impl Maintenance {
         &self,
         specs: &[Arc<DatasetSpec>],
         scanned: &BTreeMap<String, u64>,
+        retrieved: &BTreeMap<String, u64>,
         month: &str,
     ) -> tarn_lake::Result<serde_json::Value> {
         let mut datasets = Vec::new();
@@ -161,11 +162,15 @@ impl Maintenance {
             let s = dataset_storage(&self.lake, spec, &self.prices, Some(&self.tiers)).await?;
             let bytes = scanned.get(&spec.name).copied().unwrap_or(0);
             let scan_cost = bytes as f64 / tarn_lake::storage::TB * self.prices.scan_tb;
-            let monthly = s.monthly_storage_cost + scan_cost;
+            let cold = retrieved.get(&spec.name).copied().unwrap_or(0);
+            let retrieval_cost = cold as f64 / tarn_lake::storage::GB * self.prices.infrequent_retrieval_gb;
+            let monthly = s.monthly_storage_cost + scan_cost + retrieval_cost;
             total += monthly;
             let mut v = serde_json::to_value(&s).unwrap_or_default();
             v["scanned_bytes_month"] = bytes.into();
             v["scan_cost_month"] = scan_cost.into();
+            v["retrieved_bytes_month"] = cold.into();
+            v["retrieval_cost_month"] = retrieval_cost.into();
             v["monthly_cost"] = monthly.into();
             datasets.push(v);
         }

@@ -321,7 +321,7 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
     let (st, v) = sql(
         &c,
         &s.url,
-        &format!("SELECT count(*) FROM clicks WHERE day >= '{since}'"),
+        &format!("SELECT count(DISTINCT event_id) FROM clicks WHERE day >= '{since}'"),
     )
     .await;
     assert_eq!(
@@ -339,6 +339,17 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
         .map(|t| t["tier"].as_str().expect("tier"))
         .collect();
     assert_eq!(tiers, ["standard", "infrequent", "archive"]);
+    let d = &r["datasets"][0];
+    let cold = d["retrieved_bytes_month"].as_u64().expect("retrieved");
+    assert!(
+        cold > 0 && cold <= d["scanned_bytes_month"].as_u64().expect("scanned"),
+        "{d}"
+    );
+    let priced = cold as f64 / (1u64 << 30) as f64 * 0.01;
+    assert!(
+        (d["retrieval_cost_month"].as_f64().expect("cost") - priced).abs() < 1e-15,
+        "{d}"
+    );
 
     let restored = run(&[
         "restore",
