@@ -190,9 +190,11 @@ impl Curator {
             }
             let root = self.lake.root().to_path_buf();
             let rel = n.path.clone();
+            let t = std::time::Instant::now();
             let raw = tokio::task::spawn_blocking(move || read_object(&root, &rel))
                 .await
                 .map_err(|e| Error::Internal(format!("reader task: {e}")))??;
+            tracing::debug!(path = %n.path, read_ms = t.elapsed().as_millis() as u64, "raw object read");
             for b in raw {
                 let seq = batch_seq(&b)? as i64;
                 if seq <= last {

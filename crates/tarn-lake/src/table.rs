@@ -119,7 +119,8 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
     Ok(v.unwrap_or(-1))
 }
 
-/// Parquet settings of curated files: zstd; statistics per column chunk (what pruning uses;
+/// Parquet settings of curated files: zstd (level 1 for `small` files, which compaction
+/// rewrites at level 3 later; level 3 otherwise); statistics per column chunk (what pruning uses;
 /// page-level indexes only make small files bigger); a dictionary only for the columns whose
 /// values repeat (a string column when, in a sample of the rows, fewer than half of its values
 /// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
@@ -131,7 +132,9 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 /// index, which only helps files of many pages.
 pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: bool) -> WriterProperties {
     let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).unwrap_or_default()))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(if small { 1 } else { 3 }).unwrap_or_default(),
+        ))
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_offset_index_disabled(small)
         .set_max_row_group_row_count(Some(128 * 1024));
