@@ -333,8 +333,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let queryable_s = last_ack.elapsed().as_secs_f64();
         let rate = a.events as f64 / ack_s;
         // Phase 2: half the peak rate, for ack latency.
+        let before = append_buckets(&url).await?;
         let paced = post_all(&url, "auctions_paced", bodies.clone(), a.clients, Some(rate / 2.0)).await?;
         let rss_kib = peak_rss_kib(pid);
+        let after = append_buckets(&url).await?;
+        let append_p99 = bucket_p99(&before, &after);
         while count(&url, "auctions_paced").await? < a.events as u64 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -387,6 +390,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             percentile(&paced, 0.5),
             percentile(&paced, 0.99)
         );
+        println!("  of which server-side append (log write + fsync) at half peak: p99 <= {append_p99}");
         println!("  last ack -> all queryable  {queryable_s:.2} s");
         println!(
             "  end to end (ack + query)   {:>10.0} events/s",
@@ -445,6 +449,38 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     res
+}
+
+/// The server's cumulative ingest-append latency histogram: (upper bound in seconds, count).
+async fn append_buckets(url: &str) -> Result<Vec<(String, u64)>> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tarn_ingest_latency_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"} ")?;
+            Some((le.to_string(), rest.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// The bucket holding the 99th percentile of the requests between two histogram readings.
+fn bucket_p99(before: &[(String, u64)], after: &[(String, u64)]) -> String {
+    let diff: Vec<(String, u64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let was = before.iter().find(|(b, _)| b == le).map_or(0, |(_, n)| *n);
+            (le.clone(), n.saturating_sub(was))
+        })
+        .collect();
+    let total = diff.last().map_or(0, |(_, n)| *n);
+    diff.iter().find(|(_, n)| *n as f64 >= 0.99 * total as f64).map_or_else(
+        || "?".into(),
+        |(le, _)| match le.parse::<f64>() {
+            Ok(s) => format!("{:.0} ms", s * 1000.0),
+            Err(_) => le.clone(),
+        },
+    )
 }
 
 fn walk_count(path: &Path, suffix: &str) -> u64 {
