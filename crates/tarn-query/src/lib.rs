@@ -85,6 +85,8 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     usage: Arc<Usage>,
     tiers: Option<Tiers>,
+    /// Dollars per TiB scanned, for each query's cost estimate.
+    scan_price_tb: f64,
 }
 
 /// The month ("YYYY-MM", UTC) a query's scan is accounted to.
@@ -133,7 +135,14 @@ impl QueryEngine {
             catalog,
             usage,
             tiers: None,
+            scan_price_tb: 5.0,
         }
+    }
+
+    /// Prices each query's scan at `dollars` per TiB (default 5).
+    pub fn with_scan_price(mut self, dollars_per_tb: f64) -> Self {
+        self.scan_price_tb = dollars_per_tb;
+        self
     }
 
     /// Refuses scans over days in the archive tier of `tiers`.
@@ -236,6 +245,7 @@ impl QueryEngine {
             urls,
             infrequent,
             usage: self.usage.clone(),
+            scan_price_tb: self.scan_price_tb,
         })
     }
 
@@ -292,6 +302,7 @@ pub struct QueryStream {
     urls: HashMap<String, String>,
     infrequent: Infrequent,
     usage: Arc<Usage>,
+    scan_price_tb: f64,
 }
 
 /// (dataset, day) partitions in the infrequent tier, whose reads are priced as retrievals.
@@ -326,6 +337,7 @@ impl QueryStream {
         let mut s = stats::collect(&self.plan, &self.urls, &self.infrequent);
         s.rows_returned = self.rows;
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        s.estimated_cost_usd = s.bytes_scanned as f64 / (1u64 << 40) as f64 * self.scan_price_tb;
         s
     }
 }

@@ -22,6 +22,9 @@ pub struct ScanStats {
     /// Rows in the result.
     pub rows_returned: u64,
     pub duration_ms: f64,
+    /// `bytes_scanned` priced as a lake query engine charges (the server's scan price).
+    #[serde(default)]
+    pub estimated_cost_usd: f64,
     /// `bytes_scanned` by dataset.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub bytes_by_dataset: BTreeMap<String, u64>,

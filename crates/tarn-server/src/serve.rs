@@ -279,7 +279,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     ));
     let app = Arc::new(App {
         collector,
-        query: QueryEngine::new(lake.clone(), catalog.clone()).with_tiers(tiers),
+        query: QueryEngine::new(lake.clone(), catalog.clone())
+            .with_tiers(tiers)
+            .with_scan_price(args.price_scan_tb),
         catalog: catalog.clone(),
         curate_stats,
         maintenance,

@@ -45,13 +45,14 @@ pub async fn run(a: SqlArgs) -> Result<()> {
     }
     let s = &result.stats;
     eprintln!(
-        "{} rows{} in {:.1} ms; scanned {} rows, {} files, {} bytes",
+        "{} rows{} in {:.1} ms; scanned {} rows, {} files, {} bytes (about ${:.6})",
         s.rows_returned,
         if result.truncated { " (output truncated)" } else { "" },
         s.duration_ms,
         s.rows_scanned,
         s.files_scanned,
-        s.bytes_scanned
+        s.bytes_scanned,
+        s.estimated_cost_usd
     );
     Ok(())
 }

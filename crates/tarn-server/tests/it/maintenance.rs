@@ -106,6 +106,8 @@ async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
         scanned > 0 && scanned == q["stats"]["bytes_scanned"].as_u64().expect("bytes"),
         "{q}"
     );
+    let cost = q["stats"]["estimated_cost_usd"].as_f64().expect("cost");
+    assert!((cost - scanned as f64 / (1u64 << 40) as f64 * 5.0).abs() < 1e-18, "{q}");
     let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
         .args(["storage", "--json", "--server", &s.url])
         .output()
