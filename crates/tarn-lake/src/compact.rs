@@ -12,8 +12,8 @@
 //! Safety beside ingestion and queries: appends only add files, so a concurrent append never
 //! conflicts with a compaction commit (delta-rs rebases it); the removed files stay on disk
 //! until vacuum, so a query that planned against the old version still reads them. A commit that
-//! fails is counted as a conflict, its new files are deleted, and that partition is left for the
-//! next run. The planner never proposes a bin of one file, so a compacted partition is not
+//! fails is counted as a conflict and its new files are deleted; its partitions are planned
+//! again from the newest version and retried (a few passes), then left for the next run. The planner never proposes a bin of one file, so a compacted partition is not
 //! rewritten again until new small files arrive.
 
 use std::collections::HashMap;
@@ -215,7 +215,38 @@ async fn sorted_rows(
 }
 
 /// Compacts one dataset's table.
+/// Passes over a table when commits meet conflicts: each pass plans again from the newest
+/// version, so what another writer changed is not planned twice.
+const CONFLICT_PASSES: usize = 3;
+
+/// Compacts one dataset's table. Partitions whose commit met a conflict are planned again
+/// from the newest version and retried, up to [`CONFLICT_PASSES`] passes in all; what still
+/// conflicts is reported in `conflicts` and left for the next run.
 pub async fn compact_dataset(
+    lake: &Lake,
+    spec: &DatasetSpec,
+    opts: &CompactOptions,
+    progress: &(dyn Fn(&CompactProgress) + Send + Sync),
+) -> Result<CompactReport> {
+    let mut total = compact_pass(lake, spec, opts, progress).await?;
+    let mut passes = 1;
+    while total.conflicts > 0 && passes < CONFLICT_PASSES && !opts.dry_run {
+        passes += 1;
+        let again = compact_pass(lake, spec, opts, progress).await?;
+        total.conflicts = again.conflicts;
+        total.commits += again.commits;
+        total.files_removed += again.files_removed;
+        total.files_added += again.files_added;
+        total.bytes_read += again.bytes_read;
+        total.bytes_written += again.bytes_written;
+        total.rows += again.rows;
+        total.bins.extend(again.bins);
+        total.seconds += again.seconds;
+    }
+    Ok(total)
+}
+
+async fn compact_pass(
     lake: &Lake,
     spec: &DatasetSpec,
     opts: &CompactOptions,

@@ -310,7 +310,7 @@ async fn lifecycle(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Resu
     let m = app.maintenance.clone();
     let (tx, rx) = tokio::sync::oneshot::channel();
     app.spawn_background(async move {
-        let today = chrono::Utc::now().date_naive();
+        let today = m.today();
         let _ = tx.send(m.lifecycle(&specs, today, req.dry_run).await);
     });
     let reports = rx.await.map_err(|_| {

@@ -38,6 +38,7 @@ pub struct Maintenance {
     retain: Duration,
     prices: Prices,
     tiers: Tiers,
+    clock: Arc<dyn tarn_core::Clock>,
 }
 
 /// A vacuum request, as `POST /v1/vacuum` takes it.
@@ -114,7 +115,14 @@ fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
 }
 
 impl Maintenance {
-    pub fn new(lake: Lake, catalog: Arc<Catalog>, retain: Duration, prices: Prices, tiers: Tiers) -> Self {
+    pub fn new(
+        lake: Lake,
+        catalog: Arc<Catalog>,
+        retain: Duration,
+        prices: Prices,
+        tiers: Tiers,
+        clock: Arc<dyn tarn_core::Clock>,
+    ) -> Self {
         Self {
             lake,
             catalog,
@@ -122,7 +130,15 @@ impl Maintenance {
             retain,
             prices,
             tiers,
+            clock,
         }
+    }
+
+    /// Today (UTC) by the injected clock.
+    pub fn today(&self) -> chrono::NaiveDate {
+        chrono::DateTime::from_timestamp_micros(self.clock.now_micros())
+            .unwrap_or_default()
+            .date_naive()
     }
 
     /// Applies lifecycle rules at `today` (UTC) to the given datasets.
@@ -143,7 +159,7 @@ impl Maintenance {
     /// Restores a day of a dataset to the standard tier for `days` days.
     pub async fn restore(&self, dataset: &str, day: &str, days: u32) -> tarn_lake::Result<usize> {
         let _one = self.running.lock().await;
-        let until = chrono::Utc::now().date_naive() + chrono::Duration::days(i64::from(days));
+        let until = self.today() + chrono::Duration::days(i64::from(days));
         self.tiers.restore(&self.lake, dataset, day, until).await
     }
 
@@ -189,7 +205,7 @@ impl Maintenance {
     }
 
     async fn vacuum_locked(&self, specs: &[Arc<DatasetSpec>], dry_run: bool) -> tarn_lake::Result<Vec<VacuumReport>> {
-        let now_ms = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+        let now_ms = self.clock.now_micros() / 1000;
         let mut out = Vec::new();
         for spec in specs {
             out.push(vacuum_dataset(&self.lake, &spec.name, now_ms, self.retain, dry_run).await?);
@@ -300,7 +316,7 @@ impl Maintenance {
             }
             if full {
                 last_full = tokio::time::Instant::now();
-                let today = chrono::Utc::now().date_naive();
+                let today = self.today();
                 match self.lifecycle(&self.catalog.list(), today, false).await {
                     Ok(reports) => {
                         for r in reports.iter().filter(|r| !r.steps.is_empty()) {

@@ -268,6 +268,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         retain,
         prices,
         tiers.clone(),
+        clock.clone(),
     ));
     background.spawn(maintenance.clone().run_auto(
         AutoCompaction {
