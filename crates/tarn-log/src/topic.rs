@@ -520,18 +520,25 @@ impl Topic {
                 None => return Ok(0),
             }
         };
-        let mut segs = lock(&self.inner.segments);
-        let mut removed = 0;
-        while segs.len() > 1 && segs[1].base <= min {
-            let path = segment::segment_path(&self.inner.dir, segs[0].base);
+        // Segments leave the list under the lock, and the files go after it is released: the
+        // writer takes this lock after every fsync, and a directory sync under load can take
+        // long enough to stall every acknowledgement behind it.
+        let doomed: Vec<u64> = {
+            let mut segs = lock(&self.inner.segments);
+            let mut out = Vec::new();
+            while segs.len() > 1 && segs[1].base <= min {
+                out.push(segs.remove(0).base);
+            }
+            out
+        };
+        for base in &doomed {
+            let path = segment::segment_path(&self.inner.dir, *base);
             std::fs::remove_file(&path).map_err(io_err(&path))?;
-            segs.remove(0);
-            removed += 1;
         }
-        if removed > 0 {
+        if !doomed.is_empty() {
             sync_dir(&self.inner.dir)?;
         }
-        Ok(removed)
+        Ok(doomed.len())
     }
 
     pub fn stats(&self) -> TopicStats {
