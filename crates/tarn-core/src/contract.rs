@@ -93,6 +93,24 @@ pub struct DatasetSpec {
     pub compaction: Compaction,
     #[serde(default, skip_serializing_if = "Lifecycle::is_default")]
     pub lifecycle: Lifecycle,
+    #[serde(default, skip_serializing_if = "QueryRules::is_default")]
+    pub query: QueryRules,
+}
+
+/// Guardrails on queries over a dataset.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRules {
+    /// Refuse a query that scans this dataset without a filter on a partition column (`day`
+    /// or the tenant field).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_partition_filter: bool,
+}
+
+impl QueryRules {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Lifecycle rules of a dataset, by the age of a day partition in whole days (today minus
@@ -390,6 +408,7 @@ impl DatasetSpec {
             inferred: true,
             compaction: Compaction::default(),
             lifecycle: Lifecycle::default(),
+            query: QueryRules::default(),
         };
         spec.check()?;
         Ok(spec)
@@ -437,6 +456,10 @@ partitioning: { tenant: client_id }
         assert_eq!(s.field("cpm").map(|f| f.ty), Some(FieldType::Float64));
         assert_eq!(s.unknown_fields, UnknownFields::Reject);
         assert_eq!(s.compaction.target_bytes(), 128 << 20);
+        assert!(!s.query.require_partition_filter);
+        let guarded =
+            DatasetSpec::from_yaml(&format!("{AUCTIONS}query: {{ require_partition_filter: true }}\n")).expect("valid");
+        assert!(guarded.query.require_partition_filter);
         let small = DatasetSpec::from_yaml(&format!("{AUCTIONS}compaction: {{ target_mib: 16 }}\n")).expect("valid");
         assert_eq!(small.compaction.target_bytes(), 16 << 20);
     }

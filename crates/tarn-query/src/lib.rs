@@ -37,6 +37,10 @@ pub enum Error {
     /// The scan would read days in the archive tier, which must be restored first.
     #[error("{0}")]
     Archived(String),
+    /// A guardrail refused the query before it ran: a byte budget or a required partition
+    /// filter.
+    #[error("{0}")]
+    Refused(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -68,6 +72,19 @@ pub struct QueryOptions {
     pub row_limit: usize,
     /// A query still running after this is stopped.
     pub timeout: Duration,
+    /// Refuse the query, before it runs, when its scan would read more than this many bytes.
+    pub bytes_max: Option<u64>,
+}
+
+/// What a query would read, from its plan, before it runs.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Estimate {
+    /// Data files the scans would read, after partition and statistics pruning.
+    pub files: u64,
+    /// Their size in bytes (an upper bound of what the scans read).
+    pub bytes: u64,
+    /// `bytes` priced at the scan price.
+    pub cost_usd: f64,
 }
 
 impl Default for QueryOptions {
@@ -75,6 +92,7 @@ impl Default for QueryOptions {
         Self {
             row_limit: 10_000,
             timeout: Duration::from_secs(300),
+            bytes_max: None,
         }
     }
 }
@@ -120,6 +138,7 @@ fn classify(e: DataFusionError) -> Error {
             Error::Execution(m) => Error::Execution(format!("{ctx}: {m}")),
             Error::Timeout(d) => Error::Timeout(d),
             Error::Archived(m) => Error::Archived(m),
+            Error::Refused(m) => Error::Refused(m),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
         },
         other => Error::Execution(other.to_string()),
@@ -227,13 +246,23 @@ impl QueryEngine {
 
     /// Plans a statement and starts it; batches are computed as they are pulled, so a caller
     /// that stops pulling (or drops the stream) stops the work.
-    pub async fn stream(&self, sql: &str) -> Result<QueryStream> {
+    pub async fn stream(&self, sql: &str, bytes_max: Option<u64>) -> Result<QueryStream> {
         let started = Instant::now();
         let (ctx, urls) = self.session().await?;
         let df = ctx.sql(sql).await.map_err(classify)?;
+        self.check_partition_filters(&df)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
         let infrequent = self.check_archive(&plan, &urls)?;
+        let est = self.estimate_plan(&plan);
+        if let Some(max) = bytes_max
+            && est.bytes > max
+        {
+            return Err(Error::Refused(format!(
+                "the query would read {} bytes in {} files (about ${:.6}), more than its budget of {max} bytes; filter on day or the tenant column to read less",
+                est.bytes, est.files, est.cost_usd
+            )));
+        }
         let batches =
             deltalake::datafusion::physical_plan::execute_stream(plan.clone(), ctx.task_ctx()).map_err(classify)?;
         Ok(QueryStream {
@@ -249,11 +278,73 @@ impl QueryEngine {
         })
     }
 
+    /// What a statement would read, planned but not run (the guardrails apply as they would).
+    pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
+        let (ctx, urls) = self.session().await?;
+        let df = ctx.sql(sql).await.map_err(classify)?;
+        self.check_partition_filters(&df)?;
+        let plan = df.create_physical_plan().await.map_err(classify)?;
+        self.check_archive(&plan, &urls)?;
+        Ok(self.estimate_plan(&plan))
+    }
+
+    fn estimate_plan(&self, plan: &Arc<dyn ExecutionPlan>) -> Estimate {
+        let (files, bytes) = stats::planned_files(plan);
+        Estimate {
+            files,
+            bytes,
+            cost_usd: bytes as f64 / (1u64 << 40) as f64 * self.scan_price_tb,
+        }
+    }
+
+    /// Refuses a query that scans a dataset whose contract requires a partition filter without
+    /// one, naming the dataset and its partition columns.
+    fn check_partition_filters(&self, df: &deltalake::datafusion::prelude::DataFrame) -> Result<()> {
+        use deltalake::datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        use deltalake::datafusion::logical_expr::LogicalPlan;
+        let guarded: Vec<_> = self
+            .catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.query.require_partition_filter)
+            .collect();
+        if guarded.is_empty() {
+            return Ok(());
+        }
+        let plan = df.clone().into_optimized_plan().map_err(classify)?;
+        let mut missing: Vec<String> = Vec::new();
+        plan.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Some(spec) = guarded.iter().find(|s| scan.table_name.table() == s.name)
+            {
+                let mut parts = vec![tarn_core::contract::DAY.to_string()];
+                parts.extend(spec.tenant().map(str::to_string));
+                let filtered = scan
+                    .filters
+                    .iter()
+                    .flat_map(|f| f.column_refs())
+                    .any(|c| parts.contains(&c.name));
+                if !filtered {
+                    missing.push(format!("{} (filter on {})", spec.name, parts.join(" or ")));
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })
+        .map_err(classify)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Refused(format!(
+            "a query over {} must filter on a partition column",
+            missing.join(", ")
+        )))
+    }
+
     /// Plans and runs one SQL statement, keeping at most `row_limit` rows and giving up after
     /// `timeout`.
     pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
         let deadline = tokio::time::Instant::now() + opts.timeout;
-        let mut q = tokio::time::timeout_at(deadline, self.stream(sql))
+        let mut q = tokio::time::timeout_at(deadline, self.stream(sql, opts.bytes_max))
             .await
             .map_err(|_| Error::Timeout(opts.timeout))??;
         let mut rows = Vec::new();

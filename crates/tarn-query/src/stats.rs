@@ -140,3 +140,22 @@ pub(crate) fn scanned_days(
         scanned_days(child, urls, out);
     }
 }
+
+/// (files, bytes) the plan's scans are planned over: each file once, at its full size.
+pub(crate) fn planned_files(plan: &Arc<dyn ExecutionPlan>) -> (u64, u64) {
+    fn walk(plan: &Arc<dyn ExecutionPlan>, seen: &mut HashMap<String, u64>) {
+        if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
+            && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
+        {
+            for f in config.file_groups.iter().flat_map(|g| g.files()) {
+                seen.insert(f.object_meta.location.to_string(), f.object_meta.size);
+            }
+        }
+        for child in plan.children() {
+            walk(child, seen);
+        }
+    }
+    let mut seen = HashMap::new();
+    walk(plan, &mut seen);
+    (seen.len() as u64, seen.values().sum())
+}

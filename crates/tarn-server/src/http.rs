@@ -2,7 +2,8 @@
 //!
 //! - `POST /v1/datasets/{name}/events`: JSON array or NDJSON, optionally gzip/zstd.
 //! - `POST /v1/query`: `{"sql": "...", "row_limit": N, "format": "json|csv|ndjson|arrow",
-//!   "timeout_ms": N}`; the format may also come from the Accept header.
+//!   "timeout_ms": N, "bytes_max": N, "dry_run": bool}`; the format may also come from the
+//!   Accept header.
 //! - `GET /v1/datasets`: the registered contracts.
 //! - `POST /v1/compact`: `{"dataset": D, "day": "YYYY-MM-DD", "dry_run": bool}`, all optional;
 //!   answers NDJSON: progress lines, one report per dataset, then `done` or `error`.
@@ -103,6 +104,7 @@ impl From<tarn_query::Error> for ApiError {
             tarn_query::Error::Execution(_) => api(StatusCode::UNPROCESSABLE_ENTITY, "query_failed", msg),
             tarn_query::Error::Timeout(_) => api(StatusCode::GATEWAY_TIMEOUT, "timeout", msg),
             tarn_query::Error::Archived(_) => api(StatusCode::CONFLICT, "archived", msg),
+            tarn_query::Error::Refused(_) => api(StatusCode::FORBIDDEN, "refused", msg),
             tarn_query::Error::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }
@@ -203,6 +205,13 @@ struct QueryRequest {
     /// Stop the query after this many milliseconds (default 300,000; at most 3,600,000).
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Refuse the query when its scan would read more bytes than this (never more than the
+    /// server's `--query-bytes-max`).
+    #[serde(default)]
+    bytes_max: Option<u64>,
+    /// Plan only: answer what the query would read (files, bytes, cost), without running it.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 const JSON_ROWS_MAX: usize = 1_000_000;
@@ -236,15 +245,29 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = pick_format(req.format.as_deref(), accept)?;
     let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(300_000).min(QUERY_TIMEOUT_MAX_MS));
+    let bytes_max = match (req.bytes_max, app.query_bytes_max) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if req.dry_run {
+        let est = tokio::time::timeout(timeout, app.query.estimate(&req.sql))
+            .await
+            .map_err(|_| ApiError::from(tarn_query::Error::Timeout(timeout)))??;
+        let within = bytes_max.is_none_or(|m| est.bytes <= m);
+        return Ok(
+            axum::Json(json!({ "estimate": est, "bytes_max": bytes_max, "within_budget": within })).into_response(),
+        );
+    }
     if format == crate::results::Format::Json {
         let opts = tarn_query::QueryOptions {
             row_limit: req.row_limit.unwrap_or(10_000).min(JSON_ROWS_MAX),
             timeout,
+            bytes_max,
         };
         let result = app.query.sql(&req.sql, &opts).await?;
         return Ok(axum::Json(result).into_response());
     }
-    let q = tokio::time::timeout(timeout, app.query.stream(&req.sql))
+    let q = tokio::time::timeout(timeout, app.query.stream(&req.sql, bytes_max))
         .await
         .map_err(|_| ApiError::from(tarn_query::Error::Timeout(timeout)))??;
     let body = crate::results::stream_body(q, format, req.row_limit, timeout).map_err(|e| {

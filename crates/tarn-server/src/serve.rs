@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// seconds (0: never).
     #[arg(long, env = "TARN_COMPACT_EVERY_S", default_value_t = 3600)]
     pub compact_every_s: u64,
+    /// Refuse, before it runs, any query whose scan would read more than this many bytes
+    /// (0: no budget). A request's own `bytes_max` can only lower it.
+    #[arg(long, env = "TARN_QUERY_BYTES_MAX", default_value_t = 0)]
+    pub query_bytes_max: u64,
     /// Storage price per GB-month of the standard tier, in dollars (cost report).
     #[arg(long, env = "TARN_PRICE_STANDARD_GB_MONTH", default_value_t = Prices::default().standard_gb_month)]
     pub price_standard_gb_month: f64,
@@ -92,6 +96,8 @@ pub struct App {
     pub catalog: Arc<Catalog>,
     pub curate_stats: Arc<CurateStats>,
     pub maintenance: Arc<Maintenance>,
+    /// The most bytes any one query may scan (refused before it runs).
+    pub query_bytes_max: Option<u64>,
     log: Log,
     lake: Lake,
     clock: Arc<dyn Clock>,
@@ -286,6 +292,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         catalog: catalog.clone(),
         curate_stats,
         maintenance,
+        query_bytes_max: (args.query_bytes_max > 0).then_some(args.query_bytes_max),
         log,
         lake,
         clock,

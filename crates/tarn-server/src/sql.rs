@@ -22,13 +22,19 @@ pub struct SqlArgs {
     /// Most rows to return.
     #[arg(long, default_value_t = 10_000)]
     pub row_limit: usize,
+    /// Refuse the query if its scan would read more than this many bytes.
+    #[arg(long)]
+    pub bytes_max: Option<u64>,
+    /// Print what the query would read (files, bytes, cost) without running it.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub async fn run(a: SqlArgs) -> Result<()> {
     let url = format!("{}/v1/query", a.server.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&url)
-        .json(&serde_json::json!({"sql": a.sql, "row_limit": a.row_limit}))
+        .json(&serde_json::json!({"sql": a.sql, "row_limit": a.row_limit, "bytes_max": a.bytes_max, "dry_run": a.dry_run}))
         .send()
         .await
         .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
@@ -37,6 +43,20 @@ pub async fn run(a: SqlArgs) -> Result<()> {
     if !status.is_success() {
         let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
         bail!("{msg} (HTTP {status})");
+    }
+    if a.dry_run {
+        let e = &body["estimate"];
+        println!(
+            "would read {} files, {} bytes (about ${:.6}){}",
+            e["files"],
+            e["bytes"],
+            e["cost_usd"].as_f64().unwrap_or(0.0),
+            match body["within_budget"].as_bool() {
+                Some(false) => format!("; over the budget of {} bytes", body["bytes_max"]),
+                _ => String::new(),
+            }
+        );
+        return Ok(());
     }
     let result: tarn_query::QueryResult = serde_json::from_value(body).context("decoding the answer")?;
     match a.format {

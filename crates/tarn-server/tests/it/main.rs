@@ -2,6 +2,7 @@
 //! port, and talk to it over HTTP as a user would.
 
 mod crash;
+mod guardrails;
 mod maintenance;
 mod server;
 mod spine;

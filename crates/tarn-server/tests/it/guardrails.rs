@@ -1,0 +1,135 @@
+//! Query guardrails through the real server: a dry run's estimate, byte budgets (per request and
+//! for the server), and datasets that require a partition filter.
+
+use std::process::Command;
+
+use crate::server::*;
+
+async fn query(c: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let r = c
+        .post(format!("{url}/v1/query"))
+        .json(&body)
+        .send()
+        .await
+        .expect("query");
+    let status = r.status().as_u16();
+    (status, r.json().await.expect("json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_budgets_and_required_partition_filters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    std::fs::create_dir_all(&ds).expect("mkdir");
+    std::fs::write(
+        ds.join("guarded.yaml"),
+        "name: guarded\nfields:\n  - { name: event_id, type: string, required: true }\n  - { name: ts, type: timestamp, required: true }\n  - { name: client_id, type: string, required: true }\n  - { name: cpm, type: float64 }\nevent_time: ts\nevent_id: event_id\npartitioning: { tenant: client_id }\nquery: { require_partition_filter: true }\n",
+    )
+    .expect("descriptor");
+    let s = Server::start(
+        &dir.path().join("data"),
+        &["--datasets", ds.to_str().expect("utf8"), "--batch-age-ms", "50"],
+    );
+    let c = client();
+    let body: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"e{i}","ts":"2026-11-{:02}T12:00:00Z","client_id":"c{}","cpm":{i}}}"#,
+                20 + i % 2,
+                i % 4
+            )
+        })
+        .collect();
+    let (st, v) = post_events(&c, &s.url, "guarded", body.join("\n")).await;
+    assert_eq!(st, 200, "{v}");
+    let day = "SELECT count(DISTINCT event_id) FROM guarded WHERE day = '2026-11-20'";
+    wait_for(&c, &s.url, day, 30, |v| v["rows"][0][0] == 20).await;
+
+    // No partition filter: refused, naming the dataset and its partition columns.
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM guarded").await;
+    assert_eq!(st, 403, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("guarded (filter on day or client_id)"), "{msg}");
+    let (st, _) = sql(&c, &s.url, "SELECT sum(cpm) FROM guarded WHERE client_id = 'c1'").await;
+    assert_eq!(st, 200, "a tenant filter is a partition filter");
+
+    // A dry run estimates without running, and prices the bytes.
+    let (st, v) = query(&c, &s.url, serde_json::json!({"sql": day, "dry_run": true})).await;
+    assert_eq!(st, 200, "{v}");
+    let (files, bytes) = (
+        v["estimate"]["files"].as_u64().expect("files"),
+        v["estimate"]["bytes"].as_u64().expect("bytes"),
+    );
+    assert_eq!(files, 2, "even events fall on the 20th, for tenants c0 and c2: {v}");
+    assert!(
+        bytes > 0 && v["estimate"]["cost_usd"].as_f64().expect("cost") > 0.0,
+        "{v}"
+    );
+    assert!(v.get("rows").is_none(), "nothing ran: {v}");
+
+    // A budget below the estimate refuses the query before it runs, giving the estimate.
+    let (st, v) = query(&c, &s.url, serde_json::json!({"sql": day, "bytes_max": bytes - 1})).await;
+    assert_eq!(st, 403, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(&format!("would read {bytes} bytes in {files} files")),
+        "{msg}"
+    );
+    let (st, _) = query(&c, &s.url, serde_json::json!({"sql": day, "bytes_max": bytes})).await;
+    assert_eq!(st, 200);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["sql", day, "--dry-run", "--bytes-max", "1", "--server", &s.url])
+        .output()
+        .expect("tarn sql");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("would read {files} files, {bytes} bytes"))
+            && text.contains("over the budget of 1 bytes"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_budget_caps_every_query() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--query-bytes-max",
+            "100",
+        ],
+    );
+    let c = client();
+    let body = r#"{"event_id":"a","ts":"2026-11-22T12:00:00Z","client_id":"acme","bidder":"b","cpm":1.5}"#;
+    let (st, v) = post_events(&c, &s.url, "auctions", body.to_string()).await;
+    assert_eq!(st, 200, "{v}");
+    // count(*) is answered from the log's statistics: no file, no bytes, within any budget.
+    wait_for(&c, &s.url, "SELECT count(*) FROM auctions", 30, |v| {
+        v["rows"][0][0] == 1
+    })
+    .await;
+    let (st, v) = sql(&c, &s.url, "SELECT sum(cpm) FROM auctions").await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("budget of 100 bytes"),
+        "{v}"
+    );
+    // A request cannot raise the server's budget.
+    let (st, _) = query(
+        &c,
+        &s.url,
+        serde_json::json!({"sql": "SELECT sum(cpm) FROM auctions", "bytes_max": 1_000_000}),
+    )
+    .await;
+    assert_eq!(st, 403);
+}
