@@ -3,6 +3,7 @@
 //! executed plan's metrics.
 
 mod convert;
+pub mod history;
 mod stats;
 pub mod usage;
 
@@ -22,6 +23,7 @@ use tarn_catalog::Catalog;
 use tarn_lake::Lake;
 use tarn_lake::tiers::{Tier, Tiers};
 
+pub use history::{History, QueryRecord};
 pub use stats::ScanStats;
 pub use usage::Usage;
 
@@ -102,6 +104,7 @@ pub struct QueryEngine {
     lake: Lake,
     catalog: Arc<Catalog>,
     usage: Arc<Usage>,
+    history: Arc<History>,
     tiers: Option<Tiers>,
     /// Dollars per TiB scanned, for each query's cost estimate.
     scan_price_tb: f64,
@@ -149,10 +152,12 @@ impl QueryEngine {
     /// An engine whose scan accounting lives in `<lake>/_usage/scans.json`.
     pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
         let usage = Arc::new(Usage::open(lake.root().join("_usage").join("scans.json")));
+        let history = Arc::new(History::open(lake.root().join("_usage").join("queries.ndjson")));
         Self {
             lake,
             catalog,
             usage,
+            history,
             tiers: None,
             scan_price_tb: 5.0,
         }
@@ -209,6 +214,11 @@ impl QueryEngine {
         &self.usage
     }
 
+    /// The query history (`system.queries`).
+    pub fn history(&self) -> &History {
+        &self.history
+    }
+
     /// A session with every dataset that has a table registered under its name, and the
     /// object store URL of each table (how a scan is traced back to its dataset).
     async fn session(&self) -> Result<(SessionContext, HashMap<String, String>)> {
@@ -216,6 +226,19 @@ impl QueryEngine {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
         let mut urls = HashMap::new();
+        use deltalake::datafusion::catalog::SchemaProvider as _;
+        let system = Arc::new(deltalake::datafusion::catalog::MemorySchemaProvider::new());
+        let queries = deltalake::datafusion::datasource::MemTable::try_new(
+            History::schema(),
+            vec![vec![self.history.batch().map_err(|e| Error::Internal(e.to_string()))?]],
+        )
+        .map_err(classify)?;
+        system
+            .register_table("queries".into(), Arc::new(queries))
+            .map_err(classify)?;
+        if let Some(catalog) = ctx.catalog("datafusion") {
+            catalog.register_schema("system", system).map_err(classify)?;
+        }
         for spec in self.catalog.list() {
             if !self.lake.table_exists(&spec.name) {
                 continue;
@@ -248,6 +271,28 @@ impl QueryEngine {
     /// that stops pulling (or drops the stream) stops the work.
     pub async fn stream(&self, sql: &str, bytes_max: Option<u64>) -> Result<QueryStream> {
         let started = Instant::now();
+        let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
+        let res = self.start(sql, bytes_max, started, started_us).await;
+        if let Err(e) = &res {
+            let status = match e {
+                Error::Refused(_) | Error::Archived(_) => "refused",
+                _ => "error",
+            };
+            self.history.record(QueryRecord {
+                who: ANONYMOUS.into(),
+                sql: sql.to_string(),
+                started_us,
+                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+                rows: 0,
+                bytes_scanned: 0,
+                status: status.into(),
+                error: Some(e.to_string()),
+            });
+        }
+        res
+    }
+
+    async fn start(&self, sql: &str, bytes_max: Option<u64>, started: Instant, started_us: i64) -> Result<QueryStream> {
         let (ctx, urls) = self.session().await?;
         let df = ctx.sql(sql).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
@@ -275,6 +320,11 @@ impl QueryEngine {
             infrequent,
             usage: self.usage.clone(),
             scan_price_tb: self.scan_price_tb,
+            history: self.history.clone(),
+            sql: sql.to_string(),
+            started_us,
+            finished: false,
+            error: None,
         })
     }
 
@@ -394,7 +444,15 @@ pub struct QueryStream {
     infrequent: Infrequent,
     usage: Arc<Usage>,
     scan_price_tb: f64,
+    history: Arc<History>,
+    sql: String,
+    started_us: i64,
+    finished: bool,
+    error: Option<String>,
 }
+
+/// Who ran a query, until tarn has credentials.
+const ANONYMOUS: &str = "anonymous";
 
 /// (dataset, day) partitions in the infrequent tier, whose reads are priced as retrievals.
 type Infrequent = std::collections::HashSet<(String, String)>;
@@ -403,23 +461,45 @@ impl Drop for QueryStream {
     /// However the query ended (done, cut at its row limit, cancelled, timed out), what it read
     /// is accounted.
     fn drop(&mut self) {
-        let s = stats::collect(&self.plan, &self.urls, &self.infrequent);
+        let s = self.stats();
         let month = current_month();
         self.usage.record(&month, &s.bytes_by_dataset);
         self.usage.record_retrieved(&month, &s.bytes_infrequent_by_dataset);
+        let status = match (&self.error, self.finished) {
+            (Some(_), _) => "error",
+            (None, true) => "ok",
+            (None, false) => "stopped",
+        };
+        self.history.record(QueryRecord {
+            who: ANONYMOUS.into(),
+            sql: std::mem::take(&mut self.sql),
+            started_us: self.started_us,
+            duration_ms: s.duration_ms,
+            rows: s.rows_returned,
+            bytes_scanned: s.bytes_scanned,
+            status: status.into(),
+            error: self.error.take(),
+        });
     }
 }
 
 impl QueryStream {
     /// The next batch of the result.
     pub async fn next(&mut self) -> Option<Result<RecordBatch>> {
-        let b = self.batches.next().await?;
+        let Some(b) = self.batches.next().await else {
+            self.finished = true;
+            return None;
+        };
         Some(match b {
             Ok(b) => {
                 self.rows += b.num_rows() as u64;
                 Ok(b)
             }
-            Err(e) => Err(classify(e)),
+            Err(e) => {
+                let e = classify(e);
+                self.error = Some(e.to_string());
+                Err(e)
+            }
         })
     }
 

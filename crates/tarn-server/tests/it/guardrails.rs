@@ -78,6 +78,44 @@ async fn dry_runs_budgets_and_required_partition_filters() {
     let (st, _) = query(&c, &s.url, serde_json::json!({"sql": day, "bytes_max": bytes})).await;
     assert_eq!(st, 200);
 
+    // Every query is in the history, however it ended.
+    let (st, v) = sql(
+        &c,
+        &s.url,
+        "SELECT who, sql, status, error, rows, bytes_scanned, duration_ms FROM system.queries ORDER BY started_at",
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let rows = v["rows"].as_array().expect("rows");
+    let refused = rows
+        .iter()
+        .find(|r| r[1] == "SELECT count(DISTINCT event_id) FROM guarded")
+        .expect("the refused query is listed");
+    assert_eq!(
+        (refused[0].as_str(), refused[2].as_str()),
+        (Some("anonymous"), Some("refused"))
+    );
+    assert!(
+        refused[3]
+            .as_str()
+            .expect("error")
+            .contains("must filter on a partition column")
+    );
+    let ok = rows
+        .iter()
+        .rev()
+        .find(|r| r[1] == day && r[2] == "ok")
+        .expect("the day query is listed");
+    assert_eq!(ok[4].as_u64(), Some(1), "one result row");
+    assert!(
+        ok[5].as_u64().expect("bytes") > 0 && ok[6].as_f64().expect("ms") > 0.0,
+        "{ok:?}"
+    );
+    let (st, v) = sql(&c, &s.url, "SELECT nope FROM guarded WHERE day = '2026-11-20'").await;
+    assert_eq!(st, 400, "{v}");
+    let (_, v) = sql(&c, &s.url, "SELECT status FROM system.queries WHERE sql LIKE '%nope%'").await;
+    assert_eq!(v["rows"][0][0], "error", "{v}");
+
     let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
         .args(["sql", day, "--dry-run", "--bytes-max", "1", "--server", &s.url])
         .output()
