@@ -108,6 +108,30 @@ pub struct QueryEngine {
     tiers: Option<Tiers>,
     /// Dollars per TiB scanned, for each query's cost estimate.
     scan_price_tb: f64,
+    /// Shared by every query: the memory pool (past it, sorts, joins and aggregations spill to
+    /// disk) and the spill files.
+    runtime: Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>,
+    memory_limit: usize,
+    /// Queries running at once; more wait for a turn.
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// Default memory of all running queries together: 1 GiB.
+pub const MEMORY_LIMIT_DEFAULT: usize = 1 << 30;
+/// Default number of queries running at once.
+pub const CONCURRENCY_DEFAULT: usize = 4;
+
+/// A runtime whose memory pool shares `bytes` fairly among the operators that can spill, so
+/// that one aggregation cannot starve a sort or a top-k that cannot; the pool's errors name
+/// the largest consumers.
+fn runtime_with_limit(bytes: usize) -> Result<Arc<deltalake::datafusion::execution::runtime_env::RuntimeEnv>> {
+    use deltalake::datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+    let top = std::num::NonZeroUsize::new(5).unwrap_or(std::num::NonZeroUsize::MIN);
+    let pool = TrackConsumersPool::new(FairSpillPool::new(bytes), top);
+    deltalake::datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(pool))
+        .build_arc()
+        .map_err(classify)
 }
 
 /// The month ("YYYY-MM", UTC) a query's scan is accounted to.
@@ -153,6 +177,8 @@ impl QueryEngine {
     pub fn new(lake: Lake, catalog: Arc<Catalog>) -> Self {
         let usage = Arc::new(Usage::open(lake.root().join("_usage").join("scans.json")));
         let history = Arc::new(History::open(lake.root().join("_usage").join("queries.ndjson")));
+        let runtime = runtime_with_limit(MEMORY_LIMIT_DEFAULT)
+            .unwrap_or_else(|_| Arc::new(deltalake::datafusion::execution::runtime_env::RuntimeEnv::default()));
         Self {
             lake,
             catalog,
@@ -160,7 +186,24 @@ impl QueryEngine {
             history,
             tiers: None,
             scan_price_tb: 5.0,
+            runtime,
+            memory_limit: MEMORY_LIMIT_DEFAULT,
+            permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY_DEFAULT)),
         }
+    }
+
+    /// Limits the memory of all running queries together; past it, sorts, joins and
+    /// aggregations spill to temporary files.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Result<Self> {
+        self.runtime = runtime_with_limit(bytes)?;
+        self.memory_limit = bytes;
+        Ok(self)
+    }
+
+    /// Lets at most `n` queries run at once; the others wait for a turn.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.permits = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// Prices each query's scan at `dollars` per TiB (default 5).
@@ -223,8 +266,20 @@ impl QueryEngine {
     /// object store URL of each table (how a scan is traced back to its dataset).
     async fn session(&self) -> Result<(SessionContext, HashMap<String, String>)> {
         use deltalake::logstore::LogStore as _;
-        let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
+        // A sort holds back a share of memory for merging its spill files; with a small limit
+        // that share must shrink too.
+        let reserve = (self.memory_limit / 4).min(10 << 20);
+        // Small limits also get small batches and one partition per operator, so that the
+        // memory each operator holds at a time stays well under its share.
+        let small = self.memory_limit < (64 << 20);
+        let mut config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_batch_size(if small { 1024 } else { 8192 });
+        if small {
+            config = config.with_target_partitions(1);
+        }
+        let config = config.with_sort_spill_reservation_bytes(reserve);
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
         let mut urls = HashMap::new();
         use deltalake::datafusion::catalog::SchemaProvider as _;
         let system = Arc::new(deltalake::datafusion::catalog::MemorySchemaProvider::new());
@@ -293,6 +348,12 @@ impl QueryEngine {
     }
 
     async fn start(&self, sql: &str, bytes_max: Option<u64>, started: Instant, started_us: i64) -> Result<QueryStream> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("query permits closed".into()))?;
         let (ctx, urls) = self.session().await?;
         let df = ctx.sql(sql).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
@@ -325,6 +386,7 @@ impl QueryEngine {
             started_us,
             finished: false,
             error: None,
+            _permit: permit,
         })
     }
 
@@ -449,6 +511,8 @@ pub struct QueryStream {
     started_us: i64,
     finished: bool,
     error: Option<String>,
+    /// The query's turn; released when the stream is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Who ran a query, until tarn has credentials.

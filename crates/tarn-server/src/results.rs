@@ -181,6 +181,7 @@ pub fn stream_body(
             }
             Some(Err(e)) => {
                 st.done = true;
+                tracing::warn!(error = %e, "query failed while its result streamed; the answer is cut");
                 Some((Err(io(e)), st))
             }
             None => {

@@ -59,6 +59,13 @@ pub struct ServeArgs {
     /// seconds (0: never).
     #[arg(long, env = "TARN_COMPACT_EVERY_S", default_value_t = 3600)]
     pub compact_every_s: u64,
+    /// Memory of all running queries together, in MiB; past it, sorts, joins and aggregations
+    /// spill to temporary files.
+    #[arg(long, env = "TARN_QUERY_MEMORY_MB", default_value_t = 1024)]
+    pub query_memory_mb: usize,
+    /// Queries running at once; more wait for a turn.
+    #[arg(long, env = "TARN_QUERY_CONCURRENCY", default_value_t = 4)]
+    pub query_concurrency: usize,
     /// Refuse, before it runs, any query whose scan would read more than this many bytes
     /// (0: no budget). A request's own `bytes_max` can only lower it.
     #[arg(long, env = "TARN_QUERY_BYTES_MAX", default_value_t = 0)]
@@ -288,7 +295,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         collector,
         query: QueryEngine::new(lake.clone(), catalog.clone())
             .with_tiers(tiers)
-            .with_scan_price(args.price_scan_tb),
+            .with_scan_price(args.price_scan_tb)
+            .with_concurrency(args.query_concurrency)
+            .with_memory_limit(args.query_memory_mb.max(1) << 20)
+            .context("setting the query memory limit")?,
         catalog: catalog.clone(),
         curate_stats,
         maintenance,

@@ -171,3 +171,71 @@ async fn the_server_budget_caps_every_query() {
     .await;
     assert_eq!(st, 403);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    write_descriptor(&ds);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[
+            "--datasets",
+            ds.to_str().expect("utf8"),
+            "--batch-age-ms",
+            "50",
+            "--query-memory-mb",
+            "4",
+            "--query-concurrency",
+            "1",
+        ],
+    );
+    let c = client();
+    let n = 60_000;
+    for part in 0..6 {
+        let body: Vec<String> = (0..n / 6)
+            .map(|i| {
+                let id = part * (n / 6) + i;
+                format!(
+                    r#"{{"event_id":"event-{id:08}-{}","ts":"2026-11-22T12:00:00Z","client_id":"c{}","bidder":"bidder-{}","cpm":{}}}"#,
+                    "x".repeat(200),
+                    id % 3,
+                    id % 1000,
+                    id % 97
+                )
+            })
+            .collect();
+        let (st, v) = post_events(&c, &s.url, "auctions", body.join("\n")).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    wait_for(&c, &s.url, "SELECT count(*) FROM auctions", 60, |v| {
+        v["rows"][0][0] == n
+    })
+    .await;
+    // Every one of 60,000 distinct ids of 214 bytes (12.8 MB of keys), grouped and sorted in
+    // 4 MiB: the aggregation and the sort spill to disk.
+    let r = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&serde_json::json!({
+            "sql": "SELECT event_id, count(*) AS k, sum(cpm) AS s FROM auctions GROUP BY event_id ORDER BY event_id DESC",
+            "format": "ndjson"
+        }))
+        .send()
+        .await
+        .expect("query");
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.expect("body");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.len(),
+        n,
+        "every group, in order: {}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    let first: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+    assert!(
+        first["event_id"].as_str().expect("id").starts_with("event-00059999-"),
+        "{first}"
+    );
+    assert_eq!(first["k"], 1);
+}
