@@ -114,6 +114,9 @@ pub struct QueryEngine {
     memory_limit: usize,
     /// Queries running at once; more wait for a turn.
     permits: Arc<tokio::sync::Semaphore>,
+    /// Each dataset's table as last loaded: a query brings it up to date by reading only the
+    /// commits made since, instead of replaying the log.
+    tables: tokio::sync::Mutex<HashMap<String, deltalake::DeltaTable>>,
 }
 
 /// Default memory of all running queries together: 1 GiB.
@@ -189,6 +192,7 @@ impl QueryEngine {
             runtime,
             memory_limit: MEMORY_LIMIT_DEFAULT,
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY_DEFAULT)),
+            tables: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -252,6 +256,31 @@ impl QueryEngine {
         )))
     }
 
+    /// A dataset's table at its newest version: the cached one, updated incrementally (or
+    /// opened afresh when that fails).
+    async fn current_table(&self, dataset: &str) -> Result<deltalake::DeltaTable> {
+        let cached = self.tables.lock().await.get(dataset).cloned();
+        let table = match cached {
+            Some(mut t) => match t.update_incremental(None).await {
+                Ok(()) => t,
+                Err(e) => {
+                    tracing::warn!(dataset, error = %e, "table update failed; opening it afresh");
+                    self.lake
+                        .open_table(dataset)
+                        .await
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                }
+            },
+            None => self
+                .lake
+                .open_table(dataset)
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?,
+        };
+        self.tables.lock().await.insert(dataset.to_string(), table.clone());
+        Ok(table)
+    }
+
     /// Bytes scanned by queries, per dataset and month.
     pub fn usage(&self) -> &Usage {
         &self.usage
@@ -298,11 +327,7 @@ impl QueryEngine {
             if !self.lake.table_exists(&spec.name) {
                 continue;
             }
-            let table = self
-                .lake
-                .open_table(&spec.name)
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            let table = self.current_table(&spec.name).await?;
             table
                 .update_datafusion_session(&ctx.state())
                 .map_err(|e| Error::Internal(e.to_string()))?;

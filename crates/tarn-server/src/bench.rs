@@ -46,6 +46,110 @@ pub struct BenchArgs {
     /// Small files in the compaction benchmark.
     #[arg(long, default_value_t = 1_000)]
     pub files: usize,
+    /// Also time eight analytics queries in tarn and in DuckDB over the same Parquet files
+    /// (needs `--duckdb`).
+    #[arg(long)]
+    pub queries: bool,
+}
+
+/// The analytics queries: (name, tarn SQL, DuckDB SQL).
+fn analytics_queries(event_id: &str) -> Vec<(&'static str, String, String)> {
+    let same = |name: &'static str, q: &str| (name, q.to_string(), q.to_string());
+    vec![
+        same(
+            "pruned count",
+            "SELECT count(*) FROM auctions WHERE day = '2025-11-21' AND client_id = 'client_003'",
+        ),
+        same(
+            "revenue by bidder, one day",
+            "SELECT bidder, sum(cpm) AS revenue FROM auctions WHERE day = '2025-11-21' GROUP BY bidder ORDER BY revenue DESC",
+        ),
+        same(
+            "top countries, all days",
+            "SELECT country, count(*) AS n FROM auctions GROUP BY country ORDER BY n DESC LIMIT 5",
+        ),
+        (
+            "p95 latency by device",
+            "SELECT device, approx_percentile_cont(latency_ms, 0.95) AS p95 FROM auctions GROUP BY device".into(),
+            "SELECT device, approx_quantile(latency_ms, 0.95) AS p95 FROM auctions GROUP BY device".into(),
+        ),
+        same(
+            "hourly series, one customer",
+            "SELECT date_trunc('hour', ts) AS h, count(*) AS n FROM auctions WHERE client_id = 'client_001' GROUP BY 1 ORDER BY 1",
+        ),
+        same("count everything", "SELECT count(*) FROM auctions"),
+        same(
+            "point lookup by event id",
+            &format!("SELECT * FROM auctions WHERE event_id = '{event_id}'"),
+        ),
+        same(
+            "distinct URLs, customer-day",
+            "SELECT count(DISTINCT page_url) FROM auctions WHERE client_id = 'client_002' AND day = '2025-11-21'",
+        ),
+    ]
+}
+
+/// Times each query in tarn (best of three, over HTTP) and DuckDB (best of three, in
+/// process) and prints the ratios.
+async fn compare_queries(url: &str, table_dir: &Path, event_id: &str) -> Result<()> {
+    let queries = analytics_queries(event_id);
+    let client = reqwest::Client::new();
+    let mut tarn = Vec::new();
+    for (name, sql, _) in &queries {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let r = client
+                .post(format!("{url}/v1/query"))
+                .json(&serde_json::json!({"sql": sql}))
+                .send()
+                .await?;
+            let status = r.status();
+            let body = r.text().await?;
+            if !status.is_success() {
+                bail!("query {name:?} answered {status}: {body}");
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        tarn.push(best);
+    }
+    let list: Vec<_> = queries
+        .iter()
+        .map(|(name, _, duck)| serde_json::json!({"name": name, "sql": duck}))
+        .collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/duckdb_queries.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(table_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running bench/duckdb_queries.py")?;
+    child
+        .stdin
+        .take()
+        .context("duckdb stdin")?
+        .write_all(serde_json::to_string(&list)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("duckdb queries failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let duck: serde_json::Value = serde_json::from_slice(&out.stdout).context("duckdb output")?;
+    println!("  queries (best of 3; tarn over HTTP, DuckDB in process, same Parquet files)");
+    let mut worst: f64 = 0.0;
+    for ((name, _, _), t) in queries.iter().zip(&tarn) {
+        let d = duck[*name].as_f64().unwrap_or(f64::NAN);
+        worst = worst.max(t / d);
+        println!(
+            "    {name:<30} tarn {:>8.1} ms  duckdb {:>8.1} ms  ratio tarn/duckdb {:.2}x",
+            t * 1000.0,
+            d * 1000.0,
+            t / d
+        );
+    }
+    println!("  slowest query relative to DuckDB  {worst:.2}x");
+    Ok(())
 }
 
 pub const DESCRIPTOR: &str = r#"version: 1
@@ -340,6 +444,15 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let append_p99 = bucket_p99(&before, &after);
         while count(&url, "auctions_paced").await? < a.events as u64 {
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if a.queries && a.duckdb {
+            let first_id = std::fs::read_to_string(&ndjson)?
+                .lines()
+                .nth(a.events / 2)
+                .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .and_then(|v| v["event_id"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            compare_queries(&url, &data.join("lake/tables/auctions"), &first_id).await?;
         }
         let table_bytes = du(&data.join("lake/tables/auctions"), None);
         let parquet_bytes = du(&data.join("lake/tables/auctions"), Some(".parquet"));
