@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 /// Queries kept in memory (and served by `system.queries`).
 pub const HISTORY_ROWS: usize = 10_000;
+/// Characters of a query's SQL kept in the history.
+pub const SQL_CHARS_MAX: usize = 4_096;
 /// Size at which the history file is rotated.
 pub const FILE_BYTES_MAX: u64 = 64 << 20;
 
@@ -70,13 +72,19 @@ impl History {
         }
     }
 
-    pub fn record(&self, r: QueryRecord) {
+    /// Records a query; its SQL is kept up to [`SQL_CHARS_MAX`] characters. The file is
+    /// appended under the same lock as the memory, so rotation has one writer.
+    pub fn record(&self, mut r: QueryRecord) {
+        if let Some((cut, _)) = r.sql.char_indices().nth(SQL_CHARS_MAX) {
+            r.sql.truncate(cut);
+            r.sql.push_str(" …");
+        }
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(path) = &self.path
             && let Err(e) = append_line(path, &r)
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot append to the query history");
         }
-        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         if rows.len() == HISTORY_ROWS {
             rows.pop_front();
         }

@@ -380,7 +380,7 @@ impl QueryEngine {
             .await
             .map_err(|_| Error::Internal("query permits closed".into()))?;
         let (ctx, urls) = self.session().await?;
-        let df = ctx.sql(sql).await.map_err(classify)?;
+        let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
@@ -418,7 +418,7 @@ impl QueryEngine {
     /// What a statement would read, planned but not run (the guardrails apply as they would).
     pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
         let (ctx, urls) = self.session().await?;
-        let df = ctx.sql(sql).await.map_err(classify)?;
+        let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
         let plan = df.create_physical_plan().await.map_err(classify)?;
         self.check_archive(&plan, &urls)?;
@@ -437,7 +437,7 @@ impl QueryEngine {
     /// Refuses a query that scans a dataset whose contract requires a partition filter without
     /// one, naming the dataset and its partition columns.
     fn check_partition_filters(&self, df: &deltalake::datafusion::prelude::DataFrame) -> Result<()> {
-        use deltalake::datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+        use deltalake::datafusion::common::tree_node::TreeNodeRecursion;
         use deltalake::datafusion::logical_expr::LogicalPlan;
         let guarded: Vec<_> = self
             .catalog
@@ -450,7 +450,7 @@ impl QueryEngine {
         }
         let plan = df.clone().into_optimized_plan().map_err(classify)?;
         let mut missing: Vec<String> = Vec::new();
-        plan.apply(|node| {
+        plan.apply_with_subqueries(|node| {
             if let LogicalPlan::TableScan(scan) = node
                 && let Some(spec) = guarded.iter().find(|s| scan.table_name.table() == s.name)
             {
@@ -459,8 +459,8 @@ impl QueryEngine {
                 let filtered = scan
                     .filters
                     .iter()
-                    .flat_map(|f| f.column_refs())
-                    .any(|c| parts.contains(&c.name));
+                    .flat_map(|f| deltalake::datafusion::logical_expr::utils::split_conjunction(f))
+                    .any(|e| narrows_partition(e, &parts));
                 if !filtered {
                     missing.push(format!("{} (filter on {})", spec.name, parts.join(" or ")));
                 }
@@ -538,6 +538,41 @@ pub struct QueryStream {
     error: Option<String>,
     /// The query's turn; released when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// SQL that only reads: no DDL (CREATE, DROP), no DML (INSERT, COPY), no SET or other
+/// statements. Tables change through ingestion and maintenance only.
+fn read_only() -> deltalake::datafusion::execution::context::SQLOptions {
+    deltalake::datafusion::execution::context::SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// Whether one conjunct of a scan's filters narrows it by a partition column: a comparison,
+/// `IN` list or `BETWEEN` of a partition column against literals. A filter that only mentions
+/// one (`day IS NOT NULL`, `day <> 'x'`, `x = 1 OR day = 'y'`) does not count.
+fn narrows_partition(e: &deltalake::datafusion::logical_expr::Expr, parts: &[String]) -> bool {
+    use deltalake::datafusion::logical_expr::{Between, BinaryExpr, Expr, Operator};
+    let is_part = |e: &Expr| matches!(e, Expr::Column(c) if parts.contains(&c.name));
+    let is_lit = |e: &Expr| matches!(e, Expr::Literal(..));
+    match e {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+            matches!(
+                op,
+                Operator::Eq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq
+            ) && ((is_part(left) && is_lit(right)) || (is_lit(left) && is_part(right)))
+        }
+        Expr::InList(l) => !l.negated && is_part(&l.expr) && l.list.iter().all(is_lit),
+        Expr::Between(Between {
+            expr,
+            negated,
+            low,
+            high,
+            ..
+        }) => !negated && is_part(expr) && is_lit(low) && is_lit(high),
+        _ => false,
+    }
 }
 
 /// Who ran a query, until tarn has credentials.

@@ -141,21 +141,26 @@ pub(crate) fn scanned_days(
     }
 }
 
-/// (files, bytes) the plan's scans are planned over: each file once, at its full size.
+/// (files, bytes) the plan's scans are planned over: within a scan each file once (a file
+/// split into byte ranges is one file), at its full size; a table scanned twice (a self-join,
+/// a UNION) counts twice.
 pub(crate) fn planned_files(plan: &Arc<dyn ExecutionPlan>) -> (u64, u64) {
-    fn walk(plan: &Arc<dyn ExecutionPlan>, seen: &mut HashMap<String, u64>) {
+    fn walk(plan: &Arc<dyn ExecutionPlan>, total: &mut (u64, u64)) {
         if let Some(exec) = plan.downcast_ref::<DataSourceExec>()
             && let Some(config) = exec.data_source().downcast_ref::<FileScanConfig>()
         {
+            let mut seen: HashMap<&str, u64> = HashMap::new();
             for f in config.file_groups.iter().flat_map(|g| g.files()) {
-                seen.insert(f.object_meta.location.to_string(), f.object_meta.size);
+                seen.insert(f.object_meta.location.as_ref(), f.object_meta.size);
             }
+            total.0 += seen.len() as u64;
+            total.1 += seen.values().sum::<u64>();
         }
         for child in plan.children() {
-            walk(child, seen);
+            walk(child, total);
         }
     }
-    let mut seen = HashMap::new();
-    walk(plan, &mut seen);
-    (seen.len() as u64, seen.values().sum())
+    let mut total = (0, 0);
+    walk(plan, &mut total);
+    total
 }

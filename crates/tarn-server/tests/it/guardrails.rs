@@ -52,6 +52,35 @@ async fn dry_runs_budgets_and_required_partition_filters() {
     assert!(msg.contains("guarded (filter on day or client_id)"), "{msg}");
     let (st, _) = sql(&c, &s.url, "SELECT sum(cpm) FROM guarded WHERE client_id = 'c1'").await;
     assert_eq!(st, 200, "a tenant filter is a partition filter");
+    // Mentioning a partition column is not filtering on it.
+    for q in [
+        "SELECT sum(cpm) FROM guarded WHERE day IS NOT NULL",
+        "SELECT sum(cpm) FROM guarded WHERE day <> '2026-11-20'",
+        "SELECT sum(cpm) FROM guarded WHERE cpm > 1 OR day = '2026-11-20'",
+        "SELECT sum(cpm) FROM (SELECT * FROM guarded) t WHERE cpm > 1",
+    ] {
+        let (st, v) = sql(&c, &s.url, q).await;
+        assert_eq!(st, 403, "{q}: {v}");
+    }
+    // SQL only reads: no writes into tables, no files written, no catalog changes.
+    let copy_to = dir.path().join("copied.csv");
+    for q in [
+        "INSERT INTO guarded VALUES ('x', now(), 'c0', 1.0, now(), '2026-11-20')".to_string(),
+        "CREATE TABLE t AS SELECT 1".to_string(),
+        format!("COPY (SELECT 1) TO '{}'", copy_to.display()),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let (st, v) = sql(&c, &s.url, &q).await;
+        assert_eq!(st, 400, "{q}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("not supported"),
+            "{q}: {v}"
+        );
+    }
+    assert!(!copy_to.exists());
 
     // A dry run estimates without running, and prices the bytes.
     let (st, v) = query(&c, &s.url, serde_json::json!({"sql": day, "dry_run": true})).await;
