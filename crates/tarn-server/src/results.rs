@@ -114,80 +114,87 @@ impl Encoder {
     }
 }
 
-struct State {
-    q: QueryStream,
-    enc: Encoder,
-    head: Option<Vec<u8>>,
-    rows_left: Option<usize>,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
-    done: bool,
-}
-
 fn io(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
 /// A body that streams the query's batches in `format`, up to `row_limit` rows, failing (the
 /// connection is cut) if the query errs or passes `timeout`.
+///
+/// The query runs in its own task that hands encoded chunks to the body, two at a time. The
+/// deadline holds whether or not the client reads: a client that stops reading does not keep
+/// the query, its turn among the running queries, or its memory past the timeout.
 pub fn stream_body(
     q: QueryStream,
     format: Format,
     row_limit: Option<usize>,
     timeout: Duration,
 ) -> Result<Body, ArrowError> {
-    let (enc, head) = Encoder::start(format, &q.schema)?;
-    let st = State {
-        q,
-        enc,
-        head: Some(head),
-        rows_left: row_limit,
-        deadline: tokio::time::Instant::now() + timeout,
-        timeout,
-        done: false,
-    };
-    let stream = futures::stream::unfold(st, |mut st| async move {
-        if let Some(head) = st.head.take() {
-            return Some((Ok(Bytes::from(head)), st));
+    let (mut enc, head) = Encoder::start(format, &q.schema)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed_w = failed.clone();
+    tokio::spawn(async move {
+        let mut q = q;
+        let mut rows_left = row_limit;
+        let stop = |why: &str| {
+            failed_w.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(why, "query result stream cut");
+        };
+        let mut item = Ok(Bytes::from(head));
+        loop {
+            let last = item.is_err();
+            match tokio::time::timeout_at(deadline, tx.send(item)).await {
+                Ok(Ok(())) => {}
+                // The client went away.
+                Ok(Err(_)) => return,
+                Err(_) => return stop("the client did not read the answer before the query's timeout"),
+            }
+            if last {
+                return;
+            }
+            let next = if rows_left == Some(0) {
+                None
+            } else {
+                match tokio::time::timeout_at(deadline, q.next()).await {
+                    Ok(n) => n,
+                    Err(_) => return stop(&format!("query stopped after its timeout of {timeout:?}")),
+                }
+            };
+            item = match next {
+                Some(Ok(mut batch)) => {
+                    if let Some(left) = rows_left.as_mut() {
+                        if batch.num_rows() > *left {
+                            batch = batch.slice(0, *left);
+                        }
+                        *left -= batch.num_rows();
+                    }
+                    enc.encode(&batch).map(Bytes::from).map_err(io)
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "query failed while its result streamed; the answer is cut");
+                    Err(io(e))
+                }
+                None => {
+                    let tail = enc.finish().map(Bytes::from).map_err(io);
+                    let _ = tokio::time::timeout_at(deadline, tx.send(tail)).await;
+                    return;
+                }
+            };
         }
-        if st.done {
+    });
+    let stream = futures::stream::unfold((rx, failed, false), |(mut rx, failed, ended)| async move {
+        if ended {
             return None;
         }
-        let next = if st.rows_left == Some(0) {
-            None
-        } else {
-            match tokio::time::timeout_at(st.deadline, st.q.next()).await {
-                Ok(n) => n,
-                Err(_) => {
-                    st.done = true;
-                    let e = io(format!("query stopped after its timeout of {:?}", st.timeout));
-                    return Some((Err(e), st));
-                }
+        match rx.recv().await {
+            Some(item) => Some((item, (rx, failed, false))),
+            // A cut that could not be sent as an error item still ends the body in error.
+            None if failed.load(std::sync::atomic::Ordering::SeqCst) => {
+                Some((Err(io("query result stream cut")), (rx, failed, true)))
             }
-        };
-        match next {
-            Some(Ok(mut batch)) => {
-                if let Some(left) = st.rows_left.as_mut() {
-                    if batch.num_rows() > *left {
-                        batch = batch.slice(0, *left);
-                    }
-                    *left -= batch.num_rows();
-                }
-                let out = st.enc.encode(&batch).map(Bytes::from).map_err(io);
-                if out.is_err() {
-                    st.done = true;
-                }
-                Some((out, st))
-            }
-            Some(Err(e)) => {
-                st.done = true;
-                tracing::warn!(error = %e, "query failed while its result streamed; the answer is cut");
-                Some((Err(io(e)), st))
-            }
-            None => {
-                st.done = true;
-                Some((st.enc.finish().map(Bytes::from).map_err(io), st))
-            }
+            None => None,
         }
     });
     Ok(Body::from_stream(stream))
