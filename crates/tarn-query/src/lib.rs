@@ -293,7 +293,7 @@ impl QueryEngine {
 
     /// A session with every dataset that has a table registered under its name, and the
     /// object store URL of each table (how a scan is traced back to its dataset).
-    async fn session(&self) -> Result<(SessionContext, HashMap<String, String>)> {
+    async fn session(&self, sql: &str) -> Result<(SessionContext, HashMap<String, String>)> {
         use deltalake::logstore::LogStore as _;
         // A sort holds back a share of memory for merging its spill files; with a small limit
         // that share must shrink too.
@@ -312,11 +312,16 @@ impl QueryEngine {
         let mut urls = HashMap::new();
         use deltalake::datafusion::catalog::SchemaProvider as _;
         let system = Arc::new(deltalake::datafusion::catalog::MemorySchemaProvider::new());
-        let queries = deltalake::datafusion::datasource::MemTable::try_new(
-            History::schema(),
-            vec![vec![self.history.batch().map_err(|e| Error::Internal(e.to_string()))?]],
-        )
-        .map_err(classify)?;
+        // The history is copied into the session only for a statement that can name it: most
+        // queries do not pay for up to 10,000 rows they never read.
+        let wanted = sql.to_ascii_lowercase().contains("queries");
+        let rows = if wanted {
+            vec![self.history.batch().map_err(|e| Error::Internal(e.to_string()))?]
+        } else {
+            vec![RecordBatch::new_empty(History::schema())]
+        };
+        let queries =
+            deltalake::datafusion::datasource::MemTable::try_new(History::schema(), vec![rows]).map_err(classify)?;
         system
             .register_table("queries".into(), Arc::new(queries))
             .map_err(classify)?;
@@ -379,7 +384,7 @@ impl QueryEngine {
             .acquire_owned()
             .await
             .map_err(|_| Error::Internal("query permits closed".into()))?;
-        let (ctx, urls) = self.session().await?;
+        let (ctx, urls) = self.session(sql).await?;
         let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
@@ -417,7 +422,7 @@ impl QueryEngine {
 
     /// What a statement would read, planned but not run (the guardrails apply as they would).
     pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
-        let (ctx, urls) = self.session().await?;
+        let (ctx, urls) = self.session(sql).await?;
         let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
         let plan = df.create_physical_plan().await.map_err(classify)?;
