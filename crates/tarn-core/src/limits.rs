@@ -36,7 +36,7 @@ impl Default for Limits {
             event_bytes_max: 1 << 20,
             ingest_inflight_bytes_max: 512 << 20,
             delivery_batch_bytes: 64 << 20,
-            delivery_batch_age_ms: 1_000,
+            delivery_batch_age_ms: 500,
             segment_bytes_max: 128 << 20,
             rejections_reported_max: 1_000,
         }
