@@ -363,18 +363,39 @@ impl QueryEngine {
                 Error::Refused(_) | Error::Archived(_) => "refused",
                 _ => "error",
             };
-            self.history.record(QueryRecord {
-                who: ANONYMOUS.into(),
-                sql: sql.to_string(),
-                started_us,
-                duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-                rows: 0,
-                bytes_scanned: 0,
-                status: status.into(),
-                error: Some(e.to_string()),
-            });
+            self.record_unstarted(sql, started_us, started, status, e);
         }
         res
+    }
+
+    /// Records a query that ended before it had a stream: refused, failed to plan, or out of
+    /// time while it waited for a turn or planned.
+    pub fn record_unstarted(&self, sql: &str, started_us: i64, started: Instant, status: &str, e: &Error) {
+        self.history.record(QueryRecord {
+            who: ANONYMOUS.into(),
+            sql: sql.to_string(),
+            started_us,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            rows: 0,
+            bytes_scanned: 0,
+            status: status.into(),
+            error: Some(e.to_string()),
+        });
+    }
+
+    /// Starts a query within `timeout`; one that runs out of time before it starts is
+    /// recorded in the history as stopped.
+    pub async fn stream_within(&self, sql: &str, bytes_max: Option<u64>, timeout: Duration) -> Result<QueryStream> {
+        let started = Instant::now();
+        let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
+        match tokio::time::timeout(timeout, self.stream(sql, bytes_max)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let e = Error::Timeout(timeout);
+                self.record_unstarted(sql, started_us, started, "stopped", &e);
+                Err(e)
+            }
+        }
     }
 
     async fn start(&self, sql: &str, bytes_max: Option<u64>, started: Instant, started_us: i64) -> Result<QueryStream> {
@@ -486,9 +507,7 @@ impl QueryEngine {
     /// `timeout`.
     pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
         let deadline = tokio::time::Instant::now() + opts.timeout;
-        let mut q = tokio::time::timeout_at(deadline, self.stream(sql, opts.bytes_max))
-            .await
-            .map_err(|_| Error::Timeout(opts.timeout))??;
+        let mut q = self.stream_within(sql, opts.bytes_max, opts.timeout).await?;
         let mut rows = Vec::new();
         let mut truncated = false;
         while let Some(batch) = tokio::time::timeout_at(deadline, q.next())

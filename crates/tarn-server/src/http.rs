@@ -267,9 +267,7 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
         let result = app.query.sql(&req.sql, &opts).await?;
         return Ok(axum::Json(result).into_response());
     }
-    let q = tokio::time::timeout(timeout, app.query.stream(&req.sql, bytes_max))
-        .await
-        .map_err(|_| ApiError::from(tarn_query::Error::Timeout(timeout)))??;
+    let q = app.query.stream_within(&req.sql, bytes_max, timeout).await?;
     let body = crate::results::stream_body(q, format, req.row_limit, timeout).map_err(|e| {
         api(
             StatusCode::INTERNAL_SERVER_ERROR,

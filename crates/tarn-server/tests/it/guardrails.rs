@@ -267,4 +267,40 @@ async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
         "{first}"
     );
     assert_eq!(first["k"], 1);
+
+    // A client that stops reading a streamed answer does not keep the only query turn past the
+    // query's timeout.
+    let stalled = c
+        .post(format!("{}/v1/query", s.url))
+        .json(&serde_json::json!({"sql": "SELECT * FROM auctions", "format": "ndjson", "timeout_ms": 500}))
+        .send()
+        .await
+        .expect("query");
+    assert_eq!(stalled.status().as_u16(), 200);
+    // Meanwhile a query with a short timeout runs out of time waiting for the turn: it answers
+    // 504 and the history lists it as stopped.
+    let (st, v) = query(
+        &c,
+        &s.url,
+        serde_json::json!({"sql": "SELECT 'waited for a turn'", "timeout_ms": 50}),
+    )
+    .await;
+    assert_eq!(st, 504, "{v}");
+    let started = std::time::Instant::now();
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM auctions").await;
+    assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(n as u64)), "{v}");
+    assert!(
+        started.elapsed().as_secs() < 10,
+        "waited {:?} for a turn",
+        started.elapsed()
+    );
+    // The stalled answer ends in an error, not as if it were complete.
+    assert!(stalled.text().await.is_err(), "a cut answer must not look whole");
+    let (_, v) = sql(
+        &c,
+        &s.url,
+        "SELECT status FROM system.queries WHERE sql LIKE '%waited for a turn%' AND sql NOT LIKE '%system.queries%'",
+    )
+    .await;
+    assert_eq!(v["rows"][0][0], "stopped", "{v}");
 }
