@@ -332,14 +332,28 @@ impl QueryEngine {
             if !self.lake.table_exists(&spec.name) {
                 continue;
             }
-            let table = self.current_table(&spec.name).await?;
-            table
-                .update_datafusion_session(&ctx.state())
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            let provider = table
-                .table_provider()
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?;
+            // A table that cannot be opened fails only the statements that name it; the
+            // others run over the rest.
+            let opened = async {
+                let table = self.current_table(&spec.name).await?;
+                table
+                    .update_datafusion_session(&ctx.state())
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let provider = table
+                    .table_provider()
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                Ok::<_, Error>((table, provider))
+            }
+            .await;
+            let (table, provider) = match opened {
+                Ok(p) => p,
+                Err(e) if !mentions(sql, &spec.name) => {
+                    tracing::warn!(dataset = %spec.name, error = %e, "table cannot be opened; left out of this query");
+                    continue;
+                }
+                Err(e) => return Err(Error::Internal(format!("opening the table of {}: {e}", spec.name))),
+            };
             ctx.register_table(spec.name.as_str(), provider).map_err(classify)?;
             urls.insert(
                 table.log_store().object_store_url().as_str().to_string(),
@@ -564,6 +578,17 @@ pub struct QueryStream {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// Whether `sql` may name `dataset` (a whole-word, case-insensitive match).
+fn mentions(sql: &str, dataset: &str) -> bool {
+    let sql = sql.to_ascii_lowercase();
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    sql.match_indices(dataset).any(|(i, m)| {
+        let before = sql[..i].chars().next_back();
+        let after = sql[i + m.len()..].chars().next();
+        !before.is_some_and(word) && !after.is_some_and(word)
+    })
+}
+
 /// SQL that only reads: no DDL (CREATE, DROP), no DML (INSERT, COPY), no SET or other
 /// statements. Tables change through ingestion and maintenance only.
 fn read_only() -> deltalake::datafusion::execution::context::SQLOptions {
@@ -658,5 +683,19 @@ impl QueryStream {
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         s.estimated_cost_usd = s.bytes_scanned as f64 / (1u64 << 40) as f64 * self.scan_price_tb;
         s
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::mentions;
+
+    #[test]
+    fn a_dataset_is_mentioned_only_as_a_whole_word() {
+        assert!(mentions("SELECT * FROM Clicks WHERE x = 1", "clicks"));
+        assert!(mentions("select count(*) from clicks", "clicks"));
+        assert!(!mentions("SELECT * FROM clicks_daily", "clicks"));
+        assert!(!mentions("SELECT * FROM my_clicks", "clicks"));
+        assert!(!mentions("SELECT 1", "clicks"));
     }
 }

@@ -304,3 +304,39 @@ async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
     .await;
     assert_eq!(v["rows"][0][0], "stopped", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_table_fails_only_the_queries_that_name_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &["--batch-age-ms", "50"]);
+    let c = client();
+    for ds in ["good", "broken"] {
+        let (st, v) = post_events(&c, &s.url, ds, r#"{"k":"v","n":1}"#.to_string()).await;
+        assert_eq!(st, 200, "{v}");
+        wait_for(&c, &s.url, &format!("SELECT count(*) FROM {ds}"), 30, |v| {
+            v["rows"][0][0] == 1
+        })
+        .await;
+    }
+    // The next commit of `broken` is garbage.
+    let log = data.join("lake/tables/broken/_delta_log");
+    let last = std::fs::read_dir(&log)
+        .expect("log")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json")?.parse::<u64>().ok())
+        .max()
+        .expect("a commit");
+    std::fs::write(log.join(format!("{:020}.json", last + 1)), b"this is not a commit").expect("write");
+    let (st, v) = sql(&c, &s.url, "SELECT sum(n) FROM good").await;
+    assert_eq!((st, v["rows"][0][0].as_i64()), (200, Some(1)), "{v}");
+    let (st, v) = sql(&c, &s.url, "SELECT sum(n) FROM broken").await;
+    assert_eq!(st, 500, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("opening the table of broken"),
+        "{v}"
+    );
+}
