@@ -33,7 +33,7 @@ use tarn_core::contract::DAY;
 
 use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
 use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
-use crate::table::{commit_actions, writer_properties};
+use crate::table::{commit_actions, table_dir_of, writer_properties};
 use crate::{Error, Lake, Result, io_err};
 
 /// The lock file a compaction holds on its table (Delta readers ignore names starting with `_`).
@@ -401,7 +401,7 @@ async fn compact_partition(
     written: &mut Vec<(String, u64)>,
     on_bin: &mut (dyn FnMut(&Bin) + Send),
 ) -> Result<()> {
-    let table_dir = data_dir_of(table)?;
+    let table_dir = table_dir_of(table)?;
     let prepared = prepare_partition(table, spec, schema, info, bins, written, on_bin).await;
     let landed = match prepared {
         Ok(actions) => {
@@ -441,7 +441,7 @@ async fn prepare_partition(
     written: &mut Vec<(String, u64)>,
     on_bin: &mut (dyn FnMut(&Bin) + Send),
 ) -> Result<Vec<Action>> {
-    let table_dir = data_dir_of(table)?;
+    let table_dir = table_dir_of(table)?;
     let res = prepare_inner(table, spec, schema, info, bins, written, on_bin).await;
     if res.is_err() {
         discard(&table_dir, written);
@@ -459,7 +459,7 @@ async fn prepare_inner(
     on_bin: &mut (dyn FnMut(&Bin) + Send),
 ) -> Result<Vec<Action>> {
     let dataset = spec.name.as_str();
-    let table_dir = data_dir_of(table)?;
+    let table_dir = table_dir_of(table)?;
     let mut actions = Vec::new();
     for bin in bins {
         let add = write_bin(&table_dir, spec, schema, bin).await?;
@@ -470,18 +470,7 @@ async fn prepare_inner(
             let fi = info
                 .get(f)
                 .ok_or_else(|| Error::Internal(format!("{f} is not in the plan's files")))?;
-            actions.push(Action::Remove(Remove {
-                path: f.clone(),
-                data_change: false,
-                deletion_timestamp: Some(now),
-                extended_file_metadata: Some(true),
-                partition_values: Some(fi.partition.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()),
-                size: Some(fi.size_bytes as i64),
-                tags: None,
-                deletion_vector: None,
-                base_row_id: None,
-                default_row_commit_version: None,
-            }));
+            actions.push(remove_action(fi, now, false));
         }
         on_bin(bin);
     }
@@ -504,11 +493,25 @@ async fn prepare_inner(
     Ok(actions)
 }
 
-fn data_dir_of(table: &DeltaTable) -> Result<PathBuf> {
-    table
-        .table_url()
-        .to_file_path()
-        .map_err(|_| Error::Internal(format!("{} is not a local table", table.table_url())))
+/// The partition values of a Delta action.
+pub(crate) fn partition_values(p: &Partition) -> HashMap<String, Option<String>> {
+    p.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
+}
+
+/// A `Remove` action for a file of the table, removed at `now_ms`.
+pub(crate) fn remove_action(f: &FileInfo, now_ms: i64, data_change: bool) -> Action {
+    Action::Remove(Remove {
+        path: f.path.clone(),
+        data_change,
+        deletion_timestamp: Some(now_ms),
+        extended_file_metadata: Some(true),
+        partition_values: Some(partition_values(&f.partition)),
+        size: Some(f.size_bytes as i64),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    })
 }
 
 /// `day=2026-11-22/client_id=acme`.
@@ -578,12 +581,7 @@ async fn write_bin(
                 reason: format!("read {} rows where the log lists {}", stats.rows(), bin.rows),
             });
         }
-        let values = bin
-            .partition
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
-        Ok(new_add(rel, values, size, &stats, false))
+        Ok(new_add(rel, partition_values(&bin.partition), size, &stats, false))
     })
     .await
     .map_err(|e| Error::Internal(format!("compaction task: {e}")))?

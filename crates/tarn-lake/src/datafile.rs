@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
 
-use crate::{Error, Result, io_err};
+use crate::{Error, Result, io_err, sync_path};
 
 /// Strings longer than this many bytes get no maximum in file statistics (a truncated maximum
 /// would be smaller than the value), and a truncated minimum.
@@ -243,11 +243,8 @@ pub fn sync_files(table_dir: &Path, rel_paths: &[&str]) -> Result<()> {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(p) = targets.get(i) else { return };
-                    if let Err(e) = std::fs::File::open(p).and_then(|f| f.sync_all()) {
-                        failed
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(io_err(p)(e));
+                    if let Err(e) = sync_path(p) {
+                        failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                         return;
                     }
                 }

@@ -74,6 +74,12 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+/// Syncs a file or a directory (a directory's entries, after files in it were created,
+/// renamed or removed).
+pub(crate) fn sync_path(p: &std::path::Path) -> Result<()> {
+    std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(io_err(p))
+}
+
 /// Exponential backoff between failed rounds of a consumer: 100 ms doubling to 10 s.
 pub(crate) struct Backoff {
     ms: u64,

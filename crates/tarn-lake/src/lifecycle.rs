@@ -6,16 +6,16 @@
 //! (see [`crate::tiers`]), and expires a day by removing its files from the table in one commit
 //! (vacuum deletes them after the retention window).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chrono::NaiveDate;
+use deltalake::kernel::Action;
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{Action, Remove};
 use deltalake::protocol::DeltaOperation;
 use serde::Serialize;
 use tarn_core::{DatasetSpec, Lifecycle};
 
-use crate::compact::{CompactOptions, compact_dataset, table_files};
+use crate::compact::{CompactOptions, compact_dataset, remove_action, table_files};
 use crate::table::commit_actions;
 use crate::tiers::{Tier, Tiers};
 use crate::{Error, Lake, Result};
@@ -133,25 +133,7 @@ pub async fn apply(
                 let actions: Vec<Action> = table_files(&table, spec)?
                     .into_iter()
                     .filter(|f| f.partition.first().is_some_and(|(_, v)| *v == d))
-                    .map(|f| {
-                        Action::Remove(Remove {
-                            path: f.path,
-                            data_change: true,
-                            deletion_timestamp: Some(now),
-                            extended_file_metadata: Some(true),
-                            partition_values: Some(
-                                f.partition
-                                    .into_iter()
-                                    .map(|(k, v)| (k, Some(v)))
-                                    .collect::<HashMap<_, _>>(),
-                            ),
-                            size: Some(f.size_bytes as i64),
-                            tags: None,
-                            deletion_vector: None,
-                            base_row_id: None,
-                            default_row_commit_version: None,
-                        })
-                    })
+                    .map(|f| remove_action(&f, now, true))
                     .collect();
                 if actions.is_empty() {
                     continue;

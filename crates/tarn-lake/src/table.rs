@@ -20,7 +20,7 @@ use tarn_core::contract::DAY;
 use tarn_core::{DatasetSpec, FieldType};
 
 use crate::datafile::{FileSet, group_by_partition, sync_files};
-use crate::{Error, Result, io_err};
+use crate::{Error, Result, io_err, sync_path};
 
 /// The lake root on the local filesystem.
 #[derive(Debug, Clone)]
@@ -367,15 +367,13 @@ pub fn sync_log_tail(table_dir: &Path, n: usize) -> Result<()> {
         .collect();
     entries.sort();
     for e in entries.iter().rev().take(n) {
-        std::fs::File::open(e).and_then(|f| f.sync_all()).map_err(io_err(e))?;
+        sync_path(e)?;
     }
-    std::fs::File::open(&log_dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&log_dir))
+    sync_path(&log_dir)
 }
 
 /// The local directory of a table.
-fn table_dir_of(table: &DeltaTable) -> Result<PathBuf> {
+pub(crate) fn table_dir_of(table: &DeltaTable) -> Result<PathBuf> {
     table
         .table_url()
         .to_file_path()
@@ -386,11 +384,6 @@ fn table_dir_of(table: &DeltaTable) -> Result<PathBuf> {
 /// entry and the log directory are synced here, before anyone acts on the commit.
 pub fn sync_commit(table_dir: &Path, version: u64) -> Result<()> {
     let log_dir = table_dir.join("_delta_log");
-    let entry = log_dir.join(format!("{version:020}.json"));
-    std::fs::File::open(&entry)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&entry))?;
-    std::fs::File::open(&log_dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(&log_dir))
+    sync_path(&log_dir.join(format!("{version:020}.json")))?;
+    sync_path(&log_dir)
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Lake, Result, io_err};
+use crate::{Error, Lake, Result, io_err, sync_path};
 
 /// A storage tier, from warmest to coldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -135,11 +135,9 @@ impl Tiers {
         let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(&restored).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(&tmp, bytes).map_err(io_err(&tmp))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(&tmp))?;
+        sync_path(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        sync_dir(&lake.table_dir(dataset))?;
+        sync_path(&lake.table_dir(dataset))?;
         self.move_day(lake, dataset, day, Tier::Standard).await
     }
 
@@ -241,7 +239,7 @@ fn finish_move(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<usi
         None => staged.clone(),
     };
     exchange(&swap, &entry)?;
-    sync_dir(table_dir)?;
+    sync_path(table_dir)?;
     // `swap` now names what `entry` was: the old directory or the old link.
     if std::fs::symlink_metadata(&swap).is_ok_and(|m| m.file_type().is_symlink()) {
         std::fs::remove_file(&swap).map_err(io_err(&swap))?;
@@ -249,7 +247,7 @@ fn finish_move(table_dir: &Path, day: &str, dest: Option<PathBuf>) -> Result<usi
     } else {
         std::fs::remove_dir_all(&swap).map_err(io_err(&swap))?;
     }
-    sync_dir(table_dir)?;
+    sync_path(table_dir)?;
     Ok(files)
 }
 
@@ -274,14 +272,12 @@ fn copy_tree(from: &Path, to: &Path) -> Result<usize> {
             .is_ok_and(|dm| dm.len() == sm.len() && matches!((sm.modified(), dm.modified()), (Ok(s), Ok(d)) if d >= s));
         if !fresh {
             std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
-            std::fs::File::open(&dst)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&dst))?;
+            sync_path(&dst)?;
             wrote = true;
         }
     }
     if wrote || created {
-        sync_dir(to)?;
+        sync_path(to)?;
     }
     if created {
         // New directories up to two levels (`<tier>/<dataset>/day=..`) need their entries
@@ -289,15 +285,11 @@ fn copy_tree(from: &Path, to: &Path) -> Result<usize> {
         let mut d = to.parent();
         for _ in 0..2 {
             let Some(p) = d else { break };
-            sync_dir(p)?;
+            sync_path(p)?;
             d = p.parent();
         }
     }
     Ok(files)
-}
-
-fn sync_dir(d: &Path) -> Result<()> {
-    std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(io_err(d))
 }
 
 #[cfg(unix)]

@@ -151,19 +151,12 @@ pub struct VacuumArgs {
 }
 
 pub async fn run_vacuum(a: VacuumArgs) -> Result<()> {
-    let url = format!("{}/v1/vacuum", a.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .json(&serde_json::json!({"dataset": a.dataset, "dry_run": a.dry_run}))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
-    if !status.is_success() {
-        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
-        bail!("{msg} (HTTP {status})");
-    }
+    let body = post_json(
+        &a.server,
+        "/v1/vacuum",
+        serde_json::json!({"dataset": a.dataset, "dry_run": a.dry_run}),
+    )
+    .await?;
     for r in body["reports"].as_array().cloned().unwrap_or_default() {
         let n = |k: &str| r[k].as_u64().unwrap_or(0);
         println!(
@@ -196,9 +189,12 @@ pub struct LifecycleArgs {
 /// Posts a maintenance request and returns the JSON answer, or the server's error.
 async fn post_json(server: &str, path: &str, body: serde_json::Value) -> Result<serde_json::Value> {
     let url = format!("{}{path}", server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .json(&body)
+    json_answer(reqwest::Client::new().post(&url).json(&body), &url).await
+}
+
+/// Sends a request and returns its JSON answer, or the server's error message.
+async fn json_answer(req: reqwest::RequestBuilder, url: &str) -> Result<serde_json::Value> {
+    let resp = req
         .send()
         .await
         .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
@@ -292,16 +288,7 @@ pub async fn run_storage(a: StorageArgs) -> Result<()> {
     if let Some(d) = &a.dataset {
         req = req.query(&[("dataset", d)]);
     }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
-    if !status.is_success() {
-        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
-        bail!("{msg} (HTTP {status})");
-    }
+    let body = json_answer(req, &url).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {

@@ -325,22 +325,30 @@ async fn storage(
     Ok(axum::Json(report).into_response())
 }
 
+/// Runs maintenance work on the background runtime and waits for its result.
+async fn on_background<T: Send + 'static>(
+    app: &App,
+    what: &str,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    app.run_background(work).await.map_err(|e| {
+        api(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{what} task ended early: {e}"),
+        )
+    })
+}
+
 async fn lifecycle(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
     let req: crate::maintenance::VacuumRequest = maintenance_request(&body, "{\"dataset\": ..., \"dry_run\": ...}")?;
     let specs = app.maintenance.datasets(req.dataset.as_deref())?;
     let m = app.maintenance.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.spawn_background(async move {
+    let reports = on_background(&app, "lifecycle", async move {
         let today = m.today();
-        let _ = tx.send(m.lifecycle(&specs, today, req.dry_run).await);
-    });
-    let reports = rx.await.map_err(|_| {
-        api(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "lifecycle task ended early",
-        )
-    })??;
+        m.lifecycle(&specs, today, req.dry_run).await
+    })
+    .await??;
     Ok(axum::Json(json!({ "reports": reports })).into_response())
 }
 
@@ -372,18 +380,8 @@ async fn restore(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result
         ));
     }
     let m = app.maintenance.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let (dataset, day) = (req.dataset.clone(), req.day.clone());
-    app.spawn_background(async move {
-        let _ = tx.send(m.restore(&dataset, &day, days).await);
-    });
-    let files = rx.await.map_err(|_| {
-        api(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "restore task ended early",
-        )
-    })??;
+    let files = on_background(&app, "restore", async move { m.restore(&dataset, &day, days).await }).await??;
     Ok(axum::Json(json!({ "dataset": req.dataset, "day": req.day, "files": files, "days": days })).into_response())
 }
 
@@ -391,13 +389,7 @@ async fn vacuum(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<
     let req: crate::maintenance::VacuumRequest = maintenance_request(&body, "{\"dataset\": ..., \"dry_run\": ...}")?;
     let specs = app.maintenance.datasets(req.dataset.as_deref())?;
     let m = app.maintenance.clone();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    app.spawn_background(async move {
-        let _ = tx.send(m.vacuum(&specs, req.dry_run).await);
-    });
-    let reports = rx
-        .await
-        .map_err(|_| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", "vacuum task ended early"))??;
+    let reports = on_background(&app, "vacuum", async move { m.vacuum(&specs, req.dry_run).await }).await??;
     Ok(axum::Json(json!({ "reports": reports })).into_response())
 }
 

@@ -141,6 +141,14 @@ impl App {
         self.background.spawn(f);
     }
 
+    /// Runs a task on the background runtime and waits for its result.
+    pub async fn run_background<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        self.background.spawn(f).await
+    }
+
     pub fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
         let mut out = Vec::new();
         if let Ok(names) = self.log.topic_names() {

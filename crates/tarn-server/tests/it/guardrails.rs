@@ -160,19 +160,7 @@ async fn dry_runs_budgets_and_required_partition_filters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_budget_caps_every_query() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ds = dir.path().join("datasets");
-    write_descriptor(&ds);
-    let s = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--datasets",
-            ds.to_str().expect("utf8"),
-            "--batch-age-ms",
-            "50",
-            "--query-bytes-max",
-            "100",
-        ],
-    );
+    let s = start_auctions(dir.path(), &["--query-bytes-max", "100"]);
     let c = client();
     let body = r#"{"event_id":"a","ts":"2026-11-22T12:00:00Z","client_id":"acme","bidder":"b","cpm":1.5}"#;
     let (st, v) = post_events(&c, &s.url, "auctions", body.to_string()).await;
@@ -204,21 +192,7 @@ async fn the_server_budget_caps_every_query() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ds = dir.path().join("datasets");
-    write_descriptor(&ds);
-    let s = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--datasets",
-            ds.to_str().expect("utf8"),
-            "--batch-age-ms",
-            "50",
-            "--query-memory-mb",
-            "4",
-            "--query-concurrency",
-            "1",
-        ],
-    );
+    let s = start_auctions(dir.path(), &["--query-memory-mb", "4", "--query-concurrency", "1"]);
     let c = client();
     let n = 60_000;
     for part in 0..6 {

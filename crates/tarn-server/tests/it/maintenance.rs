@@ -56,21 +56,7 @@ fn tarn_compact(url: &str, args: &[&str]) -> (bool, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ds = dir.path().join("datasets");
-    write_descriptor(&ds);
-    let s = Server::start(
-        &dir.path().join("data"),
-        &[
-            "--datasets",
-            ds.to_str().expect("utf8"),
-            "--batch-age-ms",
-            "50",
-            "--compact-trigger-files",
-            "0",
-            "--compact-every-s",
-            "0",
-        ],
-    );
+    let s = start_auctions(dir.path(), &["--compact-trigger-files", "0", "--compact-every-s", "0"]);
     let c = client();
     post_in_pieces(&c, &s.url, 6).await;
     let before = scan(&c, &s.url).await;
@@ -146,15 +132,9 @@ async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_with_enough_small_files_are_compacted_on_their_own() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ds = dir.path().join("datasets");
-    write_descriptor(&ds);
-    let s = Server::start(
-        &dir.path().join("data"),
+    let s = start_auctions(
+        dir.path(),
         &[
-            "--datasets",
-            ds.to_str().expect("utf8"),
-            "--batch-age-ms",
-            "50",
             "--compact-trigger-files",
             "4",
             "--compact-check-ms",

@@ -113,6 +113,16 @@ pub async fn wait_for(
     }
 }
 
+/// Starts `tarn serve` on `dir/data` with the auctions descriptor (written to `dir/datasets`)
+/// and delivery batches closing after 50 ms, plus `extra` flags.
+pub fn start_auctions(dir: &Path, extra: &[&str]) -> Server {
+    let ds = dir.join("datasets");
+    write_descriptor(&ds);
+    let mut args = vec!["--datasets", ds.to_str().expect("utf8"), "--batch-age-ms", "50"];
+    args.extend_from_slice(extra);
+    Server::start(&dir.join("data"), &args)
+}
+
 pub fn write_descriptor(dir: &Path) {
     std::fs::create_dir_all(dir).expect("mkdir");
     std::fs::write(
