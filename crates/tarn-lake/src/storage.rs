@@ -185,7 +185,7 @@ fn dir_usage(dir: &std::path::Path) -> (usize, u64) {
 mod tests {
     use super::*;
     use crate::curate::{CurateOptions, Curator};
-    use crate::testkit::{SPEC, note, setup};
+    use crate::testkit::{SPEC, curate_commits, setup};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_tiers_unreferenced_files_raw_and_cost() {
@@ -197,9 +197,7 @@ mod tests {
         assert!(empty.tiers.is_empty() && empty.monthly_storage_cost == 0.0);
 
         let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-        for i in 0..3 {
-            cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-        }
+        curate_commits(&cur, &lake, 3).await;
         let r = dataset_storage(&lake, &spec, &prices, None).await.expect("report");
         let t = &r.tiers[0];
         assert_eq!((t.tier.as_str(), t.partitions, t.files), ("standard", 2, 6));

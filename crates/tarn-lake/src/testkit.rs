@@ -106,3 +106,10 @@ pub fn files_on_disk(dir: &std::path::Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Curates `n` objects of two records each (sequences 0-1, 2-3, ...), one commit apiece.
+pub async fn curate_commits(cur: &crate::Curator, lake: &Lake, n: u64) {
+    for i in 0..n {
+        cur.apply(&[note(lake, i * 2, i * 2 + 1)]).await.expect("apply");
+    }
+}

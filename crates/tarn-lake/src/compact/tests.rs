@@ -8,7 +8,7 @@ use deltalake::datafusion::prelude::SessionContext;
 
 use super::*;
 use crate::curate::{CurateOptions, Curator};
-use crate::testkit::{SPEC, count, files_on_disk, note, setup};
+use crate::testkit::{SPEC, count, curate_commits, files_on_disk, note, setup};
 
 fn spec() -> DatasetSpec {
     DatasetSpec::from_yaml(SPEC).expect("spec")
@@ -50,9 +50,7 @@ async fn compaction_merges_small_files_and_conserves_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-    for i in 0..6 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 6).await;
     let before = ids(&lake).await;
     assert_eq!(before.len(), 120);
     assert_eq!(active_files(&lake).await.len(), 12, "six commits over two tenants");
@@ -121,9 +119,7 @@ async fn compaction_racing_curate_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Arc::new(Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator"));
-    for i in 0..4 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 4).await;
     let notes: Vec<_> = (4..24).map(|i| note(&lake, i * 2, i * 2 + 1)).collect();
     let writer = {
         let cur = cur.clone();
@@ -165,9 +161,7 @@ async fn vacuum_keeps_what_readers_can_use_and_deletes_the_rest_after_retention(
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-    for i in 0..6 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 6).await;
     // A reader plans on the current version before compaction removes its files.
     let old = lake.open_table("bids").await.expect("table");
     let ctx = SessionContext::new();
@@ -235,9 +229,7 @@ async fn two_compactions_at_once_never_double_rows_or_leave_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-    for i in 0..6 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 6).await;
     let before = ids(&lake).await;
     let run = |lake: Lake| {
         tokio::spawn(async move { compact_dataset(&lake, &spec(), &CompactOptions::default(), &no_progress).await })
@@ -256,9 +248,7 @@ async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() 
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-    for i in 0..3 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 3).await;
     let mut table = lake.open_table("bids").await.expect("table");
     let files = table_files(&table, &spec()).expect("files");
     let bins = plan(&files, &CompactionRules::default());
@@ -311,9 +301,7 @@ async fn sorted_compaction_orders_rows_and_conserves_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
     let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
-    for i in 0..5 {
-        cur.apply(&[note(&lake, i * 2, i * 2 + 1)]).await.expect("apply");
-    }
+    curate_commits(&cur, &lake, 5).await;
     let before = ids(&lake).await;
     let mut sorted = spec();
     sorted.compaction.sort_by = vec!["cpm".into()];
