@@ -95,6 +95,9 @@ pub struct DatasetSpec {
     pub lifecycle: Lifecycle,
     #[serde(default, skip_serializing_if = "QueryRules::is_default")]
     pub query: QueryRules,
+    /// Aggregations kept current from every raw batch (see `rollup.rs`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollups: Vec<crate::rollup::Rollup>,
 }
 
 /// Guardrails on queries over a dataset.
@@ -287,6 +290,16 @@ impl DatasetSpec {
             dataset: self.name.clone(),
             reason: r,
         })?;
+        let mut rollup_names = std::collections::HashSet::new();
+        for r in &self.rollups {
+            r.check(self).map_err(|reason| Error::InvalidContract {
+                dataset: self.name.clone(),
+                reason,
+            })?;
+            if !rollup_names.insert(r.name.as_str()) {
+                return bad(format!("rollup {:?} is declared twice", r.name));
+            }
+        }
         if let Some(t) = self.tenant() {
             match self.field(t) {
                 Some(f) if f.ty == FieldType::String && f.required => {}
@@ -409,6 +422,7 @@ impl DatasetSpec {
             compaction: Compaction::default(),
             lifecycle: Lifecycle::default(),
             query: QueryRules::default(),
+            rollups: Vec::new(),
         };
         spec.check()?;
         Ok(spec)
@@ -501,6 +515,101 @@ partitioning: { tenant: client_id }
             let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }
+    }
+
+    #[test]
+    fn checks_rollups() {
+        let base = AUCTIONS.replace(
+            "  - { name: cpm, type: float64 }",
+            "  - { name: cpm, type: float64 }\n  - { name: bidder, type: string }",
+        );
+        let ok = format!(
+            "{base}rollups:\n  - name: by_bidder\n    dimensions: [bidder]\n    metrics:\n      - {{ name: events, fn: count }}\n      - {{ name: revenue, fn: sum, field: cpm }}\n      - {{ name: p, fn: percentiles, field: cpm }}\n      - {{ name: users, fn: distinct, field: bidder }}\n"
+        );
+        let s = DatasetSpec::from_yaml(&ok).expect("valid rollup");
+        let r = &s.rollups[0];
+        assert_eq!(r.grains, vec![crate::rollup::Grain::Hour, crate::rollup::Grain::Day]);
+        assert_eq!(r.retention_days(), 93);
+        // Each rule of Rollup::check, one case each: the edit and what the error must say.
+        let cases = [
+            ("dimensions: [bidder]", "dimensions: [nope]", "is not declared"),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [cpm]",
+                "must be string, int64 or bool",
+            ),
+            ("dimensions: [bidder]", "dimensions: [client_id]", "is the tenant"),
+            ("dimensions: [bidder]", "dimensions: [bidder, bidder]", "named twice"),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [a, b, c, d, e, f, g, h, i]",
+                "at most 8",
+            ),
+            (
+                "name: events, fn: count }",
+                "name: events, fn: count, field: cpm }",
+                "takes no field",
+            ),
+            (
+                "name: revenue, fn: sum, field: cpm",
+                "name: revenue, fn: sum",
+                "needs a field",
+            ),
+            (
+                "name: revenue, fn: sum, field: cpm",
+                "name: revenue, fn: sum, field: bidder",
+                "must be int64 or float64",
+            ),
+            (
+                "name: revenue, fn: sum, field: cpm",
+                "name: revenue, fn: sum, field: zz",
+                "not declared",
+            ),
+            (
+                "name: users, fn: distinct, field: bidder",
+                "name: users, fn: distinct, field: cpm",
+                "must be string or int64",
+            ),
+            ("name: revenue,", "name: bidder,", "is taken"),
+            ("name: revenue,", "name: events,", "is taken"),
+            ("name: revenue,", "name: bucket,", "is taken"),
+            ("name: revenue, fn: sum", "name: revenue, fn: median", "not valid"),
+            ("name: by_bidder", "name: By-Bidder", "rollup"),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [bidder]\n    grains: []",
+                "at least one grain",
+            ),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [bidder]\n    grains: [hour, hour]",
+                "grain twice",
+            ),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [bidder]\n    grains: [week]",
+                "not valid",
+            ),
+            (
+                "dimensions: [bidder]",
+                "dimensions: [bidder]\n    retention_days: 0",
+                "from 1 to 3660",
+            ),
+            (
+                "partitioning: { tenant: client_id }",
+                "partitioning: {}",
+                "needs a tenant",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert!(ok.contains(from), "{from:?} is not in the descriptor");
+            let text = ok.replacen(from, to, 1);
+            let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        let twice = format!("{ok}  - name: by_bidder\n    metrics: [{{ name: n, fn: count }}]\n");
+        let err = DatasetSpec::from_yaml(&twice).expect_err("twice").to_string();
+        assert!(err.contains("declared twice"), "{err}");
     }
 
     fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {

@@ -6,8 +6,10 @@ pub mod contract;
 pub mod error;
 pub mod limits;
 pub mod name;
+pub mod rollup;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use contract::{Compaction, DatasetSpec, Field, FieldType, Lifecycle, UnknownFields};
 pub use error::{Error, Result};
 pub use limits::Limits;
+pub use rollup::{Grain, Metric, MetricFn, Rollup};
