@@ -4,6 +4,7 @@
 
 mod convert;
 pub mod history;
+pub mod rollup;
 mod stats;
 pub mod usage;
 
@@ -43,6 +44,12 @@ pub enum Error {
     /// filter.
     #[error("{0}")]
     Refused(String),
+    /// No such rollup (or other named object).
+    #[error("{0}")]
+    NotFound(String),
+    /// The answer cannot be given now: a halted rollup, or curate far behind a rebuild.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -170,6 +177,7 @@ fn classify(e: DataFusionError) -> Error {
             Error::Archived(m) => Error::Archived(m),
             Error::Refused(m) => Error::Refused(m),
             Error::Internal(m) => Error::Internal(format!("{ctx}: {m}")),
+            e @ (Error::NotFound(_) | Error::Unavailable(_)) => e,
         },
         other => Error::Execution(other.to_string()),
     }

@@ -1,0 +1,485 @@
+//! Rollup state tests on real raw objects, a real log and real chunk files: replays, late
+//! events, retention by the injected clock, checkpoints and reopening, halts at the limit.
+
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use deltalake::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use serde_json::Value;
+use tarn_catalog::Catalog;
+use tarn_core::{DatasetSpec, Grain, ManualClock};
+use tarn_lake::ObjectCreated;
+use tarn_lake::raw::{object_path, with_seq, write_object};
+use tarn_log::{Log, LogOptions};
+
+use super::*;
+
+const SPEC: &str = r#"
+version: 1
+name: auctions
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: bidder, type: string }
+  - { name: site, type: string }
+  - { name: cpm, type: float64 }
+  - { name: latency_ms, type: int64 }
+  - { name: user_id, type: string }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+rollups:
+  - name: stats
+    dimensions: [bidder, site]
+    grains: [hour, day]
+    retention_days: 3
+    metrics:
+      - { name: events, fn: count }
+      - { name: revenue, fn: sum, field: cpm }
+      - { name: slowest, fn: max, field: latency_ms }
+      - { name: fastest, fn: min, field: latency_ms }
+      - { name: mean_cpm, fn: mean, field: cpm }
+      - { name: users, fn: distinct, field: user_id }
+      - { name: latency, fn: percentiles, field: latency_ms }
+"#;
+
+/// 2026-11-20T00:00:00Z
+const DAY0: i64 = 1_763_596_800;
+
+struct Row<'a> {
+    secs: i64,
+    tenant: &'a str,
+    bidder: &'a str,
+    site: &'a str,
+    cpm: f64,
+    latency: i64,
+    user: &'a str,
+}
+
+/// A batch as the collector encodes it: the declared fields in order, then `_received_at`
+/// and `day`.
+fn batch(rows: &[Row]) -> RecordBatch {
+    let ts = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let schema = Schema::new(vec![
+        Field::new("event_id", DataType::Utf8, false),
+        Field::new("ts", ts(), false),
+        Field::new("client_id", DataType::Utf8, false),
+        Field::new("bidder", DataType::Utf8, true),
+        Field::new("site", DataType::Utf8, true),
+        Field::new("cpm", DataType::Float64, true),
+        Field::new("latency_ms", DataType::Int64, true),
+        Field::new("user_id", DataType::Utf8, true),
+        Field::new("_received_at", ts(), false),
+        Field::new("day", DataType::Utf8, false),
+    ]);
+    let micros: Vec<i64> = rows.iter().map(|r| r.secs * 1_000_000).collect();
+    RecordBatch::try_new(
+        Arc::new(schema),
+        vec![
+            Arc::new(StringArray::from(
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, r)| format!("{}-{i}", r.secs))
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(TimestampMicrosecondArray::from(micros.clone()).with_timezone("UTC")),
+            Arc::new(StringArray::from(rows.iter().map(|r| r.tenant).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(rows.iter().map(|r| r.bidder).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(rows.iter().map(|r| r.site).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(rows.iter().map(|r| r.cpm).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(rows.iter().map(|r| r.latency).collect::<Vec<_>>())),
+            Arc::new(StringArray::from(rows.iter().map(|r| r.user).collect::<Vec<_>>())),
+            Arc::new(TimestampMicrosecondArray::from(micros.clone()).with_timezone("UTC")),
+            Arc::new(StringArray::from(
+                micros
+                    .iter()
+                    .map(|m| tarn_core::contract::day_of_micros(*m))
+                    .collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .expect("batch")
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    log: Log,
+    catalog: Arc<Catalog>,
+    clock: ManualClock,
+    rollups: Rollups,
+}
+
+fn fixture(opts: RollupOptions) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = Log::open(dir.path().join("log"), LogOptions::default()).expect("log");
+    let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
+    catalog
+        .register(DatasetSpec::from_yaml(SPEC).expect("spec"))
+        .expect("register");
+    let clock = ManualClock::new((DAY0 + 86_400 + 3_600) * 1_000_000);
+    let rollups = Rollups::open(
+        dir.path().join("lake"),
+        &log,
+        catalog.clone(),
+        Arc::new(clock.clone()),
+        opts,
+    )
+    .expect("open");
+    Fixture {
+        dir,
+        log,
+        catalog,
+        clock,
+        rollups,
+    }
+}
+
+impl Fixture {
+    /// Writes one raw object holding `batches` at sequences first.. and returns its
+    /// notification.
+    fn object(&self, first: u64, batches: &[RecordBatch]) -> ObjectCreated {
+        let last = first + batches.len() as u64 - 1;
+        let rel = object_path("auctions", 0, first, last);
+        let with: Vec<RecordBatch> = batches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| with_seq(b, first + i as u64).expect("seq"))
+            .collect();
+        let bytes = write_object(&self.dir.path().join("lake"), &rel, &with).expect("write");
+        ObjectCreated {
+            version: 1,
+            dataset: "auctions".into(),
+            shard: 0,
+            first_seq: first,
+            last_seq: last,
+            path: rel,
+            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+            bytes,
+        }
+    }
+
+    fn reopen(&mut self) {
+        self.rollups = Rollups::open(
+            self.dir.path().join("lake"),
+            &self.log,
+            self.catalog.clone(),
+            Arc::new(self.clock.clone()),
+            RollupOptions::default(),
+        )
+        .expect("reopen");
+    }
+
+    fn read(
+        &self,
+        grain: Grain,
+        group_by: Option<&str>,
+        filters: &[(&str, &str)],
+    ) -> Vec<serde_json::Map<String, Value>> {
+        self.rollups
+            .query(
+                "stats",
+                &RollupQuery {
+                    tenant: "acme".into(),
+                    from_secs: DAY0 - 10 * 86_400,
+                    to_secs: DAY0 + 10 * 86_400,
+                    grain,
+                    group_by: group_by.map(str::to_string),
+                    filters: filters.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+                    top: None,
+                    order_by: None,
+                    metrics: None,
+                    quantiles: vec![0.5, 1.0],
+                },
+            )
+            .expect("query")
+            .rows
+    }
+}
+
+fn rows_a() -> Vec<Row<'static>> {
+    vec![
+        Row {
+            secs: DAY0 + 3_600 + 5,
+            tenant: "acme",
+            bidder: "x",
+            site: "s1",
+            cpm: 1.5,
+            latency: 10,
+            user: "u1",
+        },
+        Row {
+            secs: DAY0 + 3_600 + 50,
+            tenant: "acme",
+            bidder: "y",
+            site: "s1",
+            cpm: 2.0,
+            latency: 30,
+            user: "u2",
+        },
+        Row {
+            secs: DAY0 + 7_200,
+            tenant: "acme",
+            bidder: "x",
+            site: "s2",
+            cpm: 4.0,
+            latency: 20,
+            user: "u1",
+        },
+        Row {
+            secs: DAY0 + 7_300,
+            tenant: "beta",
+            bidder: "x",
+            site: "s2",
+            cpm: 9.0,
+            latency: 90,
+            user: "u9",
+        },
+    ]
+}
+
+#[tokio::test]
+async fn buckets_groups_and_metrics() {
+    let fx = fixture(RollupOptions::default());
+    let n = fx.object(0, &[batch(&rows_a())]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let hours = fx.read(Grain::Hour, None, &[]);
+    assert_eq!(hours.len(), 2, "{hours:?}");
+    assert_eq!(hours[0]["bucket"], "2025-11-20T01:00:00Z");
+    assert_eq!(hours[0]["events"], 2);
+    assert_eq!(hours[0]["revenue"], 3.5);
+    assert_eq!(hours[0]["slowest"], 30);
+    assert_eq!(hours[0]["fastest"], 10);
+    assert_eq!(hours[0]["mean_cpm"], 1.75);
+    assert_eq!(hours[0]["users"], 2);
+    assert_eq!(hours[0]["latency"]["p100"], 30.0);
+    let days = fx.read(Grain::Day, Some("bidder"), &[]);
+    assert_eq!(days.len(), 2);
+    assert_eq!(
+        (days[0]["bidder"].clone(), days[0]["events"].clone()),
+        (Value::from("x"), Value::from(2))
+    );
+    assert_eq!(days[0]["users"], 1, "x was seen by u1 twice");
+    // A filter goes through the full cuboid and merges what matches.
+    let s1 = fx.read(Grain::Day, Some("bidder"), &[("site", "s1")]);
+    assert_eq!(s1.len(), 2);
+    assert!(s1.iter().all(|r| r["events"] == 1), "{s1:?}");
+    let err = fx
+        .rollups
+        .query(
+            "stats",
+            &RollupQuery {
+                grain: Grain::Minute,
+                ..base_query()
+            },
+        )
+        .expect_err("minute is not kept")
+        .to_string();
+    assert!(err.contains("keeps the grains hour, day"), "{err}");
+}
+
+fn base_query() -> RollupQuery {
+    RollupQuery {
+        tenant: "acme".into(),
+        from_secs: DAY0,
+        to_secs: DAY0 + 86_400,
+        grain: Grain::Day,
+        group_by: None,
+        filters: Vec::new(),
+        top: None,
+        order_by: None,
+        metrics: None,
+        quantiles: vec![0.5],
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_object_changes_nothing_and_late_events_find_their_bucket() {
+    let fx = fixture(RollupOptions::default());
+    let n = fx.object(0, &[batch(&rows_a())]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let before = fx.read(Grain::Hour, Some("site"), &[]);
+    fx.rollups.apply_object(&n).await.expect("replay");
+    assert_eq!(fx.read(Grain::Hour, Some("site"), &[]), before);
+    // An object overlapping the applied sequences adds only its new batch, which holds an
+    // event a day late.
+    let late = [Row {
+        secs: DAY0 + 3_600 + 59,
+        tenant: "acme",
+        bidder: "z",
+        site: "s1",
+        cpm: 1.0,
+        latency: 5,
+        user: "u3",
+    }];
+    let n2 = fx.object(0, &[batch(&rows_a()), batch(&late)]);
+    fx.rollups.apply_object(&n2).await.expect("overlap");
+    let hours = fx.read(Grain::Hour, None, &[]);
+    assert_eq!(hours[0]["events"], 3);
+    assert_eq!(hours[0]["users"], 3);
+    assert_eq!(hours[1]["events"], 1);
+}
+
+#[tokio::test]
+async fn retention_drops_old_rows_and_buckets() {
+    let fx = fixture(RollupOptions::default());
+    // Retention is 3 days: with the clock on DAY0 + 1, DAY0 - 1 is kept and DAY0 - 2 not.
+    let old = [
+        Row {
+            secs: DAY0 - 86_400,
+            tenant: "acme",
+            bidder: "x",
+            site: "s",
+            cpm: 1.0,
+            latency: 1,
+            user: "a",
+        },
+        Row {
+            secs: DAY0 - 2 * 86_400,
+            tenant: "acme",
+            bidder: "x",
+            site: "s",
+            cpm: 1.0,
+            latency: 1,
+            user: "a",
+        },
+    ];
+    let n = fx.object(0, &[batch(&old)]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let days = fx.read(Grain::Day, None, &[]);
+    assert_eq!(days.len(), 1, "{days:?}");
+    let st = fx.rollups.status().expect("status");
+    assert_eq!((st[0].rows_applied, st[0].rows_expired), (1, 1));
+    fx.clock.set_micros((DAY0 + 2 * 86_400) * 1_000_000);
+    fx.rollups.maintain().await.expect("maintain");
+    assert!(fx.read(Grain::Day, None, &[]).is_empty());
+    assert_eq!(fx.rollups.status().expect("status")[0].groups, 0);
+}
+
+#[tokio::test]
+async fn checkpoints_survive_reopening_and_damage_is_reported() {
+    let mut fx = fixture(RollupOptions::default());
+    let n = fx.object(0, &[batch(&rows_a())]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let want = (
+        fx.read(Grain::Hour, Some("bidder"), &[]),
+        fx.read(Grain::Day, Some("site"), &[("bidder", "x")]),
+    );
+    fx.rollups.maintain().await.expect("checkpoint");
+    // A stray file from a checkpoint that never wrote its manifest goes on open.
+    let dir = fx.dir.path().join("lake/rollups/stats");
+    std::fs::write(dir.join("hour-0-99.chunk"), b"junk").expect("stray");
+    fx.reopen();
+    assert!(!dir.join("hour-0-99.chunk").exists());
+    assert_eq!(
+        (
+            fx.read(Grain::Hour, Some("bidder"), &[]),
+            fx.read(Grain::Day, Some("site"), &[("bidder", "x")])
+        ),
+        want
+    );
+    // The reopened rollup knows what it applied: the same object again adds nothing.
+    fx.rollups.apply_object(&n).await.expect("replay");
+    assert_eq!(fx.read(Grain::Hour, Some("bidder"), &[]), want.0);
+    // A damaged chunk fails the open with its path, never loads silently.
+    let chunk = std::fs::read_dir(&dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "chunk"))
+        .expect("a chunk");
+    let mut bytes = std::fs::read(&chunk).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&chunk, bytes).expect("damage");
+    let err = Rollups::open(
+        fx.dir.path().join("lake"),
+        &fx.log,
+        fx.catalog.clone(),
+        Arc::new(fx.clock.clone()),
+        RollupOptions::default(),
+    )
+    .err()
+    .expect("damaged chunk")
+    .to_string();
+    assert!(err.contains("checksum") && err.contains(".chunk"), "{err}");
+}
+
+#[tokio::test]
+async fn a_rollup_past_its_group_limit_halts_instead_of_answering_partly() {
+    let fx = fixture(RollupOptions {
+        groups_max: 10,
+        ..RollupOptions::default()
+    });
+    let many: Vec<Row> = (0..20)
+        .map(|i| Row {
+            secs: DAY0 + i * 3_600,
+            tenant: "acme",
+            bidder: "x",
+            site: "s",
+            cpm: 1.0,
+            latency: 1,
+            user: "a",
+        })
+        .collect();
+    let n = fx.object(0, &[batch(&many)]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let err = fx
+        .rollups
+        .query("stats", &base_query())
+        .expect_err("halted")
+        .to_string();
+    assert!(err.contains("more than 10 groups") && err.contains("restart"), "{err}");
+    assert!(fx.rollups.status().expect("status")[0].halted.is_some());
+}
+
+#[tokio::test]
+async fn a_rebuild_behind_curate_counts_every_row_once() {
+    let fx = fixture(RollupOptions::default());
+    let lake = tarn_lake::Lake::open(fx.dir.path().join("lake")).expect("lake");
+    let curator = tarn_lake::Curator::new(
+        &fx.log,
+        lake.clone(),
+        fx.catalog.clone(),
+        tarn_lake::CurateOptions::default(),
+    )
+    .expect("curate");
+    let n1 = fx.object(0, &[batch(&rows_a())]);
+    fx.rollups.apply_object(&n1).await.expect("apply");
+    // Curate goes ahead of the rollup: the table holds sequence 1, the rollup only 0.
+    let late = [Row {
+        secs: DAY0 + 60,
+        tenant: "acme",
+        bidder: "z",
+        site: "s3",
+        cpm: 3.0,
+        latency: 7,
+        user: "u7",
+    }];
+    let n2 = fx.object(1, &[batch(&late)]);
+    curator.apply(&[n1.clone(), n2.clone()]).await.expect("curate");
+    let mut days = 0;
+    let report = fx
+        .rollups
+        .rebuild("stats", "2025-11-20", "2025-11-20", &lake, &mut |p| days = p.days_done)
+        .await
+        .expect("rebuild");
+    assert_eq!((report.days, report.rows, days), (1, 5, 1), "{report:?}");
+    let total = |fx: &Fixture| -> u64 {
+        fx.read(Grain::Day, None, &[])
+            .iter()
+            .map(|r| r["events"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(
+        total(&fx),
+        4,
+        "the rebuilt day holds the table's acme rows, late one included"
+    );
+    // The subscriber reaches sequence 1: the rebuild counted it already.
+    fx.rollups.apply_object(&n2).await.expect("apply");
+    assert_eq!(total(&fx), 4);
+    assert_eq!(fx.read(Grain::Hour, Some("bidder"), &[("site", "s3")]).len(), 1);
+    // And the rebuilt range is forgotten once the subscriber has passed it.
+    let st = fx.rollups.get("stats").expect("rollup");
+    assert!(st.state.read().expect("lock").manifest.rebuilt.is_empty());
+}
