@@ -29,7 +29,7 @@ fn mb(b: u64) -> f64 {
 }
 
 /// A one-line progress bar.
-fn bar(done: u64, total: u64) -> String {
+pub fn bar(done: u64, total: u64) -> String {
     const WIDTH: u64 = 30;
     let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH).min(WIDTH);
     format!(
@@ -193,7 +193,7 @@ async fn post_json(server: &str, path: &str, body: serde_json::Value) -> Result<
 }
 
 /// Sends a request and returns its JSON answer, or the server's error message.
-async fn json_answer(req: reqwest::RequestBuilder, url: &str) -> Result<serde_json::Value> {
+pub async fn json_answer(req: reqwest::RequestBuilder, url: &str) -> Result<serde_json::Value> {
     let resp = req
         .send()
         .await

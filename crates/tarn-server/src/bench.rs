@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// Small files in the compaction benchmark.
     #[arg(long, default_value_t = 1_000)]
     pub files: usize,
+    /// Instead: the rollup benchmark: read latency of a 93-day hourly series and of a top-10
+    /// by bidder while ingestion runs, beside the same answers computed by SQL.
+    #[arg(long)]
+    pub rollups: bool,
     /// Also time eight analytics queries in tarn and in DuckDB over the same Parquet files
     /// (needs `--duckdb`).
     #[arg(long)]
@@ -177,6 +181,13 @@ partitioning: { tenant: client_id }
 
 /// Writes `n` events as NDJSON, one per line; returns the byte count.
 pub fn generate(path: &Path, n: usize, days: u32, customers: u32) -> Result<u64> {
+    // 2025-11-20T00:00:00Z: fixed, so that runs are comparable.
+    generate_from(path, n, 1_763_596_800, days, customers)
+}
+
+/// Writes `n` events as NDJSON whose event times span `days` days from `start` (epoch
+/// seconds); returns the byte count.
+pub fn generate_from(path: &Path, n: usize, start: i64, days: u32, customers: u32) -> Result<u64> {
     let mut rng = StdRng::seed_from_u64(42);
     let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -210,7 +221,6 @@ pub fn generate(path: &Path, n: usize, days: u32, customers: u32) -> Result<u64>
         acc += w / total;
         cdf.push(acc);
     }
-    let start = 1_763_596_800i64; // 2025-11-20T00:00:00Z
     let span = i64::from(days) * 86_400;
     let mut bytes = 0u64;
     for i in 0..n {
@@ -265,7 +275,7 @@ fn du(path: &Path, suffix: Option<&str>) -> u64 {
     total
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
+pub fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
@@ -275,7 +285,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -285,7 +295,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Posts every body from `clients` concurrent clients; with `pace`, each client waits so that
 /// the total rate is about `pace` events/s. Returns per-request latencies in ms.
-async fn post_all(
+pub async fn post_all(
     url: &str,
     dataset: &str,
     bodies: Arc<Vec<(usize, bytes::Bytes)>>,
@@ -343,7 +353,7 @@ async fn post_all(
     Ok(all)
 }
 
-async fn count(url: &str, table: &str) -> Result<u64> {
+pub async fn count(url: &str, table: &str) -> Result<u64> {
     let r: serde_json::Value = reqwest::Client::new()
         .post(format!("{url}/v1/query"))
         .json(&serde_json::json!({"sql": format!("SELECT count(*) FROM {table}")}))
@@ -354,9 +364,59 @@ async fn count(url: &str, table: &str) -> Result<u64> {
     Ok(r["rows"][0][0].as_u64().unwrap_or(0))
 }
 
+/// Request bodies of `batch` NDJSON lines each, cut up front so the clients only send.
+pub fn cut_bodies(ndjson: &Path, batch: usize) -> Result<Vec<(usize, bytes::Bytes)>> {
+    let text = std::fs::read(ndjson)?;
+    let mut bodies = Vec::new();
+    let mut start = 0usize;
+    let mut lines = 0usize;
+    for (i, b) in text.iter().enumerate() {
+        if *b == b'\n' {
+            lines += 1;
+            if lines == batch {
+                bodies.push((lines, bytes::Bytes::copy_from_slice(&text[start..=i])));
+                start = i + 1;
+                lines = 0;
+            }
+        }
+    }
+    if start < text.len() {
+        bodies.push((lines, bytes::Bytes::copy_from_slice(&text[start..])));
+    }
+    Ok(bodies)
+}
+
+/// Starts `tarn serve` (this binary) on `dir/data` with the descriptors in `dir/datasets`;
+/// returns the child and its URL.
+pub fn spawn_server(dir: &Path, extra: &[&str]) -> Result<(std::process::Child, String)> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--http", "127.0.0.1:0", "--datasets"])
+        .arg(dir.join("datasets"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(extra)
+        .env("TARN_LOG", std::env::var("TARN_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting tarn serve")?;
+    let stdout = child.stdout.take().context("server stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let url = line
+        .trim()
+        .strip_prefix("tarn listening on ")
+        .context("server address")?
+        .to_string();
+    Ok((child, url))
+}
+
 pub async fn run(a: BenchArgs) -> Result<()> {
     if a.compaction {
         return crate::bench_compaction::run(&a).await;
+    }
+    if a.rollups {
+        return crate::bench_rollups::run(&a).await;
     }
     if a.dir.exists() {
         std::fs::remove_dir_all(&a.dir).with_context(|| format!("wiping {}", a.dir.display()))?;
@@ -379,47 +439,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         DESCRIPTOR.replace("name: auctions", "name: auctions_paced"),
     )?;
 
-    // Request bodies, cut up front so the clients only send.
-    let text = std::fs::read(&ndjson)?;
-    let mut bodies = Vec::new();
-    let mut start = 0usize;
-    let mut lines = 0usize;
-    for (i, b) in text.iter().enumerate() {
-        if *b == b'\n' {
-            lines += 1;
-            if lines == a.batch {
-                bodies.push((lines, bytes::Bytes::copy_from_slice(&text[start..=i])));
-                start = i + 1;
-                lines = 0;
-            }
-        }
-    }
-    if start < text.len() {
-        bodies.push((lines, bytes::Bytes::copy_from_slice(&text[start..])));
-    }
-    drop(text);
-    let bodies = Arc::new(bodies);
-
-    let exe = std::env::current_exe()?;
-    let data = a.dir.join("data");
-    let mut child = Command::new(exe)
-        .args(["serve", "--http", "127.0.0.1:0", "--datasets"])
-        .arg(a.dir.join("datasets"))
-        .arg("--data-dir")
-        .arg(&data)
-        .env("TARN_LOG", std::env::var("TARN_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting tarn serve")?;
+    let bodies = Arc::new(cut_bodies(&ndjson, a.batch)?);
+    let (mut child, url) = spawn_server(&a.dir, &[])?;
     let pid = child.id();
-    let stdout = child.stdout.take().context("server stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let url = line
-        .trim()
-        .strip_prefix("tarn listening on ")
-        .context("server address")?
-        .to_string();
+    let data = a.dir.join("data");
 
     let res = async {
         // Phase 1: flat out.

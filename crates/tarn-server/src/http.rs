@@ -12,6 +12,8 @@
 //! - `POST /v1/restore`: `{"dataset": D, "day": "YYYY-MM-DD", "days": N}`.
 //! - `POST /v1/vacuum`: `{"dataset": D, "dry_run": bool}`, both optional; answers
 //!   `{"reports": [...]}`.
+//! - `GET /v1/rollups`, `GET /v1/rollups/{name}`, `POST /v1/rollups/{name}/rebuild`: see
+//!   `rollup_api.rs`.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
 
 use std::fmt::Write as _;
@@ -40,6 +42,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/storage", get(storage))
         .route("/v1/lifecycle", post(lifecycle))
         .route("/v1/restore", post(restore))
+        .route("/v1/rollups", get(crate::rollup_api::list))
+        .route("/v1/rollups/{name}", get(crate::rollup_api::read))
+        .route("/v1/rollups/{name}/rebuild", post(crate::rollup_api::rebuild))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::disable())
@@ -65,7 +70,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn api(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+pub fn api(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError {
         status,
         code,
@@ -105,6 +110,11 @@ impl From<tarn_query::Error> for ApiError {
             tarn_query::Error::Timeout(_) => api(StatusCode::GATEWAY_TIMEOUT, "timeout", msg),
             tarn_query::Error::Archived(_) => api(StatusCode::CONFLICT, "archived", msg),
             tarn_query::Error::Refused(_) => api(StatusCode::FORBIDDEN, "refused", msg),
+            tarn_query::Error::NotFound(_) => api(StatusCode::NOT_FOUND, "not_found", msg),
+            tarn_query::Error::Unavailable(_) => ApiError {
+                retry_after_s: Some(30),
+                ..api(StatusCode::SERVICE_UNAVAILABLE, "unavailable", msg)
+            },
             tarn_query::Error::Internal(_) => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }

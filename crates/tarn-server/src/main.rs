@@ -4,9 +4,12 @@
 mod admin;
 mod bench;
 mod bench_compaction;
+mod bench_rollups;
 mod http;
+mod keys;
 mod maintenance;
 mod results;
+mod rollup_api;
 mod serve;
 mod sql;
 
@@ -50,6 +53,29 @@ enum Command {
     Lifecycle(admin::LifecycleArgs),
     /// Bring an archived (or infrequent) day back to the standard tier for a while.
     Restore(admin::RestoreArgs),
+    /// Rollups on a running server: status, rebuild.
+    Rollup(rollup_api::RollupArgs),
+    /// Read keys for the rollup API.
+    Keys(KeysArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a read key: prints its secret and the entry for the `--read-keys` file.
+    New {
+        /// A label for the key.
+        #[arg(long)]
+        name: String,
+        /// The tenant the key reads, or `*` for every tenant.
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,6 +103,10 @@ fn main() -> std::process::ExitCode {
             Command::Storage(a) => admin::run_storage(a).await,
             Command::Lifecycle(a) => admin::run_lifecycle(a).await,
             Command::Restore(a) => admin::run_restore(a).await,
+            Command::Rollup(a) => rollup_api::run(a).await,
+            Command::Keys(a) => match a.command {
+                KeysCommand::New { name, tenant } => keys::new_key(&name, &tenant).map(|t| print!("{t}")),
+            },
         }
     });
     match res {

@@ -15,6 +15,7 @@ use tarn_lake::curate::CurateStats;
 use tarn_lake::{CurateOptions, Curator, Delivery, DeliveryOptions, Lake};
 use tarn_log::{Log, LogOptions};
 use tarn_query::QueryEngine;
+use tarn_query::rollup::{RollupOptions, Rollups};
 use tokio::sync::watch;
 
 use crate::maintenance::{AutoCompaction, Maintenance};
@@ -94,6 +95,17 @@ pub struct ServeArgs {
     /// Vacuum deletes data files unreferenced for longer than this many hours (at least 2).
     #[arg(long, env = "TARN_VACUUM_RETAIN_HOURS", default_value_t = 168)]
     pub vacuum_retain_hours: u64,
+    /// Read keys of the rollup API (YAML; see `tarn keys new`). Without it the rollup API is
+    /// open, like the rest of the API.
+    #[arg(long, env = "TARN_READ_KEYS")]
+    pub read_keys: Option<PathBuf>,
+    /// Accumulators (group x bucket) one rollup may hold; past it the rollup halts until the
+    /// limit is raised and the missing days rebuilt.
+    #[arg(long, env = "TARN_ROLLUP_GROUPS_MAX", default_value_t = RollupOptions::default().groups_max)]
+    pub rollup_groups_max: usize,
+    /// Longest time between rollup checkpoints while batches arrive, in milliseconds.
+    #[arg(long, env = "TARN_ROLLUP_CHECKPOINT_MS", default_value_t = RollupOptions::default().checkpoint_ms)]
+    pub rollup_checkpoint_ms: u64,
 }
 
 /// Everything the HTTP handlers reach.
@@ -103,6 +115,8 @@ pub struct App {
     pub catalog: Arc<Catalog>,
     pub curate_stats: Arc<CurateStats>,
     pub maintenance: Arc<Maintenance>,
+    pub rollups: Rollups,
+    pub read_keys: crate::keys::ReadKeys,
     /// The most bytes any one query may scan (refused before it runs).
     pub query_bytes_max: Option<u64>,
     log: Log,
@@ -134,6 +148,14 @@ impl App {
         self.background.spawn(d.run(self.shutdown.clone()));
         running.insert(dataset.to_string());
         Ok(())
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.lake
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
     }
 
     /// Runs a task on the background runtime.
@@ -258,6 +280,24 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
     let curate_stats = curator.stats.clone();
     let curate_task = background.spawn(curator.run(shutdown_rx.clone()));
+    let read_keys = match &args.read_keys {
+        Some(p) => crate::keys::ReadKeys::load(p)?,
+        None => crate::keys::ReadKeys::default(),
+    };
+    let rollups = Rollups::open(
+        lake.root().to_path_buf(),
+        &log,
+        catalog.clone(),
+        clock.clone(),
+        RollupOptions {
+            groups_max: args.rollup_groups_max,
+            checkpoint_ms: args.rollup_checkpoint_ms,
+            ..RollupOptions::default()
+        },
+    )
+    .context("opening the rollups")?;
+    let rollup_task = background.spawn(rollups.clone().run(shutdown_rx.clone()));
+    background.spawn(rollup_retention(rollups.clone(), shutdown_rx.clone()));
     let collector = Collector::new(
         log.clone(),
         catalog.clone(),
@@ -310,6 +350,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         catalog: catalog.clone(),
         curate_stats,
         maintenance,
+        rollups,
+        read_keys,
         query_bytes_max: (args.query_bytes_max > 0).then_some(args.query_bytes_max),
         log,
         lake,
@@ -343,7 +385,22 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let _ = shutdown_tx.send(true);
     app.query.usage().flush();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rollup_task).await;
     Ok(())
+}
+
+/// Expires rollup buckets past their retention once a minute, so that a quiet stream still
+/// drops old days.
+async fn rollup_retention(rollups: Rollups, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = rollups.maintain().await {
+            tracing::error!(error = %e, "rollup retention");
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -4,5 +4,6 @@
 mod crash;
 mod guardrails;
 mod maintenance;
+mod rollups;
 mod server;
 mod spine;
