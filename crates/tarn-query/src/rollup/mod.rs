@@ -680,7 +680,7 @@ impl Rollups {
                         (None, Some(_)) => std::cmp::Ordering::Greater,
                         (None, None) => std::cmp::Ordering::Equal,
                     }
-                    .then_with(|| x.0.cmp(&y.0))
+                    .then_with(|| nulls_last(&x.0, &y.0))
                 });
                 if let Some(n) = q.top {
                     groups.truncate(n);
@@ -714,6 +714,12 @@ impl Rollups {
 
 #[cfg(test)]
 mod tests;
+
+/// Orders group values ascending with a missing value last, as SQL's `ORDER BY x` does.
+fn nulls_last(a: &Option<Dim>, b: &Option<Dim>) -> std::cmp::Ordering {
+    let rank = |d: &Option<Dim>| matches!(d, None | Some(Dim::Null));
+    rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))
+}
 
 /// RFC 3339 text of a bucket start.
 pub fn bucket_text(secs: i64) -> String {

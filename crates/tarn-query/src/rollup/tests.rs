@@ -85,7 +85,12 @@ fn batch(rows: &[Row]) -> RecordBatch {
             )),
             Arc::new(TimestampMicrosecondArray::from(micros.clone()).with_timezone("UTC")),
             Arc::new(StringArray::from(rows.iter().map(|r| r.tenant).collect::<Vec<_>>())),
-            Arc::new(StringArray::from(rows.iter().map(|r| r.bidder).collect::<Vec<_>>())),
+            // An empty bidder stands for a missing one.
+            Arc::new(StringArray::from(
+                rows.iter()
+                    .map(|r| (!r.bidder.is_empty()).then_some(r.bidder))
+                    .collect::<Vec<_>>(),
+            )),
             Arc::new(StringArray::from(rows.iter().map(|r| r.site).collect::<Vec<_>>())),
             Arc::new(Float64Array::from(rows.iter().map(|r| r.cpm).collect::<Vec<_>>())),
             Arc::new(Int64Array::from(rows.iter().map(|r| r.latency).collect::<Vec<_>>())),
@@ -482,4 +487,60 @@ async fn a_rebuild_behind_curate_counts_every_row_once() {
     // And the rebuilt range is forgotten once the subscriber has passed it.
     let st = fx.rollups.get("stats").expect("rollup");
     assert!(st.state.read().expect("lock").manifest.rebuilt.is_empty());
+}
+
+#[tokio::test]
+async fn top_orders_by_the_metric_then_the_value_with_nulls_last() {
+    let fx = fixture(RollupOptions::default());
+    let row = |bidder: &'static str, cpm: f64| Row {
+        secs: DAY0 + 10,
+        tenant: "acme",
+        bidder,
+        site: "s",
+        cpm,
+        latency: 1,
+        user: "u",
+    };
+    let rows = vec![
+        row("", 1.0),
+        row("", 1.0),
+        row("y", 1.0),
+        row("y", 1.0),
+        row("x", 1.0),
+        row("x", 1.0),
+        row("w", 5.0),
+    ];
+    let n = fx.object(0, &[batch(&rows)]);
+    fx.rollups.apply_object(&n).await.expect("apply");
+    let q = |top: usize, order_by: Option<&str>| {
+        fx.rollups
+            .query(
+                "stats",
+                &RollupQuery {
+                    group_by: Some("bidder".into()),
+                    top: Some(top),
+                    order_by: order_by.map(str::to_string),
+                    ..base_query()
+                },
+            )
+            .expect("query")
+            .rows
+            .iter()
+            .map(|r| r["bidder"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(q(3, None), vec![Value::from("x"), Value::from("y"), Value::Null]);
+    assert_eq!(q(1, Some("revenue")), vec![Value::from("w")]);
+    let err = fx
+        .rollups
+        .query(
+            "stats",
+            &RollupQuery {
+                order_by: Some("nope".into()),
+                ..base_query()
+            },
+        )
+        .expect_err("unknown metric")
+        .to_string();
+    assert!(err.contains("order_by \"nope\""), "{err}");
 }
