@@ -104,14 +104,7 @@ impl Curator {
                 return Err(Error::Internal("cursor lost".into()));
             };
             let max = self.opts.read_bytes_max;
-            let (c, recs) = tokio::task::spawn_blocking(move || {
-                let mut c = c;
-                let r = c.read(max);
-                (c, r)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("reader task: {e}")))?;
-            let recs = recs?;
+            let (c, recs) = c.read_off_thread(max).await?;
             if recs.is_empty() {
                 tokio::select! {
                     _ = c.wait() => {}

@@ -82,7 +82,7 @@ impl Delivery {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            let Some(mut c) = cursor.take() else {
+            let Some(c) = cursor.take() else {
                 return Err(Error::Internal("cursor lost".into()));
             };
             let room = self
@@ -90,13 +90,7 @@ impl Delivery {
                 .batch_bytes
                 .saturating_sub(pending.as_ref().map_or(0, |p| p.bytes));
             let read_max = room.clamp(1, 16 << 20);
-            let (c, recs) = tokio::task::spawn_blocking(move || {
-                let r = c.read(read_max);
-                (c, r)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("reader task: {e}")))?;
-            let recs = recs?;
+            let (c, recs) = c.read_off_thread(read_max).await?;
             for r in recs {
                 let batches = tarn_collector::decode_payload(&r.payload).map_err(|reason| Error::Corrupt {
                     what: format!("log record {} of {}", r.seq, self.dataset),

@@ -46,6 +46,9 @@ pub enum Error {
     Truncated(u64),
     #[error("the log writer has stopped: {0}")]
     Closed(String),
+    /// The blocking task of `Cursor::read_off_thread` ended without an answer.
+    #[error("log reader task failed: {0}")]
+    Reader(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -609,6 +609,18 @@ impl Cursor {
         Ok(out)
     }
 
+    /// `read` on a blocking thread, for async consumers: the cursor comes back with the
+    /// records (and is lost only if the task itself fails).
+    pub async fn read_off_thread(mut self, bytes_max: usize) -> Result<(Cursor, Vec<Record>)> {
+        let (c, r) = tokio::task::spawn_blocking(move || {
+            let r = self.read(bytes_max);
+            (self, r)
+        })
+        .await
+        .map_err(|e| Error::Reader(e.to_string()))?;
+        Ok((c, r?))
+    }
+
     /// Waits until a record at the cursor's position is durable.
     pub async fn wait(&self) {
         let mut rx = self.topic.durable.subscribe();

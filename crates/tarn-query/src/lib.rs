@@ -344,13 +344,7 @@ impl QueryEngine {
             // others run over the rest.
             let opened = async {
                 let table = self.current_table(&spec.name).await?;
-                table
-                    .update_datafusion_session(&ctx.state())
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                let provider = table
-                    .table_provider()
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let provider = delta_provider(&table, &ctx).await?;
                 Ok::<_, Error>((table, provider))
             }
             .await;
@@ -584,6 +578,17 @@ pub struct QueryStream {
     error: Option<String>,
     /// The query's turn; released when the stream is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// A Delta table as a DataFusion table, with the session set up to read it.
+pub(crate) async fn delta_provider(
+    table: &deltalake::DeltaTable,
+    ctx: &SessionContext,
+) -> Result<Arc<dyn deltalake::datafusion::catalog::TableProvider>> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    table.table_provider().await.map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// Whether `sql` may name `dataset` (a whole-word, case-insensitive match).

@@ -410,17 +410,23 @@ async fn compact(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let m = app.maintenance.clone();
     app.spawn_background(async move { m.run_request(specs, req, tx).await });
+    Ok(ndjson_lines(rx))
+}
+
+/// An NDJSON answer streaming what a background task sends, one JSON line per item, until
+/// the task drops its sender.
+pub fn ndjson_lines<T: serde::Serialize + Send + 'static>(rx: tokio::sync::mpsc::UnboundedReceiver<T>) -> Response {
     let lines = futures::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
         line.push(b'\n');
         Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), rx))
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
     )
-        .into_response())
+        .into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -14,7 +14,6 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -172,52 +171,10 @@ struct RebuildRequest {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RebuildEvent {
-    Progress(RebuildProgressLine),
-    Report(RebuildReportLine),
+    Progress(RebuildProgress),
+    Report(RebuildReport),
     Error { message: String },
     Done,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RebuildProgressLine {
-    pub day: String,
-    pub days_done: usize,
-    pub days_total: usize,
-    pub rows: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RebuildReportLine {
-    pub rollup: String,
-    pub from: String,
-    pub to: String,
-    pub days: usize,
-    pub rows: u64,
-    pub took_ms: u64,
-}
-
-impl From<RebuildProgress> for RebuildProgressLine {
-    fn from(p: RebuildProgress) -> Self {
-        Self {
-            day: p.day,
-            days_done: p.days_done,
-            days_total: p.days_total,
-            rows: p.rows,
-        }
-    }
-}
-
-impl From<RebuildReport> for RebuildReportLine {
-    fn from(r: RebuildReport) -> Self {
-        Self {
-            rollup: r.rollup,
-            from: r.from,
-            to: r.to,
-            days: r.days,
-            rows: r.rows,
-            took_ms: r.took_ms,
-        }
-    }
 }
 
 pub async fn rebuild(
@@ -239,37 +196,26 @@ pub async fn rebuild(
         ))
     })?;
     app.rollups.dataset_of(&name)?;
-    // Progress lines are few (one a day) and the channel bounded: a slow client slows the
-    // rebuild rather than filling memory.
-    let (tx, rx) = tokio::sync::mpsc::channel::<RebuildEvent>(64);
+    // One progress line a day, and a rebuild covers at most 3,660 days.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<RebuildEvent>();
     let rollups = app.rollups.clone();
     let lake = app.lake().clone();
     app.spawn_background(async move {
         let progress_tx = tx.clone();
         let mut progress = move |p: RebuildProgress| {
-            let _ = progress_tx.try_send(RebuildEvent::Progress(p.into()));
+            let _ = progress_tx.send(RebuildEvent::Progress(p));
         };
         let out = rollups.rebuild(&name, &req.from, &req.to, &lake, &mut progress).await;
         let last = match out {
             Ok(r) => {
-                let _ = tx.send(RebuildEvent::Report(r.into())).await;
+                let _ = tx.send(RebuildEvent::Report(r));
                 RebuildEvent::Done
             }
             Err(e) => RebuildEvent::Error { message: e.to_string() },
         };
-        let _ = tx.send(last).await;
+        let _ = tx.send(last);
     });
-    let lines = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line)), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
-    )
-        .into_response())
+    Ok(crate::http::ndjson_lines(rx))
 }
 
 #[derive(Args, Debug)]

@@ -380,14 +380,10 @@ impl Rollups {
                 return Ok(());
             }
             let max = self.inner.opts.read_bytes_max;
-            let (c, recs) = tokio::task::spawn_blocking(move || {
-                let mut c = c;
-                let r = c.read(max);
-                (c, r)
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("reader task: {e}")))?;
-            let recs = recs.map_err(|e| Error::Internal(format!("reading notifications: {e}")))?;
+            let (c, recs) = c
+                .read_off_thread(max)
+                .await
+                .map_err(|e| Error::Internal(format!("reading notifications: {e}")))?;
             if recs.is_empty() {
                 if quiet_or_due(pending, last_checkpoint, true) {
                     self.commit(hold.unwrap_or(c.next_seq())).await?;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use deltalake::datafusion::prelude::SessionContext;
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tarn_core::Grain;
 use tarn_lake::Lake;
 use tarn_lake::table::{app_version, curate_app_id};
@@ -28,7 +28,7 @@ const CURATE_WAIT_MAX: Duration = Duration::from_secs(120);
 /// Most days one rebuild covers.
 pub const REBUILD_DAYS_MAX: i64 = 3_660;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RebuildProgress {
     pub day: String,
     pub days_done: usize,
@@ -36,7 +36,7 @@ pub struct RebuildProgress {
     pub rows: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RebuildReport {
     pub rollup: String,
     pub from: String,
@@ -188,13 +188,7 @@ impl Rollups {
 /// Reads one day of the table and folds it into a cube.
 async fn scan_day(def: &Def, table: deltalake::DeltaTable, day: &str) -> Result<(Cube, u64)> {
     let ctx = SessionContext::new();
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let provider = table
-        .table_provider()
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let provider = crate::delta_provider(&table, &ctx).await?;
     ctx.register_table("t", provider)
         .map_err(|e| Error::Internal(e.to_string()))?;
     let mut cols: Vec<String> = vec![def.time.clone(), def.tenant.clone()];
