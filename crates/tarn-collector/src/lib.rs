@@ -59,6 +59,9 @@ pub struct IngestReport {
     pub errors: Vec<Rejection>,
     /// The log sequence of the appended record, when any event was accepted.
     pub sequence: Option<u64>,
+    /// The table the rejected events were written to, with their raw text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letters: Option<String>,
 }
 
 /// Options of the collector.
@@ -148,26 +151,40 @@ impl Collector {
             dataset: dataset.to_string(),
             received_at: self.clock.now_micros(),
         };
-        let (payload, accepted, errors, rejected) = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
+        let p = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
             .await
             .map_err(|e| Error::Internal(format!("decoder task: {e}")))??;
-        let sequence = match payload {
-            Some(payload) => {
-                let topic = self.topic(dataset)?;
-                Some(topic.append(payload).await.map_err(|e| match e {
-                    tarn_log::Error::Overloaded(_) => Error::Overloaded(e.to_string()),
-                    tarn_log::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
-                    other => Error::Unavailable(other.to_string()),
-                })?)
+        // Dead letters are durable before the answer too: a rejected event is never only in a
+        // response the producer may not read.
+        let dead_letters = match p.dead {
+            Some((name, payload)) => {
+                self.append(&name, payload).await?;
+                Some(name)
             }
             None => None,
         };
+        let sequence = match p.payload {
+            Some(payload) => Some(self.append(dataset, payload).await?),
+            None => None,
+        };
+        let mut errors = p.rejections;
+        let rejected = errors.len();
+        errors.truncate(self.opts.limits.rejections_reported_max);
         Ok(IngestReport {
             dataset: dataset.to_string(),
-            accepted,
+            accepted: p.accepted,
             rejected,
             errors,
             sequence,
+            dead_letters,
+        })
+    }
+
+    async fn append(&self, dataset: &str, payload: Vec<u8>) -> Result<u64> {
+        self.topic(dataset)?.append(payload).await.map_err(|e| match e {
+            tarn_log::Error::Overloaded(_) => Error::Overloaded(e.to_string()),
+            tarn_log::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
+            other => Error::Unavailable(other.to_string()),
         })
     }
 
@@ -187,7 +204,14 @@ struct Prepare {
     received_at: i64,
 }
 
-type Prepared = (Option<Vec<u8>>, usize, Vec<Rejection>, usize);
+/// A request checked and encoded: the accepted events' payload, every rejection, and the
+/// dead letters' dataset and payload.
+struct Prepared {
+    payload: Option<Vec<u8>>,
+    accepted: usize,
+    rejections: Vec<Rejection>,
+    dead: Option<(String, Vec<u8>)>,
+}
 
 impl Prepare {
     fn run(&self, body: &[u8], encoding: Encoding) -> Result<Prepared> {
@@ -199,10 +223,33 @@ impl Prepare {
             None if self.infer => self.infer(dataset, &raw)?,
             None => return Err(Error::UnknownDataset(dataset.to_string())),
         };
-        let (batch, errors, rejected) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
+        let (batch, rejections) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
         let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
         let payload = batch.as_ref().map(encode::encode_payload).transpose()?;
-        Ok((payload, accepted, errors, rejected))
+        let dead = if rejections.is_empty() || spec.system {
+            None
+        } else {
+            let dl = self.dead_letter_spec(dataset)?;
+            let batch = validate::dead_letters(&dl, &raw, &rejections, self.received_at)?;
+            Some((dl.name.clone(), encode::encode_payload(&batch)?))
+        };
+        Ok(Prepared {
+            payload,
+            accepted,
+            rejections,
+            dead,
+        })
+    }
+
+    /// The dead-letter dataset of `dataset`, registered on its first rejection.
+    fn dead_letter_spec(&self, dataset: &str) -> Result<Arc<DatasetSpec>> {
+        let spec = DatasetSpec::rejected_of(dataset).map_err(|e| Error::Internal(e.to_string()))?;
+        if let Some(s) = self.catalog.get(&spec.name) {
+            return Ok(s);
+        }
+        self.catalog
+            .register(spec)
+            .map_err(|e| Error::Unavailable(e.to_string()))
     }
 
     fn infer(&self, dataset: &str, raw: &[decode::RawEvent<'_>]) -> Result<Arc<DatasetSpec>> {

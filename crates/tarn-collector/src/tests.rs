@@ -2,6 +2,7 @@
 
 use std::io::Write;
 
+use arrow_array::Array as _;
 use arrow_array::cast::AsArray;
 use bytes::Bytes;
 use tarn_core::ManualClock;
@@ -119,6 +120,48 @@ fn accepts_ndjson_and_reports_each_rejection() {
     let extra = b.column_by_name("extra").expect("extra").as_string::<i32>();
     assert_eq!(extra.value(0), r#"{"a":[1]}"#);
     assert!(b.column_by_name("_received_at").is_some());
+    // Every rejected event is in the dead letters, durable before the answer, as sent.
+    assert_eq!(r.dead_letters.as_deref(), Some("auctions__rejected"));
+    let dead = read_batches(&f, "auctions__rejected");
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.num_rows(), 7);
+    let col = |n: &str| d.column_by_name(n).unwrap_or_else(|| panic!("column {n}"));
+    let index = col("event_index").as_primitive::<arrow_array::types::Int64Type>();
+    let field = col("field").as_string::<i32>();
+    let payload = col("payload").as_string::<i32>();
+    assert_eq!((index.value(0), field.value(0)), (2, "ts"));
+    assert_eq!(payload.value(0), r#"{"ts":"yesterday","client_id":"acme"}"#);
+    assert_eq!(
+        (index.value(5), field.is_null(5), payload.value(5)),
+        (7, true, "not json")
+    );
+    assert!(col("reason").as_string::<i32>().value(0).contains("RFC 3339"));
+    assert!(!col("payload_truncated").as_boolean().value(0));
+}
+
+#[test]
+fn dead_letters_keep_every_rejection_beyond_those_reported() {
+    let limits = Limits {
+        rejections_reported_max: 2,
+        ..Limits::default()
+    };
+    let f = fixture(false, limits);
+    let body: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"ts":"2026-11-22T10:00:00Z","n":{i}}}"#))
+        .collect();
+    let r =
+        f.rt.block_on(
+            f.collector
+                .ingest("auctions", Bytes::from(body.join("\n")), Encoding::Identity),
+        )
+        .expect("ingest");
+    assert_eq!((r.accepted, r.rejected, r.errors.len()), (0, 5, 2));
+    let dead = read_batches(&f, "auctions__rejected");
+    assert_eq!(dead.iter().map(|b| b.num_rows()).sum::<usize>(), 5);
+    // Nothing goes to the events topic.
+    let t = f.log.topic(&topic_name("auctions")).expect("topic");
+    assert!(t.cursor(0).read(usize::MAX).expect("read").is_empty());
 }
 
 #[test]

@@ -73,20 +73,18 @@ fn new_event_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// Checks every event; returns the batch of accepted ones (if any), the first rejections and
-/// the number rejected.
+/// Checks every event; returns the batch of accepted ones (if any) and every rejection.
 pub(crate) fn check_and_build(
     spec: &DatasetSpec,
     raw: &[RawEvent<'_>],
     received_at: i64,
     limits: &Limits,
-) -> Result<(Option<RecordBatch>, Vec<Rejection>, usize)> {
+) -> Result<(Option<RecordBatch>, Vec<Rejection>)> {
     let n = raw.len();
     let mut cols: Vec<Col> = spec.fields.iter().map(|f| Col::new(f.ty, n)).collect();
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut days = StringBuilder::with_capacity(n, n * 10);
     let mut errors = Vec::new();
-    let mut rejected = 0usize;
     let mut accepted = 0usize;
     let time_idx = spec
         .event_time
@@ -159,10 +157,7 @@ pub(crate) fn check_and_build(
             Ok(())
         })();
         if let Err(r) = outcome {
-            rejected += 1;
-            if errors.len() < limits.rejections_reported_max {
-                errors.push(r);
-            }
+            errors.push(r);
             continue;
         }
         let time = match time_idx.map(|i| &cells[i]) {
@@ -177,7 +172,7 @@ pub(crate) fn check_and_build(
         accepted += 1;
     }
     if accepted == 0 {
-        return Ok((None, errors, rejected));
+        return Ok((None, errors));
     }
     let mut arrays: Vec<ArrayRef> = cols.into_iter().map(Col::finish).collect();
     arrays.push(Arc::new(received.finish()));
@@ -186,5 +181,54 @@ pub(crate) fn check_and_build(
         .map_err(|e| Error::Internal(format!("building the batch for {}: {e}", spec.name)))?;
     debug_assert_eq!(batch.schema().field(batch.num_columns() - 2).name(), RECEIVED_AT);
     debug_assert_eq!(batch.schema().field(batch.num_columns() - 1).name(), DAY);
-    Ok((Some(batch), errors, rejected))
+    Ok((Some(batch), errors))
+}
+
+/// The dead letters of a request: one row per rejected event of the `<dataset>__rejected`
+/// contract, with its raw text.
+pub(crate) fn dead_letters(
+    spec: &DatasetSpec,
+    raw: &[RawEvent<'_>],
+    rejections: &[Rejection],
+    received_at: i64,
+) -> Result<RecordBatch> {
+    use arrow_array::builder::BooleanBuilder;
+    let n = rejections.len();
+    let mut ids = StringBuilder::with_capacity(n, n * 32);
+    let mut index = Int64Builder::with_capacity(n);
+    let mut field = StringBuilder::with_capacity(n, n * 8);
+    let mut reason = StringBuilder::with_capacity(n, n * 32);
+    let mut payload = StringBuilder::with_capacity(n, n * 64);
+    let mut cut = BooleanBuilder::with_capacity(n);
+    for r in rejections {
+        let text = raw.get(r.index).map(|e| e.text).unwrap_or("");
+        let mut end = text.len().min(tarn_core::contract::DEAD_LETTER_PAYLOAD_MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        ids.append_value(new_event_id());
+        index.append_value(r.index as i64);
+        field.append_option(r.field.as_deref());
+        reason.append_value(&r.reason);
+        payload.append_value(&text[..end]);
+        cut.append_value(end < text.len());
+    }
+    let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut days = StringBuilder::with_capacity(n, n * 10);
+    for _ in 0..n {
+        received.append_value(received_at);
+        days.append_value(day_of_micros(received_at));
+    }
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(ids.finish()),
+        Arc::new(index.finish()),
+        Arc::new(field.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(cut.finish()),
+        Arc::new(received.finish()),
+        Arc::new(days.finish()),
+    ];
+    RecordBatch::try_new(arrow_schema(spec), arrays)
+        .map_err(|e| Error::Internal(format!("building the dead letters for {}: {e}", spec.name)))
 }

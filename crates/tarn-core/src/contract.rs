@@ -98,7 +98,16 @@ pub struct DatasetSpec {
     /// Aggregations kept current from every raw batch (see `rollup.rs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollups: Vec<crate::rollup::Rollup>,
+    /// A dataset tarn keeps itself (the dead letters `<dataset>__rejected`); never written
+    /// through the API, never declared in a descriptor.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
 }
+
+/// The suffix of a dataset's dead-letter table.
+pub const REJECTED_SUFFIX: &str = "__rejected";
+/// The longest raw event kept in a dead letter; a longer one is cut there and flagged.
+pub const DEAD_LETTER_PAYLOAD_MAX: usize = 1 << 20;
 
 /// Guardrails on queries over a dataset.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -204,6 +213,60 @@ impl DatasetSpec {
             dataset: "?".into(),
             reason: format!("descriptor is not valid: {e}"),
         })?;
+        if spec.system {
+            return Err(Error::InvalidContract {
+                dataset: spec.name,
+                reason: "`system` is for the datasets tarn keeps itself; a descriptor cannot set it".into(),
+            });
+        }
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The contract of the dead letters of `dataset`: one row per rejected event, with its
+    /// position in the request, the field at fault, the reason and the event's raw text,
+    /// partitioned by the day it was received.
+    pub fn rejected_of(dataset: &str) -> Result<Self> {
+        name::check_dataset(dataset)?;
+        let f = |name: &str, ty: FieldType, required: bool, description: &str| Field {
+            name: name.into(),
+            ty,
+            required,
+            description: Some(description.into()),
+        };
+        let spec = DatasetSpec {
+            version: 1,
+            name: format!("{dataset}{REJECTED_SUFFIX}"),
+            description: Some(format!("events refused by the contract of {dataset}")),
+            fields: vec![
+                f("event_id", FieldType::String, true, "generated for the dead letter"),
+                f(
+                    "event_index",
+                    FieldType::Int64,
+                    true,
+                    "position of the event in its request, from 0",
+                ),
+                f("field", FieldType::String, false, "the field at fault, when one is"),
+                f("reason", FieldType::String, true, "why the event was refused"),
+                f("payload", FieldType::String, true, "the event as sent (cut at 1 MiB)"),
+                f(
+                    "payload_truncated",
+                    FieldType::Bool,
+                    true,
+                    "true when the payload was cut",
+                ),
+            ],
+            event_time: None,
+            event_id: "event_id".into(),
+            partitioning: Partitioning::default(),
+            unknown_fields: UnknownFields::Reject,
+            inferred: false,
+            compaction: Compaction::default(),
+            lifecycle: Lifecycle::default(),
+            query: QueryRules::default(),
+            rollups: Vec::new(),
+            system: true,
+        };
         spec.check()?;
         Ok(spec)
     }
@@ -227,7 +290,11 @@ impl DatasetSpec {
         if self.version != 1 {
             return bad(format!("descriptor version {} is not supported (only 1)", self.version));
         }
-        name::check_dataset(&self.name)?;
+        match self.name.strip_suffix(REJECTED_SUFFIX) {
+            Some(parent) if self.system => name::check_dataset(parent)?,
+            _ if self.system => return bad(format!("system dataset {:?} must end in {REJECTED_SUFFIX}", self.name)),
+            _ => name::check_dataset(&self.name)?,
+        }
         if self.fields.is_empty() {
             return bad("a dataset needs at least one field".into());
         }
@@ -423,6 +490,7 @@ impl DatasetSpec {
             lifecycle: Lifecycle::default(),
             query: QueryRules::default(),
             rollups: Vec::new(),
+            system: false,
         };
         spec.check()?;
         Ok(spec)
@@ -646,6 +714,20 @@ partitioning: { tenant: client_id }
         assert_eq!(s.tenant(), None);
         let bad = [obj(serde_json::json!({"a-b": 1}))];
         assert!(DatasetSpec::infer("misc", &bad).is_err());
+    }
+
+    #[test]
+    fn dead_letter_contracts_are_system_only() {
+        let s = DatasetSpec::rejected_of("auctions").expect("spec");
+        assert_eq!(s.name, "auctions__rejected");
+        assert!(s.system && s.tenant().is_none());
+        assert!(DatasetSpec::rejected_of("bad__name").is_err());
+        // A descriptor cannot claim the name, nor the system flag for another name.
+        let declared = AUCTIONS.replace("name: auctions", "name: auctions__rejected");
+        assert!(DatasetSpec::from_yaml(&declared).is_err());
+        let sneaky = format!("{AUCTIONS}system: true\n");
+        let err = DatasetSpec::from_yaml(&sneaky).expect_err("system").to_string();
+        assert!(err.contains("a descriptor cannot set it"), "{err}");
     }
 
     #[test]

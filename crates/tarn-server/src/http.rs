@@ -170,10 +170,14 @@ async fn ingest(
         }
     })?;
     let report = app.collector.ingest(&name, bytes, encoding).await?;
-    if report.accepted > 0
-        && let Err(e) = app.ensure_delivery(&name)
-    {
-        tracing::error!(dataset = %name, error = %e, "cannot start delivery");
+    let delivered = [
+        (report.accepted > 0).then_some(name.as_str()),
+        report.dead_letters.as_deref(),
+    ];
+    for d in delivered.into_iter().flatten() {
+        if let Err(e) = app.ensure_delivery(d) {
+            tracing::error!(dataset = %d, error = %e, "cannot start delivery");
+        }
     }
     let status = if report.accepted == 0 && report.rejected > 0 {
         StatusCode::BAD_REQUEST

@@ -229,6 +229,30 @@ async fn bad_input_gets_clear_errors() {
     let (st, _) = sql(&c, &s.url, "SELEC 1").await;
     assert_eq!(st, 400);
 
+    // The three rejected events are in the dead letters, queryable, as sent; nobody writes
+    // there through the API.
+    let v = wait_for(
+        &c,
+        &s.url,
+        "SELECT event_index, field, reason, payload FROM auctions__rejected ORDER BY payload",
+        30,
+        |v| v["rows"].as_array().is_some_and(|r| r.len() == 3),
+    )
+    .await;
+    assert_eq!(v["rows"][0][3], r#"{"client_id":"a"}"#, "{v}");
+    assert_eq!(v["rows"][0][1], "ts", "{v}");
+    assert_eq!(
+        v["rows"][2][3], r#"{"ts":"2026-11-20T00:00:00Z","client_id":"../../x"}"#,
+        "{v}"
+    );
+    assert_eq!(
+        (v["rows"][2][0].as_u64(), v["rows"][2][1].as_str()),
+        (Some(1), Some("client_id")),
+        "{v}"
+    );
+    let (st, r) = post_events(&c, &s.url, "auctions__rejected", "{}".into()).await;
+    assert_eq!(st, 400, "{r}");
+
     let m = c
         .get(format!("{}/metrics", s.url))
         .send()
