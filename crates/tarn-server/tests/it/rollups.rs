@@ -373,6 +373,31 @@ async fn rollups_equal_sql_survive_kill_and_rebuild_and_respect_keys() {
     assert_eq!(r.status().as_u16(), 403, "a tenant key cannot list every rollup");
     let (st, v) = rollup(&c, &s.url, ADMIN, &format!("tenant=acme&from={from}&grain=minute")).await;
     assert_eq!(st, 400, "{v}");
+    // Bad reads get clear errors.
+    for (q, want) in [
+        (format!("tenant=acme&from={from}&colour=red"), "unknown parameter"),
+        ("tenant=acme&from=yesterday".to_string(), "is not a day"),
+        (format!("tenant=acme&from={today}&to={from}"), "range is empty"),
+        (format!("tenant=acme&from={from}&group_by=country"), "not a dimension"),
+        (format!("tenant=acme&from={from}&filter=bidder"), "dimension:value"),
+        (format!("tenant=acme&from={from}&top=0"), "from 1 to 10000"),
+        (format!("tenant=acme&from={from}&quantiles=2"), "between 0 and 1"),
+        (format!("from={from}"), "tenant is required"),
+    ] {
+        let (st, v) = rollup(&c, &s.url, ADMIN, &q).await;
+        assert_eq!(st, 400, "{q}: {v}");
+        assert!(
+            v["error"]["message"].as_str().is_some_and(|m| m.contains(want)),
+            "{q}: {v}"
+        );
+    }
+    let r = c
+        .get(format!("{}/v1/rollups/nope?tenant=acme&from={from}", s.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 404);
 
     // kill -9 while events arrive: after the restart the rollup reloads its checkpoint and
     // replays the rest, and again equals the table, whatever made it in before the kill.
