@@ -182,13 +182,13 @@ partitioning: { tenant: client_id }
 /// Writes `n` events as NDJSON, one per line; returns the byte count.
 pub fn generate(path: &Path, n: usize, days: u32, customers: u32) -> Result<u64> {
     // 2025-11-20T00:00:00Z: fixed, so that runs are comparable.
-    generate_from(path, n, 1_763_596_800, days, customers)
+    generate_from(path, n, 1_763_596_800, days, customers, 42)
 }
 
 /// Writes `n` events as NDJSON whose event times span `days` days from `start` (epoch
 /// seconds); returns the byte count.
-pub fn generate_from(path: &Path, n: usize, start: i64, days: u32, customers: u32) -> Result<u64> {
-    let mut rng = StdRng::seed_from_u64(42);
+pub fn generate_from(path: &Path, n: usize, start: i64, days: u32, customers: u32, seed: u64) -> Result<u64> {
+    let mut rng = StdRng::seed_from_u64(seed);
     let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let bidders = [

@@ -151,14 +151,6 @@ impl State {
         }
     }
 
-    fn heap_bytes(&self) -> usize {
-        match self {
-            State::Distinct(h) => h.heap_bytes() + std::mem::size_of::<Hll>(),
-            State::Pct(p) => p.heap_bytes() + std::mem::size_of::<DdSketch>(),
-            _ => 0,
-        }
-    }
-
     fn encode(&self, w: &mut Writer) {
         match self {
             State::Count => {}
@@ -308,10 +300,6 @@ impl Acc {
         }
     }
 
-    fn heap_bytes(&self) -> usize {
-        self.states.capacity() * std::mem::size_of::<State>() + self.states.iter().map(State::heap_bytes).sum::<usize>()
-    }
-
     fn encode(&self, w: &mut Writer) {
         w.varint(self.events);
         for s in &self.states {
@@ -373,17 +361,6 @@ impl Bucket {
             }
         }
         self.groups() - before
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        let entry = |a: &Acc| a.heap_bytes() + std::mem::size_of::<Acc>() + 32;
-        entry(&self.total)
-            + self.by_dim.iter().flat_map(|m| m.values()).map(entry).sum::<usize>()
-            + self
-                .full
-                .values()
-                .map(|a| entry(a) + std::mem::size_of::<Dim>() * 2)
-                .sum::<usize>()
     }
 }
 
@@ -514,6 +491,21 @@ impl Cube {
         cutoff_secs: i64,
         keep: &dyn Fn(usize) -> bool,
     ) -> Result<(Cube, u64, u64), String> {
+        let mut cube = Cube::default();
+        let (applied, skipped) = cube.fold(def, batch, cutoff_secs, keep)?;
+        Ok((cube, applied, skipped))
+    }
+
+    /// Folds the rows of a batch into this cube, as `from_batch` does (the batches of one raw
+    /// object go into one cube this way, without a merge per batch).
+    pub fn fold(
+        &mut self,
+        def: &Def,
+        batch: &RecordBatch,
+        cutoff_secs: i64,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<(u64, u64), String> {
+        let cube = self;
         let time = Col::read(batch, &def.time, FieldType::Timestamp)?;
         let Col::Int(time) = time else {
             return Err("time column".into());
@@ -546,7 +538,6 @@ impl Cube {
                 }
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut cube = Cube::default();
         let mut skipped = 0u64;
         let mut applied = 0u64;
         let mut row_dims: Vec<Dim> = Vec::with_capacity(dims.len());
@@ -597,7 +588,7 @@ impl Cube {
             }
         }
         cube.groups = cube.count_groups();
-        Ok((cube, applied, skipped))
+        Ok((applied, skipped))
     }
 
     fn count_groups(&self) -> usize {
@@ -633,6 +624,57 @@ impl Cube {
         touched
     }
 
+    /// Merges `other` into this cube, moving its buckets (no copy); returns the (grain,
+    /// bucket) pairs touched.
+    pub fn absorb(&mut self, other: Cube) -> Vec<(Grain, i64)> {
+        let mut touched = Vec::new();
+        for (g, tenants) in other.grains {
+            let mine = self.grains.entry(g).or_default();
+            for (t, buckets) in tenants {
+                let mb = mine.entry(t).or_default();
+                for (start, b) in buckets {
+                    touched.push((g, start));
+                    match mb.get_mut(&start) {
+                        Some(m) => self.groups += m.merge(&b),
+                        None => {
+                            self.groups += b.groups();
+                            mb.insert(start, b);
+                        }
+                    }
+                }
+            }
+        }
+        touched
+    }
+
+    /// Cuts this cube into parts of at most `buckets_max` buckets of one grain and tenant, so
+    /// that each can be merged under a short hold of the lock that readers wait on.
+    pub fn into_parts(self, buckets_max: usize) -> Vec<Cube> {
+        let mut parts = Vec::new();
+        for (g, tenants) in self.grains {
+            for (t, buckets) in tenants {
+                let mut part = BTreeMap::new();
+                for (start, b) in buckets {
+                    part.insert(start, b);
+                    if part.len() >= buckets_max.max(1) {
+                        parts.push(Cube::of(g, t.clone(), std::mem::take(&mut part)));
+                    }
+                }
+                if !part.is_empty() {
+                    parts.push(Cube::of(g, t, part));
+                }
+            }
+        }
+        parts
+    }
+
+    fn of(g: Grain, tenant: Arc<str>, buckets: BTreeMap<i64, Bucket>) -> Cube {
+        let groups = buckets.values().map(Bucket::groups).sum();
+        let mut grains = BTreeMap::new();
+        grains.insert(g, HashMap::from([(tenant, buckets)]));
+        Cube { grains, groups }
+    }
+
     /// The accumulators merging `other` would add (those it holds that this cube lacks).
     pub fn new_groups(&self, other: &Cube) -> usize {
         let mut n = 0;
@@ -666,6 +708,9 @@ impl Cube {
         let mut freed = 0;
         for (g, tenants) in &mut self.grains {
             for buckets in tenants.values_mut() {
+                if buckets.first_key_value().is_none_or(|(k, _)| *k >= cutoff_secs) {
+                    continue;
+                }
                 let keep = buckets.split_off(&cutoff_secs);
                 for (start, b) in std::mem::replace(buckets, keep) {
                     freed += b.groups();

@@ -37,6 +37,9 @@ use cube::{Acc, Cube, Def, Dim};
 pub use rebuild::{RebuildProgress, RebuildReport};
 use store::{Manifest, Rebuilt, chunk_of};
 
+/// Buckets merged under one hold of a rollup's state lock.
+const MERGE_PART_BUCKETS: usize = 64;
+
 /// The consumer group of the rollups subscriber on the objects topic.
 pub const GROUP: &str = "rollups";
 
@@ -109,7 +112,9 @@ pub struct RollupStatus {
     pub grains: Vec<&'static str>,
     pub retention_days: u32,
     pub groups: usize,
-    pub bytes_estimate: usize,
+    /// Bytes of the state's chunk files as of the last checkpoint (memory holds a few
+    /// times as much).
+    pub bytes_on_disk: u64,
     pub rows_applied: u64,
     pub rows_expired: u64,
     pub batches_applied: u64,
@@ -284,14 +289,7 @@ impl Rollups {
         let mut out = Vec::new();
         for l in lives {
             let st = l.state.read().map_err(lock_err)?;
-            let bytes = st
-                .cube
-                .grains
-                .values()
-                .flat_map(|t| t.values())
-                .flat_map(|b| b.values())
-                .map(cube::Bucket::heap_bytes)
-                .sum();
+            let bytes: u64 = st.manifest.chunks.iter().map(|c| c.bytes).sum();
             out.push(RollupStatus {
                 name: l.def.spec.name.clone(),
                 dataset: l.def.dataset.clone(),
@@ -300,7 +298,7 @@ impl Rollups {
                 grains: l.def.spec.grains.iter().map(|g| g.as_str()).collect(),
                 retention_days: l.def.spec.retention_days(),
                 groups: st.cube.groups,
-                bytes_estimate: bytes,
+                bytes_on_disk: bytes,
                 rows_applied: l.rows.load(Relaxed),
                 rows_expired: l.rows_expired.load(Relaxed),
                 batches_applied: l.batches.load(Relaxed),
@@ -364,14 +362,20 @@ impl Rollups {
         let mut cursor = Some(objects.cursor(start));
         let mut last_checkpoint = std::time::Instant::now();
         let mut pending = false;
+        let mut last_took_ms = 0u64;
         // The first notification a halted rollup skipped: the offset never passes it.
         let mut hold: Option<u64> = None;
         loop {
             let Some(c) = cursor.take() else {
                 return Err(Error::Internal("cursor lost".into()));
             };
+            // While batches arrive, a checkpoint waits at least `checkpoint_ms` and ten times
+            // as long as the last one took, so checkpoints of a large state (late events touch
+            // old chunks) never take more than a tenth of the time; a quiet stream
+            // checkpoints at once.
             let quiet_or_due = |pending: bool, last: std::time::Instant, idle: bool| {
-                pending && (idle || last.elapsed().as_millis() as u64 >= self.inner.opts.checkpoint_ms)
+                let wait = self.inner.opts.checkpoint_ms.max(last_took_ms.saturating_mul(10));
+                pending && (idle || last.elapsed().as_millis() as u64 >= wait)
             };
             if *shutdown.borrow() {
                 if pending {
@@ -386,7 +390,9 @@ impl Rollups {
                 .map_err(|e| Error::Internal(format!("reading notifications: {e}")))?;
             if recs.is_empty() {
                 if quiet_or_due(pending, last_checkpoint, true) {
+                    let t = std::time::Instant::now();
                     self.commit(hold.unwrap_or(c.next_seq())).await?;
+                    last_took_ms = t.elapsed().as_millis() as u64;
                     pending = false;
                     last_checkpoint = std::time::Instant::now();
                 }
@@ -411,7 +417,9 @@ impl Rollups {
             }
             pending = true;
             if quiet_or_due(pending, last_checkpoint, false) {
+                let t = std::time::Instant::now();
                 self.commit(hold.unwrap_or(c.next_seq())).await?;
+                last_took_ms = t.elapsed().as_millis() as u64;
                 pending = false;
                 last_checkpoint = std::time::Instant::now();
             }
@@ -421,7 +429,10 @@ impl Rollups {
 
     /// Checkpoints every rollup, then commits the objects offset `next` and trims the topic.
     async fn commit(&self, next: u64) -> Result<()> {
-        self.checkpoint_all().await?;
+        {
+            let _apply = self.inner.apply.lock().await;
+            self.checkpoint_all().await?;
+        }
         let objects = &self.inner.objects;
         objects
             .commit(GROUP, next)
@@ -465,6 +476,7 @@ impl Rollups {
             };
             let def = l.def.clone();
             let batches = batches.clone();
+            let t_fold = std::time::Instant::now();
             // Fold the object's new batches into one small cube off the async threads.
             let folded = tokio::task::spawn_blocking(move || -> Result<(Cube, u64, u64, u64, u64)> {
                 let mut delta = Cube::default();
@@ -476,8 +488,7 @@ impl Rollups {
                     }
                     let skip = rebuilt_filter(&def, b, &rebuilt, shard, seq)?;
                     let keep = |i: usize| !skip.get(i).copied().unwrap_or(false);
-                    let (c, applied, x) = Cube::from_batch(&def, b, cutoff, &keep).map_err(Error::Internal)?;
-                    delta.merge(&c);
+                    let (applied, x) = delta.fold(&def, b, cutoff, &keep).map_err(Error::Internal)?;
                     rows += applied;
                     expired += x;
                     count += 1;
@@ -491,8 +502,13 @@ impl Rollups {
             if count == 0 {
                 continue;
             }
-            let mut st = l.state.write().map_err(lock_err)?;
-            if st.cube.groups + st.cube.new_groups(&delta) > self.inner.opts.groups_max {
+            // Only this task changes the cube, so what the check reads holds for the merge.
+            let over = {
+                let st = l.state.read().map_err(lock_err)?;
+                st.cube.groups + st.cube.new_groups(&delta) > self.inner.opts.groups_max
+            };
+            if over {
+                let mut st = l.state.write().map_err(lock_err)?;
                 let halt = Halt {
                     reason: format!(
                         "rollup {:?} would hold more than {} groups (--rollup-groups-max); it stopped applying batches",
@@ -505,10 +521,19 @@ impl Rollups {
                 skipped = true;
                 continue;
             }
-            let touched = st.cube.merge(&delta);
-            for (g, b) in touched {
-                st.dirty.insert((g, chunk_of(g, b)));
+            let fold_ms = t_fold.elapsed().as_millis() as u64;
+            let t_merge = std::time::Instant::now();
+            // Merged a part at a time: readers wait at most one part's merge, never a whole
+            // batch's. A reader may see some tenants' buckets of this object before others';
+            // no checkpoint runs meanwhile (they share the apply lock), so none records half.
+            for part in delta.into_parts(MERGE_PART_BUCKETS) {
+                let mut st = l.state.write().map_err(lock_err)?;
+                for (g, b) in st.cube.absorb(part) {
+                    st.dirty.insert((g, chunk_of(g, b)));
+                }
             }
+            tracing::debug!(rollup = %l.def.spec.name, rows, fold_ms, merge_ms = t_merge.elapsed().as_millis() as u64, "rollup batch");
+            let mut st = l.state.write().map_err(lock_err)?;
             st.manifest.applied.insert(shard, last);
             let applied_now = st.manifest.applied.clone();
             st.manifest
@@ -542,7 +567,8 @@ impl Rollups {
         self.checkpoint_all().await
     }
 
-    /// Checkpoints every rollup with changes, on a blocking thread (it syncs files).
+    /// Checkpoints every rollup with changes, on a blocking thread (it syncs files). Callers
+    /// hold the apply lock, so no batch, expiry or rebuild changes a cube meanwhile.
     async fn checkpoint_all(&self) -> Result<()> {
         let lives: Vec<Arc<Live>> = self.inner.live.read().map_err(lock_err)?.values().cloned().collect();
         tokio::task::spawn_blocking(move || lives.iter().try_for_each(|l| checkpoint(l)))
@@ -719,9 +745,21 @@ fn nulls_last(a: &Option<Dim>, b: &Option<Dim>) -> std::cmp::Ordering {
 
 /// RFC 3339 text of a bucket start.
 pub fn bucket_text(secs: i64) -> String {
-    chrono::DateTime::from_timestamp(secs, 0)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-        .unwrap_or_else(|| secs.to_string())
+    use chrono::{Datelike as _, Timelike as _};
+    // Written field by field: a strftime pattern is parsed again on every call, and a
+    // 93-day hourly series formats 2,232 of these per read.
+    match chrono::DateTime::from_timestamp(secs, 0) {
+        Some(t) => format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        None => secs.to_string(),
+    }
 }
 
 /// Which rows of a batch a rebuild already counted: those in a rebuilt day range whose
@@ -749,21 +787,22 @@ fn rebuilt_filter(
 
 fn checkpoint(l: &Live) -> Result<()> {
     let _one = l.checkpointing.lock().map_err(lock_err)?;
-    // The changed chunks are encoded under the state lock, in memory, and written after it is
-    // released, so readers never wait on the disk.
-    let (chunks, mut manifest) = {
+    let (dirty, mut manifest) = {
         let mut st = l.state.write().map_err(lock_err)?;
         if st.dirty.is_empty() && st.manifest.generation > 0 && !st.manifest_changed {
             return Ok(());
         }
         st.manifest_changed = false;
-        let dirty = std::mem::take(&mut st.dirty);
-        let chunks: Vec<((Grain, i64), Vec<u8>)> = dirty
-            .into_iter()
-            .map(|(g, start)| ((g, start), st.cube.encode_range(g, start, start + store::chunk_span(g))))
-            .collect();
-        (chunks, st.manifest.clone())
+        (std::mem::take(&mut st.dirty), st.manifest.clone())
     };
+    // Nothing changes the cube during a checkpoint (see `checkpoint_all`), so chunks encoded
+    // one at a time under the read lock agree with the sequences taken above; readers share
+    // that lock, so they never wait on a checkpoint.
+    let mut chunks: Vec<((Grain, i64), Vec<u8>)> = Vec::with_capacity(dirty.len());
+    for (g, start) in dirty {
+        let st = l.state.read().map_err(lock_err)?;
+        chunks.push(((g, start), st.cube.encode_range(g, start, start + store::chunk_span(g))));
+    }
     let t = std::time::Instant::now();
     let written = store::checkpoint(&l.dir, &mut manifest, &chunks).map_err(Error::Internal);
     let mut st = l.state.write().map_err(lock_err)?;

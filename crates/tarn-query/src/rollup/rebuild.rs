@@ -208,12 +208,14 @@ async fn scan_day(def: &Def, table: deltalake::DeltaTable, day: &str) -> Result<
     while let Some(b) = stream.next().await {
         let b = b.map_err(|e| Error::Internal(e.to_string()))?;
         let d = def.clone();
-        let (part, applied, _) = tokio::task::spawn_blocking(move || Cube::from_batch(&d, &b, i64::MIN, &|_| true))
-            .await
-            .map_err(|e| Error::Internal(format!("rollup task: {e}")))?
-            .map_err(Error::Internal)?;
-        rows += applied;
-        cube.merge(&part);
+        let (c, folded) = tokio::task::spawn_blocking(move || {
+            let r = cube.fold(&d, &b, i64::MIN, &|_| true);
+            (cube, r)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("rollup task: {e}")))?;
+        cube = c;
+        rows += folded.map_err(Error::Internal)?.0;
     }
     Ok((cube, rows))
 }

@@ -175,14 +175,6 @@ impl Hll {
         e
     }
 
-    /// Bytes held on the heap.
-    pub fn heap_bytes(&self) -> usize {
-        match &self.regs {
-            Regs::Sparse(v) => v.capacity() * 4,
-            Regs::Dense(_) => HLL_M,
-        }
-    }
-
     pub fn encode(&self, w: &mut Writer) {
         match &self.regs {
             Regs::Sparse(v) => {
@@ -405,10 +397,6 @@ impl DdSketch {
             }
         }
         out.map(|v| v.clamp(self.min, self.max))
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        (self.pos.0.capacity() + self.neg.0.capacity()) * 16
     }
 
     pub fn encode(&self, w: &mut Writer) {
