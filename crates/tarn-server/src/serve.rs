@@ -292,6 +292,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         RollupOptions {
             groups_max: args.rollup_groups_max,
             checkpoint_ms: args.rollup_checkpoint_ms,
+            merge_runtime: Some(tokio::runtime::Handle::current()),
             ..RollupOptions::default()
         },
     )

@@ -54,6 +54,9 @@ pub struct RollupOptions {
     pub read_bytes_max: usize,
     /// Most rows in one answer.
     pub answer_rows_max: usize,
+    /// Where merges into the live state run (they hold the lock readers take); None: on the
+    /// subscriber's own threads.
+    pub merge_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for RollupOptions {
@@ -63,6 +66,7 @@ impl Default for RollupOptions {
             checkpoint_ms: 2_000,
             read_bytes_max: 1 << 20,
             answer_rows_max: 100_000,
+            merge_runtime: None,
         }
     }
 }
@@ -526,11 +530,25 @@ impl Rollups {
             // Merged a part at a time: readers wait at most one part's merge, never a whole
             // batch's. A reader may see some tenants' buckets of this object before others';
             // no checkpoint runs meanwhile (they share the apply lock), so none records half.
-            for part in delta.into_parts(MERGE_PART_BUCKETS) {
-                let mut st = l.state.write().map_err(lock_err)?;
-                for (g, b) in st.cube.absorb(part) {
-                    st.dirty.insert((g, chunk_of(g, b)));
+            let parts = delta.into_parts(MERGE_PART_BUCKETS);
+            let live = l.clone();
+            let merge = move || -> Result<()> {
+                for part in parts {
+                    let mut st = live.state.write().map_err(lock_err)?;
+                    for (g, b) in st.cube.absorb(part) {
+                        st.dirty.insert((g, chunk_of(g, b)));
+                    }
                 }
+                Ok(())
+            };
+            // A lock holder at the lowest priority could be preempted for long while readers
+            // wait on it: the short merges run on the caller's runtime of normal priority.
+            match &self.inner.opts.merge_runtime {
+                Some(h) => h
+                    .spawn_blocking(merge)
+                    .await
+                    .map_err(|e| Error::Internal(format!("merge task: {e}")))??,
+                None => merge()?,
             }
             tracing::debug!(rollup = %l.def.spec.name, rows, fold_ms, merge_ms = t_merge.elapsed().as_millis() as u64, "rollup batch");
             let mut st = l.state.write().map_err(lock_err)?;
