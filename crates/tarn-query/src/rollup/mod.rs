@@ -37,6 +37,24 @@ use cube::{Acc, Cube, Def, Dim};
 pub use rebuild::{RebuildProgress, RebuildReport};
 use store::{Manifest, Rebuilt, chunk_of};
 
+/// When the subscriber checkpoints.
+struct Checkpoints {
+    /// Batches were applied since the last checkpoint.
+    pending: bool,
+    last: std::time::Instant,
+    took_ms: u64,
+}
+
+impl Checkpoints {
+    /// While batches arrive, a checkpoint waits at least `min_ms` and ten times as long as the
+    /// last one took, so checkpoints of a large state (late events touch old chunks) never
+    /// take more than a tenth of the time; a quiet stream checkpoints at once.
+    fn due(&self, idle: bool, min_ms: u64) -> bool {
+        let wait = min_ms.max(self.took_ms.saturating_mul(10));
+        self.pending && (idle || self.last.elapsed().as_millis() as u64 >= wait)
+    }
+}
+
 /// Buckets merged under one hold of a rollup's state lock.
 const MERGE_PART_BUCKETS: usize = 64;
 
@@ -364,25 +382,19 @@ impl Rollups {
         let objects = &self.inner.objects;
         let start = objects.committed(GROUP).unwrap_or(0);
         let mut cursor = Some(objects.cursor(start));
-        let mut last_checkpoint = std::time::Instant::now();
-        let mut pending = false;
-        let mut last_took_ms = 0u64;
+        let mut ck = Checkpoints {
+            pending: false,
+            last: std::time::Instant::now(),
+            took_ms: 0,
+        };
         // The first notification a halted rollup skipped: the offset never passes it.
         let mut hold: Option<u64> = None;
         loop {
             let Some(c) = cursor.take() else {
                 return Err(Error::Internal("cursor lost".into()));
             };
-            // While batches arrive, a checkpoint waits at least `checkpoint_ms` and ten times
-            // as long as the last one took, so checkpoints of a large state (late events touch
-            // old chunks) never take more than a tenth of the time; a quiet stream
-            // checkpoints at once.
-            let quiet_or_due = |pending: bool, last: std::time::Instant, idle: bool| {
-                let wait = self.inner.opts.checkpoint_ms.max(last_took_ms.saturating_mul(10));
-                pending && (idle || last.elapsed().as_millis() as u64 >= wait)
-            };
             if *shutdown.borrow() {
-                if pending {
+                if ck.pending {
                     self.commit(hold.unwrap_or(c.next_seq())).await?;
                 }
                 return Ok(());
@@ -392,22 +404,8 @@ impl Rollups {
                 .read_off_thread(max)
                 .await
                 .map_err(|e| Error::Internal(format!("reading notifications: {e}")))?;
-            if recs.is_empty() {
-                if quiet_or_due(pending, last_checkpoint, true) {
-                    let t = std::time::Instant::now();
-                    self.commit(hold.unwrap_or(c.next_seq())).await?;
-                    last_took_ms = t.elapsed().as_millis() as u64;
-                    pending = false;
-                    last_checkpoint = std::time::Instant::now();
-                }
-                tokio::select! {
-                    _ = c.wait() => {}
-                    _ = shutdown.changed() => {}
-                }
-                cursor = Some(c);
-                continue;
-            }
-            {
+            let idle = recs.is_empty();
+            if !idle {
                 let _apply = self.inner.apply.lock().await;
                 self.refresh()?;
                 for r in &recs {
@@ -418,14 +416,20 @@ impl Rollups {
                     }
                 }
                 self.expire_all()?;
+                ck.pending = true;
             }
-            pending = true;
-            if quiet_or_due(pending, last_checkpoint, false) {
+            if ck.due(idle, self.inner.opts.checkpoint_ms) {
                 let t = std::time::Instant::now();
                 self.commit(hold.unwrap_or(c.next_seq())).await?;
-                last_took_ms = t.elapsed().as_millis() as u64;
-                pending = false;
-                last_checkpoint = std::time::Instant::now();
+                ck.took_ms = t.elapsed().as_millis() as u64;
+                ck.pending = false;
+                ck.last = std::time::Instant::now();
+            }
+            if idle {
+                tokio::select! {
+                    _ = c.wait() => {}
+                    _ = shutdown.changed() => {}
+                }
             }
             cursor = Some(c);
         }
