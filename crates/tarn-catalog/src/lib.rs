@@ -180,7 +180,7 @@ mod tests {
         assert!(
             loaded
                 .iter()
-                .any(|s| s.name == "auctions" && s.tenant() == Some("client_id"))
+                .any(|s| s.name == "auctions" && s.tenant() == Some("client_id") && s.rollups.len() == 1)
         );
     }
 
