@@ -12,6 +12,8 @@ use std::sync::{Arc, RwLock};
 
 use tarn_core::DatasetSpec;
 
+pub mod search;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("catalog io error at {path}: {source}")]

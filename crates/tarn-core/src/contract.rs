@@ -76,6 +76,15 @@ pub struct DatasetSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The business domain the dataset belongs to (discovery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// The team that owns the dataset (discovery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Free labels for discovery, at most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
     pub fields: Vec<Field>,
     /// The timestamp field whose UTC day partitions the table. Absent: the receive time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -238,6 +247,9 @@ impl DatasetSpec {
             version: 1,
             name: format!("{dataset}{REJECTED_SUFFIX}"),
             description: Some(format!("events refused by the contract of {dataset}")),
+            domain: None,
+            owner: None,
+            tags: Vec::new(),
             fields: vec![
                 f("event_id", FieldType::String, true, "generated for the dead letter"),
                 f(
@@ -297,6 +309,9 @@ impl DatasetSpec {
         }
         if self.fields.is_empty() {
             return bad("a dataset needs at least one field".into());
+        }
+        if self.tags.len() > 32 || self.tags.iter().any(|t| t.is_empty() || t.len() > 64) {
+            return bad("tags: at most 32, each 1 to 64 characters".into());
         }
         if self.fields.len() > 1000 {
             return bad(format!("{} fields; at most 1000", self.fields.len()));
@@ -480,6 +495,9 @@ impl DatasetSpec {
             version: 1,
             name: dataset.to_string(),
             description: None,
+            domain: None,
+            owner: None,
+            tags: Vec::new(),
             fields,
             event_time,
             event_id,

@@ -360,3 +360,47 @@ mod tests {
         );
     }
 }
+
+#[derive(Args, Debug)]
+pub struct CatalogSearchArgs {
+    /// Words to look for in names, tags, domains, owners, columns and descriptions.
+    pub text: String,
+    /// Most hits.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print the JSON answer.
+    #[arg(long)]
+    pub json: bool,
+    /// The server to ask.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+pub async fn run_catalog_search(a: CatalogSearchArgs) -> Result<()> {
+    let url = format!("{}/v1/catalog/search", a.server.trim_end_matches('/'));
+    let req = reqwest::Client::new()
+        .get(&url)
+        .query(&[("q", a.text.as_str()), ("limit", &a.limit.to_string())]);
+    let body = json_answer(req, &url).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let hits = body["hits"].as_array().cloned().unwrap_or_default();
+    if hits.is_empty() {
+        println!("no dataset matches {:?}", a.text);
+    }
+    for h in hits {
+        println!(
+            "{:<32} {:>4}  {}  [{}]",
+            h["name"].as_str().unwrap_or("?"),
+            h["score"],
+            h["description"].as_str().unwrap_or(""),
+            h["matched"]
+                .as_array()
+                .map(|m| m.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}

@@ -14,6 +14,7 @@
 //!   `{"reports": [...]}`.
 //! - `GET /v1/rollups`, `GET /v1/rollups/{name}`, `POST /v1/rollups/{name}/rebuild`: see
 //!   `rollup_api.rs`.
+//! - `GET /v1/catalog/search?q=TEXT[&limit=N]`: datasets ranked for the words of TEXT.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
 
 use std::fmt::Write as _;
@@ -42,6 +43,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/storage", get(storage))
         .route("/v1/lifecycle", post(lifecycle))
         .route("/v1/restore", post(restore))
+        .route("/v1/catalog/search", get(catalog_search))
         .route("/v1/rollups", get(crate::rollup_api::list))
         .route("/v1/rollups/{name}", get(crate::rollup_api::read))
         .route("/v1/rollups/{name}/rebuild", post(crate::rollup_api::rebuild))
@@ -431,6 +433,37 @@ pub fn ndjson_lines<T: serde::Serialize + Send + 'static>(rx: tokio::sync::mpsc:
         Body::from_stream(lines),
     )
         .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SearchQuery {
+    q: String,
+    /// Most hits (default 20, at most 1000).
+    limit: Option<usize>,
+}
+
+async fn catalog_search(
+    State(app): State<Arc<App>>,
+    axum::extract::Query(q): axum::extract::Query<SearchQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("limit is {limit}; it must be from 1 to 1000"),
+        ));
+    }
+    if q.q.len() > 1000 {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the query is longer than 1000 bytes",
+        ));
+    }
+    let hits = tarn_catalog::search::search(&app.catalog.list(), &q.q, limit);
+    Ok(axum::Json(json!({ "query": q.q, "hits": hits })).into_response())
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -57,6 +57,20 @@ enum Command {
     Rollup(rollup_api::RollupArgs),
     /// Read keys for the rollup API.
     Keys(KeysArgs),
+    /// The catalog of a running server: `tarn catalog search TEXT`.
+    Catalog(CatalogArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CatalogArgs {
+    #[command(subcommand)]
+    command: CatalogCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CatalogCommand {
+    /// Find datasets by the words of their names, tags, domain, owner, columns and descriptions.
+    Search(admin::CatalogSearchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +118,9 @@ fn main() -> std::process::ExitCode {
             Command::Lifecycle(a) => admin::run_lifecycle(a).await,
             Command::Restore(a) => admin::run_restore(a).await,
             Command::Rollup(a) => rollup_api::run(a).await,
+            Command::Catalog(a) => match a.command {
+                CatalogCommand::Search(s) => admin::run_catalog_search(s).await,
+            },
             Command::Keys(a) => match a.command {
                 KeysCommand::New { name, tenant } => keys::new_key(&name, &tenant).map(|t| print!("{t}")),
             },

@@ -253,6 +253,33 @@ async fn bad_input_gets_clear_errors() {
     let (st, r) = post_events(&c, &s.url, "auctions__rejected", "{}".into()).await;
     assert_eq!(st, 400, "{r}");
 
+    // Discovery finds both by name, the contract first, and a column by its name.
+    let found: serde_json::Value = c
+        .get(format!("{}/v1/catalog/search?q=auctions", s.url))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(found["hits"][0]["name"], "auctions", "{found}");
+    assert_eq!(found["hits"][1]["name"], "auctions__rejected", "{found}");
+    let found: serde_json::Value = c
+        .get(format!("{}/v1/catalog/search?q=bidder", s.url))
+        .send()
+        .await
+        .expect("search")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(found["hits"][0]["matched"][0], "column:bidder", "{found}");
+    let r = c
+        .get(format!("{}/v1/catalog/search?q=x&limit=0", s.url))
+        .send()
+        .await
+        .expect("search");
+    assert_eq!(r.status().as_u16(), 400);
+
     let m = c
         .get(format!("{}/metrics", s.url))
         .send()
