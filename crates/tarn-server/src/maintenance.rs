@@ -224,6 +224,11 @@ impl Maintenance {
     }
 
     /// One dataset, or every dataset.
+    /// One dataset's storage: tiers, partitions, files and bytes.
+    pub async fn storage_of(&self, spec: &DatasetSpec) -> tarn_lake::Result<tarn_lake::storage::DatasetStorage> {
+        dataset_storage(&self.lake, spec, &self.prices, Some(&self.tiers)).await
+    }
+
     pub fn datasets(&self, dataset: Option<&str>) -> Result<Vec<Arc<DatasetSpec>>, RequestError> {
         match dataset {
             Some(d) => match self.catalog.get(d) {

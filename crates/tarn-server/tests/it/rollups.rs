@@ -349,6 +349,15 @@ async fn rollups_equal_sql_survive_kill_and_rebuild_and_respect_keys() {
         check_filtered(&c, &s.url, t, &from).await;
     }
     check_top(&c, &s.url, ADMIN, "beta", &from).await;
+    let page: Value = c
+        .get(format!("{}/v1/datasets/auctions", s.url))
+        .send()
+        .await
+        .expect("page")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["lineage"]["read_by"][0]["name"], "auction_stats", "{page}");
 
     // Keys: none, a wrong one, another tenant's: refused; acme's own key reads acme.
     let r = c

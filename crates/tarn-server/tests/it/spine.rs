@@ -72,6 +72,31 @@ async fn events_in_sql_out_with_partition_pruning() {
     assert!(v["stats"]["bytes_scanned"].as_u64().expect("bytes") > 0, "{v}");
     assert_eq!(v["stats"]["rows_scanned"], 25, "{v}");
 
+    // The dataset's page: rows, days, partitions and freshness from the table itself.
+    let page: serde_json::Value = c
+        .get(format!("{}/v1/datasets/auctions", s.url))
+        .send()
+        .await
+        .expect("page")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["rows"], 300, "{page}");
+    assert!(
+        page["last_received_at"].as_str().is_some_and(|t| t.starts_with("20")),
+        "{page}"
+    );
+    let tier = &page["storage"]["tiers"][0];
+    assert_eq!(
+        (tier["first_day"].as_str(), tier["last_day"].as_str()),
+        (Some("2026-11-20"), Some("2026-11-22")),
+        "{page}"
+    );
+    assert_eq!(tier["partitions"], 12, "{page}");
+    assert_eq!(page["contract"]["partitioning"]["tenant"], "client_id");
+    let r = c.get(format!("{}/v1/datasets/nope", s.url)).send().await.expect("page");
+    assert_eq!(r.status().as_u16(), 404);
+
     // The table on disk is Hive-partitioned Delta.
     let table = s.data_dir.join("lake/tables/auctions");
     assert!(table.join("_delta_log").is_dir());
