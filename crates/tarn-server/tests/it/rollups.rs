@@ -9,7 +9,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::server::{Server, client, post_events, sql, wait_for};
+use crate::server::{Server, client, get_json, post_events, sql, wait_for};
 
 const DESCRIPTOR: &str = r#"version: 1
 name: auctions
@@ -349,14 +349,7 @@ async fn rollups_equal_sql_survive_kill_and_rebuild_and_respect_keys() {
         check_filtered(&c, &s.url, t, &from).await;
     }
     check_top(&c, &s.url, ADMIN, "beta", &from).await;
-    let page: Value = c
-        .get(format!("{}/v1/datasets/auctions", s.url))
-        .send()
-        .await
-        .expect("page")
-        .json()
-        .await
-        .expect("json");
+    let page: Value = get_json(&c, &format!("{}/v1/datasets/auctions", s.url)).await;
     assert_eq!(page["lineage"]["read_by"][0]["name"], "auction_stats", "{page}");
 
     // Keys: none, a wrong one, another tenant's: refused; acme's own key reads acme.

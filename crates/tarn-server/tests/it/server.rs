@@ -80,6 +80,11 @@ pub async fn post_events(c: &reqwest::Client, url: &str, dataset: &str, body: St
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// GETs a URL and returns its JSON answer.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
+    c.get(url).send().await.expect("get").json().await.expect("json")
+}
+
 pub async fn sql(c: &reqwest::Client, url: &str, q: &str) -> (u16, serde_json::Value) {
     let r = c
         .post(format!("{url}/v1/query"))

@@ -73,14 +73,7 @@ async fn events_in_sql_out_with_partition_pruning() {
     assert_eq!(v["stats"]["rows_scanned"], 25, "{v}");
 
     // The dataset's page: rows, days, partitions and freshness from the table itself.
-    let page: serde_json::Value = c
-        .get(format!("{}/v1/datasets/auctions", s.url))
-        .send()
-        .await
-        .expect("page")
-        .json()
-        .await
-        .expect("json");
+    let page: serde_json::Value = get_json(&c, &format!("{}/v1/datasets/auctions", s.url)).await;
     assert_eq!(page["rows"], 300, "{page}");
     assert!(
         page["last_received_at"].as_str().is_some_and(|t| t.starts_with("20")),
@@ -279,24 +272,10 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(st, 400, "{r}");
 
     // Discovery finds both by name, the contract first, and a column by its name.
-    let found: serde_json::Value = c
-        .get(format!("{}/v1/catalog/search?q=auctions", s.url))
-        .send()
-        .await
-        .expect("search")
-        .json()
-        .await
-        .expect("json");
+    let found: serde_json::Value = get_json(&c, &format!("{}/v1/catalog/search?q=auctions", s.url)).await;
     assert_eq!(found["hits"][0]["name"], "auctions", "{found}");
     assert_eq!(found["hits"][1]["name"], "auctions__rejected", "{found}");
-    let found: serde_json::Value = c
-        .get(format!("{}/v1/catalog/search?q=bidder", s.url))
-        .send()
-        .await
-        .expect("search")
-        .json()
-        .await
-        .expect("json");
+    let found: serde_json::Value = get_json(&c, &format!("{}/v1/catalog/search?q=bidder", s.url)).await;
     assert_eq!(found["hits"][0]["matched"][0], "column:bidder", "{found}");
     let r = c
         .get(format!("{}/v1/catalog/search?q=x&limit=0", s.url))
