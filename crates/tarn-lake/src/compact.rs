@@ -29,12 +29,11 @@ use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::protocol::DeltaOperation;
 use serde::Serialize;
 use tarn_core::DatasetSpec;
-use tarn_core::contract::DAY;
 
 use crate::compaction::{Bin, CompactionRules, FileInfo, Partition, plan};
 use crate::datafile::{file_schema, new_add, sync_files, write_parquet};
 use crate::table::{commit_actions, table_dir_of, writer_properties};
-use crate::{Error, Lake, Result, io_err};
+use crate::{Error, Lake, Result, delta_err, io_err};
 
 /// The lock file a compaction holds on its table (Delta readers ignore names starting with `_`).
 pub const LOCK_FILE: &str = "_tarn_compaction.lock";
@@ -94,21 +93,13 @@ pub struct CompactReport {
     pub seconds: f64,
 }
 
-fn delta_err(dataset: &str) -> impl Fn(deltalake::DeltaTableError) -> Error + '_ {
-    move |source| Error::Delta {
-        dataset: dataset.to_string(),
-        source,
-    }
-}
-
 /// The files of a table as the planner sees them; partitions in partition-column order.
 pub fn table_files(table: &DeltaTable, spec: &DatasetSpec) -> Result<Vec<FileInfo>> {
     if table.version().is_none() {
         return Ok(Vec::new());
     }
     let snap = table.snapshot().map_err(delta_err(&spec.name))?;
-    let mut cols = vec![DAY.to_string()];
-    cols.extend(spec.tenant().map(str::to_string));
+    let cols = crate::table::partition_columns(spec);
     let mut out = Vec::new();
     for f in snap.log_data().iter() {
         let values = f.partition_values_map();
@@ -214,7 +205,6 @@ async fn sorted_rows(
     Ok(())
 }
 
-/// Compacts one dataset's table.
 /// Passes over a table when commits meet conflicts: each pass plans again from the newest
 /// version, so what another writer changed is not planned twice.
 const CONFLICT_PASSES: usize = 3;
@@ -402,20 +392,57 @@ async fn compact_partition(
     on_bin: &mut (dyn FnMut(&Bin) + Send),
 ) -> Result<()> {
     let table_dir = table_dir_of(table)?;
-    let prepared = prepare_partition(table, spec, schema, info, bins, written, on_bin).await;
-    let landed = match prepared {
-        Ok(actions) => {
-            let op = DeltaOperation::Optimize {
-                predicate: Some(label.to_string()),
-                target_size: opts.rules.target_bytes as i64,
-            };
-            commit_actions(table, &spec.name, actions, op, CommitProperties::default()).await
+    // Write and sync each bin's file, then check the inputs are still active.
+    let prepared: Result<Vec<Action>> = async {
+        let dataset = spec.name.as_str();
+        let mut actions = Vec::new();
+        for bin in bins {
+            let add = write_bin(&table_dir, spec, schema, bin).await?;
+            written.push((add.path.clone(), u64::try_from(add.size).unwrap_or(0)));
+            actions.push(Action::Add(add));
+            let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+            for f in &bin.files {
+                let fi = info
+                    .get(f)
+                    .ok_or_else(|| Error::Internal(format!("{f} is not in the plan's files")))?;
+                actions.push(remove_action(fi, now, false));
+            }
+            on_bin(bin);
         }
-        Err(e) => Err(e),
+        let dir = table_dir.clone();
+        let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+            sync_files(&dir, &refs)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        // delta-rs does not treat two commits removing the same file with dataChange = false as a
+        // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
+        // tarn one run goes at a time; this re-check narrows the window against outside writers.
+        table.update_incremental(None).await.map_err(delta_err(dataset))?;
+        let active: std::collections::HashSet<String> = table_files(table, spec)?.into_iter().map(|f| f.path).collect();
+        if let Some(gone) = bins.iter().flat_map(|b| &b.files).find(|f| !active.contains(*f)) {
+            return Err(Error::Conflict(format!("{gone} was removed by another writer")));
+        }
+        Ok(actions)
+    }
+    .await;
+    let actions = match prepared {
+        Ok(a) => a,
+        Err(e) => {
+            discard(&table_dir, written);
+            return Err(e);
+        }
     };
-    match landed {
+    let op = DeltaOperation::Optimize {
+        predicate: Some(label.to_string()),
+        target_size: opts.rules.target_bytes as i64,
+    };
+    match commit_actions(table, &spec.name, actions, op, CommitProperties::default()).await {
         Ok(_) => Ok(()),
-        // Any other error after the commit started may have landed: its files are kept.
+        // A conflict means the commit did not land; any other error after the commit started
+        // may have landed, so its files are kept.
         Err(e @ Error::Conflict(_)) => {
             discard(&table_dir, written);
             Err(e)
@@ -428,69 +455,6 @@ fn discard(table_dir: &Path, written: &[(String, u64)]) {
     for (p, _) in written {
         let _ = std::fs::remove_file(table_dir.join(p));
     }
-}
-
-/// Writes and syncs a partition's new files and returns the commit's actions; deletes what it
-/// wrote when it fails.
-async fn prepare_partition(
-    table: &mut DeltaTable,
-    spec: &DatasetSpec,
-    schema: &SchemaRef,
-    info: &HashMap<String, FileInfo>,
-    bins: &[Bin],
-    written: &mut Vec<(String, u64)>,
-    on_bin: &mut (dyn FnMut(&Bin) + Send),
-) -> Result<Vec<Action>> {
-    let table_dir = table_dir_of(table)?;
-    let res = prepare_inner(table, spec, schema, info, bins, written, on_bin).await;
-    if res.is_err() {
-        discard(&table_dir, written);
-    }
-    res
-}
-
-async fn prepare_inner(
-    table: &mut DeltaTable,
-    spec: &DatasetSpec,
-    schema: &SchemaRef,
-    info: &HashMap<String, FileInfo>,
-    bins: &[Bin],
-    written: &mut Vec<(String, u64)>,
-    on_bin: &mut (dyn FnMut(&Bin) + Send),
-) -> Result<Vec<Action>> {
-    let dataset = spec.name.as_str();
-    let table_dir = table_dir_of(table)?;
-    let mut actions = Vec::new();
-    for bin in bins {
-        let add = write_bin(&table_dir, spec, schema, bin).await?;
-        written.push((add.path.clone(), u64::try_from(add.size).unwrap_or(0)));
-        actions.push(Action::Add(add));
-        let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
-        for f in &bin.files {
-            let fi = info
-                .get(f)
-                .ok_or_else(|| Error::Internal(format!("{f} is not in the plan's files")))?;
-            actions.push(remove_action(fi, now, false));
-        }
-        on_bin(bin);
-    }
-    let dir = table_dir.clone();
-    let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-        sync_files(&dir, &refs)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
-    // delta-rs does not treat two commits removing the same file with dataChange = false as a
-    // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
-    // tarn one run goes at a time; this re-check narrows the window against outside writers.
-    table.update_incremental(None).await.map_err(delta_err(dataset))?;
-    let active: std::collections::HashSet<String> = table_files(table, spec)?.into_iter().map(|f| f.path).collect();
-    if let Some(gone) = bins.iter().flat_map(|b| &b.files).find(|f| !active.contains(*f)) {
-        return Err(Error::Conflict(format!("{gone} was removed by another writer")));
-    }
-    Ok(actions)
 }
 
 /// The partition values of a Delta action.

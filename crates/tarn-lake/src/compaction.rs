@@ -37,6 +37,20 @@ pub struct CompactionRules {
     pub min_small_files: usize,
 }
 
+impl CompactionRules {
+    /// The rules of a dataset's contract: its target size, small files below three quarters
+    /// of it, and `min_small_files` per partition.
+    pub fn for_spec(spec: &tarn_core::DatasetSpec, min_small_files: usize) -> Self {
+        let target = spec.compaction.target_bytes();
+        Self {
+            target_bytes: target,
+            small_file_bytes: target / 4 * 3,
+            min_small_files,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for CompactionRules {
     fn default() -> Self {
         Self {

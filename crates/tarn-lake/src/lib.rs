@@ -74,6 +74,14 @@ pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) ->
     move |source| Error::Io { path, source }
 }
 
+/// Wraps a delta-rs error with the dataset it happened on.
+pub(crate) fn delta_err(dataset: &str) -> impl Fn(deltalake::DeltaTableError) -> Error + Copy + '_ {
+    move |source| Error::Delta {
+        dataset: dataset.to_string(),
+        source,
+    }
+}
+
 /// Syncs a file or a directory (a directory's entries, after files in it were created,
 /// renamed or removed).
 pub(crate) fn sync_path(p: &std::path::Path) -> Result<()> {

@@ -18,7 +18,7 @@ use tarn_core::{DatasetSpec, Lifecycle};
 use crate::compact::{CompactOptions, compact_dataset, remove_action, table_files};
 use crate::table::commit_actions;
 use crate::tiers::{Tier, Tiers};
-use crate::{Error, Lake, Result};
+use crate::{Lake, Result};
 
 /// A step of a lifecycle plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -112,11 +112,7 @@ pub async fn apply(
                 let d = day.format("%Y-%m-%d").to_string();
                 let opts = CompactOptions {
                     day: Some(d.clone()),
-                    rules: crate::compaction::CompactionRules {
-                        target_bytes: spec.compaction.target_bytes(),
-                        small_file_bytes: spec.compaction.target_bytes() / 4 * 3,
-                        ..Default::default()
-                    },
+                    rules: crate::compaction::CompactionRules::for_spec(spec, 2),
                     dry_run: false,
                 };
                 let c = compact_dataset(lake, spec, &opts, &|_| {}).await?;
@@ -125,10 +121,10 @@ pub async fn apply(
             }
             Step::Expire { day } => {
                 let d = day.format("%Y-%m-%d").to_string();
-                table.update_incremental(None).await.map_err(|source| Error::Delta {
-                    dataset: dataset.to_string(),
-                    source,
-                })?;
+                table
+                    .update_incremental(None)
+                    .await
+                    .map_err(crate::delta_err(dataset))?;
                 let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
                 let actions: Vec<Action> = table_files(&table, spec)?
                     .into_iter()

@@ -76,10 +76,7 @@ impl Lake {
     /// Opens a dataset's table; an absent table comes back uninitialised (version `None`).
     pub async fn open_table(&self, dataset: &str) -> Result<DeltaTable> {
         let url = self.table_url(dataset)?;
-        let err = |source| Error::Delta {
-            dataset: dataset.to_string(),
-            source,
-        };
+        let err = crate::delta_err(dataset);
         if !self.table_exists(dataset) {
             // Loading a table that has no commit yet only logs errors; build it unloaded.
             return deltalake::DeltaTableBuilder::from_url(url)
@@ -105,17 +102,11 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
     if table.version().is_none() {
         return Ok(-1);
     }
-    let snap = table.snapshot().map_err(|source| Error::Delta {
-        dataset: dataset.to_string(),
-        source,
-    })?;
+    let snap = table.snapshot().map_err(crate::delta_err(dataset))?;
     let v = snap
         .transaction_version(table.log_store().as_ref(), app_id)
         .await
-        .map_err(|source| Error::Delta {
-            dataset: dataset.to_string(),
-            source,
-        })?;
+        .map_err(crate::delta_err(dataset))?;
     Ok(v.unwrap_or(-1))
 }
 
@@ -205,10 +196,7 @@ async fn ensure_created(table: DeltaTable, spec: &DatasetSpec, batch: &RecordBat
     if table.version().is_some() {
         return Ok(table);
     }
-    let err = |source| Error::Delta {
-        dataset: spec.name.clone(),
-        source,
-    };
+    let err = crate::delta_err(&spec.name);
     let schema: StructType = batch
         .schema()
         .as_ref()
@@ -332,10 +320,7 @@ pub async fn commit_actions(
     op: DeltaOperation,
     props: CommitProperties,
 ) -> Result<u64> {
-    let delta_err = |source| Error::Delta {
-        dataset: dataset.to_string(),
-        source,
-    };
+    let delta_err = crate::delta_err(dataset);
     let dir = table_dir_of(table)?;
     let snapshot = table.snapshot().map_err(delta_err)?;
     let not_landed = |e: deltalake::DeltaTableError| Error::Conflict(format!("commit to {dataset} did not land: {e}"));

@@ -143,10 +143,7 @@ pub async fn vacuum_dataset(
         return Ok(report);
     }
     let table = lake.open_table(dataset).await?;
-    let delta_err = |source| Error::Delta {
-        dataset: dataset.to_string(),
-        source,
-    };
+    let delta_err = crate::delta_err(dataset);
     let snap = table.snapshot().map_err(delta_err)?;
     let active: HashSet<String> = snap.log_data().iter().map(|f| f.path().into_owned()).collect();
     let mut removed_ms = HashMap::new();

@@ -421,12 +421,13 @@ impl QueryEngine {
             .acquire_owned()
             .await
             .map_err(|_| Error::Internal("query permits closed".into()))?;
-        let (ctx, urls) = self.session(sql).await?;
-        let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
-        self.check_partition_filters(&df)?;
-        let schema = Arc::new(df.schema().as_arrow().clone());
-        let plan = df.create_physical_plan().await.map_err(classify)?;
-        let infrequent = self.check_archive(&plan, &urls)?;
+        let Planned {
+            ctx,
+            urls,
+            schema,
+            plan,
+            infrequent,
+        } = self.plan(sql).await?;
         let est = self.estimate_plan(&plan);
         if let Some(max) = bytes_max
             && est.bytes > max
@@ -457,14 +458,28 @@ impl QueryEngine {
         })
     }
 
-    /// What a statement would read, planned but not run (the guardrails apply as they would).
-    pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
+    /// Plans a read-only statement and checks the guardrails that need no budget: required
+    /// partition filters and archived days.
+    async fn plan(&self, sql: &str) -> Result<Planned> {
         let (ctx, urls) = self.session(sql).await?;
         let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
+        let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
-        self.check_archive(&plan, &urls)?;
-        Ok(self.estimate_plan(&plan))
+        let infrequent = self.check_archive(&plan, &urls)?;
+        Ok(Planned {
+            ctx,
+            urls,
+            schema,
+            plan,
+            infrequent,
+        })
+    }
+
+    /// What a statement would read, planned but not run (the guardrails apply as they would).
+    pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
+        let planned = self.plan(sql).await?;
+        Ok(self.estimate_plan(&planned.plan))
     }
 
     fn estimate_plan(&self, plan: &Arc<dyn ExecutionPlan>) -> Estimate {
@@ -472,7 +487,7 @@ impl QueryEngine {
         Estimate {
             files,
             bytes,
-            cost_usd: bytes as f64 / (1u64 << 40) as f64 * self.scan_price_tb,
+            cost_usd: scan_cost_usd(bytes, self.scan_price_tb),
         }
     }
 
@@ -496,8 +511,7 @@ impl QueryEngine {
             if let LogicalPlan::TableScan(scan) = node
                 && let Some(spec) = guarded.iter().find(|s| scan.table_name.table() == s.name)
             {
-                let mut parts = vec![tarn_core::contract::DAY.to_string()];
-                parts.extend(spec.tenant().map(str::to_string));
+                let parts = tarn_lake::table::partition_columns(spec);
                 let filtered = scan
                     .filters
                     .iter()
@@ -558,6 +572,20 @@ impl QueryEngine {
             stats,
         })
     }
+}
+
+/// A statement planned and past the guardrails that need no budget.
+struct Planned {
+    ctx: SessionContext,
+    urls: HashMap<String, String>,
+    schema: SchemaRef,
+    plan: Arc<dyn ExecutionPlan>,
+    infrequent: Infrequent,
+}
+
+/// Dollars for scanning `bytes` at `price_tb` dollars per TiB.
+fn scan_cost_usd(bytes: u64, price_tb: f64) -> f64 {
+    bytes as f64 / (1u64 << 40) as f64 * price_tb
 }
 
 /// A running query.
@@ -694,7 +722,7 @@ impl QueryStream {
         let mut s = stats::collect(&self.plan, &self.urls, &self.infrequent);
         s.rows_returned = self.rows;
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
-        s.estimated_cost_usd = s.bytes_scanned as f64 / (1u64 << 40) as f64 * self.scan_price_tb;
+        s.estimated_cost_usd = scan_cost_usd(s.bytes_scanned, self.scan_price_tb);
         s
     }
 }

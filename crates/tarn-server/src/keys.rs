@@ -35,9 +35,12 @@ pub struct ReadKeys {
     keys: Vec<ReadKey>,
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn sha256_hex(secret: &str) -> String {
-    let d = sha2::Sha256::digest(secret.as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(secret.as_bytes()))
 }
 
 /// What a request may read.
@@ -102,10 +105,7 @@ pub fn new_key(name: &str, tenant: &str) -> Result<String> {
         tarn_core::name::check_tenant_value(tenant).map_err(|r| anyhow::anyhow!("tenant {tenant:?} {r}"))?;
     }
     let bytes: [u8; 24] = rand::random();
-    let secret: String = format!(
-        "tarn_rk_{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    );
+    let secret = format!("tarn_rk_{}", hex(&bytes));
     Ok(format!(
         "secret (give it to the reader; it is not stored): {secret}\n\
          entry for the key file:\n  - {{ name: {name:?}, tenant: {tenant:?}, sha256: {} }}\n",

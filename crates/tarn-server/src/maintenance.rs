@@ -104,16 +104,6 @@ impl From<&CompactProgress> for CompactEvent {
     }
 }
 
-fn rules_for(spec: &DatasetSpec, min_small_files: usize) -> CompactionRules {
-    let target = spec.compaction.target_bytes();
-    CompactionRules {
-        target_bytes: target,
-        small_file_bytes: target / 4 * 3,
-        min_small_files,
-        ..CompactionRules::default()
-    }
-}
-
 impl Maintenance {
     pub fn new(
         lake: Lake,
@@ -223,12 +213,12 @@ impl Maintenance {
         self.datasets(req.dataset.as_deref())
     }
 
-    /// One dataset, or every dataset.
     /// One dataset's storage: tiers, partitions, files and bytes.
     pub async fn storage_of(&self, spec: &DatasetSpec) -> tarn_lake::Result<tarn_lake::storage::DatasetStorage> {
         dataset_storage(&self.lake, spec, &self.prices, Some(&self.tiers)).await
     }
 
+    /// One dataset, or every dataset.
     pub fn datasets(&self, dataset: Option<&str>) -> Result<Vec<Arc<DatasetSpec>>, RequestError> {
         match dataset {
             Some(d) => match self.catalog.get(d) {
@@ -250,7 +240,7 @@ impl Maintenance {
         let _one = self.running.lock().await;
         for spec in specs {
             let opts = CompactOptions {
-                rules: rules_for(&spec, 2),
+                rules: CompactionRules::for_spec(&spec, 2),
                 day: req.day.clone(),
                 dry_run: req.dry_run,
             };
@@ -282,7 +272,7 @@ impl Maintenance {
         let mut out = Vec::new();
         for spec in self.catalog.list() {
             let opts = CompactOptions {
-                rules: rules_for(&spec, min_small_files),
+                rules: CompactionRules::for_spec(&spec, min_small_files),
                 ..CompactOptions::default()
             };
             match compact_dataset(&self.lake, &spec, &opts, &|_| {}).await {

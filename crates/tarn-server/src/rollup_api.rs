@@ -195,7 +195,7 @@ pub async fn rebuild(
             "expected {{\"from\": \"YYYY-MM-DD\", \"to\": \"YYYY-MM-DD\"}}: {e}"
         ))
     })?;
-    app.rollups.dataset_of(&name)?;
+    app.rollups.check_exists(&name)?;
     // One progress line a day, and a rebuild covers at most 3,660 days.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<RebuildEvent>();
     let rollups = app.rollups.clone();

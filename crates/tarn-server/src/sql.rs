@@ -1,7 +1,7 @@
 //! `tarn sql`: sends a statement to a running server and prints the result as a table (or
 //! JSON), with the scan statistics on stderr.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -32,18 +32,10 @@ pub struct SqlArgs {
 
 pub async fn run(a: SqlArgs) -> Result<()> {
     let url = format!("{}/v1/query", a.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .json(&serde_json::json!({"sql": a.sql, "row_limit": a.row_limit, "bytes_max": a.bytes_max, "dry_run": a.dry_run}))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach tarn at {url}; is `tarn serve` running?"))?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.context("reading the answer")?;
-    if !status.is_success() {
-        let msg = body["error"]["message"].as_str().unwrap_or("unknown error");
-        bail!("{msg} (HTTP {status})");
-    }
+    let req = reqwest::Client::new().post(&url).json(
+        &serde_json::json!({"sql": a.sql, "row_limit": a.row_limit, "bytes_max": a.bytes_max, "dry_run": a.dry_run}),
+    );
+    let body = crate::admin::json_answer(req, &url).await?;
     if a.dry_run {
         let e = &body["estimate"];
         println!(

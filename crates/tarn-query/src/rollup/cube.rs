@@ -565,29 +565,36 @@ impl Cube {
                     Some(b) => b,
                     None => tenants.entry(Arc::from(t)).or_default(),
                 };
-                let b = buckets.entry(bucket).or_insert_with(|| Bucket::new(def));
+                let b = buckets.entry(bucket).or_insert_with(|| {
+                    cube.groups += 1;
+                    Bucket::new(def)
+                });
                 update(&mut b.total, &fields, i);
                 for (d, v) in row_dims.iter().enumerate() {
                     let m = &mut b.by_dim[d];
                     let acc = match m.get_mut(v) {
                         Some(a) => a,
-                        None => m.entry(v.clone()).or_insert_with(|| Acc::new(&def.kinds)),
+                        None => {
+                            cube.groups += 1;
+                            m.entry(v.clone()).or_insert_with(|| Acc::new(&def.kinds))
+                        }
                     };
                     update(acc, &fields, i);
                 }
                 if row_dims.len() > 1 {
                     let acc = match b.full.get_mut(row_dims.as_slice()) {
                         Some(a) => a,
-                        None => b
-                            .full
-                            .entry(row_dims.clone().into_boxed_slice())
-                            .or_insert_with(|| Acc::new(&def.kinds)),
+                        None => {
+                            cube.groups += 1;
+                            b.full
+                                .entry(row_dims.clone().into_boxed_slice())
+                                .or_insert_with(|| Acc::new(&def.kinds))
+                        }
                     };
                     update(acc, &fields, i);
                 }
             }
         }
-        cube.groups = cube.count_groups();
         Ok((applied, skipped))
     }
 
@@ -598,30 +605,6 @@ impl Cube {
             .flat_map(|b| b.values())
             .map(Bucket::groups)
             .sum()
-    }
-
-    /// Merges `other` into this cube; returns the (grain, bucket) pairs touched.
-    pub fn merge(&mut self, other: &Cube) -> Vec<(Grain, i64)> {
-        let mut touched = Vec::new();
-        for (g, tenants) in &other.grains {
-            let mine = self.grains.entry(*g).or_default();
-            for (t, buckets) in tenants {
-                let mb = mine.entry(t.clone()).or_default();
-                for (start, b) in buckets {
-                    touched.push((*g, *start));
-                    match mb.get_mut(start) {
-                        Some(m) => self.groups += m.merge(b),
-                        None => {
-                            self.groups += b.groups();
-                            mb.insert(*start, b.clone());
-                        }
-                    }
-                }
-            }
-        }
-        touched.sort_unstable();
-        touched.dedup();
-        touched
     }
 
     /// Merges `other` into this cube, moving its buckets (no copy); returns the (grain,
@@ -812,7 +795,7 @@ impl Cube {
             return Err("trailing bytes".into());
         }
         part.groups = part.count_groups();
-        self.merge(&part);
+        self.absorb(part);
         Ok(())
     }
 }

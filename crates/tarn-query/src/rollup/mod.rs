@@ -300,10 +300,9 @@ impl Rollups {
         }
     }
 
-    /// The dataset a rollup reads, and its tenant field.
-    pub fn dataset_of(&self, name: &str) -> Result<(String, String)> {
-        let l = self.get(name)?;
-        Ok((l.def.dataset.clone(), l.def.tenant.clone()))
+    /// Fails with `NotFound` unless a rollup has this name.
+    pub fn check_exists(&self, name: &str) -> Result<()> {
+        self.get(name).map(|_| ())
     }
 
     pub fn status(&self) -> Result<Vec<RollupStatus>> {

@@ -170,7 +170,7 @@ impl Rollups {
                 b += g.seconds().max(3_600);
             }
         }
-        st.cube.merge(&fresh.0);
+        st.cube.absorb(fresh.0);
         st.manifest.rebuilt.push(Rebuilt {
             from_secs: day,
             to_secs: day + 86_400,
