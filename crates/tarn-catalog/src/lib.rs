@@ -2,6 +2,8 @@
 //!
 //! Stored as one JSON file per dataset under `<data>/catalog/datasets/`, written to a
 //! temporary file, synced and renamed, so a crash leaves either the old or the new contract.
+//! Every contract a dataset ever had is kept under `<data>/catalog/versions/<name>/`, one file
+//! per version (`<major>.<minor>.json`), written before the current contract is replaced.
 //! The metadata store of DESIGN.md (SQLite by default, PostgreSQL beyond one machine) replaces
 //! this file store behind the same API when runs, keys and schema versions arrive.
 
@@ -10,9 +12,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use serde::{Deserialize, Serialize};
 use tarn_core::DatasetSpec;
+use tarn_core::evolution::{self, Refusal};
 
+pub mod plan;
 pub mod search;
+pub mod validate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -24,8 +30,12 @@ pub enum Error {
     },
     #[error("catalog entry {path} is unreadable: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("dataset {name:?} already exists with a different contract; changing a contract is not supported yet")]
+    #[error("dataset {name:?} already exists with a different contract")]
     Conflict { name: String },
+    #[error("the new contract of {name:?} is refused: {refusal}")]
+    Refused { name: String, refusal: Refusal },
+    #[error("dataset {name:?} is kept by tarn itself; it cannot be declared or changed")]
+    System { name: String },
     #[error(transparent)]
     Invalid(#[from] tarn_core::Error),
 }
@@ -43,7 +53,47 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 #[derive(Debug)]
 pub struct Catalog {
     dir: PathBuf,
+    versions: PathBuf,
     datasets: RwLock<HashMap<String, Arc<DatasetSpec>>>,
+}
+
+/// One kept contract of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    pub major: u32,
+    /// Counts the changes made under one major version, from 0.
+    pub minor: u32,
+    /// When it was applied (RFC 3339, UTC).
+    pub applied_at: String,
+    /// What changed from the version before (empty for the first).
+    #[serde(default)]
+    pub changes: Vec<evolution::Change>,
+    pub contract: DatasetSpec,
+}
+
+impl Version {
+    pub fn label(&self) -> String {
+        format!("{}.{}", self.major, self.minor)
+    }
+}
+
+/// What [`Catalog::evolve`] did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub spec: Arc<DatasetSpec>,
+    /// The contract it replaced, if any.
+    pub previous: Option<Arc<DatasetSpec>>,
+    pub changes: Vec<evolution::Change>,
+    /// True when the contract started the next major version.
+    pub new_major: bool,
+    /// The version now in force, `None` when nothing changed.
+    pub version: Option<String>,
+}
+
+impl Applied {
+    pub fn created(&self) -> bool {
+        self.previous.is_none()
+    }
 }
 
 impl Catalog {
@@ -66,9 +116,123 @@ impl Catalog {
             spec.check()?;
             datasets.insert(spec.name.clone(), Arc::new(spec));
         }
-        Ok(Self {
+        let versions = dir.with_file_name("versions");
+        let catalog = Self {
             dir,
+            versions,
             datasets: RwLock::new(datasets),
+        };
+        // Catalogs from before versions were kept start their history at the current contract.
+        for spec in catalog.list() {
+            if catalog.versions(&spec.name)?.is_empty() {
+                catalog.write_version(&spec, 0, &[])?;
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Every kept contract of a dataset, oldest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<Version>> {
+        tarn_core::name::check_any_dataset(name)?;
+        let dir = self.versions.join(name);
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for e in entries {
+            let path = e.map_err(io_err(&dir))?.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+            let v: Version = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            out.push(v);
+        }
+        out.sort_by_key(|v| (v.major, v.minor));
+        Ok(out)
+    }
+
+    fn write_version(&self, spec: &DatasetSpec, minor: u32, changes: &[evolution::Change]) -> Result<String> {
+        let v = Version {
+            major: spec.major,
+            minor,
+            applied_at: now_rfc3339(),
+            changes: changes.to_vec(),
+            contract: spec.clone(),
+        };
+        let dir = self.versions.join(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let text = serde_json::to_vec_pretty(&v).map_err(|e| Error::Corrupt {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        write_synced(&dir, &format!("{}.json", v.label()), &text)?;
+        Ok(v.label())
+    }
+
+    /// Applies a contract: registers a new dataset, or replaces the contract of an existing one
+    /// when the evolution rules allow it (`tarn_core::evolution::check`). The new version is
+    /// kept before it comes into force. Applying the contract in force changes nothing.
+    pub fn evolve(&self, spec: DatasetSpec) -> Result<Applied> {
+        spec.check()?;
+        if spec.system {
+            return Err(Error::System { name: spec.name });
+        }
+        let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = map.get(&spec.name).cloned() else {
+            let version = self.write_version(&spec, 0, &[])?;
+            self.write_file(&spec)?;
+            let spec = Arc::new(spec);
+            map.insert(spec.name.clone(), spec.clone());
+            return Ok(Applied {
+                spec,
+                previous: None,
+                changes: Vec::new(),
+                new_major: false,
+                version: Some(version),
+            });
+        };
+        if old.system {
+            return Err(Error::System { name: spec.name });
+        }
+        let ev = evolution::check(&old, &spec).map_err(|refusal| Error::Refused {
+            name: spec.name.clone(),
+            refusal,
+        })?;
+        if ev.changes.is_empty() {
+            return Ok(Applied {
+                spec: old.clone(),
+                previous: Some(old),
+                changes: Vec::new(),
+                new_major: false,
+                version: None,
+            });
+        }
+        let minor = if ev.new_major {
+            0
+        } else {
+            self.versions(&spec.name)?
+                .iter()
+                .filter(|v| v.major == spec.major)
+                .map(|v| v.minor + 1)
+                .max()
+                .unwrap_or(0)
+        };
+        let version = self.write_version(&spec, minor, &ev.changes)?;
+        self.write_file(&spec)?;
+        let spec = Arc::new(spec);
+        map.insert(spec.name.clone(), spec.clone());
+        Ok(Applied {
+            spec,
+            previous: Some(old),
+            changes: ev.changes,
+            new_major: ev.new_major,
+            version: Some(version),
         })
     }
 
@@ -98,6 +262,7 @@ impl Catalog {
             }
             return Err(Error::Conflict { name: spec.name });
         }
+        self.write_version(&spec, 0, &[])?;
         self.write_file(&spec)?;
         let spec = Arc::new(spec);
         map.insert(spec.name.clone(), spec.clone());
@@ -105,45 +270,79 @@ impl Catalog {
     }
 
     fn write_file(&self, spec: &DatasetSpec) -> Result<()> {
-        let path = self.dir.join(format!("{}.json", spec.name));
-        let tmp = self.dir.join(format!("{}.json.tmp", spec.name));
         let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::Corrupt {
-            path: path.clone(),
+            path: self.dir.join(&spec.name),
             reason: e.to_string(),
         })?;
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-            f.write_all(&text).map_err(io_err(&tmp))?;
-            f.sync_all().map_err(io_err(&tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        let d = std::fs::File::open(&self.dir).map_err(io_err(&self.dir))?;
-        d.sync_all().map_err(io_err(&self.dir))
+        write_synced(&self.dir, &format!("{}.json", spec.name), &text)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<DatasetSpec>>> {
         self.datasets.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Loads every `*.yaml`/`*.yml` descriptor in `dir` and registers it.
-    pub fn load_descriptors(&self, dir: &Path) -> Result<Vec<Arc<DatasetSpec>>> {
+    /// Loads every `*.yaml`/`*.yml` descriptor in `dir` and applies it ([`Catalog::evolve`]).
+    pub fn load_descriptors(&self, dir: &Path) -> Result<Vec<Applied>> {
         let mut out = Vec::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(io_err(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-            .collect();
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        for (path, text) in read_descriptors(dir)? {
             let spec = DatasetSpec::from_yaml(&text).map_err(|e| Error::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            out.push(self.register(spec)?);
+            out.push(self.evolve(spec)?);
         }
         Ok(out)
     }
+}
+
+/// The descriptor files (`*.yaml`, `*.yml`) of a folder and their text, sorted by path; at
+/// most 10,000 files of at most 1 MiB each.
+pub fn read_descriptors(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    const FILES_MAX: usize = 10_000;
+    const BYTES_MAX: u64 = 1 << 20;
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    paths.sort();
+    if paths.len() > FILES_MAX {
+        return Err(Error::Corrupt {
+            path: dir.to_path_buf(),
+            reason: format!("{} descriptors; at most {FILES_MAX} in one folder", paths.len()),
+        });
+    }
+    let mut out = Vec::with_capacity(paths.len());
+    for path in paths {
+        let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        if len > BYTES_MAX {
+            return Err(Error::Corrupt {
+                path,
+                reason: format!("{len} bytes; a descriptor may hold at most 1 MiB"),
+            });
+        }
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        out.push((path, text));
+    }
+    Ok(out)
+}
+
+/// Writes `dir/name` through a synced temporary file and a rename, then syncs the folder.
+fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    let d = std::fs::File::open(dir).map_err(io_err(dir))?;
+    d.sync_all().map_err(io_err(dir))
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
@@ -174,15 +373,54 @@ mod tests {
     }
 
     #[test]
+    fn evolves_and_keeps_every_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Catalog::open(dir.path()).expect("open");
+        let v1 = c.evolve(spec("a", "")).expect("create");
+        assert!(v1.created() && v1.version.as_deref() == Some("1.0"));
+        let again = c.evolve(spec("a", "")).expect("same");
+        assert!(again.version.is_none() && again.changes.is_empty());
+        let grown = c.evolve(spec("a", "  - { name: n, type: int64 }\n")).expect("additive");
+        assert_eq!(grown.version.as_deref(), Some("1.1"));
+        let err = c
+            .evolve(spec("a", "  - { name: n, type: string }\n"))
+            .expect_err("breaking")
+            .to_string();
+        assert!(
+            err.contains("changes type from int64 to string") && err.contains("major: 2"),
+            "{err}"
+        );
+        let bumped = c
+            .evolve(spec("a", "  - { name: n, type: string }\nmajor: 2\n"))
+            .expect("next major");
+        assert!(bumped.new_major && bumped.version.as_deref() == Some("2.0"));
+        assert_eq!(c.get("a").map(|s| s.major), Some(2));
+        drop(c);
+        let c = Catalog::open(dir.path()).expect("reopen");
+        let labels: Vec<String> = c.versions("a").expect("versions").iter().map(Version::label).collect();
+        assert_eq!(labels, ["1.0", "1.1", "2.0"]);
+        let v = c.versions("a").expect("versions");
+        assert_eq!(
+            v[1].contract.field("n").map(|f| f.ty),
+            Some(tarn_core::FieldType::Int64)
+        );
+        assert!(v[1].changes[0].what.contains("new optional field n"));
+        assert!(c.versions("../x").is_err());
+        let sys = DatasetSpec::rejected_of("a").expect("spec");
+        c.register(sys.clone()).expect("system register");
+        assert!(matches!(c.evolve(sys), Err(Error::System { .. })));
+    }
+
+    #[test]
     fn the_example_descriptors_load() {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = Catalog::open(dir.path()).expect("open");
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/datasets");
         let loaded = c.load_descriptors(&examples).expect("examples are valid");
         assert!(
-            loaded
-                .iter()
-                .any(|s| s.name == "auctions" && s.tenant() == Some("client_id") && s.rollups.len() == 1)
+            loaded.iter().any(|a| a.spec.name == "auctions"
+                && a.spec.tenant() == Some("client_id")
+                && a.spec.rollups.len() == 1)
         );
     }
 

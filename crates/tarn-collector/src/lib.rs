@@ -223,6 +223,11 @@ impl Prepare {
             None if self.infer => self.infer(dataset, &raw)?,
             None => return Err(Error::UnknownDataset(dataset.to_string())),
         };
+        if spec.system {
+            return Err(Error::BadRequest(format!(
+                "{dataset} is kept by tarn itself (dead letters or an earlier major version); it takes no events"
+            )));
+        }
         let (batch, rejections) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
         let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
         let payload = batch.as_ref().map(encode::encode_payload).transpose()?;

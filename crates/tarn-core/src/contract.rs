@@ -45,6 +45,146 @@ pub struct Field {
     pub required: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// How much the field says about a person (governance; `tarn validate` wants an owner for
+    /// every dataset holding personal data).
+    #[serde(default, skip_serializing_if = "Pii::is_none")]
+    pub pii: Pii,
+}
+
+/// How identifying a field is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pii {
+    /// Not personal data.
+    #[default]
+    None,
+    /// Identifies a person together with other data (an IP address, a device or cookie id).
+    Indirect,
+    /// Identifies a person on its own (an email address, a name, a phone number).
+    Direct,
+    /// Special categories (health, beliefs, precise location): the strictest handling.
+    Sensitive,
+}
+
+impl Pii {
+    pub fn is_none(&self) -> bool {
+        *self == Pii::None
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pii::None => "none",
+            Pii::Indirect => "indirect",
+            Pii::Direct => "direct",
+            Pii::Sensitive => "sensitive",
+        }
+    }
+}
+
+/// Who may discover and read a dataset: `private` to its owning team, `public` to the
+/// organisation (a public dataset must describe itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    #[default]
+    Private,
+    Public,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Private => "private",
+            Scope::Public => "public",
+        }
+    }
+}
+
+/// The expected volume of a dataset. It scales delivery's batch size (S a quarter of the
+/// server's `--batch-bytes`, M the flag itself, L four times it) and sets the shard count a
+/// partitioned stream gives the dataset (S 1, M 2, L 4; the embedded log has one writer and
+/// uses one shard whatever the class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SizeClass {
+    S,
+    #[default]
+    M,
+    L,
+}
+
+impl SizeClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SizeClass::S => "S",
+            SizeClass::M => "M",
+            SizeClass::L => "L",
+        }
+    }
+
+    /// Delivery's batch size for this class, given the server's (class M) batch size.
+    pub fn batch_bytes(self, server: usize) -> usize {
+        match self {
+            SizeClass::S => (server / 4).max(1 << 20),
+            SizeClass::M => server,
+            SizeClass::L => server.saturating_mul(4),
+        }
+    }
+
+    /// Shards of the dataset on a partitioned stream.
+    pub fn shards(self) -> u32 {
+        match self {
+            SizeClass::S => 1,
+            SizeClass::M => 2,
+            SizeClass::L => 4,
+        }
+    }
+}
+
+/// How producers encode events. JSON (an array or NDJSON, optionally gzip or zstd) is the
+/// only encoding the collector reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Json,
+}
+
+/// An application that writes (producer) or reads (consumer) a dataset. Written as a name or
+/// as `{ name, description }`. Each producer gets a write key from `tarn apply`; a dataset
+/// that names producers accepts events only with one of their keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "AppRepr")]
+pub struct App {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AppRepr {
+    Name(String),
+    Full(AppFull),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AppFull {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+impl From<AppRepr> for App {
+    fn from(r: AppRepr) -> Self {
+        match r {
+            AppRepr::Name(name) => App {
+                name,
+                description: None,
+            },
+            AppRepr::Full(AppFull { name, description }) => App { name, description },
+        }
+    }
 }
 
 /// What the collector does with a field the contract does not declare.
@@ -74,6 +214,16 @@ pub struct DatasetSpec {
     #[serde(default = "one")]
     pub version: u32,
     pub name: String,
+    /// The major version of the schema. Additive changes keep it; a breaking change (a field
+    /// removed, retyped or made required) is refused unless this goes up by one.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub major: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub scope: Scope,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub size: SizeClass,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub encoding: Encoding,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// The business domain the dataset belongs to (discovery).
@@ -86,6 +236,12 @@ pub struct DatasetSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     pub fields: Vec<Field>,
+    /// Applications writing the dataset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub producers: Vec<App>,
+    /// Applications reading the dataset (lineage and discovery).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<App>,
     /// The timestamp field whose UTC day partitions the table. Absent: the receive time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_time: Option<String>,
@@ -210,6 +366,14 @@ fn one() -> u32 {
     1
 }
 
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 /// The column tarn adds with the time it received each event.
 pub const RECEIVED_AT: &str = "_received_at";
 /// The partition column tarn derives from the event time.
@@ -242,10 +406,17 @@ impl DatasetSpec {
             ty,
             required,
             description: Some(description.into()),
+            pii: Pii::None,
         };
         let spec = DatasetSpec {
             version: 1,
             name: format!("{dataset}{REJECTED_SUFFIX}"),
+            major: 1,
+            scope: Scope::default(),
+            size: SizeClass::default(),
+            encoding: Encoding::default(),
+            producers: Vec::new(),
+            consumers: Vec::new(),
             description: Some(format!("events refused by the contract of {dataset}")),
             domain: None,
             owner: None,
@@ -302,13 +473,28 @@ impl DatasetSpec {
         if self.version != 1 {
             return bad(format!("descriptor version {} is not supported (only 1)", self.version));
         }
-        match self.name.strip_suffix(REJECTED_SUFFIX) {
-            Some(parent) if self.system => name::check_dataset(parent)?,
-            _ if self.system => return bad(format!("system dataset {:?} must end in {REJECTED_SUFFIX}", self.name)),
-            _ => name::check_dataset(&self.name)?,
+        if self.system {
+            name::check_system_dataset(&self.name)?;
+        } else {
+            name::check_dataset(&self.name)?;
         }
         if self.fields.is_empty() {
             return bad("a dataset needs at least one field".into());
+        }
+        if self.major == 0 || self.major > 9999 {
+            return bad(format!("major is {}; it must be from 1 to 9999", self.major));
+        }
+        for (what, apps) in [("producers", &self.producers), ("consumers", &self.consumers)] {
+            if apps.len() > 64 {
+                return bad(format!("{what}: at most 64"));
+            }
+            let mut names = std::collections::HashSet::new();
+            for a in apps {
+                name::check_app(&a.name)?;
+                if !names.insert(a.name.as_str()) {
+                    return bad(format!("{what}: {:?} is named twice", a.name));
+                }
+            }
         }
         if self.tags.len() > 32 || self.tags.iter().any(|t| t.is_empty() || t.len() > 64) {
             return bad("tags: at most 32, each 1 to 64 characters".into());
@@ -436,6 +622,7 @@ impl DatasetSpec {
                             ty,
                             required: false,
                             description: None,
+                            pii: Pii::None,
                         });
                     }
                 }
@@ -479,6 +666,7 @@ impl DatasetSpec {
                     ty: FieldType::String,
                     required: false,
                     description: None,
+                    pii: Pii::None,
                 },
             ),
         }
@@ -494,6 +682,12 @@ impl DatasetSpec {
         let spec = DatasetSpec {
             version: 1,
             name: dataset.to_string(),
+            major: 1,
+            scope: Scope::default(),
+            size: SizeClass::default(),
+            encoding: Encoding::default(),
+            producers: Vec::new(),
+            consumers: Vec::new(),
             description: None,
             domain: None,
             owner: None,
@@ -565,6 +759,32 @@ partitioning: { tenant: client_id }
     }
 
     #[test]
+    fn parses_governance_fields() {
+        let text = format!(
+            "major: 2\nscope: public\nsize: L\nencoding: json\n{}producers: [bid-service, {{ name: replay, description: backfills }}]\nconsumers: [finance-report]\n",
+            AUCTIONS.replace("type: float64 }", "type: float64, pii: indirect }")
+        );
+        let s = DatasetSpec::from_yaml(&text).expect("valid");
+        assert_eq!((s.major, s.scope, s.size), (2, Scope::Public, SizeClass::L));
+        assert_eq!(s.field("cpm").map(|f| f.pii), Some(Pii::Indirect));
+        assert_eq!(s.producers[0].name, "bid-service");
+        assert_eq!(s.producers[1].description.as_deref(), Some("backfills"));
+        assert_eq!(s.consumers.len(), 1);
+        // The catalog keeps contracts as JSON; they come back the same.
+        let json = serde_json::to_string(&s).expect("json");
+        assert_eq!(serde_json::from_str::<DatasetSpec>(&json).expect("back"), s);
+        // Defaults stay out of the stored form.
+        let plain = DatasetSpec::from_yaml(AUCTIONS).expect("valid");
+        let json = serde_json::to_string(&plain).expect("json");
+        assert!(
+            !json.contains("major") && !json.contains("scope") && !json.contains("pii"),
+            "{json}"
+        );
+        assert_eq!(SizeClass::S.batch_bytes(64 << 20), 16 << 20);
+        assert_eq!(SizeClass::L.shards(), 4);
+    }
+
+    #[test]
     fn refuses_bad_descriptors() {
         let cases = [
             (AUCTIONS.replace("name: auctions", "name: ../etc"), "dataset"),
@@ -595,6 +815,16 @@ partitioning: { tenant: client_id }
             (
                 format!("{AUCTIONS}lifecycle: {{ expire_after_days: 0 }}\n"),
                 "at least 1",
+            ),
+            (format!("major: 0\n{AUCTIONS}"), "from 1 to 9999"),
+            (format!("{AUCTIONS}producers: [Bid_Service]\n"), "application"),
+            (format!("{AUCTIONS}consumers: [a, a]\n"), "named twice"),
+            (format!("{AUCTIONS}size: XL\n"), "not valid"),
+            (format!("{AUCTIONS}scope: secret\n"), "not valid"),
+            (format!("{AUCTIONS}encoding: avro\n"), "not valid"),
+            (
+                AUCTIONS.replace("type: float64 }", "type: float64, pii: maybe }"),
+                "not valid",
             ),
         ];
         for (text, want) in cases {

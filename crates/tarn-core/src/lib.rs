@@ -4,12 +4,13 @@
 pub mod clock;
 pub mod contract;
 pub mod error;
+pub mod evolution;
 pub mod limits;
 pub mod name;
 pub mod rollup;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use contract::{Compaction, DatasetSpec, Field, FieldType, Lifecycle, UnknownFields};
+pub use contract::{App, Compaction, DatasetSpec, Field, FieldType, Lifecycle, Pii, Scope, SizeClass, UnknownFields};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use rollup::{Grain, Metric, MetricFn, Rollup};

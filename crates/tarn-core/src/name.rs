@@ -31,6 +31,38 @@ pub fn check_dataset(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The names of the datasets tarn keeps itself: `<dataset>__rejected` (dead letters) and
+/// `<dataset>__v<N>` (the table of an earlier major version). Returns the parent dataset.
+pub fn check_system_dataset(name: &str) -> Result<&str> {
+    let bad = || {
+        Err(Error::InvalidName {
+            what: "system dataset",
+            name: name.to_string(),
+            reason: "must be <dataset>__rejected or <dataset>__v<N>",
+        })
+    };
+    let Some((parent, suffix)) = name.split_once("__") else {
+        return bad();
+    };
+    let versioned = suffix
+        .strip_prefix('v')
+        .is_some_and(|n| !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0'));
+    if suffix != "rejected" && !versioned {
+        return bad();
+    }
+    check_dataset(parent)?;
+    Ok(parent)
+}
+
+/// Checks a dataset name that may be a system dataset's.
+pub fn check_any_dataset(name: &str) -> Result<()> {
+    if name.contains("__") {
+        check_system_dataset(name).map(|_| ())
+    } else {
+        check_dataset(name)
+    }
+}
+
 /// Field names: 1 to 128 characters of ASCII letters, digits and `_`, not starting with a digit;
 /// names starting with `_` are reserved for fields tarn adds (`_received_at`).
 pub fn check_field(name: &str) -> Result<()> {
@@ -57,6 +89,26 @@ pub fn check_field(name: &str) -> Result<()> {
         return bad("`day` is the partition column tarn derives from the event time");
     }
     Ok(())
+}
+
+/// Application names (producers and consumers in descriptors, and the write keys tarn issues
+/// them): 1 to 64 characters of lowercase ASCII letters, digits, `_` and `-`, starting with a
+/// letter.
+pub fn check_app(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if ok {
+        return Ok(());
+    }
+    Err(Error::InvalidName {
+        what: "application",
+        name: name.to_string(),
+        reason: "must be 1 to 64 characters of a-z, 0-9, _ and -, starting with a letter",
+    })
 }
 
 /// Tenant values (for example a `client_id`) name a partition folder: 1 to 128 characters of
@@ -100,6 +152,26 @@ mod tests {
             &"a".repeat(65),
         ] {
             assert!(check_dataset(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn system_dataset_names() {
+        for ok in ["auctions__rejected", "auctions__v1", "a__v9999"] {
+            assert!(check_any_dataset(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "a__v0",
+            "a__v01",
+            "a__v",
+            "a__v12345",
+            "a__x",
+            "a__v1/..",
+            "__v1",
+            "A__v1",
+            "a__rejected__v1",
+        ] {
+            assert!(check_any_dataset(bad).is_err(), "{bad:?} should be refused");
         }
     }
 

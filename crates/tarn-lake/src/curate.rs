@@ -161,7 +161,12 @@ impl Curator {
         })?;
         let mut tables = self.tables.lock().await;
         let table = match tables.remove(dataset) {
-            Some(t) => t,
+            // Another writer may have committed since (columns added by `tarn apply`, a
+            // compaction): start from the newest version.
+            Some(mut t) => {
+                t.update_incremental(None).await.map_err(crate::delta_err(dataset))?;
+                t
+            }
             None => self.lake.open_table(dataset).await?,
         };
         let app_id = curate_app_id(dataset, shard);

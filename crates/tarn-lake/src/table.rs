@@ -90,6 +90,96 @@ impl Lake {
     pub fn table_exists(&self, dataset: &str) -> bool {
         self.table_dir(dataset).join("_delta_log").is_dir()
     }
+
+    /// Adds the contract's fields that the table lacks as nullable columns (one commit, under
+    /// the dataset's write lock), so that a field added to a contract is queryable at once.
+    /// Returns how many columns were added; a table without commits is left to its first
+    /// append.
+    pub async fn add_columns(&self, spec: &DatasetSpec) -> Result<usize> {
+        if !self.table_exists(&spec.name) {
+            return Ok(0);
+        }
+        let _writing = self.writing(&spec.name).await;
+        let mut table = self.open_table(&spec.name).await?;
+        let target = tarn_collector::arrow_schema(spec);
+        ensure_columns(&mut table, spec, &target).await
+    }
+}
+
+/// Rows of `batch` in the layout of `target`: columns matched by name, a field the batch lacks
+/// (added to the contract after it was written) filled with nulls. A column of another type,
+/// or one `target` does not hold, is an error: contracts change only by adding fields.
+pub fn conform(batch: &RecordBatch, target: &deltalake::arrow::datatypes::SchemaRef) -> Result<RecordBatch> {
+    if batch.schema().fields() == target.fields() {
+        return Ok(batch.clone());
+    }
+    let schema = batch.schema();
+    for f in schema.fields() {
+        if target.field_with_name(f.name()).is_err() {
+            return Err(Error::Corrupt {
+                what: format!("a batch with column {}", f.name()),
+                reason: "the contract in force has no such field".into(),
+            });
+        }
+    }
+    let mut columns = Vec::with_capacity(target.fields().len());
+    for f in target.fields() {
+        match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => columns.push(c.clone()),
+            Some(c) => {
+                return Err(Error::Corrupt {
+                    what: format!("column {}", f.name()),
+                    reason: format!("written as {} but the contract says {}", c.data_type(), f.data_type()),
+                });
+            }
+            None => columns.push(deltalake::arrow::array::new_null_array(f.data_type(), batch.num_rows())),
+        }
+    }
+    RecordBatch::try_new(target.clone(), columns).map_err(|e| Error::Internal(format!("conforming a batch: {e}")))
+}
+
+/// Commits the columns of `target` that `table` lacks, as nullable columns at the end.
+async fn ensure_columns(
+    table: &mut DeltaTable,
+    spec: &DatasetSpec,
+    target: &deltalake::arrow::datatypes::Schema,
+) -> Result<usize> {
+    use deltalake::kernel::MetadataExt as _;
+    let err = crate::delta_err(&spec.name);
+    let snapshot = table.snapshot().map_err(err)?;
+    let current = snapshot.schema();
+    let missing: Vec<deltalake::arrow::datatypes::Field> = target
+        .fields()
+        .iter()
+        .filter(|f| current.field(f.name()).is_none())
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let added: StructType = (&deltalake::arrow::datatypes::Schema::new(missing))
+        .try_into_kernel()
+        .map_err(|e| Error::Internal(format!("schema of {}: {e}", spec.name)))?;
+    let merged = StructType::try_new(current.fields().cloned().chain(added.fields().cloned()))
+        .map_err(|e| Error::Internal(format!("schema of {}: {e}", spec.name)))?;
+    let metadata = snapshot
+        .metadata()
+        .clone()
+        .with_schema(&merged)
+        .map_err(|e| Error::Internal(format!("schema of {}: {e}", spec.name)))?;
+    let fields: Vec<_> = added.fields().cloned().collect();
+    let n = fields.len();
+    let op = DeltaOperation::AddColumn { fields };
+    commit_actions(
+        table,
+        &spec.name,
+        vec![Action::Metadata(metadata)],
+        op,
+        CommitProperties::default(),
+    )
+    .await?;
+    tracing::info!(dataset = %spec.name, columns = n, "table columns added from the contract");
+    Ok(n)
 }
 
 /// The application id under which curate records its progress for one dataset shard.
@@ -229,10 +319,16 @@ pub async fn append(
     version: i64,
 ) -> Result<DeltaTable> {
     let dataset = spec.name.clone();
+    let target = tarn_collector::arrow_schema(spec);
+    let batches = batches
+        .iter()
+        .map(|b| conform(b, &target))
+        .collect::<Result<Vec<_>>>()?;
     let Some(first) = batches.first() else {
         return Err(Error::Internal("an append needs at least one batch".into()));
     };
     let mut table = ensure_created(table, spec, first).await?;
+    ensure_columns(&mut table, spec, &target).await?;
     let table_dir = table_dir_of(&table)?;
     let started = std::time::Instant::now();
     let spec_w = spec.clone();

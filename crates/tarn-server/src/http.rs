@@ -35,11 +35,31 @@ use tarn_collector::{Encoding, LATENCY_BUCKETS_MS};
 
 use crate::serve::App;
 
+/// The largest body of the descriptor endpoints (validate, plan, apply).
+const DESCRIPTORS_BODY_MAX: usize = 64 << 20;
+
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/datasets/{name}/events", post(ingest))
         .route("/v1/datasets", get(datasets))
         .route("/v1/datasets/{name}", get(dataset_page))
+        .route("/v1/datasets/{name}/versions", get(crate::catalog_api::versions))
+        .route(
+            "/v1/datasets/{name}/versions/{version}",
+            get(crate::catalog_api::version),
+        )
+        .route(
+            "/v1/catalog/validate",
+            post(crate::catalog_api::validate_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
+        )
+        .route(
+            "/v1/catalog/plan",
+            post(crate::catalog_api::plan_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
+        )
+        .route(
+            "/v1/catalog/apply",
+            post(crate::catalog_api::apply_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
+        )
         .route("/v1/query", post(query))
         .route("/v1/compact", post(compact))
         .route("/v1/vacuum", post(vacuum))
@@ -75,6 +95,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 pub fn api(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError {
         status,
@@ -106,6 +132,19 @@ impl From<tarn_collector::Error> for ApiError {
     }
 }
 
+/// The one mapping of catalog errors to HTTP answers.
+pub fn catalog_error(e: tarn_catalog::Error) -> ApiError {
+    use tarn_catalog::Error as E;
+    let msg = e.to_string();
+    match e {
+        E::Invalid(_) => api(StatusCode::BAD_REQUEST, "invalid_contract", msg),
+        E::Conflict { .. } | E::Refused { .. } | E::System { .. } => {
+            api(StatusCode::UNPROCESSABLE_ENTITY, "refused", msg)
+        }
+        E::Io { .. } | E::Corrupt { .. } => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+    }
+}
+
 impl From<tarn_query::Error> for ApiError {
     fn from(e: tarn_query::Error) -> Self {
         let msg = e.to_string();
@@ -131,6 +170,34 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if let Some(spec) = app.catalog.get(&name)
+        && !spec.producers.is_empty()
+    {
+        let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        match app.producer_keys.check_write(&spec.producers, auth) {
+            Ok(_) => {}
+            Err(crate::keys::WriteDenied::Unknown) => {
+                drain(body, app.collector.limits().body_bytes_max).await;
+                return Err(api(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    format!(
+                        "{name} accepts events only from its producers; send `Authorization: Bearer <write key>` (keys come from `tarn apply`)"
+                    ),
+                ));
+            }
+            Err(crate::keys::WriteDenied::NotAProducer { producer }) => {
+                drain(body, app.collector.limits().body_bytes_max).await;
+                return Err(api(
+                    StatusCode::FORBIDDEN,
+                    "not_a_producer",
+                    format!(
+                        "the key of {producer} may not write {name}: its descriptor does not name {producer} among its producers"
+                    ),
+                ));
+            }
+        }
+    }
     let encoding = Encoding::from_header(headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()))?;
     if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
         && (ct.contains("protobuf") || ct.starts_with("multipart/"))
@@ -239,11 +306,23 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
             Err(e) => rows_error = Some(e.to_string()),
         }
     }
+    let versions: Vec<serde_json::Value> = app
+        .catalog
+        .versions(&name)
+        .map_err(catalog_error)?
+        .iter()
+        .map(|v| json!({"version": v.label(), "applied_at": v.applied_at}))
+        .collect();
     let dead_letters = format!("{name}{}", tarn_core::contract::REJECTED_SUFFIX);
     let mut read_by: Vec<serde_json::Value> = spec
         .rollups
         .iter()
         .map(|r| json!({"kind": "rollup", "name": r.name}))
+        .chain(
+            spec.consumers
+                .iter()
+                .map(|c| json!({"kind": "application", "name": c.name})),
+        )
         .collect();
     if app.catalog.get(&dead_letters).is_some() {
         read_by.push(json!({"kind": "dead_letters", "name": dead_letters}));
@@ -251,12 +330,17 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
     Ok(axum::Json(json!({
         "name": name,
         "contract": *spec,
-        "schema_versions": [spec.version],
+        "schema_versions": versions,
+        "producers": spec.producers,
+        "consumers": spec.consumers,
         "rows": rows,
         "rows_error": rows_error,
         "last_received_at": newest,
         "storage": storage,
-        "lineage": { "reads": [], "read_by": read_by },
+        "lineage": {
+            "reads": spec.producers.iter().map(|p| json!({"kind": "application", "name": p.name})).collect::<Vec<_>>(),
+            "read_by": read_by,
+        },
     }))
     .into_response())
 }

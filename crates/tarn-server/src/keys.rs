@@ -113,6 +113,124 @@ pub fn new_key(name: &str, tenant: &str) -> Result<String> {
     ))
 }
 
+/// Write keys of producers, issued by `tarn apply` for the producers a descriptor names and
+/// kept in `<data>/keys/producers.json` as SHA-256 hashes (the secret is shown once). A
+/// dataset that names producers accepts events only with one of their keys.
+#[derive(Debug)]
+pub struct ProducerKeys {
+    path: std::path::PathBuf,
+    keys: std::sync::RwLock<Vec<ProducerKey>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProducerKey {
+    producer: String,
+    sha256: String,
+    created_at: String,
+}
+
+#[derive(serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProducerKeyFile {
+    version: u32,
+    keys: Vec<ProducerKey>,
+}
+
+/// Why a write was refused.
+#[derive(Debug, PartialEq)]
+pub enum WriteDenied {
+    /// No key, or not one tarn issued.
+    Unknown,
+    /// A producer's key, but not one the dataset names.
+    NotAProducer { producer: String },
+}
+
+impl ProducerKeys {
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("producers.json");
+        let keys = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let f: ProducerKeyFile = serde_json::from_str(&text)
+                    .with_context(|| format!("the producer key file {} is not valid", path.display()))?;
+                if f.version != 1 {
+                    bail!("producer key file version {} is not supported (only 1)", f.version);
+                }
+                f.keys
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self {
+            path,
+            keys: std::sync::RwLock::new(keys),
+        })
+    }
+
+    pub fn has(&self, producer: &str) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|k| k.producer == producer)
+    }
+
+    /// Issues a key for `producer` and returns its secret; the file is replaced atomically and
+    /// synced before the secret is returned.
+    pub fn issue(&self, producer: &str) -> Result<String> {
+        tarn_core::name::check_app(producer)?;
+        let bytes: [u8; 24] = rand::random();
+        let secret = format!("tarn_wk_{}", hex(&bytes));
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = keys.clone();
+        next.push(ProducerKey {
+            producer: producer.to_string(),
+            sha256: sha256_hex(&secret),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        });
+        let text = serde_json::to_vec_pretty(&ProducerKeyFile {
+            version: 1,
+            keys: next.clone(),
+        })?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        *keys = next;
+        Ok(secret)
+    }
+
+    /// Checks a write to a dataset naming `producers`: which producer the key belongs to.
+    pub fn check_write(
+        &self,
+        producers: &[tarn_core::App],
+        authorization: Option<&str>,
+    ) -> std::result::Result<String, WriteDenied> {
+        let secret = authorization
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(WriteDenied::Unknown)?;
+        let h = sha256_hex(secret);
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let k = keys.iter().find(|k| k.sha256 == h).ok_or(WriteDenied::Unknown)?;
+        if producers.iter().any(|p| p.name == k.producer) {
+            Ok(k.producer.clone())
+        } else {
+            Err(WriteDenied::NotAProducer {
+                producer: k.producer.clone(),
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +265,35 @@ mod tests {
         assert!(ReadKeys::load(&path).is_err());
         assert!(new_key("a", "acme").expect("key").contains("sha256: "));
         assert!(new_key("a", "../acme").is_err());
+    }
+
+    #[test]
+    fn producer_keys_are_kept_hashed_and_scoped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = ProducerKeys::open(dir.path()).expect("open");
+        assert!(!keys.has("bids"));
+        let secret = keys.issue("bids").expect("issue");
+        let other = keys.issue("clicks").expect("issue");
+        let text = std::fs::read_to_string(dir.path().join("producers.json")).expect("file");
+        assert!(!text.contains(&secret) && text.contains(&sha256_hex(&secret)));
+        let keys = ProducerKeys::open(dir.path()).expect("reopen");
+        assert!(keys.has("bids") && keys.has("clicks"));
+        let bids = [tarn_core::App {
+            name: "bids".into(),
+            description: None,
+        }];
+        assert_eq!(
+            keys.check_write(&bids, Some(&format!("Bearer {secret}"))),
+            Ok("bids".into())
+        );
+        assert_eq!(
+            keys.check_write(&bids, Some(&format!("Bearer {other}"))),
+            Err(WriteDenied::NotAProducer {
+                producer: "clicks".into()
+            })
+        );
+        assert_eq!(keys.check_write(&bids, Some("Bearer nope")), Err(WriteDenied::Unknown));
+        assert_eq!(keys.check_write(&bids, None), Err(WriteDenied::Unknown));
+        assert!(keys.issue("Bad Name").is_err());
     }
 }

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod bench_compaction;
 mod bench_rollups;
+mod catalog_api;
 mod http;
 mod keys;
 mod maintenance;
@@ -59,6 +60,15 @@ enum Command {
     Keys(KeysArgs),
     /// The catalog of a running server: `tarn catalog search TEXT`.
     Catalog(CatalogArgs),
+    /// Check a folder of descriptors: contracts, naming norms, personal data, and breaking
+    /// changes against the running server. Exit 0: valid; 1: errors; 2: could not check.
+    Validate(catalog_api::ValidateArgs),
+    /// Show what `tarn apply` would change. Exit 0: nothing; 3: changes; 1: errors or refused
+    /// changes; 2: could not plan.
+    Plan(catalog_api::DescriptorArgs),
+    /// Make the running server match a folder of descriptors (datasets, columns, versions,
+    /// producer keys); idempotent. Exit 0: applied; 1: refused, nothing applied; 2: failed.
+    Apply(catalog_api::DescriptorArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,8 +117,27 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // The descriptor commands have exit codes of their own, for a user's CI.
+    if matches!(cli.command, Command::Validate(_) | Command::Plan(_) | Command::Apply(_)) {
+        let res = rt.block_on(async move {
+            match cli.command {
+                Command::Validate(a) => catalog_api::run_validate(a).await,
+                Command::Plan(a) => catalog_api::run_plan(a).await,
+                Command::Apply(a) => catalog_api::run_apply(a).await,
+                _ => Ok(catalog_api::exit::FAILED),
+            }
+        });
+        return match res {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(catalog_api::exit::FAILED)
+            }
+        };
+    }
     let res = rt.block_on(async move {
         match cli.command {
+            Command::Validate(_) | Command::Plan(_) | Command::Apply(_) => Ok(()),
             Command::Serve(a) => serve::run(a).await,
             Command::Sql(a) => sql::run(a).await,
             Command::Bench(a) => bench::run(a).await,

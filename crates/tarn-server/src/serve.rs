@@ -117,6 +117,9 @@ pub struct App {
     pub maintenance: Arc<Maintenance>,
     pub rollups: Rollups,
     pub read_keys: crate::keys::ReadKeys,
+    pub producer_keys: crate::keys::ProducerKeys,
+    /// One `tarn apply` at a time.
+    pub apply_lock: tokio::sync::Mutex<()>,
     /// The most bytes any one query may scan (refused before it runs).
     pub query_bytes_max: Option<u64>,
     log: Log,
@@ -252,11 +255,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     )
     .context("opening the log")?;
     let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
+    let producer_keys =
+        crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
     if let Some(dir) = &args.datasets {
-        let loaded = catalog
-            .load_descriptors(dir)
+        load_descriptors(&catalog, &producer_keys, dir)
             .with_context(|| format!("loading dataset descriptors from {}", dir.display()))?;
-        tracing::info!(count = loaded.len(), dir = %dir.display(), "registered dataset descriptors");
     }
     let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -353,6 +356,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         maintenance,
         rollups,
         read_keys,
+        producer_keys,
+        apply_lock: tokio::sync::Mutex::new(()),
         query_bytes_max: (args.query_bytes_max > 0).then_some(args.query_bytes_max),
         log,
         lake,
@@ -387,6 +392,53 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     app.query.usage().flush();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rollup_task).await;
+    Ok(())
+}
+
+/// Applies the descriptors of `--datasets DIR` at start, by the rules of `tarn apply`: the
+/// folder must validate, and a change the evolution rules refuse stops the start. Producers
+/// without a key are named in the log (`tarn apply` issues keys; a start does not print
+/// secrets).
+fn load_descriptors(catalog: &Catalog, keys: &crate::keys::ProducerKeys, dir: &std::path::Path) -> Result<()> {
+    use tarn_catalog::plan::Step;
+    let sources: Vec<_> = tarn_catalog::read_descriptors(dir)?
+        .into_iter()
+        .map(|(path, text)| tarn_catalog::validate::Source {
+            file: path.display().to_string(),
+            text,
+        })
+        .collect();
+    let report = tarn_catalog::validate::validate(&sources, &|n| catalog.get(n), &Default::default());
+    for f in &report.findings {
+        tracing::warn!("{f}");
+    }
+    if report.errors() > 0 {
+        anyhow::bail!(
+            "{} error(s) in the descriptors (check them with `tarn validate --offline {}`)",
+            report.errors(),
+            dir.display()
+        );
+    }
+    let specs: Vec<_> = report.specs.into_iter().map(|(_, s)| s).collect();
+    let plan = tarn_catalog::plan::plan(&specs, &catalog.list(), &|p| keys.has(p));
+    for s in &plan.steps {
+        match s {
+            Step::Refused { dataset, reason } => anyhow::bail!("{dataset}: {reason}"),
+            Step::NewMajor { dataset, to, .. } => {
+                anyhow::bail!("{dataset}: starting major version {to} is not supported by this server yet")
+            }
+            Step::ProducerKey { producer } => {
+                tracing::warn!(producer, "producer has no write key yet; `tarn apply` issues one")
+            }
+            _ => {}
+        }
+    }
+    for spec in specs {
+        let a = catalog.evolve(spec)?;
+        if let Some(v) = &a.version {
+            tracing::info!(dataset = %a.spec.name, version = %v, changes = a.changes.len(), "descriptor applied");
+        }
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: they start the real `tarn` binary on a temporary data directory and a free
 //! port, and talk to it over HTTP as a user would.
 
+mod catalog;
 mod crash;
 mod guardrails;
 mod maintenance;

@@ -1,0 +1,473 @@
+//! Self-serve descriptors: `tarn validate|plan|apply DIR` and `POST /v1/catalog/{validate,
+//! plan,apply}`, and the kept versions of a contract (`GET /v1/datasets/{name}/versions`).
+//!
+//! The CLI reads the folder and sends its descriptors to the server, which validates them
+//! against its live catalog (`tarn_catalog::validate`), plans (`tarn_catalog::plan`) and
+//! applies: catalog entries (each version kept), table columns for additive changes, the
+//! dataset's delivery, rollups, and write keys for new producers. `tarn validate --offline`
+//! checks a folder without a server (no breaking-change check against what runs).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tarn_catalog::plan::{Plan, Step};
+use tarn_catalog::validate::{Norms, Report, Source, validate};
+
+use crate::http::{ApiError, api};
+use crate::serve::App;
+
+/// Most descriptors in one request.
+pub const DESCRIPTORS_MAX: usize = 10_000;
+
+/// The body of the three catalog endpoints.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorsBody {
+    pub descriptors: Vec<DescriptorIn>,
+    /// Naming norms as YAML (see `tarn validate --norms`); absent: the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norms: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescriptorIn {
+    pub file: String,
+    pub text: String,
+}
+
+fn check_body(body: &DescriptorsBody) -> Result<(Vec<Source>, Norms), ApiError> {
+    if body.descriptors.len() > DESCRIPTORS_MAX {
+        return Err(api(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_descriptors",
+            format!(
+                "{} descriptors; at most {DESCRIPTORS_MAX} at once",
+                body.descriptors.len()
+            ),
+        ));
+    }
+    let norms = match &body.norms {
+        Some(t) => Norms::from_yaml(t).map_err(|e| api(StatusCode::BAD_REQUEST, "bad_norms", e))?,
+        None => Norms::default(),
+    };
+    let sources = body
+        .descriptors
+        .iter()
+        .map(|d| Source {
+            file: d.file.clone(),
+            text: d.text.clone(),
+        })
+        .collect();
+    Ok((sources, norms))
+}
+
+fn report_json(r: &Report) -> serde_json::Value {
+    json!({"errors": r.errors(), "warnings": r.warnings(), "findings": r.findings})
+}
+
+fn validated(app: &App, body: &DescriptorsBody) -> Result<Report, ApiError> {
+    let (sources, norms) = check_body(body)?;
+    let catalog = app.catalog.clone();
+    Ok(validate(&sources, &move |n: &str| catalog.get(n), &norms))
+}
+
+fn planned(app: &App, report: &Report) -> Plan {
+    let declared: Vec<_> = report.specs.iter().map(|(_, s)| s.clone()).collect();
+    tarn_catalog::plan::plan(&declared, &app.catalog.list(), &|p| app.producer_keys.has(p))
+}
+
+pub async fn validate_handler(
+    State(app): State<Arc<App>>,
+    axum::Json(body): axum::Json<DescriptorsBody>,
+) -> Result<Response, ApiError> {
+    let report = validated(&app, &body)?;
+    Ok(axum::Json(report_json(&report)).into_response())
+}
+
+pub async fn plan_handler(
+    State(app): State<Arc<App>>,
+    axum::Json(body): axum::Json<DescriptorsBody>,
+) -> Result<Response, ApiError> {
+    let report = validated(&app, &body)?;
+    let plan = planned(&app, &report);
+    let mut out = report_json(&report);
+    out["plan"] = json!(plan);
+    Ok(axum::Json(out).into_response())
+}
+
+/// What one applied step did.
+#[derive(Debug, Serialize)]
+pub struct AppliedStep {
+    pub dataset: String,
+    pub action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub columns_added: usize,
+}
+
+/// A write key issued by an apply: its secret is shown once and never stored.
+#[derive(Debug, Serialize)]
+pub struct IssuedKey {
+    pub producer: String,
+    pub secret: String,
+}
+
+pub async fn apply_handler(
+    State(app): State<Arc<App>>,
+    axum::Json(body): axum::Json<DescriptorsBody>,
+) -> Result<Response, ApiError> {
+    // One apply at a time: the plan must still hold when its steps run.
+    let _one = app.apply_lock.lock().await;
+    let report = validated(&app, &body)?;
+    if report.errors() > 0 {
+        let mut out = report_json(&report);
+        out["error"] = json!({"code": "invalid_descriptors", "message": format!("{} error(s) in the descriptors; nothing was applied", report.errors())});
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, axum::Json(out)).into_response());
+    }
+    let plan = planned(&app, &report);
+    if let Some(Step::Refused { dataset, reason }) = plan.refused().next() {
+        return Err(api(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "refused",
+            format!("{dataset}: {reason}; nothing was applied"),
+        ));
+    }
+    if let Some(Step::NewMajor { dataset, to, .. }) = plan.steps.iter().find(|s| matches!(s, Step::NewMajor { .. })) {
+        return Err(api(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "new_major_unsupported",
+            format!("{dataset}: starting major version {to} is not supported by this server yet; nothing was applied"),
+        ));
+    }
+    let specs: Vec<_> = report.specs.into_iter().map(|(_, s)| s).collect();
+    let (applied, keys) = apply_specs(&app, specs, true).await?;
+    Ok(axum::Json(json!({
+        "applied": applied,
+        "keys": keys,
+        "unchanged": plan.unchanged,
+        "untracked": plan.untracked,
+    }))
+    .into_response())
+}
+
+/// Applies contracts that passed validation and planning: catalog entries, table columns,
+/// deliveries, rollups and (when `issue_keys`) write keys for producers that have none.
+pub async fn apply_specs(
+    app: &Arc<App>,
+    specs: Vec<tarn_core::DatasetSpec>,
+    issue_keys: bool,
+) -> Result<(Vec<AppliedStep>, Vec<IssuedKey>), ApiError> {
+    let mut applied = Vec::new();
+    let mut producers = std::collections::BTreeSet::new();
+    for spec in specs {
+        producers.extend(spec.producers.iter().map(|p| p.name.clone()));
+        let name = spec.name.clone();
+        let a = app.catalog.evolve(spec).map_err(crate::http::catalog_error)?;
+        let Some(version) = a.version.clone() else {
+            continue;
+        };
+        let mut columns_added = 0;
+        if !a.created() {
+            let lake = app.lake().clone();
+            let spec = a.spec.clone();
+            columns_added = app
+                .run_background(async move { lake.add_columns(&spec).await })
+                .await
+                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+                .map_err(|e| {
+                    api(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("{name}: the contract is applied but adding its columns to the table failed (they are added at the next append): {e}"),
+                    )
+                })?;
+        }
+        app.ensure_delivery(&name)
+            .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?;
+        tracing::info!(dataset = %name, version, columns_added, "contract applied");
+        applied.push(AppliedStep {
+            dataset: name,
+            action: if a.created() { "created" } else { "changed" },
+            version: Some(version),
+            columns_added,
+        });
+    }
+    if let Err(e) = app.rollups.refresh() {
+        tracing::error!(error = %e, "rollups after an apply");
+    }
+    let mut keys = Vec::new();
+    if issue_keys {
+        for p in producers {
+            if app.producer_keys.has(&p) {
+                continue;
+            }
+            let secret = app
+                .producer_keys
+                .issue(&p)
+                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?;
+            keys.push(IssuedKey { producer: p, secret });
+        }
+    }
+    Ok((applied, keys))
+}
+
+/// `GET /v1/datasets/{name}/versions`: every kept contract, oldest first.
+pub async fn versions(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
+    let v = app.catalog.versions(&name).map_err(crate::http::catalog_error)?;
+    if v.is_empty() {
+        return Err(api(
+            StatusCode::NOT_FOUND,
+            "unknown_dataset",
+            format!("no dataset named {name:?}"),
+        ));
+    }
+    let list: Vec<_> = v
+        .iter()
+        .map(|v| json!({"version": v.label(), "applied_at": v.applied_at, "changes": v.changes}))
+        .collect();
+    Ok(axum::Json(json!({"dataset": name, "versions": list})).into_response())
+}
+
+/// `GET /v1/datasets/{name}/versions/{major.minor}`: one kept contract.
+pub async fn version(
+    State(app): State<Arc<App>>,
+    UrlPath((name, label)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let v = app.catalog.versions(&name).map_err(crate::http::catalog_error)?;
+    match v.into_iter().find(|v| v.label() == label) {
+        Some(v) => Ok(axum::Json(v).into_response()),
+        None => Err(api(
+            StatusCode::NOT_FOUND,
+            "unknown_version",
+            format!("dataset {name:?} has no version {label:?}"),
+        )),
+    }
+}
+
+// ---- the CLI ----
+
+#[derive(clap::Args, Debug)]
+pub struct DescriptorArgs {
+    /// The folder of descriptors (*.yaml, *.yml), one dataset per file named after it.
+    pub dir: PathBuf,
+    /// The server.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+    /// Naming norms (YAML: `names` pattern, `require_owner`, `require_description`).
+    #[arg(long)]
+    pub norms: Option<PathBuf>,
+    /// Print the server's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub d: DescriptorArgs,
+    /// Check without a server: everything but breaking changes against what runs.
+    #[arg(long)]
+    pub offline: bool,
+    /// Treat warnings as errors.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Exit codes of `tarn validate|plan|apply`, for a user's own CI.
+pub mod exit {
+    /// Valid; nothing to change (plan); applied (apply).
+    pub const OK: u8 = 0;
+    /// Descriptors with errors, or refused changes: nothing was applied.
+    pub const FINDINGS: u8 = 1;
+    /// Could not run: unreadable folder or norms, server unreachable, server error.
+    pub const FAILED: u8 = 2;
+    /// `tarn plan`: valid, with changes to apply.
+    pub const CHANGES: u8 = 3;
+}
+
+fn body_of(d: &DescriptorArgs) -> Result<DescriptorsBody> {
+    let files = tarn_catalog::read_descriptors(&d.dir).with_context(|| format!("reading {}", d.dir.display()))?;
+    if files.is_empty() {
+        bail!("{} holds no descriptors (*.yaml, *.yml)", d.dir.display());
+    }
+    let norms = match &d.norms {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading the norms {}", p.display()))?),
+        None => None,
+    };
+    Ok(DescriptorsBody {
+        descriptors: files
+            .into_iter()
+            .map(|(path, text)| DescriptorIn {
+                file: display_name(&d.dir, &path),
+                text,
+            })
+            .collect(),
+        norms,
+    })
+}
+
+fn display_name(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).display().to_string()
+}
+
+async fn post(d: &DescriptorArgs, what: &str, body: &DescriptorsBody) -> Result<(StatusCode, serde_json::Value)> {
+    let url = format!("{}/v1/catalog/{what}", d.server.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach tarn at {url}; is `tarn serve` running? (`tarn validate --offline` needs no server)")
+        })?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let v: serde_json::Value = resp.json().await.context("reading the answer")?;
+    Ok((status, v))
+}
+
+fn print_findings(v: &serde_json::Value) {
+    for f in v["findings"].as_array().cloned().unwrap_or_default() {
+        let ds = f["dataset"].as_str().map(|d| format!("{d}: ")).unwrap_or_default();
+        println!(
+            "{}: {}[{}] {ds}{}",
+            f["file"].as_str().unwrap_or("?"),
+            f["severity"].as_str().unwrap_or("?"),
+            f["rule"].as_str().unwrap_or("?"),
+            f["message"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// `tarn validate DIR`.
+pub async fn run_validate(a: ValidateArgs) -> Result<u8> {
+    let body = body_of(&a.d)?;
+    let v = if a.offline {
+        let (sources, norms) = check_body(&body).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        report_json(&validate(&sources, &|_| None, &norms))
+    } else {
+        let (status, v) = post(&a.d, "validate", &body).await?;
+        if !status.is_success() {
+            bail!(
+                "{} (HTTP {status})",
+                v["error"]["message"].as_str().unwrap_or("unknown error")
+            );
+        }
+        v
+    };
+    if a.d.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_findings(&v);
+    }
+    let (errors, warnings) = (v["errors"].as_u64().unwrap_or(0), v["warnings"].as_u64().unwrap_or(0));
+    if !a.d.json {
+        println!(
+            "{} descriptor(s): {errors} error(s), {warnings} warning(s)",
+            body.descriptors.len()
+        );
+    }
+    Ok(if errors > 0 || (a.strict && warnings > 0) {
+        exit::FINDINGS
+    } else {
+        exit::OK
+    })
+}
+
+/// `tarn plan DIR`.
+pub async fn run_plan(d: DescriptorArgs) -> Result<u8> {
+    let body = body_of(&d)?;
+    let (status, v) = post(&d, "plan", &body).await?;
+    if !status.is_success() {
+        bail!(
+            "{} (HTTP {status})",
+            v["error"]["message"].as_str().unwrap_or("unknown error")
+        );
+    }
+    if d.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_findings(&v);
+    }
+    let plan: Plan = plan_of(&v)?;
+    if !d.json {
+        for s in &plan.steps {
+            println!("{s}");
+        }
+        println!(
+            "{} to change, {} unchanged, {} running but not in {} (apply leaves them alone)",
+            plan.steps.len(),
+            plan.unchanged.len(),
+            plan.untracked.len(),
+            d.dir.display()
+        );
+    }
+    Ok(
+        if v["errors"].as_u64().unwrap_or(0) > 0 || plan.refused().next().is_some() {
+            exit::FINDINGS
+        } else if plan.is_empty() {
+            exit::OK
+        } else {
+            exit::CHANGES
+        },
+    )
+}
+
+fn plan_of(v: &serde_json::Value) -> Result<Plan> {
+    serde_json::from_value(v["plan"].clone()).context("reading the plan")
+}
+
+/// `tarn apply DIR`.
+pub async fn run_apply(d: DescriptorArgs) -> Result<u8> {
+    let body = body_of(&d)?;
+    let (status, v) = post(&d, "apply", &body).await?;
+    if d.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    }
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        if !d.json {
+            print_findings(&v);
+            eprintln!("error: {}", v["error"]["message"].as_str().unwrap_or("refused"));
+        }
+        return Ok(exit::FINDINGS);
+    }
+    if !status.is_success() {
+        bail!(
+            "{} (HTTP {status})",
+            v["error"]["message"].as_str().unwrap_or("unknown error")
+        );
+    }
+    if !d.json {
+        for s in v["applied"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "{} {} -> version {} ({} column(s) added to the table)",
+                s["action"].as_str().unwrap_or("?"),
+                s["dataset"].as_str().unwrap_or("?"),
+                s["version"].as_str().unwrap_or("?"),
+                s["columns_added"]
+            );
+        }
+        for k in v["keys"].as_array().cloned().unwrap_or_default() {
+            println!(
+                "write key for producer {} (shown once; send it as `Authorization: Bearer <key>`): {}",
+                k["producer"].as_str().unwrap_or("?"),
+                k["secret"].as_str().unwrap_or("?")
+            );
+        }
+        let n = |k: &str| v[k].as_array().map_or(0, Vec::len);
+        println!(
+            "{} applied, {} unchanged, {} running but not in {} (left alone)",
+            n("applied"),
+            n("unchanged"),
+            n("untracked"),
+            d.dir.display()
+        );
+    }
+    Ok(exit::OK)
+}

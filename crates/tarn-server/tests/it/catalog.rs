@@ -1,0 +1,215 @@
+//! Self-serve descriptors end to end: `tarn validate`, `plan` and `apply` against a running
+//! server, producer keys, a field added live, a breaking change refused, versions kept.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::server::{Server, client, get_json, post_events, sql, wait_for};
+
+const AUCTIONS_V1: &str = "name: auctions
+description: ad auctions
+owner: ads
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: cpm, type: float64 }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+";
+
+const BIDS: &str = "name: bids
+owner: ads
+scope: public
+description: bids from the bid service
+size: S
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: bidder, type: string }
+  - { name: email, type: string, pii: direct, description: the bidder's contact }
+event_id: event_id
+producers: [bid-service]
+consumers: [finance-report]
+";
+
+/// Runs a `tarn` subcommand; returns its exit code and stdout.
+fn tarn(args: &[&str], server: &str) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(args)
+        .env("TARN_SERVER", server)
+        .env("TARN_LOG", "warn")
+        .output()
+        .expect("run tarn");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    (out.status.code().unwrap_or(-1), format!("{stdout}{stderr}"))
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    std::fs::write(dir.join(name), text).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_plan_apply_evolve() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let desc = tmp.path().join("descriptors");
+    write(&desc, "auctions.yaml", AUCTIONS_V1);
+    write(&desc, "bids.yaml", BIDS);
+    let d = desc.to_str().expect("utf8");
+
+    // Offline validation: a clean folder, then each kind of mistake with exit code 1.
+    let (code, out) = tarn(&["validate", "--offline", d], "http://127.0.0.1:1");
+    assert_eq!(code, 0, "{out}");
+    let bad = tmp.path().join("bad");
+    write(&bad, "clicks.yaml", &AUCTIONS_V1.replace("name: cpm", "name: CPM"));
+    write(
+        &bad,
+        "leads.yaml",
+        &BIDS.replace("name: bids", "name: leads").replace("owner: ads\n", ""),
+    );
+    let (code, out) = tarn(
+        &["validate", "--offline", bad.to_str().expect("utf8")],
+        "http://127.0.0.1:1",
+    );
+    assert_eq!(code, 1, "{out}");
+    for rule in ["error[file-name]", "error[naming]", "error[pii-owner]"] {
+        assert!(out.contains(rule), "{rule} missing from:\n{out}");
+    }
+    // No server to compare with: exit 2, saying why.
+    let (code, out) = tarn(&["validate", d], "http://127.0.0.1:1");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot reach tarn"), "{out}");
+
+    let server = Server::start(&tmp.path().join("data"), &["--batch-age-ms", "50"]);
+    let url = server.url.clone();
+    let c = client();
+
+    let (code, out) = tarn(&["plan", d], &url);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("+ create auctions") && out.contains("+ create bids"),
+        "{out}"
+    );
+    assert!(out.contains("+ write key for producer bid-service"), "{out}");
+
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+    let secret = out
+        .lines()
+        .find(|l| l.starts_with("write key for producer bid-service"))
+        .and_then(|l| l.rsplit(' ').next())
+        .expect("a key was issued")
+        .to_string();
+    assert!(secret.starts_with("tarn_wk_"), "{secret}");
+    // Idempotent: nothing left to plan, a second apply applies nothing and issues no key.
+    let (code, out) = tarn(&["plan", d], &url);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0 applied, 2 unchanged") && !out.contains("write key"),
+        "{out}"
+    );
+
+    // A dataset that names producers takes events only with one of their keys.
+    let ev = r#"{"bidder": "b1", "email": "a@example.com"}"#.to_string();
+    let (status, _) = post_events(&c, &url, "bids", ev.clone()).await;
+    assert_eq!(status, 401);
+    let r = c
+        .post(format!("{url}/v1/datasets/bids/events"))
+        .bearer_auth(&secret)
+        .body(ev)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // A new optional field applies live: the column is queryable at once, and new events
+    // fill it.
+    let day = "2026-11-20";
+    let events = |from: usize, site: bool| -> String {
+        (from..from + 50)
+            .map(|i| {
+                let site = if site {
+                    format!(r#","site":"s{}""#, i % 3)
+                } else {
+                    String::new()
+                };
+                format!(r#"{{"event_id":"e{i}","ts":"{day}T10:00:00Z","client_id":"acme","cpm":1.5{site}}}"#)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (status, body) = post_events(&c, &url, "auctions", events(0, false)).await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(&c, &url, "SELECT count(*) FROM auctions", 30, |v| v["rows"][0][0] == 50).await;
+    let (status, body) = post_events(&c, &url, "auctions", events(50, true)).await;
+    assert_eq!(status, 400, "site is not declared yet: {body}");
+    let v2 = AUCTIONS_V1.replace(
+        "  - { name: cpm, type: float64 }\n",
+        "  - { name: cpm, type: float64 }\n  - { name: site, type: string }\n",
+    );
+    write(&desc, "auctions.yaml", &v2);
+    let (code, out) = tarn(&["plan", d], &url);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("~ change auctions") && out.contains("additive: new optional field site"),
+        "{out}"
+    );
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("changed auctions -> version 1.1 (1 column(s) added"),
+        "{out}"
+    );
+    let (status, v) = sql(&c, &url, "SELECT count(*), count(site) FROM auctions").await;
+    assert_eq!((status, &v["rows"][0]), (200, &serde_json::json!([50, 0])), "{v}");
+    let (status, body) = post_events(&c, &url, "auctions", events(50, true)).await;
+    assert_eq!(status, 200, "{body}");
+    let v = wait_for(
+        &c,
+        &url,
+        "SELECT count(*), count(site), count(DISTINCT site) FROM auctions",
+        30,
+        |v| v["rows"][0][0] == 100,
+    )
+    .await;
+    assert_eq!(v["rows"][0], serde_json::json!([100, 50, 3]));
+
+    // A breaking change is refused by validate, plan and apply, and nothing changes.
+    write(&desc, "auctions.yaml", &v2.replace("type: float64", "type: string"));
+    let (code, out) = tarn(&["validate", d], &url);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error[breaking-change]") && out.contains("major: 2"),
+        "{out}"
+    );
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 1, "{out}");
+    let versions = get_json(&c, &format!("{url}/v1/datasets/auctions/versions")).await;
+    let labels: Vec<_> = versions["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| v["version"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert_eq!(labels, ["1.0", "1.1"]);
+    // Every version reads back.
+    let first = get_json(&c, &format!("{url}/v1/datasets/auctions/versions/1.0")).await;
+    assert!(
+        first["contract"]["fields"].as_array().is_some_and(|f| f.len() == 4),
+        "{first}"
+    );
+    let page = get_json(&c, &format!("{url}/v1/datasets/bids")).await;
+    assert_eq!(page["lineage"]["read_by"][0]["name"], "finance-report", "{page}");
+    assert_eq!(page["lineage"]["reads"][0]["name"], "bid-service", "{page}");
+
+    // The same folder at start: what runs matches, so the server starts.
+    write(&desc, "auctions.yaml", &v2);
+    drop(server);
+    let server = Server::start(&tmp.path().join("data"), &["--datasets", d]);
+    let (status, v) = sql(&c, &server.url, "SELECT count(site) FROM auctions").await;
+    assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(50)), "{v}");
+}
