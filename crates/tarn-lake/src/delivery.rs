@@ -21,10 +21,20 @@ pub const GROUP: &str = "delivery";
 
 #[derive(Debug, Clone)]
 pub struct DeliveryOptions {
-    /// Close a batch once it holds this many bytes of log payload.
-    pub batch_bytes: usize,
+    /// Close a batch once it holds this many bytes of log payload. Shared, so that a change of
+    /// the dataset's size class reaches a running delivery at its next batch.
+    pub batch_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Close a batch once its first record waited this long.
     pub batch_age_ms: u64,
+}
+
+impl DeliveryOptions {
+    pub fn new(batch_bytes: usize, batch_age_ms: u64) -> Self {
+        Self {
+            batch_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(batch_bytes)),
+            batch_age_ms,
+        }
+    }
 }
 
 /// The delivery consumer of one dataset.
@@ -88,6 +98,7 @@ impl Delivery {
             let room = self
                 .opts
                 .batch_bytes
+                .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(pending.as_ref().map_or(0, |p| p.bytes));
             let read_max = room.clamp(1, 16 << 20);
             let (c, recs) = c.read_off_thread(read_max).await?;
@@ -116,7 +127,10 @@ impl Delivery {
             }
             let due = pending.as_ref().map(|p| {
                 let age_ms = (self.clock.now_micros() - p.opened_at_us).max(0) as u64 / 1000;
-                (p.bytes >= self.opts.batch_bytes, age_ms)
+                (
+                    p.bytes >= self.opts.batch_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    age_ms,
+                )
             });
             match due {
                 Some((full, age_ms)) if full || age_ms >= self.opts.batch_age_ms => {
@@ -226,10 +240,7 @@ mod tests {
                 .await
                 .expect("append");
         }
-        let opts = DeliveryOptions {
-            batch_bytes: 5_000,
-            batch_age_ms: 60_000,
-        };
+        let opts = DeliveryOptions::new(5_000, 60_000);
         let clock = tarn_core::ManualClock::new(0);
         let d = Delivery::new(&log, lake.clone(), Arc::new(clock.clone()), "d", opts).expect("delivery");
         let (tx, rx) = watch::channel(false);

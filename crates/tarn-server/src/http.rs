@@ -332,6 +332,7 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
         "contract": *spec,
         "schema_versions": versions,
         "producers": spec.producers,
+        "delivery": {"size": spec.size.as_str(), "batch_bytes": app.delivery_batch_bytes(&name), "shards": spec.size.shards()},
         "consumers": spec.consumers,
         "rows": rows,
         "rows_error": rows_error,

@@ -1,7 +1,7 @@
 //! `tarn serve`: opens the data directory, starts delivery for every dataset and the curate
 //! subscriber, and serves HTTP until SIGINT or SIGTERM.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -125,8 +125,11 @@ pub struct App {
     log: Log,
     lake: Lake,
     clock: Arc<dyn Clock>,
-    delivery_opts: DeliveryOptions,
-    deliveries: Mutex<HashSet<String>>,
+    /// Delivery's batch size for size class M (`--batch-bytes`) and batch age.
+    delivery_batch_bytes: usize,
+    delivery_batch_age_ms: u64,
+    /// The running deliveries and their batch size, which follows the dataset's size class.
+    deliveries: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
     shutdown: watch::Receiver<bool>,
     /// The runtime of delivery and curate, apart from the one answering HTTP, so that long
     /// stretches of Parquet encoding never hold up an ingest request's task.
@@ -134,23 +137,31 @@ pub struct App {
 }
 
 impl App {
-    /// Starts the delivery consumer of a dataset unless it runs already.
+    /// Starts the delivery consumer of a dataset unless it runs already, with the batch size
+    /// of the dataset's size class; a running one takes a changed size at its next batch.
     pub fn ensure_delivery(&self, dataset: &str) -> Result<()> {
+        let size = self.catalog.get(dataset).map(|s| s.size).unwrap_or_default();
+        let batch_bytes = size.batch_bytes(self.delivery_batch_bytes);
         let mut running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        if running.contains(dataset) {
+        if let Some(b) = running.get(dataset) {
+            b.store(batch_bytes, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
         }
-        let d = Delivery::new(
-            &self.log,
-            self.lake.clone(),
-            self.clock.clone(),
-            dataset,
-            self.delivery_opts.clone(),
-        )
-        .with_context(|| format!("starting delivery for {dataset}"))?;
+        let opts = DeliveryOptions::new(batch_bytes, self.delivery_batch_age_ms);
+        let shared = opts.batch_bytes.clone();
+        let d = Delivery::new(&self.log, self.lake.clone(), self.clock.clone(), dataset, opts)
+            .with_context(|| format!("starting delivery for {dataset}"))?;
         self.background.spawn(d.run(self.shutdown.clone()));
-        running.insert(dataset.to_string());
+        running.insert(dataset.to_string(), shared);
         Ok(())
+    }
+
+    /// The batch size of a running delivery.
+    pub fn delivery_batch_bytes(&self, dataset: &str) -> Option<usize> {
+        let running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        running
+            .get(dataset)
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn lake(&self) -> &Lake {
@@ -362,11 +373,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         log,
         lake,
         clock,
-        delivery_opts: DeliveryOptions {
-            batch_bytes: limits.delivery_batch_bytes,
-            batch_age_ms: limits.delivery_batch_age_ms,
-        },
-        deliveries: Mutex::new(HashSet::new()),
+        delivery_batch_bytes: limits.delivery_batch_bytes,
+        delivery_batch_age_ms: limits.delivery_batch_age_ms,
+        deliveries: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx,
         background: background.clone(),
     });

@@ -203,11 +203,22 @@ async fn validate_plan_apply_evolve() {
         "{first}"
     );
     let page = get_json(&c, &format!("{url}/v1/datasets/bids")).await;
+    // Size S: a quarter of the server's 64 MiB batches.
+    assert_eq!(page["delivery"]["batch_bytes"], 16 << 20, "{page}");
     assert_eq!(page["lineage"]["read_by"][0]["name"], "finance-report", "{page}");
     assert_eq!(page["lineage"]["reads"][0]["name"], "bid-service", "{page}");
+    // A new size class reaches the running delivery.
+    write(&desc, "bids.yaml", &BIDS.replace("size: S", "size: L"));
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 1, "auctions is still breaking: {out}");
+    write(&desc, "auctions.yaml", &v2);
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("changed bids -> version 1.1"), "{out}");
+    let page = get_json(&c, &format!("{url}/v1/datasets/bids")).await;
+    assert_eq!(page["delivery"]["batch_bytes"], 256 << 20, "{page}");
 
     // The same folder at start: what runs matches, so the server starts.
-    write(&desc, "auctions.yaml", &v2);
     drop(server);
     let server = Server::start(&tmp.path().join("data"), &["--datasets", d]);
     let (status, v) = sql(&c, &server.url, "SELECT count(site) FROM auctions").await;
