@@ -107,6 +107,16 @@ impl Delivery {
                     what: format!("log record {} of {}", r.seq, self.dataset),
                     reason,
                 })?;
+                // A raw object holds one schema: a record written under another contract
+                // version (a field added, a new major version) closes the batch before it.
+                let other_schema = pending
+                    .as_ref()
+                    .and_then(|p| p.batches.first())
+                    .zip(batches.first())
+                    .is_some_and(|(held, new)| !same_schema(held, new));
+                if other_schema && let Some(p) = pending.take() {
+                    self.flush(p).await?;
+                }
                 let p = pending.get_or_insert_with(|| Pending {
                     batches: Vec::new(),
                     first: r.seq,
@@ -197,32 +207,102 @@ impl Delivery {
     }
 }
 
+/// Whether `new` (a decoded payload batch) has the schema of `held` (a batch with the
+/// sequence column added).
+fn same_schema(held: &RecordBatch, new: &RecordBatch) -> bool {
+    let (h, n) = (held.schema(), new.schema());
+    h.metadata() == n.metadata()
+        && h.fields().len() == n.fields().len() + 1
+        && h.fields().iter().zip(n.fields().iter()).all(|(a, b)| a == b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn payload(seq: u64, rows: usize) -> Vec<u8> {
-        use deltalake::arrow::array::{StringArray, TimestampMicrosecondArray};
-        let spec = tarn_core::DatasetSpec::from_yaml(
-            "name: d\nfields:\n  - { name: event_id, type: string }\nevent_id: event_id\n",
-        )
+        payload_of(seq, rows, false)
+    }
+
+    /// A log record of `rows` events; `grown` writes it under a contract with one more field.
+    fn payload_of(seq: u64, rows: usize, grown: bool) -> Vec<u8> {
+        use deltalake::arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
+        let extra = if grown {
+            "  - { name: site, type: string }\n"
+        } else {
+            ""
+        };
+        let spec = tarn_core::DatasetSpec::from_yaml(&format!(
+            "name: d\nfields:\n  - {{ name: event_id, type: string }}\n{extra}event_id: event_id\n"
+        ))
         .expect("spec");
         let ids: Vec<String> = (0..rows).map(|i| format!("{seq}-{i}")).collect();
-        let b = RecordBatch::try_new(
-            tarn_collector::arrow_schema(&spec),
-            vec![
-                Arc::new(StringArray::from(ids)),
-                Arc::new(TimestampMicrosecondArray::from(vec![0; rows]).with_timezone("UTC")),
-                Arc::new(StringArray::from(vec!["2026-11-22"; rows])),
-            ],
-        )
-        .expect("batch");
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(ids))];
+        if grown {
+            columns.push(Arc::new(StringArray::from(vec!["s"; rows])));
+        }
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(vec![0; rows]).with_timezone("UTC"),
+        ));
+        columns.push(Arc::new(StringArray::from(vec!["2026-11-22"; rows])));
+        let b = RecordBatch::try_new(tarn_collector::arrow_schema(&spec), columns).expect("batch");
         let mut out = vec![tarn_collector::PAYLOAD_VERSION];
         let mut w = deltalake::arrow::ipc::writer::StreamWriter::try_new(&mut out, &b.schema()).expect("writer");
         w.write(&b).expect("write");
         w.finish().expect("finish");
         drop(w);
         out
+    }
+
+    /// Records written under two contract versions never share a raw object (an object has one
+    /// schema), and every record is delivered once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_schema_closes_the_batch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = Log::open(dir.path().join("log"), tarn_log::LogOptions::default()).expect("log");
+        let lake = Lake::open(dir.path().join("lake")).expect("lake");
+        let topic = log.topic(&tarn_collector::topic_name("d")).expect("topic");
+        let n = 30u64;
+        for seq in 0..n {
+            topic
+                .append(payload_of(seq, 3, (seq / 5) % 2 == 1))
+                .await
+                .expect("append");
+        }
+        let clock = tarn_core::ManualClock::new(0);
+        let d = Delivery::new(
+            &log,
+            lake.clone(),
+            Arc::new(clock.clone()),
+            "d",
+            DeliveryOptions::new(1 << 30, 60_000),
+        )
+        .expect("delivery");
+        let (tx, rx) = watch::channel(false);
+        let h = tokio::spawn(d.run(rx));
+        let objects = log.topic(OBJECTS_TOPIC).expect("objects");
+        let (mut next, mut covered) = (0u64, Vec::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while covered.len() < n as usize {
+            assert!(std::time::Instant::now() < deadline, "delivery stalled at {covered:?}");
+            clock.advance_micros(61_000_000);
+            for r in objects.cursor(next).read(1 << 20).expect("read") {
+                next = r.seq + 1;
+                let note: ObjectCreated = serde_json::from_slice(&r.payload).expect("note");
+                let batches = crate::raw::read_object(lake.root(), &note.path).expect("raw object");
+                let widths: std::collections::BTreeSet<usize> = batches.iter().map(|b| b.num_columns()).collect();
+                assert_eq!(widths.len(), 1, "{} mixes schemas", note.path);
+                covered.extend(batches.iter().map(|b| crate::raw::batch_seq(b).expect("seq")));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(covered, (0..n).collect::<Vec<_>>());
+        assert!(
+            next >= 6,
+            "six runs of one schema make at least six objects, got {next}"
+        );
+        tx.send(true).expect("shutdown");
+        h.await.expect("join");
     }
 
     /// Size-closed batches must cover every record exactly once, in order, with no gap, however

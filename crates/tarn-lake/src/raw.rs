@@ -27,7 +27,11 @@ pub fn with_seq(batch: &RecordBatch, seq: u64) -> Result<RecordBatch> {
     fields.push(Arc::new(Field::new(SEQ, DataType::UInt64, false)));
     let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
     cols.push(Arc::new(UInt64Array::from(vec![seq; batch.num_rows()])));
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), cols)?)
+    let metadata = batch.schema().metadata().clone();
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, metadata)),
+        cols,
+    )?)
 }
 
 /// Writes batches (all with one schema) as a raw object: temporary file, fsync, rename, and
