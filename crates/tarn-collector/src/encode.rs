@@ -17,8 +17,20 @@ fn ts() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
+/// The schema metadata key naming the contract's major version a batch was written under
+/// (absent: 1). Curate sends a batch of an earlier major version to that version's table.
+pub const MAJOR_KEY: &str = "tarn.major";
+
+/// The major version a batch was written under.
+pub fn major_of(schema: &Schema) -> Result<u32, String> {
+    match schema.metadata().get(MAJOR_KEY) {
+        None => Ok(1),
+        Some(v) => v.parse().map_err(|_| format!("{MAJOR_KEY} {v:?} is not a number")),
+    }
+}
+
 /// The Arrow schema of a dataset's events: the declared fields in order, then `_received_at`
-/// and the `day` partition column.
+/// and the `day` partition column; from major version 2 on, the version in its metadata.
 pub fn arrow_schema(spec: &DatasetSpec) -> SchemaRef {
     let mut fields: Vec<Field> = spec
         .fields
@@ -37,6 +49,10 @@ pub fn arrow_schema(spec: &DatasetSpec) -> SchemaRef {
         .collect();
     fields.push(Field::new(RECEIVED_AT, ts(), false));
     fields.push(Field::new(DAY, DataType::Utf8, false));
+    if spec.major > 1 {
+        let metadata = [(MAJOR_KEY.to_string(), spec.major.to_string())].into();
+        return Arc::new(Schema::new_with_metadata(fields, metadata));
+    }
     Arc::new(Schema::new(fields))
 }
 

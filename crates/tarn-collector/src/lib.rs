@@ -19,7 +19,7 @@ use tarn_log::{Log, Topic};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use decode::Encoding;
-pub use encode::{PAYLOAD_VERSION, arrow_schema, decode_payload};
+pub use encode::{MAJOR_KEY, PAYLOAD_VERSION, arrow_schema, decode_payload, major_of};
 pub use metrics::{IngestMetrics, LATENCY_BUCKETS_MS};
 pub use validate::Rejection;
 

@@ -454,6 +454,35 @@ impl DatasetSpec {
         Ok(spec)
     }
 
+    /// The read-only dataset that keeps the table of an earlier major version: the same
+    /// contract under `<name>__v<major>`, kept by tarn, without rollups or producers.
+    pub fn frozen_of(old: &DatasetSpec) -> Result<Self> {
+        let mut spec = old.clone();
+        spec.name = Self::frozen_name(&old.name, old.major);
+        spec.system = true;
+        spec.inferred = false;
+        spec.rollups.clear();
+        spec.producers.clear();
+        spec.description = Some(format!(
+            "major version {} of {}, kept read-only{}",
+            old.major,
+            old.name,
+            old.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default()
+        ));
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// The name of the dataset keeping major version `major` of `name`.
+    pub fn frozen_name(name: &str, major: u32) -> String {
+        format!("{name}__v{major}")
+    }
+
+    /// True for the read-only table of an earlier major version.
+    pub fn is_frozen(&self) -> bool {
+        self.system && !self.name.ends_with(REJECTED_SUFFIX)
+    }
+
     pub fn field(&self, name: &str) -> Option<&Field> {
         self.fields.iter().find(|f| f.name == name)
     }

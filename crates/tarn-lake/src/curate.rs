@@ -15,7 +15,7 @@ use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
 use crate::raw::{batch_seq, read_object, without_seq};
-use crate::table::{app_version, append, curate_app_id};
+use crate::table::{app_version, append_as, curate_app_id};
 use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
 
 /// The consumer group of curate on the objects topic.
@@ -60,7 +60,7 @@ pub struct Curator {
     lake: Lake,
     catalog: Arc<Catalog>,
     opts: CurateOptions,
-    tables: tokio::sync::Mutex<HashMap<String, DeltaTable>>,
+    tables: Arc<tokio::sync::Mutex<HashMap<String, DeltaTable>>>,
     pub stats: Arc<CurateStats>,
 }
 
@@ -75,9 +75,16 @@ impl Curator {
             lake,
             catalog,
             opts,
-            tables: tokio::sync::Mutex::new(HashMap::new()),
+            tables: Arc::new(tokio::sync::Mutex::new(HashMap::new())),
             stats,
         })
+    }
+
+    /// A handle that pauses this curator.
+    pub fn pauser(&self) -> CuratePause {
+        CuratePause {
+            tables: self.tables.clone(),
+        }
     }
 
     /// Runs until `shutdown` turns true, retrying failed rounds with backoff from the committed
@@ -160,30 +167,22 @@ impl Curator {
             reason: "dataset is not in the catalog".into(),
         })?;
         let mut tables = self.tables.lock().await;
-        let table = match tables.remove(dataset) {
-            // Another writer may have committed since (columns added by `tarn apply`, a
-            // compaction): start from the newest version.
-            Some(mut t) => {
-                t.update_incremental(None).await.map_err(crate::delta_err(dataset))?;
-                t
-            }
-            None => self.lake.open_table(dataset).await?,
-        };
-        let app_id = curate_app_id(dataset, shard);
-        let done = app_version(&table, dataset, &app_id).await?;
-        let mut table = Some(table);
-        let mut batches = Vec::new();
-        let mut held = 0usize;
-        let mut last = done;
-        let mut rows = 0u64;
-        let mut replayed = false;
+        // Rows go to the table of the major version they were written under: the dataset's own
+        // table, or `<dataset>__v<N>` for a batch written before major version N+1 began. Each
+        // table records the sequences of this stream it holds, so each skips its own replays.
+        let mut cur: Option<Target> = None;
+        let mut floor = None;
+        let mut skipped = false;
         for n in notes {
             let last_seq = i64::try_from(n.last_seq).map_err(|_| Error::Corrupt {
                 what: n.path.clone(),
                 reason: "sequence out of range".into(),
             })?;
-            if last_seq <= last {
-                replayed |= last_seq <= done;
+            if floor.is_none() {
+                floor = Some(self.floor(&spec, shard, &mut tables).await?);
+            }
+            if floor.is_some_and(|f| last_seq <= f) {
+                skipped = true;
                 continue;
             }
             let root = self.lake.root().to_path_buf();
@@ -195,45 +194,164 @@ impl Curator {
             tracing::debug!(path = %n.path, read_ms = t.elapsed().as_millis() as u64, "raw object read");
             for b in raw {
                 let seq = batch_seq(&b)? as i64;
-                if seq <= last {
+                let major = tarn_collector::major_of(&b.schema()).map_err(|reason| Error::Corrupt {
+                    what: n.path.clone(),
+                    reason,
+                })?;
+                let name = if major == spec.major {
+                    spec.name.clone()
+                } else if major < spec.major {
+                    tarn_core::DatasetSpec::frozen_name(dataset, major)
+                } else {
+                    return Err(Error::Corrupt {
+                        what: n.path.clone(),
+                        reason: format!("written under major version {major}, after {}", spec.major),
+                    });
+                };
+                if cur.as_ref().is_none_or(|t| t.spec.name != name) {
+                    if let Some(t) = cur.take() {
+                        self.finish(t, dataset, shard, &mut tables).await?;
+                    }
+                    cur = Some(self.target(&name, dataset, shard, &mut tables).await?);
+                }
+                let Some(t) = cur.as_mut() else {
+                    return Err(Error::Internal("no target table".into()));
+                };
+                if seq <= t.last {
+                    t.replayed |= seq <= t.done;
                     continue;
                 }
-                last = seq;
-                rows += b.num_rows() as u64;
-                held += b.get_array_memory_size();
-                batches.push(without_seq(&b)?);
+                t.last = seq;
+                t.rows += b.num_rows() as u64;
+                t.held += b.get_array_memory_size();
+                t.batches.push(without_seq(&b)?);
             }
             self.stats.objects.fetch_add(1, Relaxed);
-            if held >= self.opts.commit_bytes_max {
-                table = Some(
-                    self.commit(table.take(), &spec, std::mem::take(&mut batches), shard, last, rows)
-                        .await?,
-                );
-                held = 0;
-                rows = 0;
+            if let Some(t) = cur.as_mut()
+                && t.held >= self.opts.commit_bytes_max
+            {
+                self.commit_held(t, dataset, shard).await?;
             }
         }
-        if !batches.is_empty() {
-            table = Some(self.commit(table.take(), &spec, batches, shard, last, rows).await?);
+        if let Some(t) = cur.take() {
+            self.finish(t, dataset, shard, &mut tables).await?;
         }
-        if replayed {
+        if skipped {
             // Rows of a replay were committed before a failure that may have come before the
             // commit's entry was synced: sync the newest entries before the offset moves past.
-            let dir = self.lake.table_dir(dataset);
-            tokio::task::spawn_blocking(move || crate::table::sync_log_tail(&dir, 16))
-                .await
-                .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
-        }
-        if let Some(t) = table {
-            tables.insert(dataset.to_string(), t);
+            for name in dataset_tables(&spec) {
+                let dir = self.lake.table_dir(&name);
+                if !self.lake.table_exists(&name) {
+                    continue;
+                }
+                tokio::task::spawn_blocking(move || crate::table::sync_log_tail(&dir, 16))
+                    .await
+                    .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+            }
         }
         Ok(())
     }
 
+    /// The lowest sequence of this stream that every one of the dataset's tables (its own and
+    /// those of earlier major versions) already holds: a notification at or below it is a
+    /// replay and is not read.
+    async fn floor(
+        &self,
+        spec: &tarn_core::DatasetSpec,
+        shard: u32,
+        tables: &mut HashMap<String, DeltaTable>,
+    ) -> Result<i64> {
+        let mut floor = i64::MAX;
+        for name in dataset_tables(spec) {
+            if self.catalog.get(&name).is_none() {
+                continue;
+            }
+            let t = self.target(&name, &spec.name, shard, tables).await?;
+            floor = floor.min(t.done);
+            if let Some(table) = t.table {
+                tables.insert(name, table);
+            }
+        }
+        Ok(if floor == i64::MAX { -1 } else { floor })
+    }
+
+    /// Opens (or takes from the cache) the table of `name` for rows of the stream `dataset`.
+    async fn target(
+        &self,
+        name: &str,
+        dataset: &str,
+        shard: u32,
+        tables: &mut HashMap<String, DeltaTable>,
+    ) -> Result<Target> {
+        let spec = self.catalog.get(name).ok_or_else(|| Error::Corrupt {
+            what: format!("rows of {dataset}"),
+            reason: format!("they belong to {name}, which is not in the catalog"),
+        })?;
+        let table = match tables.remove(name) {
+            // Another writer may have committed since (columns added by `tarn apply`, a
+            // compaction): start from the newest version.
+            Some(mut t) if t.version().is_some() => {
+                t.update_incremental(None).await.map_err(crate::delta_err(name))?;
+                t
+            }
+            _ => self.lake.open_table(name).await?,
+        };
+        let done = app_version(&table, name, &curate_app_id(dataset, shard)).await?;
+        Ok(Target {
+            spec,
+            table: Some(table),
+            done,
+            last: done,
+            batches: Vec::new(),
+            held: 0,
+            rows: 0,
+            replayed: false,
+        })
+    }
+
+    async fn commit_held(&self, t: &mut Target, dataset: &str, shard: u32) -> Result<()> {
+        if t.batches.is_empty() {
+            return Ok(());
+        }
+        let batches = std::mem::take(&mut t.batches);
+        let table = self
+            .commit(t.table.take(), &t.spec, dataset, batches, shard, t.last, t.rows)
+            .await?;
+        t.table = Some(table);
+        t.held = 0;
+        t.rows = 0;
+        Ok(())
+    }
+
+    /// Commits what a target holds and puts its table back in the cache.
+    async fn finish(
+        &self,
+        mut t: Target,
+        dataset: &str,
+        shard: u32,
+        tables: &mut HashMap<String, DeltaTable>,
+    ) -> Result<()> {
+        self.commit_held(&mut t, dataset, shard).await?;
+        if t.replayed {
+            // Rows of a replay were committed before a failure that may have come before the
+            // commit's entry was synced: sync the newest entries before the offset moves past.
+            let dir = self.lake.table_dir(&t.spec.name);
+            tokio::task::spawn_blocking(move || crate::table::sync_log_tail(&dir, 16))
+                .await
+                .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        }
+        if let Some(table) = t.table {
+            tables.insert(t.spec.name.clone(), table);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn commit(
         &self,
         table: Option<DeltaTable>,
         spec: &tarn_core::DatasetSpec,
+        stream: &str,
         batches: Vec<deltalake::arrow::array::RecordBatch>,
         shard: u32,
         version: i64,
@@ -245,7 +363,7 @@ impl Curator {
         };
         let started = std::time::Instant::now();
         let writing = self.lake.writing(&spec.name).await;
-        let table = append(table, spec, batches, shard, version).await?;
+        let table = append_as(table, spec, stream, batches, shard, version).await?;
         drop(writing);
         let took_ms = started.elapsed().as_millis() as u64;
         self.stats.commit_ms.fetch_add(took_ms, Relaxed);
@@ -256,6 +374,44 @@ impl Curator {
             .store(tarn_core::SystemClock.now_micros(), Relaxed);
         tracing::info!(dataset = %spec.name, rows, version, took_ms, "curated");
         Ok(table)
+    }
+}
+
+/// The tables rows of a dataset's stream may go to: its own and those of its earlier major
+/// versions.
+fn dataset_tables(spec: &tarn_core::DatasetSpec) -> Vec<String> {
+    let mut names = vec![spec.name.clone()];
+    names.extend((1..spec.major).map(|m| tarn_core::DatasetSpec::frozen_name(&spec.name, m)));
+    names
+}
+
+/// Rows gathered for one table in a round.
+struct Target {
+    spec: Arc<tarn_core::DatasetSpec>,
+    table: Option<DeltaTable>,
+    /// The newest sequence of the stream the table held when the round began.
+    done: i64,
+    /// The newest sequence gathered or committed.
+    last: i64,
+    batches: Vec<deltalake::arrow::array::RecordBatch>,
+    held: usize,
+    rows: u64,
+    /// Some rows were already in the table.
+    replayed: bool,
+}
+
+/// Pauses curate: while the guard lives, no round runs and no table is cached (a new major
+/// version moves the dataset's table away).
+#[derive(Clone)]
+pub struct CuratePause {
+    tables: Arc<tokio::sync::Mutex<HashMap<String, DeltaTable>>>,
+}
+
+impl CuratePause {
+    pub async fn pause(&self) -> tokio::sync::OwnedMutexGuard<HashMap<String, DeltaTable>> {
+        let mut g = self.tables.clone().lock_owned().await;
+        g.clear();
+        g
     }
 }
 

@@ -30,7 +30,7 @@ pub mod vacuum;
 
 use std::path::PathBuf;
 
-pub use curate::{CurateOptions, Curator};
+pub use curate::{CurateOptions, CuratePause, Curator};
 pub use delivery::{Delivery, DeliveryOptions};
 pub use table::Lake;
 

@@ -318,6 +318,20 @@ pub async fn append(
     shard: u32,
     version: i64,
 ) -> Result<DeltaTable> {
+    let stream = spec.name.clone();
+    append_as(table, spec, &stream, batches, shard, version).await
+}
+
+/// [`append`] of rows from the stream of dataset `stream` (which differs from `spec.name` for
+/// the table of an earlier major version): the application transaction is the stream's.
+pub async fn append_as(
+    table: DeltaTable,
+    spec: &DatasetSpec,
+    stream: &str,
+    batches: Vec<RecordBatch>,
+    shard: u32,
+    version: i64,
+) -> Result<DeltaTable> {
     let dataset = spec.name.clone();
     let target = tarn_collector::arrow_schema(spec);
     let batches = batches
@@ -391,7 +405,7 @@ pub async fn append(
     .map_err(|e| Error::Internal(format!("writer task: {e}")))??;
     let files = adds.len();
     let write_ms = started.elapsed().as_millis() as u64;
-    let app_id = curate_app_id(&dataset, shard);
+    let app_id = curate_app_id(stream, shard);
     let props = CommitProperties::default().with_application_transaction(Transaction::new(&app_id, version));
     let op = DeltaOperation::Write {
         mode: SaveMode::Append,
