@@ -145,6 +145,12 @@ pub fn diff(old: &DatasetSpec, new: &DatasetSpec) -> Vec<Change> {
             format!("unknown_fields: {:?} -> {:?}", old.unknown_fields, new.unknown_fields).to_lowercase(),
         );
     }
+    if old.major != new.major {
+        push(
+            Compat::Metadata,
+            format!("major version {} -> {}", old.major, new.major),
+        );
+    }
     let meta: [(&str, bool); 14] = [
         ("description", old.description != new.description),
         ("domain", old.domain != new.domain),
@@ -381,6 +387,10 @@ partitioning: { tenant: client_id }
     #[test]
     fn major_versions_step_by_one() {
         let old = spec(BASE);
+        // A new major version alone is a change (the table starts afresh).
+        let two = spec(&format!("major: 2\n{BASE}"));
+        let ev = check(&old, &two).expect("next major");
+        assert!(ev.new_major && ev.changes.iter().any(|c| c.what == "major version 1 -> 2"));
         let three = spec(&format!("major: 3\n{BASE}"));
         assert_eq!(check(&old, &three), Err(Refusal::MajorStep { from: 1, to: 3 }));
         assert_eq!(check(&three, &old), Err(Refusal::MajorStep { from: 3, to: 1 }));

@@ -16,8 +16,12 @@ pub const SPEC: &str = "name: bids\nfields:\n  - { name: event_id, type: string 
 
 /// Ten-row style records of one day: rows alternate between tenants acme and beta.
 pub fn record_on(seq: u64, rows: usize, day: &str) -> RecordBatch {
-    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
-    let schema = tarn_collector::arrow_schema(&spec);
+    record_of(&DatasetSpec::from_yaml(SPEC).expect("spec"), seq, rows, day)
+}
+
+/// [`record_on`] written under `spec` (a contract of the same fields, any major version).
+pub fn record_of(spec: &DatasetSpec, seq: u64, rows: usize, day: &str) -> RecordBatch {
+    let schema = tarn_collector::arrow_schema(spec);
     let ids: Vec<String> = (0..rows).map(|i| format!("s{seq}-{i}")).collect();
     let clients: Vec<&str> = (0..rows).map(|i| if i % 2 == 0 { "acme" } else { "beta" }).collect();
     let cpm: Vec<f64> = (0..rows).map(|i| i as f64).collect();
@@ -69,13 +73,18 @@ pub fn setup(dir: &std::path::Path) -> (Log, Lake, Arc<Catalog>) {
 }
 
 pub async fn count(lake: &Lake) -> (i64, i64) {
-    let table = lake.open_table("bids").await.expect("table");
+    count_of(lake, "bids").await
+}
+
+/// Rows and distinct event ids in a table.
+pub async fn count_of(lake: &Lake, name: &str) -> (i64, i64) {
+    let table = lake.open_table(name).await.expect("table");
     let ctx = SessionContext::new();
     table.update_datafusion_session(&ctx.state()).expect("session");
-    ctx.register_table("bids", table.table_provider().await.expect("provider"))
+    ctx.register_table("t", table.table_provider().await.expect("provider"))
         .expect("register");
     let df = ctx
-        .sql("SELECT count(*), count(DISTINCT event_id) FROM bids")
+        .sql("SELECT count(*), count(DISTINCT event_id) FROM t")
         .await
         .expect("sql");
     let b = df.collect().await.expect("collect");

@@ -170,6 +170,72 @@ impl Tiers {
     }
 }
 
+impl Tiers {
+    /// Moves a dataset's table to another name (a new major version keeps the current table
+    /// as `<dataset>__v<N>`): the table directory, its days in colder tiers, and the links to
+    /// them. Idempotent, so an interrupted move is finished by running it again. The caller
+    /// holds every writer of both names off.
+    pub fn rename_table(&self, lake: &Lake, from: &str, to: &str) -> Result<()> {
+        let (src, dst) = (lake.table_dir(from), lake.table_dir(to));
+        // A table without a commit (an empty folder a reader may have made) stays.
+        if lake.table_exists(from) {
+            if dst.exists() {
+                return Err(Error::Refused(format!(
+                    "cannot move the table of {from} to {to}: {} exists",
+                    dst.display()
+                )));
+            }
+            std::fs::rename(&src, &dst).map_err(io_err(&src))?;
+            sync_parent(&dst)?;
+        }
+        for base in [&self.infrequent, &self.archive] {
+            let (a, b) = (base.join(from), base.join(to));
+            if a.exists() {
+                if b.exists() {
+                    return Err(Error::Refused(format!(
+                        "cannot move the {from} days of {} to {to}: {} exists",
+                        base.display(),
+                        b.display()
+                    )));
+                }
+                std::fs::rename(&a, &b).map_err(io_err(&a))?;
+                sync_parent(&b)?;
+            }
+        }
+        if !dst.exists() {
+            return Ok(());
+        }
+        // Each link of a tiered day now names the tier folder of the new name.
+        for e in std::fs::read_dir(&dst).map_err(io_err(&dst))? {
+            let entry = e.map_err(io_err(&dst))?.path();
+            let Ok(target) = std::fs::read_link(&entry) else {
+                continue;
+            };
+            for base in [&self.infrequent, &self.archive] {
+                let Ok(rest) = target.strip_prefix(base.join(from)) else {
+                    continue;
+                };
+                let fresh = base.join(to).join(rest);
+                let tmp = entry.with_file_name(format!(
+                    ".{}.relink",
+                    entry.file_name().and_then(|n| n.to_str()).unwrap_or("day")
+                ));
+                clear_leftover(&tmp)?;
+                symlink_dir(&fresh, &tmp)?;
+                std::fs::rename(&tmp, &entry).map_err(io_err(&entry))?;
+            }
+        }
+        sync_path(&dst)
+    }
+}
+
+fn sync_parent(path: &Path) -> Result<()> {
+    match path.parent() {
+        Some(p) => sync_path(p),
+        None => Ok(()),
+    }
+}
+
 /// Where a day's files are now: the table's entry itself, or where its link points.
 fn current_place(entry: &Path) -> Result<Option<PathBuf>> {
     match std::fs::symlink_metadata(entry) {

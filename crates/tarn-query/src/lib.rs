@@ -264,6 +264,11 @@ impl QueryEngine {
         )))
     }
 
+    /// Drops the cached table of a dataset (its table moved away for a new major version).
+    pub async fn forget(&self, dataset: &str) {
+        self.tables.lock().await.remove(dataset);
+    }
+
     /// A dataset's table at its newest version: the cached one, updated incrementally (or
     /// opened afresh when that fails).
     async fn current_table(&self, dataset: &str) -> Result<deltalake::DeltaTable> {

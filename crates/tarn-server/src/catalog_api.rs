@@ -139,13 +139,6 @@ pub async fn apply_handler(
             format!("{dataset}: {reason}; nothing was applied"),
         ));
     }
-    if let Some(Step::NewMajor { dataset, to, .. }) = plan.steps.iter().find(|s| matches!(s, Step::NewMajor { .. })) {
-        return Err(api(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "new_major_unsupported",
-            format!("{dataset}: starting major version {to} is not supported by this server yet; nothing was applied"),
-        ));
-    }
     let specs: Vec<_> = report.specs.into_iter().map(|(_, s)| s).collect();
     let (applied, keys) = apply_specs(&app, specs, true).await?;
     Ok(axum::Json(json!({
@@ -169,12 +162,23 @@ pub async fn apply_specs(
     for spec in specs {
         producers.extend(spec.producers.iter().map(|p| p.name.clone()));
         let name = spec.name.clone();
-        let a = app.catalog.evolve(spec).map_err(crate::http::catalog_error)?;
+        let new_major = app.catalog.get(&name).is_some_and(|old| spec.major == old.major + 1);
+        let a = if new_major {
+            let running = crate::major::Running {
+                curate: Some(&app.curate_pause),
+                query: Some(&app.query),
+            };
+            crate::major::start(&app.catalog_dir, &app.catalog, app.lake(), &app.tiers, spec, running)
+                .await
+                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?
+        } else {
+            app.catalog.evolve(spec).map_err(crate::http::catalog_error)?
+        };
         let Some(version) = a.version.clone() else {
             continue;
         };
         let mut columns_added = 0;
-        if !a.created() {
+        if !a.created() && !a.new_major {
             let lake = app.lake().clone();
             let spec = a.spec.clone();
             columns_added = app
@@ -194,7 +198,13 @@ pub async fn apply_specs(
         tracing::info!(dataset = %name, version, columns_added, "contract applied");
         applied.push(AppliedStep {
             dataset: name,
-            action: if a.created() { "created" } else { "changed" },
+            action: if a.created() {
+                "created"
+            } else if a.new_major {
+                "new_major"
+            } else {
+                "changed"
+            },
             version: Some(version),
             columns_added,
         });

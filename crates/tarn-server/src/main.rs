@@ -9,6 +9,7 @@ mod catalog_api;
 mod http;
 mod keys;
 mod maintenance;
+mod major;
 mod results;
 mod rollup_api;
 mod serve;

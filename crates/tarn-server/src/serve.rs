@@ -118,6 +118,10 @@ pub struct App {
     pub rollups: Rollups,
     pub read_keys: crate::keys::ReadKeys,
     pub producer_keys: crate::keys::ProducerKeys,
+    /// Pauses curate while a new major version moves a table.
+    pub curate_pause: tarn_lake::CuratePause,
+    pub tiers: Tiers,
+    pub catalog_dir: std::path::PathBuf,
     /// One `tarn apply` at a time.
     pub apply_lock: tokio::sync::Mutex<()>,
     /// The most bytes any one query may scan (refused before it runs).
@@ -268,11 +272,25 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
     let producer_keys =
         crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
+    let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
+    let tiers = Tiers::new(
+        args.tier_infrequent_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/infrequent")),
+        args.tier_archive_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/archive")),
+    )
+    .context("opening the tier directories")?;
+    let catalog_dir = args.data_dir.join("catalog");
+    crate::major::recover(&catalog_dir, &catalog, &lake, &tiers)
+        .await
+        .context("finishing an interrupted new major version")?;
     if let Some(dir) = &args.datasets {
-        load_descriptors(&catalog, &producer_keys, dir)
+        load_descriptors(&catalog_dir, &catalog, &lake, &tiers, &producer_keys, dir)
+            .await
             .with_context(|| format!("loading dataset descriptors from {}", dir.display()))?;
     }
-    let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let background_rt = BackgroundRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
@@ -293,6 +311,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let curator =
         Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
     let curate_stats = curator.stats.clone();
+    let curate_pause = curator.pauser();
     let curate_task = background.spawn(curator.run(shutdown_rx.clone()));
     let read_keys = match &args.read_keys {
         Some(p) => crate::keys::ReadKeys::load(p)?,
@@ -329,15 +348,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         archive_gb_month: args.price_archive_gb_month,
         scan_tb: args.price_scan_tb,
     };
-    let tiers = Tiers::new(
-        args.tier_infrequent_dir
-            .clone()
-            .unwrap_or_else(|| lake.root().join("tiers/infrequent")),
-        args.tier_archive_dir
-            .clone()
-            .unwrap_or_else(|| lake.root().join("tiers/archive")),
-    )
-    .context("opening the tier directories")?;
     let maintenance = Arc::new(Maintenance::new(
         lake.clone(),
         catalog.clone(),
@@ -357,7 +367,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let app = Arc::new(App {
         collector,
         query: QueryEngine::new(lake.clone(), catalog.clone())
-            .with_tiers(tiers)
+            .with_tiers(tiers.clone())
             .with_scan_price(args.price_scan_tb)
             .with_concurrency(args.query_concurrency)
             .with_memory_limit(args.query_memory_mb.max(1) << 20)
@@ -368,6 +378,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         rollups,
         read_keys,
         producer_keys,
+        curate_pause,
+        tiers: tiers.clone(),
+        catalog_dir: catalog_dir.clone(),
         apply_lock: tokio::sync::Mutex::new(()),
         query_bytes_max: (args.query_bytes_max > 0).then_some(args.query_bytes_max),
         log,
@@ -379,7 +392,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         shutdown: shutdown_rx,
         background: background.clone(),
     });
-    for spec in catalog.list() {
+    // The table of an earlier major version has no stream of its own.
+    for spec in catalog.list().into_iter().filter(|s| !s.is_frozen()) {
         app.ensure_delivery(&spec.name)?;
     }
     let listener = tokio::net::TcpListener::bind(args.http)
@@ -408,7 +422,14 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 /// folder must validate, and a change the evolution rules refuse stops the start. Producers
 /// without a key are named in the log (`tarn apply` issues keys; a start does not print
 /// secrets).
-fn load_descriptors(catalog: &Catalog, keys: &crate::keys::ProducerKeys, dir: &std::path::Path) -> Result<()> {
+async fn load_descriptors(
+    catalog_dir: &std::path::Path,
+    catalog: &Catalog,
+    lake: &Lake,
+    tiers: &Tiers,
+    keys: &crate::keys::ProducerKeys,
+    dir: &std::path::Path,
+) -> Result<()> {
     use tarn_catalog::plan::Step;
     let sources: Vec<_> = tarn_catalog::read_descriptors(dir)?
         .into_iter()
@@ -433,9 +454,6 @@ fn load_descriptors(catalog: &Catalog, keys: &crate::keys::ProducerKeys, dir: &s
     for s in &plan.steps {
         match s {
             Step::Refused { dataset, reason } => anyhow::bail!("{dataset}: {reason}"),
-            Step::NewMajor { dataset, to, .. } => {
-                anyhow::bail!("{dataset}: starting major version {to} is not supported by this server yet")
-            }
             Step::ProducerKey { producer } => {
                 tracing::warn!(producer, "producer has no write key yet; `tarn apply` issues one")
             }
@@ -443,7 +461,12 @@ fn load_descriptors(catalog: &Catalog, keys: &crate::keys::ProducerKeys, dir: &s
         }
     }
     for spec in specs {
-        let a = catalog.evolve(spec)?;
+        let new_major = catalog.get(&spec.name).is_some_and(|old| spec.major == old.major + 1);
+        let a = if new_major {
+            crate::major::start(catalog_dir, catalog, lake, tiers, spec, Default::default()).await?
+        } else {
+            catalog.evolve(spec)?
+        };
         if let Some(v) = &a.version {
             tracing::info!(dataset = %a.spec.name, version = %v, changes = a.changes.len(), "descriptor applied");
         }

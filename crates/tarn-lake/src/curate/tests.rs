@@ -6,7 +6,7 @@ use tarn_core::DatasetSpec;
 
 use super::*;
 use crate::raw::object_path;
-use crate::testkit::{SPEC, count, files_on_disk, note, setup};
+use crate::testkit::{SPEC, count, count_of, files_on_disk, note, record_of, setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_overlaps_never_duplicate() {
@@ -131,4 +131,66 @@ async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
         .collect();
     listed.sort();
     assert_eq!(files_on_disk(&lake.table_dir("bids")), listed);
+}
+
+/// After a new major version, rows still in flight from the old contract go to the kept
+/// table, the new ones to the fresh table, in any interleaving, and replays add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_to_the_table_of_their_major_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).expect("curator");
+    cur.apply(&[note(&lake, 0, 1)]).await.expect("major 1");
+    // Major 2 begins: the table moves to bids__v1 (as `tarn apply` does it).
+    let v1 = catalog.get("bids").expect("spec");
+    let v2 = DatasetSpec::from_yaml(&format!("major: 2\n{SPEC}")).expect("spec");
+    // Curate is paused (its cached table handles dropped) while the table moves.
+    let paused = cur.pauser().pause().await;
+    crate::tiers::Tiers::under(&lake)
+        .expect("tiers")
+        .rename_table(&lake, "bids", "bids__v1")
+        .expect("move");
+    catalog
+        .register(DatasetSpec::frozen_of(&v1).expect("frozen"))
+        .expect("register");
+    catalog.evolve(v2.clone()).expect("major 2");
+    drop(paused);
+    let object = |first: u64, last: u64, spec: &DatasetSpec| {
+        let batches: Vec<_> = (first..=last).map(|s| record_of(spec, s, 10, "2026-11-22")).collect();
+        let path = object_path("bids", 0, first, last);
+        let bytes = crate::raw::write_object(lake.root(), &path, &batches).expect("write");
+        ObjectCreated {
+            version: 1,
+            dataset: "bids".into(),
+            shard: 0,
+            first_seq: first,
+            last_seq: last,
+            path,
+            rows: (last - first + 1) * 10,
+            bytes,
+        }
+    };
+    // Old rows in flight, new rows, then a late old one (its request was checked against
+    // major 1 just before the change).
+    let notes = [
+        object(2, 3, &v1),
+        object(4, 5, &v2),
+        object(6, 6, &v1),
+        object(7, 8, &v2),
+    ];
+    cur.apply(&notes).await.expect("apply");
+    assert_eq!(count_of(&lake, "bids__v1").await, (50, 50));
+    assert_eq!(count_of(&lake, "bids").await, (40, 40));
+    // Replays, also by a fresh curator, add nothing anywhere.
+    cur.apply(&notes).await.expect("replay");
+    let log2 = Log::open(dir.path().join("log2"), tarn_log::LogOptions::default()).expect("log");
+    let catalog2 = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
+    let cur2 = Curator::new(&log2, lake.clone(), catalog2, CurateOptions::default()).expect("curator");
+    cur2.apply(&notes[1..]).await.expect("replay after restart");
+    assert_eq!(count_of(&lake, "bids__v1").await, (50, 50));
+    assert_eq!(count_of(&lake, "bids").await, (40, 40));
+    // A batch from a later major version than the contract in force is refused.
+    let v3 = DatasetSpec::from_yaml(&format!("major: 3\n{SPEC}")).expect("spec");
+    let err = cur.apply(&[object(9, 9, &v3)]).await.expect_err("from the future");
+    assert!(err.to_string().contains("major version 3"), "{err}");
 }

@@ -224,3 +224,111 @@ async fn validate_plan_apply_evolve() {
     let (status, v) = sql(&c, &server.url, "SELECT count(site) FROM auctions").await;
     assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(50)), "{v}");
 }
+
+const LEDGER_V1: &str = "name: ledger
+owner: finance
+fields:
+  - { name: event_id, type: string, required: true }
+  - { name: ts, type: timestamp, required: true }
+  - { name: client_id, type: string, required: true }
+  - { name: amount, type: float64 }
+event_time: ts
+event_id: event_id
+partitioning: { tenant: client_id }
+lifecycle: { infrequent_after_days: 5 }
+";
+
+fn ledger_events(n: usize, day: &str, amount: &str) -> String {
+    (0..n)
+        .map(|i| format!(r#"{{"event_id":"{day}-{i}","ts":"{day}T08:00:00Z","client_id":"acme","amount":{amount}}}"#))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A breaking change under the next major version: the old table stays queryable as
+/// `<name>__v1` (its days in a colder tier too), the new contract starts a fresh table, and a
+/// change interrupted after its intent was written is finished at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_major_version_keeps_the_old_table() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let desc = tmp.path().join("descriptors");
+    write(&desc, "ledger.yaml", LEDGER_V1);
+    let d = desc.to_str().expect("utf8");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, &["--batch-age-ms", "50"]);
+    let url = server.url.clone();
+    let c = client();
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+
+    // Major 1: an old day (moved to the infrequent tier) and a recent one.
+    let old_day = (chrono::Utc::now() - chrono::Duration::days(20))
+        .format("%Y-%m-%d")
+        .to_string();
+    let new_day = (chrono::Utc::now() - chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    for (day, n) in [(&old_day, 30), (&new_day, 20)] {
+        let (status, body) = post_events(&c, &url, "ledger", ledger_events(n, day, "2.5")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_for(&c, &url, "SELECT count(*) FROM ledger", 30, |v| v["rows"][0][0] == 50).await;
+    let (code, out) = tarn(&["lifecycle", "--dataset", "ledger", "--server", &url], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 moved"), "{out}");
+
+    // Major 2 retypes a field: refused as major 1, planned and applied as major 2.
+    let v2 = LEDGER_V1.replace("type: float64", "type: string");
+    write(&desc, "ledger.yaml", &v2);
+    let (code, out) = tarn(&["plan", d], &url);
+    assert_eq!(code, 1, "{out}");
+    write(&desc, "ledger.yaml", &format!("major: 2\n{v2}"));
+    let (code, out) = tarn(&["plan", d], &url);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("! new major version of ledger: 1 -> 2"), "{out}");
+    let (code, out) = tarn(&["apply", d], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("new_major ledger -> version 2.0"), "{out}");
+
+    // The old table, whole, under its new name; its tiered day still reads.
+    let (status, v) = sql(&c, &url, "SELECT count(*), sum(amount) FROM ledger__v1").await;
+    assert_eq!((status, &v["rows"][0]), (200, &serde_json::json!([50, 125.0])), "{v}");
+    let q = format!("SELECT count(*) FROM ledger__v1 WHERE day = '{old_day}' AND amount > 1");
+    let (status, v) = sql(&c, &url, &q).await;
+    assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(30)), "{v}");
+    // It takes no events; the dataset takes major 2's.
+    let (status, _) = post_events(&c, &url, "ledger__v1", ledger_events(1, &new_day, "1.0")).await;
+    assert_eq!(status, 400);
+    let (status, body) = post_events(&c, &url, "ledger", ledger_events(5, &new_day, "3.0")).await;
+    assert_eq!(status, 400, "a number is no longer a string: {body}");
+    let (status, body) = post_events(&c, &url, "ledger", ledger_events(5, &new_day, "\"3.0 EUR\"")).await;
+    assert_eq!(status, 200, "{body}");
+    let v = wait_for(&c, &url, "SELECT count(*), max(amount) FROM ledger", 30, |v| {
+        v["rows"][0][0] == 5
+    })
+    .await;
+    assert_eq!(v["rows"][0][1], "3.0 EUR");
+    let versions = get_json(&c, &format!("{url}/v1/datasets/ledger/versions")).await;
+    assert_eq!(versions["versions"][1]["version"], "2.0", "{versions}");
+    let (code, out) = tarn(&["validate", d], &url);
+    assert_eq!(code, 0, "the folder now matches what runs: {out}");
+    drop(server);
+
+    // An interrupted major 3: only its intent was written before the crash.
+    let spec = |text: &str| serde_json::to_value(tarn_core::DatasetSpec::from_yaml(text).expect("spec")).expect("json");
+    let v3 = format!(
+        "major: 3\n{}",
+        LEDGER_V1.replace("  - { name: amount, type: float64 }\n", "")
+    );
+    let intent = serde_json::json!({"from": spec(&format!("major: 2\n{v2}")), "to": spec(&v3)});
+    std::fs::create_dir_all(data.join("catalog/majors")).expect("mkdir");
+    std::fs::write(data.join("catalog/majors/ledger.json"), intent.to_string()).expect("intent");
+    let server = Server::start(&data, &[]);
+    let (status, v) = sql(&c, &server.url, "SELECT count(*) FROM ledger__v2").await;
+    assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(5)), "{v}");
+    let (status, v) = sql(&c, &server.url, "SELECT count(*) FROM ledger__v1").await;
+    assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(50)), "{v}");
+    let page = get_json(&c, &format!("{}/v1/datasets/ledger", server.url)).await;
+    assert_eq!(page["contract"]["major"], 3, "{page}");
+    assert!(!data.join("catalog/majors/ledger.json").exists());
+}
