@@ -36,6 +36,8 @@ pub enum Error {
     Refused { name: String, refusal: Refusal },
     #[error("dataset {name:?} is kept by tarn itself; it cannot be declared or changed")]
     System { name: String },
+    #[error("dataset {name:?} is registered data read in place; only `tarn register` changes it")]
+    Registered { name: String },
     #[error(transparent)]
     Invalid(#[from] tarn_core::Error),
 }
@@ -199,6 +201,9 @@ impl Catalog {
         };
         if old.system {
             return Err(Error::System { name: spec.name });
+        }
+        if old.external.is_some() != spec.external.is_some() {
+            return Err(Error::Registered { name: spec.name });
         }
         let ev = evolution::check(&old, &spec).map_err(|refusal| Error::Refused {
             name: spec.name.clone(),

@@ -63,6 +63,13 @@ pub fn plan(declared: &[DatasetSpec], live: &[Arc<DatasetSpec>], has_key: &dyn F
             });
             continue;
         };
+        if old.external.is_some() {
+            out.steps.push(Step::Refused {
+                dataset: spec.name.clone(),
+                reason: "registered data read in place; only `tarn register` changes it".into(),
+            });
+            continue;
+        }
         match evolution::check(old, spec) {
             Ok(ev) if ev.changes.is_empty() => out.unchanged.push(spec.name.clone()),
             Ok(ev) if ev.new_major => out.steps.push(Step::NewMajor {
@@ -94,7 +101,7 @@ pub fn plan(declared: &[DatasetSpec], live: &[Arc<DatasetSpec>], has_key: &dyn F
     }
     out.untracked = live
         .iter()
-        .filter(|l| !l.system && !declared_names.contains(l.name.as_str()))
+        .filter(|l| !l.system && l.external.is_none() && !declared_names.contains(l.name.as_str()))
         .map(|l| l.name.clone())
         .collect();
     out

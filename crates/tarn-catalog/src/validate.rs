@@ -231,7 +231,14 @@ pub fn validate(sources: &[Source], live: &dyn Fn(&str) -> Option<Arc<DatasetSpe
             }
         }
         if let Some(old) = live(&spec.name) {
-            if old.system {
+            if old.external.is_some() {
+                find(
+                    ds,
+                    "registered",
+                    Severity::Error,
+                    "the name belongs to registered data read in place (`tarn register`)".into(),
+                );
+            } else if old.system {
                 find(
                     ds,
                     "system",

@@ -228,6 +228,12 @@ impl Prepare {
                 "{dataset} is kept by tarn itself (dead letters or an earlier major version); it takes no events"
             )));
         }
+        if let Some(ext) = &spec.external {
+            return Err(Error::BadRequest(format!(
+                "{dataset} is registered data read in place at {}; it takes no events",
+                ext.location
+            )));
+        }
         let (batch, rejections) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
         let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
         let payload = batch.as_ref().map(encode::encode_payload).transpose()?;

@@ -187,6 +187,35 @@ impl From<AppRepr> for App {
     }
 }
 
+/// Data tarn did not write: an existing folder of Parquet files or a Delta table, registered
+/// with `tarn register` and read in place (never written, compacted or moved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    pub format: ExternalFormat,
+    /// The absolute path of the folder.
+    pub location: String,
+    /// Partition columns: Hive-style `key=value` folders (Parquet) or the table's own (Delta).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExternalFormat {
+    Parquet,
+    Delta,
+}
+
+impl ExternalFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExternalFormat::Parquet => "parquet",
+            ExternalFormat::Delta => "delta",
+        }
+    }
+}
+
 /// What the collector does with a field the contract does not declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -267,6 +296,9 @@ pub struct DatasetSpec {
     /// through the API, never declared in a descriptor.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub system: bool,
+    /// Registered data read in place (`tarn register`); such a dataset takes no events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
 }
 
 /// The suffix of a dataset's dead-letter table.
@@ -392,6 +424,12 @@ impl DatasetSpec {
                 reason: "`system` is for the datasets tarn keeps itself; a descriptor cannot set it".into(),
             });
         }
+        if spec.external.is_some() {
+            return Err(Error::InvalidContract {
+                dataset: spec.name,
+                reason: "`external` comes from `tarn register`, which reads the data's own schema".into(),
+            });
+        }
         spec.check()?;
         Ok(spec)
     }
@@ -449,6 +487,7 @@ impl DatasetSpec {
             query: QueryRules::default(),
             rollups: Vec::new(),
             system: true,
+            external: None,
         };
         spec.check()?;
         Ok(spec)
@@ -509,6 +548,9 @@ impl DatasetSpec {
         }
         if self.fields.is_empty() {
             return bad("a dataset needs at least one field".into());
+        }
+        if let Some(ext) = &self.external {
+            return self.check_external(ext);
         }
         if self.major == 0 || self.major > 9999 {
             return bad(format!("major is {}; it must be from 1 to 9999", self.major));
@@ -612,6 +654,51 @@ impl DatasetSpec {
                 }
                 None => return bad(format!("tenant field {t:?} is not declared")),
             }
+        }
+        Ok(())
+    }
+
+    /// The rules of a registered dataset: an absolute location, column names SQL can carry,
+    /// and none of what only tarn's own tables have (event id, tenant, rollups, lifecycle).
+    fn check_external(&self, ext: &External) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::InvalidContract {
+                dataset: self.name.clone(),
+                reason,
+            })
+        };
+        if !ext.location.starts_with('/') || ext.location.split('/').any(|c| c == "..") {
+            return bad(format!(
+                "location {:?} must be an absolute path without ..",
+                ext.location
+            ));
+        }
+        if self.fields.len() > 10_000 {
+            return bad(format!("{} columns; at most 10000", self.fields.len()));
+        }
+        for f in &self.fields {
+            if f.name.is_empty() || f.name.len() > 255 || f.name.chars().any(char::is_control) {
+                return bad(format!("column {:?}: 1 to 255 printable characters", f.name));
+            }
+        }
+        for p in &ext.partitions {
+            if self.field(p).is_none() {
+                return bad(format!("partition column {p:?} is not a column"));
+            }
+        }
+        let owned = !self.event_id.is_empty()
+            || self.event_time.is_some()
+            || self.tenant().is_some()
+            || !self.rollups.is_empty()
+            || !self.producers.is_empty()
+            || self.lifecycle != Lifecycle::default()
+            || self.compaction != Compaction::default()
+            || self.system;
+        if owned {
+            return bad(
+                "a registered dataset is read in place: no event_id, event_time, tenant, producers, rollups, lifecycle or compaction"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -732,6 +819,7 @@ impl DatasetSpec {
             query: QueryRules::default(),
             rollups: Vec::new(),
             system: false,
+            external: None,
         };
         spec.check()?;
         Ok(spec)

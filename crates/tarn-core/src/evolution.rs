@@ -151,7 +151,7 @@ pub fn diff(old: &DatasetSpec, new: &DatasetSpec) -> Vec<Change> {
             format!("major version {} -> {}", old.major, new.major),
         );
     }
-    let meta: [(&str, bool); 14] = [
+    let meta: [(&str, bool); 15] = [
         ("description", old.description != new.description),
         ("domain", old.domain != new.domain),
         ("owner", old.owner != new.owner),
@@ -166,6 +166,7 @@ pub fn diff(old: &DatasetSpec, new: &DatasetSpec) -> Vec<Change> {
         ("query", old.query != new.query),
         ("rollups", old.rollups != new.rollups),
         ("inferred", old.inferred != new.inferred),
+        ("external", old.external != new.external),
     ];
     for (what, changed) in meta {
         if changed {

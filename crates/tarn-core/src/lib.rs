@@ -10,7 +10,10 @@ pub mod name;
 pub mod rollup;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use contract::{App, Compaction, DatasetSpec, Field, FieldType, Lifecycle, Pii, Scope, SizeClass, UnknownFields};
+pub use contract::{
+    App, Compaction, DatasetSpec, External, ExternalFormat, Field, FieldType, Lifecycle, Pii, Scope, SizeClass,
+    UnknownFields,
+};
 pub use error::{Error, Result};
 pub use limits::Limits;
 pub use rollup::{Grain, Metric, MetricFn, Rollup};

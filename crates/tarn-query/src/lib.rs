@@ -3,6 +3,7 @@
 //! executed plan's metrics.
 
 mod convert;
+pub mod external;
 pub mod history;
 pub mod rollup;
 mod stats;
@@ -124,6 +125,9 @@ pub struct QueryEngine {
     /// Each dataset's table as last loaded: a query brings it up to date by reading only the
     /// commits made since, instead of replaying the log.
     tables: tokio::sync::Mutex<HashMap<String, deltalake::DeltaTable>>,
+    /// The file schema of each registered Parquet folder, by dataset and location: inferring
+    /// it reads every footer, so it is done once (`forget` drops it).
+    external_schemas: std::sync::Mutex<HashMap<String, (String, SchemaRef)>>,
 }
 
 /// Default memory of all running queries together: 1 GiB.
@@ -201,6 +205,7 @@ impl QueryEngine {
             memory_limit: MEMORY_LIMIT_DEFAULT,
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY_DEFAULT)),
             tables: tokio::sync::Mutex::new(HashMap::new()),
+            external_schemas: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -267,6 +272,40 @@ impl QueryEngine {
     /// Drops the cached table of a dataset (its table moved away for a new major version).
     pub async fn forget(&self, dataset: &str) {
         self.tables.lock().await.remove(dataset);
+        self.external_schemas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(dataset);
+    }
+
+    /// Registers a dataset read in place into a session.
+    async fn register_external(
+        &self,
+        ctx: &SessionContext,
+        spec: &tarn_core::DatasetSpec,
+        ext: &tarn_core::External,
+        urls: &mut HashMap<String, String>,
+    ) -> Result<()> {
+        let cached = self
+            .external_schemas
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&spec.name)
+            .filter(|(loc, _)| *loc == ext.location)
+            .map(|(_, s)| s.clone());
+        let (provider, schema) = external::provider(ctx, ext, cached).await?;
+        if let Some(s) = schema {
+            self.external_schemas
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.name.clone(), (ext.location.clone(), s));
+        }
+        ctx.register_table(spec.name.as_str(), provider).map_err(classify)?;
+        urls.insert(
+            format!("{}/", ext.location.trim_start_matches('/').trim_end_matches('/')),
+            spec.name.clone(),
+        );
+        Ok(())
     }
 
     /// A dataset's table at its newest version: the cached one, updated incrementally (or
@@ -342,6 +381,21 @@ impl QueryEngine {
             catalog.register_schema("system", system).map_err(classify)?;
         }
         for spec in self.catalog.list() {
+            if let Some(ext) = &spec.external {
+                match self.register_external(&ctx, &spec, ext, &mut urls).await {
+                    Ok(()) => {}
+                    Err(e) if !mentions(sql, &spec.name) => {
+                        tracing::warn!(dataset = %spec.name, error = %e, "registered data cannot be read; left out of this query");
+                    }
+                    Err(e) => {
+                        return Err(Error::Internal(format!(
+                            "reading {} at {}: {e}",
+                            spec.name, ext.location
+                        )));
+                    }
+                }
+                continue;
+            }
             if !self.lake.table_exists(&spec.name) {
                 continue;
             }

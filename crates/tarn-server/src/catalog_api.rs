@@ -481,3 +481,151 @@ pub async fn run_apply(d: DescriptorArgs) -> Result<u8> {
     }
     Ok(exit::OK)
 }
+
+// ---- registering data read in place ----
+
+/// The body of `POST /v1/catalog/register`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    pub name: String,
+    /// The absolute path of a folder of Parquet files or of a Delta table.
+    pub location: String,
+    /// `parquet` or `delta`; absent: Delta when the folder holds `_delta_log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<tarn_core::ExternalFormat>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+}
+
+/// Registers (or refreshes) data read in place: reads its schema, partitions, files and bytes
+/// and keeps them as a contract version. The data's own schema rules: a column the data lost
+/// or retyped starts the next major version instead of being refused.
+pub async fn register_handler(
+    State(app): State<Arc<App>>,
+    axum::Json(body): axum::Json<RegisterBody>,
+) -> Result<Response, ApiError> {
+    let _one = app.apply_lock.lock().await;
+    tarn_core::name::check_dataset(&body.name).map_err(|e| api(StatusCode::BAD_REQUEST, "bad_name", e.to_string()))?;
+    let existing = app.catalog.get(&body.name);
+    if existing.as_ref().is_some_and(|s| s.external.is_none()) {
+        return Err(api(
+            StatusCode::CONFLICT,
+            "exists",
+            format!(
+                "{} is a dataset tarn writes; register the data under another name",
+                body.name
+            ),
+        ));
+    }
+    let found = tarn_query::external::inspect(std::path::Path::new(&body.location), body.format).await?;
+    let mut spec = tarn_core::DatasetSpec::from_yaml(&format!(
+        "name: {}\nfields: [{{ name: event_id, type: string }}]\nevent_id: event_id\n",
+        body.name
+    ))
+    .map_err(|e| api(StatusCode::BAD_REQUEST, "bad_name", e.to_string()))?;
+    spec.event_id = String::new();
+    spec.fields = found.fields.clone();
+    spec.description = body
+        .description
+        .clone()
+        .or_else(|| existing.as_ref().and_then(|e| e.description.clone()));
+    spec.owner = body
+        .owner
+        .clone()
+        .or_else(|| existing.as_ref().and_then(|e| e.owner.clone()));
+    spec.domain = body
+        .domain
+        .clone()
+        .or_else(|| existing.as_ref().and_then(|e| e.domain.clone()));
+    spec.external = Some(tarn_core::External {
+        format: found.format,
+        location: found.location.clone(),
+        partitions: found.partitions.clone(),
+    });
+    if let Some(old) = &existing {
+        spec.major = old.major;
+        if matches!(
+            tarn_core::evolution::check(old, &spec),
+            Err(tarn_core::evolution::Refusal::Breaking { .. })
+        ) {
+            spec.major = old.major + 1;
+        }
+    }
+    let applied = app.catalog.evolve(spec).map_err(crate::http::catalog_error)?;
+    app.query.forget(&body.name).await;
+    tracing::info!(dataset = %body.name, location = %found.location, files = found.files, "registered data read in place");
+    Ok(axum::Json(json!({
+        "dataset": body.name,
+        "format": found.format.as_str(),
+        "location": found.location,
+        "columns": found.fields.len(),
+        "partitions": found.partitions,
+        "files": found.files,
+        "bytes": found.bytes,
+        "version": applied.version,
+        "changes": applied.changes,
+    }))
+    .into_response())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RegisterArgs {
+    /// The dataset name to query it by.
+    pub name: String,
+    /// A folder of Parquet files (Hive-style `key=value` folders become partition columns) or
+    /// a Delta table.
+    pub path: PathBuf,
+    /// `parquet` or `delta` (default: Delta when the folder holds `_delta_log`).
+    #[arg(long)]
+    pub format: Option<String>,
+    #[arg(long)]
+    pub description: Option<String>,
+    #[arg(long)]
+    pub owner: Option<String>,
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// The server.
+    #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
+    pub server: String,
+}
+
+/// `tarn register NAME PATH`.
+pub async fn run_register(a: RegisterArgs) -> Result<()> {
+    let format = match a.format.as_deref() {
+        None => None,
+        Some("parquet") => Some(tarn_core::ExternalFormat::Parquet),
+        Some("delta") => Some(tarn_core::ExternalFormat::Delta),
+        Some(f) => bail!("--format {f:?}: parquet or delta"),
+    };
+    let location = std::path::absolute(&a.path).with_context(|| format!("{}", a.path.display()))?;
+    let body = RegisterBody {
+        name: a.name,
+        location: location.to_string_lossy().into_owned(),
+        format,
+        description: a.description,
+        owner: a.owner,
+        domain: a.domain,
+    };
+    let url = format!("{}/v1/catalog/register", a.server.trim_end_matches('/'));
+    let v = crate::admin::json_answer(reqwest::Client::new().post(&url).json(&body), &url).await?;
+    let parts = v["partitions"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
+        .unwrap_or_default();
+    println!(
+        "registered {} ({} at {}): {} columns, partitions [{parts}], {} files, {} bytes; version {}",
+        v["dataset"].as_str().unwrap_or("?"),
+        v["format"].as_str().unwrap_or("?"),
+        v["location"].as_str().unwrap_or("?"),
+        v["columns"],
+        v["files"],
+        v["bytes"],
+        v["version"].as_str().unwrap_or("unchanged")
+    );
+    Ok(())
+}

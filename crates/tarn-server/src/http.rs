@@ -56,6 +56,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/catalog/plan",
             post(crate::catalog_api::plan_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
         )
+        .route("/v1/catalog/register", post(crate::catalog_api::register_handler))
         .route(
             "/v1/catalog/apply",
             post(crate::catalog_api::apply_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
@@ -138,7 +139,7 @@ pub fn catalog_error(e: tarn_catalog::Error) -> ApiError {
     let msg = e.to_string();
     match e {
         E::Invalid(_) => api(StatusCode::BAD_REQUEST, "invalid_contract", msg),
-        E::Conflict { .. } | E::Refused { .. } | E::System { .. } => {
+        E::Conflict { .. } | E::Refused { .. } | E::System { .. } | E::Registered { .. } => {
             api(StatusCode::UNPROCESSABLE_ENTITY, "refused", msg)
         }
         E::Io { .. } | E::Corrupt { .. } => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
@@ -296,8 +297,13 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
     // Counted through SQL, so a guardrail (a required partition filter) may refuse: the page
     // then says why instead of failing.
     let (mut rows, mut newest, mut rows_error) = (json!(0), serde_json::Value::Null, None);
-    if has_table {
-        let sql = format!("SELECT count(*), CAST(max(_received_at) AS VARCHAR) FROM {name}");
+    if has_table || spec.external.is_some() {
+        // Registered data has no receive time of tarn's.
+        let sql = if spec.external.is_some() {
+            format!("SELECT count(*) FROM \"{name}\"")
+        } else {
+            format!("SELECT count(*), CAST(max(_received_at) AS VARCHAR) FROM {name}")
+        };
         match app.query.sql(&sql, &tarn_query::QueryOptions::default()).await {
             Ok(r) => {
                 rows = r.rows.first().and_then(|x| x.first()).cloned().unwrap_or_default();

@@ -70,6 +70,9 @@ enum Command {
     /// Make the running server match a folder of descriptors (datasets, columns, versions,
     /// producer keys); idempotent. Exit 0: applied; 1: refused, nothing applied; 2: failed.
     Apply(catalog_api::DescriptorArgs),
+    /// Make an existing folder of Parquet files or a Delta table queryable in place: reads its
+    /// schema and partitions into the catalog (again to refresh them).
+    Register(catalog_api::RegisterArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -148,6 +151,7 @@ fn main() -> std::process::ExitCode {
             Command::Lifecycle(a) => admin::run_lifecycle(a).await,
             Command::Restore(a) => admin::run_restore(a).await,
             Command::Rollup(a) => rollup_api::run(a).await,
+            Command::Register(a) => catalog_api::run_register(a).await,
             Command::Catalog(a) => match a.command {
                 CatalogCommand::Search(s) => admin::run_catalog_search(s).await,
             },

@@ -218,14 +218,27 @@ impl Maintenance {
         dataset_storage(&self.lake, spec, &self.prices, Some(&self.tiers)).await
     }
 
+    /// The datasets whose tables tarn writes (registered data is read in place, never
+    /// compacted, moved or vacuumed).
+    fn owned(&self) -> Vec<Arc<DatasetSpec>> {
+        self.catalog
+            .list()
+            .into_iter()
+            .filter(|s| s.external.is_none())
+            .collect()
+    }
+
     /// One dataset, or every dataset.
     pub fn datasets(&self, dataset: Option<&str>) -> Result<Vec<Arc<DatasetSpec>>, RequestError> {
         match dataset {
             Some(d) => match self.catalog.get(d) {
-                Some(s) => Ok(vec![s]),
+                Some(s) if s.external.is_none() => Ok(vec![s]),
+                Some(_) => Err(RequestError::Bad(format!(
+                    "{d} is registered data read in place; tarn does not compact, move or vacuum it"
+                ))),
                 None => Err(RequestError::UnknownDataset(d.to_string())),
             },
-            None => Ok(self.catalog.list()),
+            None => Ok(self.owned()),
         }
     }
 
@@ -270,7 +283,7 @@ impl Maintenance {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for spec in self.catalog.list() {
+        for spec in self.owned() {
             let opts = CompactOptions {
                 rules: CompactionRules::for_spec(&spec, min_small_files),
                 ..CompactOptions::default()
@@ -312,7 +325,7 @@ impl Maintenance {
             if full {
                 last_full = tokio::time::Instant::now();
                 let today = self.today();
-                match self.lifecycle(&self.catalog.list(), today, false).await {
+                match self.lifecycle(&self.owned(), today, false).await {
                     Ok(reports) => {
                         for r in reports.iter().filter(|r| !r.steps.is_empty()) {
                             tracing::info!(dataset = %r.dataset, steps = r.steps.len(), moved = r.files_moved,
@@ -322,7 +335,7 @@ impl Maintenance {
                     Err(e) => tracing::warn!(error = %e, "scheduled lifecycle failed"),
                 }
                 let _one = self.running.lock().await;
-                match self.vacuum_locked(&self.catalog.list(), false).await {
+                match self.vacuum_locked(&self.owned(), false).await {
                     Ok(reports) => {
                         for r in reports.iter().filter(|r| r.files_deleted > 0) {
                             tracing::info!(dataset = %r.dataset, files = r.files_deleted, bytes = r.bytes_deleted, "vacuumed");

@@ -393,7 +393,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         background: background.clone(),
     });
     // The table of an earlier major version has no stream of its own.
-    for spec in catalog.list().into_iter().filter(|s| !s.is_frozen()) {
+    for spec in catalog
+        .list()
+        .into_iter()
+        .filter(|s| !s.is_frozen() && s.external.is_none())
+    {
         app.ensure_delivery(&spec.name)?;
     }
     let listener = tokio::net::TcpListener::bind(args.http)

@@ -332,3 +332,110 @@ async fn a_new_major_version_keeps_the_old_table() {
     assert_eq!(page["contract"]["major"], 3, "{page}");
     assert!(!data.join("catalog/majors/ledger.json").exists());
 }
+
+/// Copies the Parquet files of a table folder (its `day=/tenant=` folders, without the Delta
+/// log) to `to`: a plain folder of Parquet files such as another tool leaves.
+fn copy_parquet(from: &Path, to: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('_') || name.starts_with('.') {
+            continue;
+        }
+        let (src, dst) = (e.path(), to.join(&name));
+        if src.is_dir() {
+            std::fs::create_dir_all(&dst).expect("mkdir");
+            n += copy_parquet(&src, &dst);
+        } else if name.ends_with(".parquet") {
+            std::fs::copy(&src, &dst).expect("copy");
+            n += 1;
+        }
+    }
+    n
+}
+
+/// `tarn register` makes a folder of Parquet files and a Delta table written by others
+/// queryable in place, with partition pruning, and refuses what it cannot read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_data_is_queryable_in_place() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = crate::server::start_auctions(tmp.path(), &[]);
+    let (url, c) = (server.url.clone(), client());
+    let body: Vec<String> = (0..60)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"e{i}","ts":"2026-11-{}T10:00:00Z","client_id":"{}","cpm":{}.5}}"#,
+                20 + i % 2,
+                if i % 3 == 0 { "acme" } else { "beta" },
+                i
+            )
+        })
+        .collect();
+    let (status, v) = post_events(&c, &url, "auctions", body.join("\n")).await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(&c, &url, "SELECT count(*) FROM auctions", 30, |v| v["rows"][0][0] == 60).await;
+    let table = tmp.path().join("data/lake/tables/auctions");
+    let export = tmp.path().join("export");
+    let files = copy_parquet(&table, &export);
+    assert!(files >= 4, "{files} files");
+
+    let (code, out) = tarn(&["register", "exported", export.to_str().expect("utf8")], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("(parquet at") && out.contains("partitions [day, client_id]"),
+        "{out}"
+    );
+    let (code, out) = tarn(&["register", "mirror", table.to_str().expect("utf8")], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("(delta at"), "{out}");
+    for q in [
+        "SELECT count(*), sum(cpm), count(DISTINCT event_id) FROM {}",
+        "SELECT count(*), sum(cpm) FROM {} WHERE day = '2026-11-21' AND client_id = 'acme'",
+    ] {
+        let (_, want) = sql(&c, &url, &q.replace("{}", "auctions")).await;
+        for name in ["exported", "mirror"] {
+            let (status, got) = sql(&c, &url, &q.replace("{}", name)).await;
+            assert_eq!((status, &got["rows"]), (200, &want["rows"]), "{name}: {got}");
+        }
+    }
+    // Partition folders prune: one day of one tenant reads one folder's files.
+    let (_, all) = sql(&c, &url, "SELECT count(event_id) FROM exported").await;
+    let (_, one) = sql(
+        &c,
+        &url,
+        "SELECT count(event_id) FROM exported WHERE day = '2026-11-21' AND client_id = 'acme'",
+    )
+    .await;
+    let scanned = |v: &serde_json::Value| v["stats"]["files_scanned"].as_u64().unwrap_or(0);
+    assert!(scanned(&one) < scanned(&all) && scanned(&one) > 0, "{one} vs {all}");
+
+    // Read in place only: no events, no maintenance.
+    let (status, _) = post_events(&c, &url, "exported", r#"{"event_id":"x"}"#.into()).await;
+    assert_eq!(status, 400);
+    let (code, out) = tarn(&["compact", "--dataset", "exported", "--server", &url], &url);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("read in place"), "{out}");
+    // Registering again with nothing new changes nothing; the page shows where it lives.
+    let (code, out) = tarn(&["register", "exported", export.to_str().expect("utf8")], &url);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("version unchanged"), "{out}");
+    let page = get_json(&c, &format!("{url}/v1/datasets/exported")).await;
+    assert_eq!(page["rows"], 60, "{page}");
+    assert_eq!(page["contract"]["external"]["format"], "parquet", "{page}");
+    // What cannot be read is refused, naming why; a name tarn writes is not taken over.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let (code, out) = tarn(&["register", "nothing", empty.to_str().expect("utf8")], &url);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no .parquet files"), "{out}");
+    let (code, out) = tarn(&["register", "nothing", "/no/such/folder"], &url);
+    assert_ne!(code, 0, "{out}");
+    let (code, out) = tarn(&["register", "auctions", export.to_str().expect("utf8")], &url);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("tarn writes"), "{out}");
+    // It survives a restart.
+    drop(server);
+    let server = Server::start(&tmp.path().join("data"), &[]);
+    let (status, v) = sql(&c, &server.url, "SELECT count(*) FROM mirror").await;
+    assert_eq!((status, &v["rows"][0][0]), (200, &serde_json::json!(60)), "{v}");
+}
