@@ -91,6 +91,23 @@ impl Lake {
         self.table_dir(dataset).join("_delta_log").is_dir()
     }
 
+    /// Creates a dataset's (empty) table from its contract if it has none yet, so that it
+    /// answers queries before its first event. Returns whether it was created.
+    pub async fn create_table(&self, spec: &DatasetSpec) -> Result<bool> {
+        if self.table_exists(&spec.name) {
+            return Ok(false);
+        }
+        let _writing = self.writing(&spec.name).await;
+        let table = self.open_table(&spec.name).await?;
+        let empty = RecordBatch::new_empty(tarn_collector::arrow_schema(spec));
+        let table = ensure_created(table, spec, &empty).await?;
+        let dir = table_dir_of(&table)?;
+        tokio::task::spawn_blocking(move || sync_log_tail(&dir, 1))
+            .await
+            .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        Ok(true)
+    }
+
     /// Adds the contract's fields that the table lacks as nullable columns (one commit, under
     /// the dataset's write lock), so that a field added to a contract is queryable at once.
     /// Returns how many columns were added; a table without commits is left to its first

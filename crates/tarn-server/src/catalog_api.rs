@@ -177,6 +177,20 @@ pub async fn apply_specs(
         let Some(version) = a.version.clone() else {
             continue;
         };
+        if a.created() || a.new_major {
+            let lake = app.lake().clone();
+            let spec = a.spec.clone();
+            app.run_background(async move { lake.create_table(&spec).await })
+                .await
+                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+                .map_err(|e| {
+                    api(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("{name}: the contract is applied but creating its table failed (it is created at the first event): {e}"),
+                    )
+                })?;
+        }
         let mut columns_added = 0;
         if !a.created() && !a.new_major {
             let lake = app.lake().clone();

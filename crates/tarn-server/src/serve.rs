@@ -474,6 +474,9 @@ async fn load_descriptors(
         if let Some(v) = &a.version {
             tracing::info!(dataset = %a.spec.name, version = %v, changes = a.changes.len(), "descriptor applied");
         }
+        if a.created() || a.new_major {
+            lake.create_table(&a.spec).await?;
+        }
     }
     Ok(())
 }

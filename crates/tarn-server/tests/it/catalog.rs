@@ -96,6 +96,9 @@ async fn validate_plan_apply_evolve() {
 
     let (code, out) = tarn(&["apply", d], &url);
     assert_eq!(code, 0, "{out}");
+    // The tables exist before the first event, with the contract's columns.
+    let (status, v) = sql(&c, &url, "SELECT count(*), count(bidder), count(email) FROM bids").await;
+    assert_eq!((status, &v["rows"][0]), (200, &serde_json::json!([0, 0, 0])), "{v}");
     let secret = out
         .lines()
         .find(|l| l.starts_with("write key for producer bid-service"))
@@ -289,6 +292,12 @@ async fn a_new_major_version_keeps_the_old_table() {
     let (code, out) = tarn(&["apply", d], &url);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("new_major ledger -> version 2.0"), "{out}");
+    let (status, v) = sql(&c, &url, "SELECT count(*) FROM ledger").await;
+    assert_eq!(
+        (status, &v["rows"][0][0]),
+        (200, &serde_json::json!(0)),
+        "a fresh table: {v}"
+    );
 
     // The old table, whole, under its new name; its tiered day still reads.
     let (status, v) = sql(&c, &url, "SELECT count(*), sum(amount) FROM ledger__v1").await;
