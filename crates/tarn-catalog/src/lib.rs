@@ -421,6 +421,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = Catalog::open(dir.path()).expect("open");
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/datasets");
+        // They pass `tarn validate` with the default norms, without a warning.
+        let sources: Vec<_> = read_descriptors(&examples)
+            .expect("read")
+            .into_iter()
+            .map(|(p, text)| validate::Source {
+                file: p.display().to_string(),
+                text,
+            })
+            .collect();
+        let report = validate::validate(&sources, &|_| None, &validate::Norms::default());
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
         let loaded = c.load_descriptors(&examples).expect("examples are valid");
         assert!(
             loaded.iter().any(|a| a.spec.name == "auctions"

@@ -165,6 +165,7 @@ pub fn validate(sources: &[Source], live: &dyn Fn(&str) -> Option<Arc<DatasetSpe
             );
         }
         let mut names: Vec<(&str, &str)> = spec.fields.iter().map(|f| ("field", f.name.as_str())).collect();
+        names.extend(spec.quality.iter().map(|q| ("quality rule", q.name.as_str())));
         for r in &spec.rollups {
             names.push(("rollup", r.name.as_str()));
             names.extend(r.metrics.iter().map(|m| ("metric", m.name.as_str())));

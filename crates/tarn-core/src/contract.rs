@@ -187,6 +187,102 @@ impl From<AppRepr> for App {
     }
 }
 
+/// What a quality rule checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QualityCheck {
+    /// `field` is never null.
+    NotNull,
+    /// `field` never repeats within a day.
+    Unique,
+    /// `field` (int64 or float64) stays within `min` and `max` (either may be left out).
+    Range,
+    /// `field` (a string) takes only `values`.
+    AcceptedValues,
+    /// The newest event is at most `max_delay_minutes` old.
+    Freshness,
+}
+
+/// A data quality rule. The descriptor declares it and `tarn validate` checks it against the
+/// contract; evaluating rules on ingest and on tables (metrics, alerts) is the data-quality
+/// feature's, which reads them from here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityRule {
+    pub name: String,
+    pub check: QualityCheck,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_minutes: Option<u32>,
+}
+
+impl QualityRule {
+    fn check(&self, spec: &DatasetSpec) -> std::result::Result<(), String> {
+        let n = &self.name;
+        name::check_field(n).map_err(|e| format!("quality rule {n:?}: {e}"))?;
+        let field = match (self.check, &self.field) {
+            (QualityCheck::Freshness, Some(_)) => return Err(format!("quality rule {n}: freshness takes no field")),
+            (QualityCheck::Freshness, None) => None,
+            (_, None) => return Err(format!("quality rule {n}: needs a field")),
+            (_, Some(f)) => Some(
+                spec.field(f)
+                    .ok_or_else(|| format!("quality rule {n}: field {f:?} is not declared"))?,
+            ),
+        };
+        let extra = |what: &str, set: bool| {
+            if set {
+                Err(format!("quality rule {n}: {what} belongs to another check"))
+            } else {
+                Ok(())
+            }
+        };
+        let is_range = self.check == QualityCheck::Range;
+        extra("min/max", !is_range && (self.min.is_some() || self.max.is_some()))?;
+        extra(
+            "values",
+            self.check != QualityCheck::AcceptedValues && !self.values.is_empty(),
+        )?;
+        extra(
+            "max_delay_minutes",
+            self.check != QualityCheck::Freshness && self.max_delay_minutes.is_some(),
+        )?;
+        match (self.check, field) {
+            (QualityCheck::Range, Some(f)) => {
+                if !matches!(f.ty, FieldType::Int64 | FieldType::Float64) {
+                    return Err(format!("quality rule {n}: range needs an int64 or float64 field"));
+                }
+                match (self.min, self.max) {
+                    (None, None) => return Err(format!("quality rule {n}: range needs min or max")),
+                    (Some(a), Some(b)) if a > b => return Err(format!("quality rule {n}: min is above max")),
+                    _ => {}
+                }
+            }
+            (QualityCheck::AcceptedValues, Some(f)) => {
+                if f.ty != FieldType::String {
+                    return Err(format!("quality rule {n}: accepted_values needs a string field"));
+                }
+                if self.values.is_empty() || self.values.len() > 1000 {
+                    return Err(format!("quality rule {n}: 1 to 1000 values"));
+                }
+            }
+            (QualityCheck::Freshness, _) if self.max_delay_minutes.is_none_or(|m| m == 0) => {
+                return Err(format!(
+                    "quality rule {n}: freshness needs max_delay_minutes of at least 1"
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// Data tarn did not write: an existing folder of Parquet files or a Delta table, registered
 /// with `tarn register` and read in place (never written, compacted or moved).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +385,9 @@ pub struct DatasetSpec {
     pub lifecycle: Lifecycle,
     #[serde(default, skip_serializing_if = "QueryRules::is_default")]
     pub query: QueryRules,
+    /// Data quality rules (see [`QualityRule`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quality: Vec<QualityRule>,
     /// Aggregations kept current from every raw batch (see `rollup.rs`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollups: Vec<crate::rollup::Rollup>,
@@ -485,6 +584,7 @@ impl DatasetSpec {
             compaction: Compaction::default(),
             lifecycle: Lifecycle::default(),
             query: QueryRules::default(),
+            quality: Vec::new(),
             rollups: Vec::new(),
             system: true,
             external: None,
@@ -629,6 +729,19 @@ impl DatasetSpec {
             dataset: self.name.clone(),
             reason: r,
         })?;
+        let mut rule_names = std::collections::HashSet::new();
+        for q in &self.quality {
+            q.check(self).map_err(|reason| Error::InvalidContract {
+                dataset: self.name.clone(),
+                reason,
+            })?;
+            if !rule_names.insert(q.name.as_str()) {
+                return bad(format!("quality rule {:?} is declared twice", q.name));
+            }
+        }
+        if self.quality.len() > 256 {
+            return bad(format!("{} quality rules; at most 256", self.quality.len()));
+        }
         let mut rollup_names = std::collections::HashSet::new();
         for r in &self.rollups {
             r.check(self).map_err(|reason| Error::InvalidContract {
@@ -817,6 +930,7 @@ impl DatasetSpec {
             compaction: Compaction::default(),
             lifecycle: Lifecycle::default(),
             query: QueryRules::default(),
+            quality: Vec::new(),
             rollups: Vec::new(),
             system: false,
             external: None,
@@ -945,6 +1059,38 @@ partitioning: { tenant: client_id }
             ),
         ];
         for (text, want) in cases {
+            let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn checks_quality_rules() {
+        let ok = format!(
+            "{AUCTIONS}quality:\n  - {{ name: ids, check: not_null, field: event_id }}\n  - {{ name: cpm_sane, check: range, field: cpm, min: 0, max: 500 }}\n  - {{ name: fresh, check: freshness, max_delay_minutes: 30 }}\n"
+        );
+        let s = DatasetSpec::from_yaml(&ok).expect("valid");
+        assert_eq!(s.quality.len(), 3);
+        // Each rule of QualityRule::check, one case each.
+        let cases = [
+            ("field: event_id }", "field: nope }", "not declared"),
+            ("check: not_null, field: event_id", "check: not_null", "needs a field"),
+            ("min: 0, max: 500", "min: 600, max: 500", "min is above max"),
+            ("field: cpm, min: 0, max: 500", "field: cpm", "needs min or max"),
+            (
+                "check: range, field: cpm",
+                "check: range, field: client_id",
+                "int64 or float64",
+            ),
+            ("max_delay_minutes: 30", "max_delay_minutes: 0", "at least 1"),
+            ("check: freshness,", "check: freshness, field: ts,", "takes no field"),
+            ("field: event_id }", "field: event_id, min: 1 }", "another check"),
+            ("check: not_null", "check: sometimes", "not valid"),
+            ("name: ids", "name: cpm_sane", "declared twice"),
+        ];
+        for (from, to, want) in cases {
+            assert!(ok.contains(from), "{from:?}");
+            let text = ok.replacen(from, to, 1);
             let err = DatasetSpec::from_yaml(&text).expect_err(&text).to_string();
             assert!(err.contains(want), "{err:?} should mention {want:?}");
         }

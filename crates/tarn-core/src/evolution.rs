@@ -151,7 +151,7 @@ pub fn diff(old: &DatasetSpec, new: &DatasetSpec) -> Vec<Change> {
             format!("major version {} -> {}", old.major, new.major),
         );
     }
-    let meta: [(&str, bool); 15] = [
+    let meta: [(&str, bool); 16] = [
         ("description", old.description != new.description),
         ("domain", old.domain != new.domain),
         ("owner", old.owner != new.owner),
@@ -165,6 +165,7 @@ pub fn diff(old: &DatasetSpec, new: &DatasetSpec) -> Vec<Change> {
         ("lifecycle", old.lifecycle != new.lifecycle),
         ("query", old.query != new.query),
         ("rollups", old.rollups != new.rollups),
+        ("quality", old.quality != new.quality),
         ("inferred", old.inferred != new.inferred),
         ("external", old.external != new.external),
     ];
