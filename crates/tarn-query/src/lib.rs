@@ -84,6 +84,8 @@ pub struct QueryOptions {
     pub timeout: Duration,
     /// Refuse the query, before it runs, when its scan would read more than this many bytes.
     pub bytes_max: Option<u64>,
+    /// Who asks (a key's name), for the history; absent: `anonymous`.
+    pub who: Option<String>,
 }
 
 /// What a query would read, from its plan, before it runs.
@@ -103,6 +105,7 @@ impl Default for QueryOptions {
             row_limit: 10_000,
             timeout: Duration::from_secs(300),
             bytes_max: None,
+            who: None,
         }
     }
 }
@@ -429,25 +432,25 @@ impl QueryEngine {
 
     /// Plans a statement and starts it; batches are computed as they are pulled, so a caller
     /// that stops pulling (or drops the stream) stops the work.
-    pub async fn stream(&self, sql: &str, bytes_max: Option<u64>) -> Result<QueryStream> {
+    pub async fn stream(&self, who: &str, sql: &str, bytes_max: Option<u64>) -> Result<QueryStream> {
         let started = Instant::now();
         let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
-        let res = self.start(sql, bytes_max, started, started_us).await;
+        let res = self.start(who, sql, bytes_max, started, started_us).await;
         if let Err(e) = &res {
             let status = match e {
                 Error::Refused(_) | Error::Archived(_) => "refused",
                 _ => "error",
             };
-            self.record_unstarted(sql, started_us, started, status, e);
+            self.record_unstarted(who, sql, started_us, started, status, e);
         }
         res
     }
 
     /// Records a query that ended before it had a stream: refused, failed to plan, or out of
     /// time while it waited for a turn or planned.
-    pub fn record_unstarted(&self, sql: &str, started_us: i64, started: Instant, status: &str, e: &Error) {
+    pub fn record_unstarted(&self, who: &str, sql: &str, started_us: i64, started: Instant, status: &str, e: &Error) {
         self.history.record(QueryRecord {
-            who: ANONYMOUS.into(),
+            who: who.into(),
             sql: sql.to_string(),
             started_us,
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
@@ -460,20 +463,33 @@ impl QueryEngine {
 
     /// Starts a query within `timeout`; one that runs out of time before it starts is
     /// recorded in the history as stopped.
-    pub async fn stream_within(&self, sql: &str, bytes_max: Option<u64>, timeout: Duration) -> Result<QueryStream> {
+    pub async fn stream_within(
+        &self,
+        who: &str,
+        sql: &str,
+        bytes_max: Option<u64>,
+        timeout: Duration,
+    ) -> Result<QueryStream> {
         let started = Instant::now();
         let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
-        match tokio::time::timeout(timeout, self.stream(sql, bytes_max)).await {
+        match tokio::time::timeout(timeout, self.stream(who, sql, bytes_max)).await {
             Ok(r) => r,
             Err(_) => {
                 let e = Error::Timeout(timeout);
-                self.record_unstarted(sql, started_us, started, "stopped", &e);
+                self.record_unstarted(who, sql, started_us, started, "stopped", &e);
                 Err(e)
             }
         }
     }
 
-    async fn start(&self, sql: &str, bytes_max: Option<u64>, started: Instant, started_us: i64) -> Result<QueryStream> {
+    async fn start(
+        &self,
+        who: &str,
+        sql: &str,
+        bytes_max: Option<u64>,
+        started: Instant,
+        started_us: i64,
+    ) -> Result<QueryStream> {
         let permit = self
             .permits
             .clone()
@@ -510,6 +526,7 @@ impl QueryEngine {
             scan_price_tb: self.scan_price_tb,
             history: self.history.clone(),
             sql: sql.to_string(),
+            who: who.to_string(),
             started_us,
             finished: false,
             error: None,
@@ -596,7 +613,8 @@ impl QueryEngine {
     /// `timeout`.
     pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
         let deadline = tokio::time::Instant::now() + opts.timeout;
-        let mut q = self.stream_within(sql, opts.bytes_max, opts.timeout).await?;
+        let who = opts.who.as_deref().unwrap_or(ANONYMOUS);
+        let mut q = self.stream_within(who, sql, opts.bytes_max, opts.timeout).await?;
         let mut rows = Vec::new();
         let mut truncated = false;
         while let Some(batch) = tokio::time::timeout_at(deadline, q.next())
@@ -660,6 +678,7 @@ pub struct QueryStream {
     scan_price_tb: f64,
     history: Arc<History>,
     sql: String,
+    who: String,
     started_us: i64,
     finished: bool,
     error: Option<String>,
@@ -725,7 +744,8 @@ fn narrows_partition(e: &deltalake::datafusion::logical_expr::Expr, parts: &[Str
 }
 
 /// Who ran a query, until tarn has credentials.
-const ANONYMOUS: &str = "anonymous";
+/// Who a query without a key is recorded as.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// (dataset, day) partitions in the infrequent tier, whose reads are priced as retrievals.
 type Infrequent = std::collections::HashSet<(String, String)>;
@@ -744,7 +764,7 @@ impl Drop for QueryStream {
             (None, false) => "stopped",
         };
         self.history.record(QueryRecord {
-            who: ANONYMOUS.into(),
+            who: std::mem::take(&mut self.who),
             sql: std::mem::take(&mut self.sql),
             started_us: self.started_us,
             duration_ms: s.duration_ms,

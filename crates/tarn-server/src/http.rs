@@ -406,10 +406,28 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     let format = pick_format(req.format.as_deref(), accept)?;
     let timeout = std::time::Duration::from_millis(req.timeout_ms.unwrap_or(300_000).min(QUERY_TIMEOUT_MAX_MS));
-    let bytes_max = match (req.bytes_max, app.query_bytes_max) {
+    let caller = app
+        .read_keys
+        .sql_caller(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()))
+        .map_err(|d| match d {
+            crate::keys::SqlDenied::Unknown => api(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the Authorization header does not carry a known key (or send none to query as anonymous)",
+            ),
+            crate::keys::SqlDenied::TenantKey { key } => api(
+                StatusCode::FORBIDDEN,
+                "tenant_key",
+                format!("key {key} reads one tenant's rollups; SQL sees every tenant, so it needs a `*` key"),
+            ),
+        })?;
+    // The key's budget replaces the server's; the request may only lower it.
+    let budget = caller.bytes_max.or(app.query_bytes_max);
+    let bytes_max = match (req.bytes_max, budget) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    let who = caller.key.clone().unwrap_or_else(|| tarn_query::ANONYMOUS.to_string());
     if req.dry_run {
         let est = tokio::time::timeout(timeout, app.query.estimate(&req.sql))
             .await
@@ -424,11 +442,12 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
             row_limit: req.row_limit.unwrap_or(10_000).min(JSON_ROWS_MAX),
             timeout,
             bytes_max,
+            who: Some(who),
         };
         let result = app.query.sql(&req.sql, &opts).await?;
         return Ok(axum::Json(result).into_response());
     }
-    let q = app.query.stream_within(&req.sql, bytes_max, timeout).await?;
+    let q = app.query.stream_within(&who, &req.sql, bytes_max, timeout).await?;
     let body = crate::results::stream_body(q, format, req.row_limit, timeout).map_err(|e| {
         api(
             StatusCode::INTERNAL_SERVER_ERROR,

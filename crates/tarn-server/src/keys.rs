@@ -20,6 +20,28 @@ pub struct ReadKey {
     pub sha256: String,
     /// The only tenant the key may read, or `*` for all.
     pub tenant: String,
+    /// The most bytes one SQL query with this key may scan (refused before it runs, with the
+    /// estimate). Only `*` keys run SQL. Absent: the server's `--query-bytes-max`.
+    #[serde(default)]
+    pub query_bytes_max: Option<u64>,
+}
+
+/// Who runs a SQL query and how much it may scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqlCaller {
+    /// The key's name; `None` without a key.
+    pub key: Option<String>,
+    /// The key's own budget, if it has one.
+    pub bytes_max: Option<u64>,
+}
+
+/// Why a SQL request was refused.
+#[derive(Debug, PartialEq)]
+pub enum SqlDenied {
+    /// A key tarn does not know.
+    Unknown,
+    /// A tenant's key: it reads its rollups only (SQL would see every tenant).
+    TenantKey { key: String },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -77,6 +99,27 @@ impl ReadKeys {
             }
         }
         Ok(ReadKeys { keys: f.keys })
+    }
+
+    /// The caller of a SQL request: anonymous without an `Authorization` header (the
+    /// endpoint is open, under the server's budget), else a `*` key with its own budget.
+    pub fn sql_caller(&self, authorization: Option<&str>) -> std::result::Result<SqlCaller, SqlDenied> {
+        let Some(auth) = authorization else {
+            return Ok(SqlCaller {
+                key: None,
+                bytes_max: None,
+            });
+        };
+        let secret = auth.strip_prefix("Bearer ").map(str::trim).ok_or(SqlDenied::Unknown)?;
+        let h = sha256_hex(secret);
+        let k = self.keys.iter().find(|k| k.sha256 == h).ok_or(SqlDenied::Unknown)?;
+        if k.tenant != "*" {
+            return Err(SqlDenied::TenantKey { key: k.name.clone() });
+        }
+        Ok(SqlCaller {
+            key: Some(k.name.clone()),
+            bytes_max: k.query_bytes_max,
+        })
     }
 
     /// The scope of a request's `Authorization` header; None when a key is needed and the
@@ -265,6 +308,36 @@ mod tests {
         assert!(ReadKeys::load(&path).is_err());
         assert!(new_key("a", "acme").expect("key").contains("sha256: "));
         assert!(new_key("a", "../acme").is_err());
+        // SQL: anonymous without a header, a `*` key with its budget, never a tenant key.
+        std::fs::write(
+            &path,
+            format!(
+                "version: 1\nkeys:\n  - {{ name: acme, tenant: acme, sha256: {} }}\n  - {{ name: analyst, tenant: \"*\", sha256: {}, query_bytes_max: 1000 }}\n",
+                sha256_hex("s1"),
+                sha256_hex("s2")
+            ),
+        )
+        .expect("write");
+        let keys = ReadKeys::load(&path).expect("loads");
+        assert_eq!(
+            keys.sql_caller(None),
+            Ok(SqlCaller {
+                key: None,
+                bytes_max: None
+            })
+        );
+        assert_eq!(
+            keys.sql_caller(Some("Bearer s2")),
+            Ok(SqlCaller {
+                key: Some("analyst".into()),
+                bytes_max: Some(1000)
+            })
+        );
+        assert_eq!(
+            keys.sql_caller(Some("Bearer s1")),
+            Err(SqlDenied::TenantKey { key: "acme".into() })
+        );
+        assert_eq!(keys.sql_caller(Some("Bearer nope")), Err(SqlDenied::Unknown));
     }
 
     #[test]

@@ -28,13 +28,19 @@ pub struct SqlArgs {
     /// Print what the query would read (files, bytes, cost) without running it.
     #[arg(long)]
     pub dry_run: bool,
+    /// A `*` read key's secret: the query runs under its name and byte budget.
+    #[arg(long, env = "TARN_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 pub async fn run(a: SqlArgs) -> Result<()> {
     let url = format!("{}/v1/query", a.server.trim_end_matches('/'));
-    let req = reqwest::Client::new().post(&url).json(
+    let mut req = reqwest::Client::new().post(&url).json(
         &serde_json::json!({"sql": a.sql, "row_limit": a.row_limit, "bytes_max": a.bytes_max, "dry_run": a.dry_run}),
     );
+    if let Some(k) = &a.key {
+        req = req.bearer_auth(k);
+    }
     let body = crate::admin::json_answer(req, &url).await?;
     if a.dry_run {
         let e = &body["estimate"];

@@ -189,6 +189,88 @@ async fn the_server_budget_caps_every_query() {
     assert_eq!(st, 403);
 }
 
+/// A key's budget replaces the server's for its queries; a tenant key runs no SQL; the
+/// history names the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_has_its_own_budget() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sha = |s: &str| {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(s.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(
+        &keys,
+        format!(
+            "version: 1\nkeys:\n  - {{ name: intern, tenant: \"*\", sha256: {}, query_bytes_max: 100 }}\n  - {{ name: analyst, tenant: \"*\", sha256: {}, query_bytes_max: 1000000000 }}\n  - {{ name: acme, tenant: acme, sha256: {} }}\n",
+            sha("intern-secret"),
+            sha("analyst-secret"),
+            sha("acme-secret")
+        ),
+    )
+    .expect("keys");
+    let s = start_auctions(
+        dir.path(),
+        &["--query-bytes-max", "100", "--read-keys", keys.to_str().expect("utf8")],
+    );
+    let c = client();
+    let body = r#"{"event_id":"a","ts":"2026-11-22T12:00:00Z","client_id":"acme","bidder":"b","cpm":1.5}"#;
+    let (st, v) = post_events(&c, &s.url, "auctions", body.to_string()).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(&c, &s.url, "SELECT count(*) FROM auctions", 30, |v| {
+        v["rows"][0][0] == 1
+    })
+    .await;
+    let as_key = |secret: &'static str| {
+        let c = c.clone();
+        let url = s.url.clone();
+        async move {
+            let r = c
+                .post(format!("{url}/v1/query"))
+                .bearer_auth(secret)
+                .json(&serde_json::json!({"sql": "SELECT sum(cpm) FROM auctions"}))
+                .send()
+                .await
+                .expect("query");
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.expect("json"))
+        }
+    };
+    // Anonymous: the server's 100 bytes. The intern's key: its own 100. The analyst: 1 GB.
+    let (st, _) = sql(&c, &s.url, "SELECT sum(cpm) FROM auctions").await;
+    assert_eq!(st, 403);
+    let (st, v) = as_key("intern-secret").await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("budget of 100 bytes")),
+        "{v}"
+    );
+    let (st, v) = as_key("analyst-secret").await;
+    assert_eq!((st, &v["rows"][0][0]), (200, &serde_json::json!(1.5)), "{v}");
+    let (st, v) = as_key("acme-secret").await;
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"]["code"], "tenant_key");
+    let (st, _) = as_key("wrong").await;
+    assert_eq!(st, 401);
+    let (_, v) = sql(
+        &c,
+        &s.url,
+        "SELECT who, status FROM system.queries WHERE sql = 'SELECT sum(cpm) FROM auctions' ORDER BY started_at",
+    )
+    .await;
+    let whos: Vec<_> = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| format!("{}:{}", r[0].as_str().unwrap_or("?"), r[1].as_str().unwrap_or("?")))
+        .collect();
+    assert_eq!(whos, ["anonymous:refused", "intern:refused", "analyst:ok"], "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
     let dir = tempfile::tempdir().expect("tempdir");
