@@ -38,6 +38,8 @@ pub enum Error {
     System { name: String },
     #[error("dataset {name:?} is registered data read in place; only `tarn register` changes it")]
     Registered { name: String },
+    #[error("dataset {name:?}: a new major version moves the table first (`tarn apply` does it)")]
+    NeedsMove { name: String },
     #[error(transparent)]
     Invalid(#[from] tarn_core::Error),
 }
@@ -181,6 +183,16 @@ impl Catalog {
     /// when the evolution rules allow it (`tarn_core::evolution::check`). The new version is
     /// kept before it comes into force. Applying the contract in force changes nothing.
     pub fn evolve(&self, spec: DatasetSpec) -> Result<Applied> {
+        self.evolve_inner(spec, false)
+    }
+
+    /// [`Catalog::evolve`] that may start the next major version: for the caller that has
+    /// moved the current table away (and for registered data, which has no table of tarn's).
+    pub fn evolve_major(&self, spec: DatasetSpec) -> Result<Applied> {
+        self.evolve_inner(spec, true)
+    }
+
+    fn evolve_inner(&self, spec: DatasetSpec, major_allowed: bool) -> Result<Applied> {
         spec.check()?;
         if spec.system {
             return Err(Error::System { name: spec.name });
@@ -209,6 +221,9 @@ impl Catalog {
             name: spec.name.clone(),
             refusal,
         })?;
+        if ev.new_major && !major_allowed {
+            return Err(Error::NeedsMove { name: spec.name });
+        }
         if ev.changes.is_empty() {
             return Ok(Applied {
                 spec: old.clone(),
@@ -395,9 +410,9 @@ mod tests {
             err.contains("changes type from int64 to string") && err.contains("major: 2"),
             "{err}"
         );
-        let bumped = c
-            .evolve(spec("a", "  - { name: n, type: string }\nmajor: 2\n"))
-            .expect("next major");
+        let two = spec("a", "  - { name: n, type: string }\nmajor: 2\n");
+        assert!(matches!(c.evolve(two.clone()), Err(Error::NeedsMove { .. })));
+        let bumped = c.evolve_major(two).expect("next major");
         assert!(bumped.new_major && bumped.version.as_deref() == Some("2.0"));
         assert_eq!(c.get("a").map(|s| s.major), Some(2));
         drop(c);

@@ -263,6 +263,20 @@ async fn compact_pass(
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
         f.lock().map_err(io_err(&lock_path))?;
+        // The table may have moved (a new major version) while this waited: the lock held is
+        // then the old table's, not this path's.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let held = f.metadata().map_err(io_err(&lock_path))?;
+            let now = std::fs::metadata(&lock_path).map_err(io_err(&lock_path))?;
+            if (held.dev(), held.ino()) != (now.dev(), now.ino()) {
+                return Err(Error::Conflict(format!(
+                    "the table of {} moved while compaction waited for it; run it again",
+                    lock_path.display()
+                )));
+            }
+        }
         Ok(f)
     })
     .await

@@ -162,11 +162,13 @@ impl Curator {
     }
 
     async fn apply_dataset(&self, dataset: &str, shard: u32, notes: &[&ObjectCreated]) -> Result<()> {
+        // The contract is read under the lock a new major version holds while it moves the
+        // table: a round that waited for it routes by the new contract.
+        let mut tables = self.tables.lock().await;
         let spec = self.catalog.get(dataset).ok_or_else(|| Error::Corrupt {
             what: format!("notification for {dataset}"),
             reason: "dataset is not in the catalog".into(),
         })?;
-        let mut tables = self.tables.lock().await;
         // Rows go to the table of the major version they were written under: the dataset's own
         // table, or `<dataset>__v<N>` for a batch written before major version N+1 began. Each
         // table records the sequences of this stream it holds, so each skips its own replays.

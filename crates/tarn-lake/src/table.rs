@@ -97,7 +97,8 @@ impl Lake {
         if self.table_exists(&spec.name) {
             return Ok(false);
         }
-        let _writing = self.writing(&spec.name).await;
+        // Exclusive: curate's first append would create the table too.
+        let _moving = self.moving(&spec.name).await;
         let table = self.open_table(&spec.name).await?;
         let empty = RecordBatch::new_empty(tarn_collector::arrow_schema(spec));
         let table = ensure_created(table, spec, &empty).await?;
@@ -108,15 +109,16 @@ impl Lake {
         Ok(true)
     }
 
-    /// Adds the contract's fields that the table lacks as nullable columns (one commit, under
-    /// the dataset's write lock), so that a field added to a contract is queryable at once.
+    /// Adds the contract's fields that the table lacks as nullable columns (one commit, with
+    /// the dataset's writers held off), so that a field added to a contract is queryable at once.
     /// Returns how many columns were added; a table without commits is left to its first
     /// append.
     pub async fn add_columns(&self, spec: &DatasetSpec) -> Result<usize> {
         if !self.table_exists(&spec.name) {
             return Ok(0);
         }
-        let _writing = self.writing(&spec.name).await;
+        // Exclusive: a metadata commit beside curate's append would fail one of them.
+        let _moving = self.moving(&spec.name).await;
         let mut table = self.open_table(&spec.name).await?;
         let target = tarn_collector::arrow_schema(spec);
         ensure_columns(&mut table, spec, &target).await

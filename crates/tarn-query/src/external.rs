@@ -17,6 +17,8 @@ use crate::{Error, Result};
 
 /// Most files a registered Parquet folder may hold.
 pub const FILES_MAX: usize = 1_000_000;
+/// Most entries (files and folders of any kind) looked at while listing a folder.
+pub const ENTRIES_MAX: usize = 10_000_000;
 
 /// What registration found.
 #[derive(Debug, Clone, Serialize)]
@@ -163,6 +165,7 @@ fn walk_parquet(dir: &Path) -> Result<(u64, u64, Vec<String>)> {
     let mut stack = vec![dir.to_path_buf()];
     let (mut files, mut bytes) = (0u64, 0u64);
     let mut keys: Option<Vec<String>> = None;
+    let mut seen = 0usize;
     while let Some(d) = stack.pop() {
         let entries = std::fs::read_dir(&d).map_err(|e| Error::BadQuery(format!("{}: {e}", d.display())))?;
         for e in entries {
@@ -171,8 +174,20 @@ fn walk_parquet(dir: &Path) -> Result<(u64, u64, Vec<String>)> {
             if name.starts_with('.') || name.starts_with('_') {
                 continue;
             }
+            seen += 1;
+            if seen > ENTRIES_MAX {
+                return Err(Error::BadQuery(format!(
+                    "more than {ENTRIES_MAX} entries under {}",
+                    dir.display()
+                )));
+            }
             let path = e.path();
-            let meta = std::fs::metadata(&path).map_err(|e| Error::BadQuery(format!("{}: {e}", path.display())))?;
+            // Links are not followed: a loop, or a link out of the folder, is not walked.
+            let meta =
+                std::fs::symlink_metadata(&path).map_err(|e| Error::BadQuery(format!("{}: {e}", path.display())))?;
+            if meta.file_type().is_symlink() {
+                continue;
+            }
             if meta.is_dir() {
                 stack.push(path);
                 continue;

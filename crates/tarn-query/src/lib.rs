@@ -385,6 +385,11 @@ impl QueryEngine {
         }
         for spec in self.catalog.list() {
             if let Some(ext) = &spec.external {
+                // Registered data is opened only for a statement that names it: reading a
+                // Delta log or a folder listing costs more than a table of tarn's.
+                if !mentions(sql, &spec.name) {
+                    continue;
+                }
                 match self.register_external(&ctx, &spec, ext, &mut urls).await {
                     Ok(()) => {}
                     Err(e) if !mentions(sql, &spec.name) => {

@@ -119,10 +119,36 @@ pub struct IssuedKey {
     pub secret: String,
 }
 
+/// With a key file, changing the catalog (apply, register) takes a `*` key: it issues write
+/// keys and opens data to SQL.
+fn require_admin(app: &App, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if app.read_keys.is_empty() {
+        return Ok(());
+    }
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match app.read_keys.sql_caller(auth) {
+        Ok(c) if c.key.is_some() => Ok(()),
+        Ok(_) | Err(crate::keys::SqlDenied::Unknown) => Err(api(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "changing the catalog needs a `*` key (`--key` or TARN_KEY)",
+        )),
+        Err(crate::keys::SqlDenied::TenantKey { key }) => Err(api(
+            StatusCode::FORBIDDEN,
+            "tenant_key",
+            format!("key {key} reads one tenant's rollups; changing the catalog needs a `*` key"),
+        )),
+    }
+}
+
 pub async fn apply_handler(
     State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
     axum::Json(body): axum::Json<DescriptorsBody>,
 ) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
     // One apply at a time: the plan must still hold when its steps run.
     let _one = app.apply_lock.lock().await;
     let report = validated(&app, &body)?;
@@ -157,20 +183,71 @@ pub async fn apply_specs(
     specs: Vec<tarn_core::DatasetSpec>,
     issue_keys: bool,
 ) -> Result<(Vec<AppliedStep>, Vec<IssuedKey>), ApiError> {
+    // Keys first: a dataset that names a producer refuses it the moment its contract is in
+    // force. If a later step fails, the keys issued here are taken back (their secrets would
+    // never reach anyone) and the next apply issues them again.
+    let producers: std::collections::BTreeSet<String> = specs
+        .iter()
+        .flat_map(|s| s.producers.iter().map(|p| p.name.clone()))
+        .collect();
+    let mut keys = Vec::new();
+    if issue_keys {
+        for p in producers {
+            if app.producer_keys.has(&p) {
+                continue;
+            }
+            match app.producer_keys.issue(&p) {
+                Ok(secret) => keys.push(IssuedKey { producer: p, secret }),
+                Err(e) => {
+                    revoke(app, &keys);
+                    return Err(api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")));
+                }
+            }
+        }
+    }
+    match apply_contracts(app, specs).await {
+        Ok(applied) => Ok((applied, keys)),
+        Err(e) => {
+            revoke(app, &keys);
+            Err(e)
+        }
+    }
+}
+
+fn revoke(app: &App, keys: &[IssuedKey]) {
+    for k in keys {
+        if let Err(e) = app.producer_keys.revoke(&k.producer) {
+            tracing::error!(producer = %k.producer, error = %e, "taking back a key after a failed apply");
+        }
+    }
+}
+
+async fn apply_contracts(app: &Arc<App>, specs: Vec<tarn_core::DatasetSpec>) -> Result<Vec<AppliedStep>, ApiError> {
     let mut applied = Vec::new();
-    let mut producers = std::collections::BTreeSet::new();
     for spec in specs {
-        producers.extend(spec.producers.iter().map(|p| p.name.clone()));
         let name = spec.name.clone();
         let new_major = app.catalog.get(&name).is_some_and(|old| spec.major == old.major + 1);
         let a = if new_major {
-            let running = crate::major::Running {
-                curate: Some(&app.curate_pause),
-                query: Some(&app.query),
-            };
-            crate::major::start(&app.catalog_dir, &app.catalog, app.lake(), &app.tiers, spec, running)
+            // On its own task: a client that goes away does not stop the move halfway.
+            let app2 = app.clone();
+            app.run_background(async move {
+                let running = crate::major::Running {
+                    curate: Some(&app2.curate_pause),
+                    query: Some(&app2.query),
+                };
+                crate::major::start(
+                    &app2.catalog_dir,
+                    &app2.catalog,
+                    app2.lake(),
+                    &app2.tiers,
+                    spec,
+                    running,
+                )
                 .await
-                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?
+            })
+            .await
+            .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+            .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?
         } else {
             app.catalog.evolve(spec).map_err(crate::http::catalog_error)?
         };
@@ -226,20 +303,7 @@ pub async fn apply_specs(
     if let Err(e) = app.rollups.refresh() {
         tracing::error!(error = %e, "rollups after an apply");
     }
-    let mut keys = Vec::new();
-    if issue_keys {
-        for p in producers {
-            if app.producer_keys.has(&p) {
-                continue;
-            }
-            let secret = app
-                .producer_keys
-                .issue(&p)
-                .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?;
-            keys.push(IssuedKey { producer: p, secret });
-        }
-    }
-    Ok((applied, keys))
+    Ok(applied)
 }
 
 /// `GET /v1/datasets/{name}/versions`: every kept contract, oldest first.
@@ -290,6 +354,9 @@ pub struct DescriptorArgs {
     /// Print the server's JSON answer.
     #[arg(long)]
     pub json: bool,
+    /// A `*` read key's secret, when the server has a key file (apply needs one).
+    #[arg(long, env = "TARN_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -343,14 +410,13 @@ fn display_name(dir: &Path, path: &Path) -> String {
 
 async fn post(d: &DescriptorArgs, what: &str, body: &DescriptorsBody) -> Result<(StatusCode, serde_json::Value)> {
     let url = format!("{}/v1/catalog/{what}", d.server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(&url)
-        .json(body)
-        .send()
-        .await
-        .with_context(|| {
-            format!("cannot reach tarn at {url}; is `tarn serve` running? (`tarn validate --offline` needs no server)")
-        })?;
+    let mut req = reqwest::Client::new().post(&url).json(body);
+    if let Some(k) = &d.key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.with_context(|| {
+        format!("cannot reach tarn at {url}; is `tarn serve` running? (`tarn validate --offline` needs no server)")
+    })?;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let v: serde_json::Value = resp.json().await.context("reading the answer")?;
     Ok((status, v))
@@ -521,8 +587,25 @@ pub struct RegisterBody {
 /// or retyped starts the next major version instead of being refused.
 pub async fn register_handler(
     State(app): State<Arc<App>>,
+    headers: axum::http::HeaderMap,
     axum::Json(body): axum::Json<RegisterBody>,
 ) -> Result<Response, ApiError> {
+    require_admin(&app, &headers)?;
+    // tarn's own tables are read under their datasets' rules, never through another name.
+    if let (Ok(loc), Some(data)) = (
+        std::path::Path::new(&body.location).canonicalize(),
+        app.catalog_dir.parent().and_then(|d| d.canonicalize().ok()),
+    ) && loc.starts_with(&data)
+    {
+        return Err(api(
+            StatusCode::BAD_REQUEST,
+            "inside_data_dir",
+            format!(
+                "{} is inside tarn's data directory; register data that tarn does not keep",
+                loc.display()
+            ),
+        ));
+    }
     let _one = app.apply_lock.lock().await;
     tarn_core::name::check_dataset(&body.name).map_err(|e| api(StatusCode::BAD_REQUEST, "bad_name", e.to_string()))?;
     let existing = app.catalog.get(&body.name);
@@ -570,7 +653,7 @@ pub async fn register_handler(
             spec.major = old.major + 1;
         }
     }
-    let applied = app.catalog.evolve(spec).map_err(crate::http::catalog_error)?;
+    let applied = app.catalog.evolve_major(spec).map_err(crate::http::catalog_error)?;
     app.query.forget(&body.name).await;
     tracing::info!(dataset = %body.name, location = %found.location, files = found.files, "registered data read in place");
     Ok(axum::Json(json!({
@@ -606,6 +689,9 @@ pub struct RegisterArgs {
     /// The server.
     #[arg(long, env = "TARN_SERVER", default_value = concat!("http://", "127.0.0.1:7411"))]
     pub server: String,
+    /// A `*` read key's secret, when the server has a key file.
+    #[arg(long, env = "TARN_KEY", hide_env_values = true)]
+    pub key: Option<String>,
 }
 
 /// `tarn register NAME PATH`.
@@ -626,7 +712,11 @@ pub async fn run_register(a: RegisterArgs) -> Result<()> {
         domain: a.domain,
     };
     let url = format!("{}/v1/catalog/register", a.server.trim_end_matches('/'));
-    let v = crate::admin::json_answer(reqwest::Client::new().post(&url).json(&body), &url).await?;
+    let mut req = reqwest::Client::new().post(&url).json(&body);
+    if let Some(k) = &a.key {
+        req = req.bearer_auth(k);
+    }
+    let v = crate::admin::json_answer(req, &url).await?;
     let parts = v["partitions"]
         .as_array()
         .map(|p| p.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))

@@ -56,7 +56,10 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/catalog/plan",
             post(crate::catalog_api::plan_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
         )
-        .route("/v1/catalog/register", post(crate::catalog_api::register_handler))
+        .route(
+            "/v1/catalog/register",
+            post(crate::catalog_api::register_handler).layer(DefaultBodyLimit::max(1 << 20)),
+        )
         .route(
             "/v1/catalog/apply",
             post(crate::catalog_api::apply_handler).layer(DefaultBodyLimit::max(DESCRIPTORS_BODY_MAX)),
@@ -139,7 +142,7 @@ pub fn catalog_error(e: tarn_catalog::Error) -> ApiError {
     let msg = e.to_string();
     match e {
         E::Invalid(_) => api(StatusCode::BAD_REQUEST, "invalid_contract", msg),
-        E::Conflict { .. } | E::Refused { .. } | E::System { .. } | E::Registered { .. } => {
+        E::Conflict { .. } | E::Refused { .. } | E::System { .. } | E::Registered { .. } | E::NeedsMove { .. } => {
             api(StatusCode::UNPROCESSABLE_ENTITY, "refused", msg)
         }
         E::Io { .. } | E::Corrupt { .. } => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),

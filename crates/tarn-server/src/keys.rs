@@ -101,6 +101,11 @@ impl ReadKeys {
         Ok(ReadKeys { keys: f.keys })
     }
 
+    /// True without a key file: the API is open.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
     /// The caller of a SQL request: anonymous without an `Authorization` header (the
     /// endpoint is open, under the server's budget), else a `*` key with its own budget.
     pub fn sql_caller(&self, authorization: Option<&str>) -> std::result::Result<SqlCaller, SqlDenied> {
@@ -232,9 +237,24 @@ impl ProducerKeys {
             sha256: sha256_hex(&secret),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         });
+        self.write(&next)?;
+        *keys = next;
+        Ok(secret)
+    }
+
+    /// Takes back every key of `producer`.
+    pub fn revoke(&self, producer: &str) -> Result<()> {
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let next: Vec<ProducerKey> = keys.iter().filter(|k| k.producer != producer).cloned().collect();
+        self.write(&next)?;
+        *keys = next;
+        Ok(())
+    }
+
+    fn write(&self, keys: &[ProducerKey]) -> Result<()> {
         let text = serde_json::to_vec_pretty(&ProducerKeyFile {
             version: 1,
-            keys: next.clone(),
+            keys: keys.to_vec(),
         })?;
         let tmp = self.path.with_extension("json.tmp");
         {
@@ -247,8 +267,7 @@ impl ProducerKeys {
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
-        *keys = next;
-        Ok(secret)
+        Ok(())
     }
 
     /// Checks a write to a dataset naming `producers`: which producer the key belongs to.
@@ -368,5 +387,11 @@ mod tests {
         assert_eq!(keys.check_write(&bids, Some("Bearer nope")), Err(WriteDenied::Unknown));
         assert_eq!(keys.check_write(&bids, None), Err(WriteDenied::Unknown));
         assert!(keys.issue("Bad Name").is_err());
+        keys.revoke("bids").expect("revoke");
+        assert!(!keys.has("bids") && keys.has("clicks"));
+        assert_eq!(
+            keys.check_write(&bids, Some(&format!("Bearer {secret}"))),
+            Err(WriteDenied::Unknown)
+        );
     }
 }

@@ -68,7 +68,13 @@ pub async fn start(
     }
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     std::fs::File::open(&dir)?.sync_all()?;
-    finish(&path, intent, catalog, lake, tiers, running).await
+    let frozen = DatasetSpec::frozen_name(&intent.to.name, intent.from.major);
+    let res = finish(&path, intent, catalog, lake, tiers, running).await;
+    if res.is_err() && !lake.table_exists(&frozen) {
+        // Failed before the table moved: nothing happened, so nothing is left to finish.
+        let _ = std::fs::remove_file(&path);
+    }
+    res
 }
 
 /// Finishes major-version changes a crash interrupted. Runs at start, before curate.
@@ -101,6 +107,14 @@ async fn finish(
 ) -> Result<Applied> {
     let name = intent.to.name.clone();
     let frozen = DatasetSpec::frozen_of(&intent.from)?;
+    // Done before a crash that came before the intent was removed: the table under the
+    // dataset's name is the new major's own.
+    if catalog.get(&name).is_some_and(|s| s.major == intent.to.major) && catalog.get(&frozen.name).is_some() {
+        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        return catalog
+            .evolve_major(intent.to)
+            .with_context(|| format!("applying major version of {name}"));
+    }
     // Curate first (a round in progress ends), then a running compaction (its lock is held
     // for the whole run), then every other writer of the table (tier moves, commits).
     let _paused = match running.curate {
@@ -139,7 +153,7 @@ async fn finish(
         .register(frozen.clone())
         .with_context(|| format!("registering {}", frozen.name))?;
     let applied = catalog
-        .evolve(intent.to)
+        .evolve_major(intent.to)
         .with_context(|| format!("applying major version of {name}"))?;
     if let Some(q) = running.query {
         q.forget(&name).await;

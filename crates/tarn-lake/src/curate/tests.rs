@@ -153,7 +153,7 @@ async fn rows_go_to_the_table_of_their_major_version() {
     catalog
         .register(DatasetSpec::frozen_of(&v1).expect("frozen"))
         .expect("register");
-    catalog.evolve(v2.clone()).expect("major 2");
+    catalog.evolve_major(v2.clone()).expect("major 2");
     drop(paused);
     let object = |first: u64, last: u64, spec: &DatasetSpec| {
         let batches: Vec<_> = (first..=last).map(|s| record_of(spec, s, 10, "2026-11-22")).collect();

@@ -375,6 +375,9 @@ pub struct Def {
     /// The dimensions and their types.
     pub dims: Vec<(String, FieldType)>,
     pub kinds: Vec<Kind>,
+    /// The dataset's major version: batches written under another are not folded (a new
+    /// major version starts the rollup afresh, as it starts the table).
+    pub major: u32,
 }
 
 impl Def {
@@ -403,6 +406,7 @@ impl Def {
                     int: m.field.as_deref().and_then(ty) == Some(FieldType::Int64),
                 })
                 .collect(),
+            major: spec.major,
         })
     }
 
@@ -411,8 +415,13 @@ impl Def {
     pub fn fingerprint(&self) -> String {
         let mut r = self.spec.clone();
         r.retention_days = None;
+        let major = if self.major > 1 {
+            format!("|major {}", self.major)
+        } else {
+            String::new()
+        };
         format!(
-            "{}|{}|{}|{:?}|{}",
+            "{}|{}|{}|{:?}|{}{major}",
             self.dataset,
             self.tenant,
             self.time,
@@ -432,9 +441,16 @@ enum Col {
 
 impl Col {
     fn read(batch: &RecordBatch, name: &str, ty: FieldType) -> Result<Col, String> {
-        let c = batch
-            .column_by_name(name)
-            .ok_or_else(|| format!("batch has no column {name:?}"))?;
+        let Some(c) = batch.column_by_name(name) else {
+            // A batch written before the field was added to the contract: nulls.
+            let n = batch.num_rows();
+            return Ok(match ty {
+                FieldType::Int64 | FieldType::Timestamp => Col::Int(Int64Array::new_null(n)),
+                FieldType::Float64 => Col::Float(Float64Array::new_null(n)),
+                FieldType::Bool => Col::Bool(BooleanArray::new_null(n)),
+                _ => Col::Str(StringArray::new_null(n)),
+            });
+        };
         if ty == FieldType::Timestamp {
             let t = cast(c, &DataType::Timestamp(TimeUnit::Microsecond, None))
                 .map_err(|e| format!("column {name}: {e}"))?;

@@ -493,6 +493,16 @@ impl Rollups {
                     if applied.is_some_and(|a| seq <= a) {
                         continue;
                     }
+                    // Rows written under another major version belong to another table.
+                    let major = b
+                        .schema()
+                        .metadata()
+                        .get("tarn.major")
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .unwrap_or(1);
+                    if major != def.major {
+                        continue;
+                    }
                     let skip = rebuilt_filter(&def, b, &rebuilt, shard, seq)?;
                     let keep = |i: usize| !skip.get(i).copied().unwrap_or(false);
                     let (applied, x) = delta.fold(&def, b, cutoff, &keep).map_err(Error::Internal)?;

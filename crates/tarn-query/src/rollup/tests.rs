@@ -545,6 +545,37 @@ async fn top_orders_by_the_metric_then_the_value_with_nulls_last() {
     assert!(err.contains("order_by \"nope\""), "{err}");
 }
 
+/// A batch written before a field was added lacks its column: it folds as nulls. A new
+/// major version is another rollup state.
+#[test]
+fn missing_columns_fold_as_nulls_and_other_majors_are_skipped() {
+    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
+    let def = cube::Def::new(&spec, &spec.rollups[0]).expect("def");
+    let rows = [Row {
+        secs: DAY0 + 10,
+        tenant: "acme",
+        bidder: "x",
+        site: "s",
+        cpm: 1.5,
+        latency: 7,
+        user: "u",
+    }];
+    let full = batch(&rows);
+    let idx = full.schema().index_of("site").expect("site");
+    let mut old = full.clone();
+    old.remove_column(idx);
+    let (cube, n, _) = cube::Cube::from_batch(&def, &old, i64::MIN, &|_| true).expect("fold");
+    assert_eq!(n, 1);
+    drop(cube);
+    let two = DatasetSpec::from_yaml(&format!("major: 2\n{SPEC}")).expect("spec");
+    let def2 = cube::Def::new(&two, &two.rollups[0]).expect("def");
+    assert_ne!(
+        def.fingerprint(),
+        def2.fingerprint(),
+        "a new major version starts afresh"
+    );
+}
+
 mod props {
     use proptest::prelude::*;
 

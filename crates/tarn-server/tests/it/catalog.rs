@@ -342,6 +342,19 @@ async fn a_new_major_version_keeps_the_old_table() {
     assert!(!data.join("catalog/majors/ledger.json").exists());
 }
 
+/// Copies a folder and everything under it.
+fn copy_all(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read dir").flatten() {
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        if src.is_dir() {
+            copy_all(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).expect("copy");
+        }
+    }
+}
+
 /// Copies the Parquet files of a table folder (its `day=/tenant=` folders, without the Delta
 /// log) to `to`: a plain folder of Parquet files such as another tool leaves.
 fn copy_parquet(from: &Path, to: &Path) -> usize {
@@ -394,7 +407,14 @@ async fn registered_data_is_queryable_in_place() {
         out.contains("(parquet at") && out.contains("partitions [day, client_id]"),
         "{out}"
     );
+    // tarn's own table is not taken under another name (its rules would not hold there)...
     let (code, out) = tarn(&["register", "mirror", table.to_str().expect("utf8")], &url);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("inside tarn's data directory"), "{out}");
+    // ...but a copy of it elsewhere, Delta log and all, is another tool's Delta table.
+    let copy = tmp.path().join("delta-copy");
+    copy_all(&table, &copy);
+    let (code, out) = tarn(&["register", "mirror", copy.to_str().expect("utf8")], &url);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("(delta at"), "{out}");
     for q in [

@@ -269,6 +269,23 @@ async fn each_key_has_its_own_budget() {
         .map(|r| format!("{}:{}", r[0].as_str().unwrap_or("?"), r[1].as_str().unwrap_or("?")))
         .collect();
     assert_eq!(whos, ["anonymous:refused", "intern:refused", "analyst:ok"], "{v}");
+    // With a key file, changing the catalog takes a `*` key.
+    let apply = |secret: Option<&'static str>| {
+        let c = c.clone();
+        let url = s.url.clone();
+        async move {
+            let mut r = c
+                .post(format!("{url}/v1/catalog/apply"))
+                .json(&serde_json::json!({"descriptors": []}));
+            if let Some(k) = secret {
+                r = r.bearer_auth(k);
+            }
+            r.send().await.expect("apply").status().as_u16()
+        }
+    };
+    assert_eq!(apply(None).await, 401);
+    assert_eq!(apply(Some("acme-secret")).await, 403);
+    assert_eq!(apply(Some("analyst-secret")).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
