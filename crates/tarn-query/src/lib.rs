@@ -558,6 +558,15 @@ impl QueryEngine {
     }
 
     /// What a statement would read, planned but not run (the guardrails apply as they would).
+    /// The columns a statement would answer with, from its plan, without running it.
+    pub async fn describe(&self, sql: &str) -> Result<SchemaRef> {
+        let df = {
+            let (ctx, _) = self.session(sql).await?;
+            ctx.sql_with_options(sql, read_only()).await.map_err(classify)?
+        };
+        Ok(Arc::new(df.schema().as_arrow().clone()))
+    }
+
     pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
         let planned = self.plan(sql).await?;
         Ok(self.estimate_plan(&planned.plan))

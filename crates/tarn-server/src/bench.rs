@@ -391,7 +391,7 @@ pub fn cut_bodies(ndjson: &Path, batch: usize) -> Result<Vec<(usize, bytes::Byte
 pub fn spawn_server(dir: &Path, extra: &[&str]) -> Result<(std::process::Child, String)> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .args(["serve", "--http", "127.0.0.1:0", "--datasets"])
+        .args(["serve", "--http", "127.0.0.1:0", "--pg", "off", "--datasets"])
         .arg(dir.join("datasets"))
         .arg("--data-dir")
         .arg(dir.join("data"))

@@ -10,6 +10,7 @@ mod http;
 mod keys;
 mod maintenance;
 mod major;
+mod pg;
 mod results;
 mod rollup_api;
 mod serve;

@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// HTTP listen address.
     #[arg(long, env = "TARN_HTTP", default_value = crate::DEFAULT_HTTP)]
     pub http: SocketAddr,
+    /// PostgreSQL wire protocol listen address, or `off`.
+    #[arg(long, env = "TARN_PG", default_value = crate::pg::DEFAULT_PG)]
+    pub pg: String,
     /// Folder of dataset descriptors (*.yaml) to register at start.
     #[arg(long, env = "TARN_DATASETS")]
     pub datasets: Option<PathBuf>,
@@ -166,6 +169,11 @@ impl App {
         running
             .get(dataset)
             .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Turns true when the server shuts down.
+    pub fn shutdown_watch(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
     }
 
     pub fn lake(&self) -> &Lake {
@@ -404,9 +412,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP listener on {}", args.http))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let pg_listener = match args.pg.as_str() {
+        "off" => None,
+        a => {
+            let a: SocketAddr = a
+                .parse()
+                .with_context(|| format!("--pg {a:?}: an address such as 127.0.0.1:7412, or off"))?;
+            Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the PostgreSQL listener on {a}"))?,
+            )
+        }
+    };
     tracing::info!(%addr, data_dir = %args.data_dir.display(), "tarn is serving");
-    // A line on stdout that scripts wait for.
+    // A line on stdout that scripts wait for, then the PostgreSQL address.
     println!("tarn listening on http://{addr}");
+    if let Some(l) = pg_listener {
+        let pg_addr = l.local_addr().context("reading the bound address")?;
+        println!("tarn postgres on {pg_addr}");
+        tokio::spawn(crate::pg::serve(app.clone(), l, app.shutdown_watch()));
+    }
     let router = crate::http::router(app.clone());
     axum::serve(listener, router)
         .with_graceful_shutdown(async {

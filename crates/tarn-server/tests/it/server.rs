@@ -9,16 +9,25 @@ pub struct Server {
     pub child: Child,
     pub url: String,
     pub data_dir: PathBuf,
+    /// The PostgreSQL listener's address (`host:port`), when it is on.
+    pub pg: Option<String>,
 }
 
 impl Server {
     /// Starts `tarn serve` on `data_dir` with extra arguments and waits for its listening line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        // A free port for the PostgreSQL listener too, unless the test sets it.
+        let pg = if extra.contains(&"--pg") {
+            &[][..]
+        } else {
+            &["--pg", "127.0.0.1:0"][..]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_tarn"))
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http", "127.0.0.1:0"])
+            .args(pg)
             .args(extra)
             .env("TARN_LOG", "warn")
             .stdout(Stdio::piped())
@@ -28,12 +37,11 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
+            // Keep draining so the child never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
                 let _ = tx.send(line);
             }
-            // Keep draining so the child never blocks on a full pipe.
-            for _ in lines {}
         });
         let line = rx
             .recv_timeout(Duration::from_secs(60))
@@ -42,10 +50,15 @@ impl Server {
             .strip_prefix("tarn listening on ")
             .expect("listening line")
             .to_string();
+        let pg = rx
+            .recv_timeout(Duration::from_millis(if extra.contains(&"off") { 200 } else { 10_000 }))
+            .ok()
+            .and_then(|l| l.strip_prefix("tarn postgres on ").map(str::to_string));
         Server {
             child,
             url,
             data_dir: data_dir.to_path_buf(),
+            pg,
         }
     }
 

@@ -1,0 +1,624 @@
+//! The PostgreSQL wire protocol (`tarn serve --pg ADDR`, default `127.0.0.1:7412`): `psql`,
+//! psycopg and other PostgreSQL clients query tarn as they would PostgreSQL, over the simple
+//! and the extended query protocols. Every statement runs through the engine that answers
+//! `POST /v1/query`: read-only SQL, guardrails and byte budgets, the query history, the cap
+//! on queries at once.
+//!
+//! Authentication: without a key file (`--read-keys`) any user name is accepted and queries
+//! run as `anonymous`; with one, the user is a `*` key's name and the password its secret
+//! (cleartext, so use TLS or loopback), and queries run under that key's name and budget.
+//! Session statements clients send on their own (`BEGIN`, `COMMIT`, `SET`, `SHOW`,
+//! `DISCARD`) are answered without touching data: tarn has no transactions to keep.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::{Sink, SinkExt, StreamExt};
+use pgwire::api::PgWireConnectionState;
+use pgwire::api::auth::{
+    DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{
+    DescribePortalResponse, DescribeStatementResponse, FieldInfo, QueryResponse, Response, Tag,
+};
+use pgwire::api::stmt::{QueryParser, StoredStatement};
+use pgwire::api::store::PortalStore;
+use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers, Type};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+
+use crate::serve::App;
+
+/// The default listener: loopback, next to the HTTP port; never PostgreSQL's own 5432.
+pub const DEFAULT_PG: &str = "127.0.0.1:7412";
+
+/// Client metadata keys where authentication leaves who the session is.
+const WHO: &str = "tarn.who";
+const BYTES_MAX: &str = "tarn.bytes_max";
+
+/// Serves PostgreSQL clients on `listener` until `shutdown` turns true.
+pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let handlers = Arc::new(Handlers {
+        handler: Arc::new(Handler {
+            app,
+            parser: Arc::new(Parser),
+        }),
+    });
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((socket, _)) => {
+                let h = handlers.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, None, h).await {
+                        tracing::debug!(error = %e, "postgres connection ended with an error");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a postgres connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+struct Handlers {
+    handler: Arc<Handler>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.handler.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.handler.clone()
+    }
+}
+
+struct Handler {
+    app: Arc<App>,
+    parser: Arc<Parser>,
+}
+
+fn parameters() -> DefaultServerParameterProvider {
+    let mut p = DefaultServerParameterProvider::default();
+    p.server_version = format!("16.0 (tarn {})", env!("CARGO_PKG_VERSION"));
+    p
+}
+
+fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), code.into(), message.into())))
+}
+
+#[async_trait]
+impl StartupHandler for Handler {
+    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if self.app.read_keys.is_empty() {
+                    client.metadata_mut().insert(WHO.into(), tarn_query::ANONYMOUS.into());
+                    finish_authentication(client, &parameters()).await?;
+                } else {
+                    client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                    client
+                        .send(PgWireBackendMessage::Authentication(Authentication::CleartextPassword))
+                        .await?;
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
+                let pwd = pwd.into_password()?;
+                let user = LoginInfo::from_client_info(client)
+                    .user()
+                    .unwrap_or_default()
+                    .to_string();
+                let caller = self.app.read_keys.sql_caller(Some(&format!("Bearer {}", pwd.password)));
+                match caller {
+                    Ok(c) if c.key.as_deref() == Some(user.as_str()) => {
+                        client.metadata_mut().insert(WHO.into(), user);
+                        if let Some(b) = c.bytes_max {
+                            client.metadata_mut().insert(BYTES_MAX.into(), b.to_string());
+                        }
+                        finish_authentication(client, &parameters()).await?;
+                    }
+                    other => {
+                        tracing::info!(user, known_key = other.is_ok(), "postgres login refused");
+                        return Err(PgWireError::InvalidPassword(user));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// What a statement is, by its first word.
+#[derive(Debug, PartialEq)]
+enum Kind {
+    Empty,
+    Query,
+    Begin,
+    End(&'static str),
+    Set(&'static str),
+    Show(String),
+    Refused(String),
+}
+
+fn kind(sql: &str) -> Kind {
+    let text = strip_comments(sql);
+    let text = text.trim().trim_end_matches(';').trim();
+    let mut words = text.split_whitespace();
+    let first = words.next().unwrap_or("").to_ascii_uppercase();
+    match first.as_str() {
+        "" => Kind::Empty,
+        "SELECT" | "WITH" | "VALUES" | "EXPLAIN" | "TABLE" | "(" => Kind::Query,
+        "BEGIN" | "START" => Kind::Begin,
+        "COMMIT" | "END" => Kind::End("COMMIT"),
+        "ROLLBACK" | "ABORT" => Kind::End("ROLLBACK"),
+        "SET" => Kind::Set("SET"),
+        "RESET" => Kind::Set("RESET"),
+        "DISCARD" => Kind::Set("DISCARD ALL"),
+        "DEALLOCATE" => Kind::Set("DEALLOCATE"),
+        "CLOSE" => Kind::Set("CLOSE CURSOR"),
+        "UNLISTEN" => Kind::Set("UNLISTEN"),
+        "SHOW" => Kind::Show(words.collect::<Vec<_>>().join(" ").to_ascii_lowercase()),
+        w if w.starts_with('(') => Kind::Query,
+        other => Kind::Refused(other.to_string()),
+    }
+}
+
+/// The statement without `--` and `/* */` comments (outside quotes).
+fn strip_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '-' && chars.peek() == Some(&'-') => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
+            }
+            None if c == '/' && chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut last = ' ';
+                for n in chars.by_ref() {
+                    if last == '*' && n == '/' {
+                        break;
+                    }
+                    last = n;
+                }
+                out.push(' ');
+            }
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// The few settings clients ask for with `SHOW`.
+fn show(name: &str) -> Option<(&'static str, String)> {
+    let v = match name {
+        "transaction isolation level" | "transaction_isolation" => ("transaction_isolation", "read committed"),
+        "server_version" => ("server_version", "16.0"),
+        "server_version_num" => ("server_version_num", "160000"),
+        "standard_conforming_strings" => ("standard_conforming_strings", "on"),
+        "client_encoding" => ("client_encoding", "UTF8"),
+        "server_encoding" => ("server_encoding", "UTF8"),
+        "datestyle" => ("DateStyle", "ISO, MDY"),
+        "timezone" | "time zone" => ("TimeZone", "UTC"),
+        "search_path" => ("search_path", "public"),
+        "max_identifier_length" => ("max_identifier_length", "63"),
+        "integer_datetimes" => ("integer_datetimes", "on"),
+        _ => return None,
+    };
+    Some((v.0, v.1.to_string()))
+}
+
+fn one_value(name: &str, value: String) -> Response {
+    let fields = Arc::new(vec![FieldInfo::new(
+        name.into(),
+        None,
+        None,
+        Type::TEXT,
+        pgwire::api::results::FieldFormat::Text,
+    )]);
+    let mut enc = pgwire::api::results::DataRowEncoder::new(fields.clone());
+    let row = enc.encode_field(&value).map(|_| enc.take_row());
+    Response::Query(QueryResponse::new(fields, futures::stream::iter(vec![row])))
+}
+
+fn engine_error(e: tarn_query::Error) -> PgWireError {
+    use tarn_query::Error as E;
+    let code = match &e {
+        E::BadQuery(_) => "42601",
+        E::NotFound(_) => "42P01",
+        E::Refused(_) => "54000",
+        E::Archived(_) => "55000",
+        E::Timeout(_) => "57014",
+        E::Unavailable(_) => "53300",
+        E::Execution(_) => "22000",
+        E::Internal(_) => "XX000",
+    };
+    user_error(code, e.to_string())
+}
+
+impl Handler {
+    fn who<C: ClientInfo>(client: &C) -> (String, Option<u64>) {
+        let m = client.metadata();
+        let who = m.get(WHO).cloned().unwrap_or_else(|| tarn_query::ANONYMOUS.into());
+        (who, m.get(BYTES_MAX).and_then(|v| v.parse().ok()))
+    }
+
+    /// Answers one statement.
+    async fn answer(&self, who: &str, key_budget: Option<u64>, sql: &str, format: &Format) -> PgWireResult<Response> {
+        match kind(sql) {
+            Kind::Empty => Ok(Response::EmptyQuery),
+            Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
+            Kind::End(tag) => Ok(Response::TransactionEnd(Tag::new(tag))),
+            Kind::Set(tag) => Ok(Response::Execution(Tag::new(tag))),
+            Kind::Show(name) => match show(&name) {
+                Some((col, v)) => Ok(one_value(col, v)),
+                None => Err(user_error(
+                    "42704",
+                    format!("unrecognized configuration parameter \"{name}\""),
+                )),
+            },
+            Kind::Refused(word) => Err(user_error(
+                "25006",
+                format!(
+                    "tarn answers read-only SQL; {word} is not run (tables change through ingestion and maintenance)"
+                ),
+            )),
+            Kind::Query => self.query(who, key_budget, sql, format).await,
+        }
+    }
+
+    async fn query(&self, who: &str, key_budget: Option<u64>, sql: &str, format: &Format) -> PgWireResult<Response> {
+        let timeout = std::time::Duration::from_millis(crate::http::QUERY_TIMEOUT_MAX_MS);
+        let budget = key_budget.or(self.app.query_bytes_max);
+        let q = self
+            .app
+            .query
+            .stream_within(who, sql, budget, timeout)
+            .await
+            .map_err(engine_error)?;
+        let fields = Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(&q.schema, format, None)?);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let f = fields.clone();
+        let rows = futures::stream::unfold(Some(q), move |state| {
+            let fields = f.clone();
+            async move {
+                let mut q = state?;
+                match tokio::time::timeout_at(deadline, q.next()).await {
+                    Err(_) => Some((
+                        vec![Err(user_error("57014", "the query ran past its time limit"))],
+                        None,
+                    )),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => Some((vec![Err(engine_error(e))], None)),
+                    Ok(Some(Ok(batch))) => {
+                        let rows: Vec<_> = arrow_pg::datatypes::encode_recordbatch(fields, batch).collect();
+                        Some((rows, Some(q)))
+                    }
+                }
+            }
+        })
+        .flat_map(futures::stream::iter);
+        Ok(Response::Query(QueryResponse::new(fields, rows)))
+    }
+
+    /// The columns a statement answers with, for Describe.
+    async fn fields(&self, sql: &str, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
+        match kind(sql) {
+            Kind::Query => {
+                let schema = self.app.query.describe(sql).await.map_err(engine_error)?;
+                Ok(arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, None)?)
+            }
+            Kind::Show(name) => Ok(show(&name)
+                .map(|(col, _)| vec![FieldInfo::new(col.into(), None, None, Type::TEXT, format.format_for(0))])
+                .unwrap_or_default()),
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Handler {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (who, budget) = Self::who(client);
+        let mut out = Vec::new();
+        for stmt in split_statements(query) {
+            match self.answer(&who, budget, &stmt, &Format::UnifiedText).await {
+                Ok(r) => out.push(r),
+                Err(PgWireError::UserError(info)) => {
+                    // A failed statement ends the batch, as PostgreSQL does.
+                    out.push(Response::Error(info));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Splits a simple-protocol string at the semicolons between statements (outside quotes
+/// and comments).
+fn split_statements(sql: &str) -> Vec<String> {
+    let text = strip_comments(sql);
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    for c in text.chars() {
+        match quote {
+            Some(q) => {
+                cur.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                cur.push(c);
+            }
+            None if c == ';' => {
+                if !cur.trim().is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                cur.clear();
+            }
+            None => cur.push(c),
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur);
+    }
+    if out.is_empty() {
+        out.push(String::new());
+    }
+    out
+}
+
+/// The extended protocol keeps the statement's text; parameters are bound into it as
+/// literals when a portal runs.
+struct Parser;
+
+#[async_trait]
+impl QueryParser for Parser {
+    type Statement = String;
+
+    async fn parse_sql<C>(&self, _client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<String>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        Ok(Some(sql.to_string()))
+    }
+
+    fn get_parameter_types(&self, stmt: &String) -> PgWireResult<Vec<Type>> {
+        Ok(vec![Type::UNKNOWN; placeholders(stmt)])
+    }
+
+    fn get_result_schema(&self, _stmt: &String, _format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The highest `$n` placeholder of a statement (outside quotes).
+fn placeholders(sql: &str) -> usize {
+    let mut max = 0;
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if c == '$' => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                if let Ok(v) = n.parse::<usize>() {
+                    max = max.max(v);
+                }
+            }
+            None => {}
+        }
+    }
+    max
+}
+
+/// The statement with each `$n` replaced by its parameter as a SQL literal.
+fn bind(portal: &Portal<String>) -> PgWireResult<String> {
+    let sql = &portal.statement.statement;
+    let types = &portal.statement.parameter_types;
+    let mut literals = Vec::with_capacity(portal.parameter_len());
+    for i in 0..portal.parameter_len() {
+        let ty = types.get(i).cloned().flatten().unwrap_or(Type::UNKNOWN);
+        let lit = match ty {
+            Type::INT2 => portal.parameter::<i16>(i, &ty)?.map(|v| v.to_string()),
+            Type::INT4 => portal.parameter::<i32>(i, &ty)?.map(|v| v.to_string()),
+            Type::INT8 => portal.parameter::<i64>(i, &ty)?.map(|v| v.to_string()),
+            Type::FLOAT4 => portal.parameter::<f32>(i, &ty)?.map(|v| v.to_string()),
+            Type::FLOAT8 => portal.parameter::<f64>(i, &ty)?.map(|v| v.to_string()),
+            Type::BOOL => portal
+                .parameter::<bool>(i, &ty)?
+                .map(|v| if v { "TRUE".into() } else { "FALSE".into() }),
+            _ => portal
+                .parameter::<String>(i, &Type::TEXT)?
+                .map(|v| format!("'{}'", v.replace('\'', "''"))),
+        };
+        literals.push(lit.unwrap_or_else(|| "NULL".into()));
+    }
+    let mut out = String::with_capacity(sql.len());
+    let mut quote: Option<char> = None;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                out.push(c);
+                if c == q {
+                    quote = None;
+                }
+            }
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                out.push(c);
+            }
+            None if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                let idx: usize = n.parse().unwrap_or(0);
+                let lit = idx
+                    .checked_sub(1)
+                    .and_then(|i| literals.get(i))
+                    .ok_or_else(|| user_error("08P01", format!("no parameter ${idx} was bound")))?;
+                out.push_str(lit);
+            }
+            None => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Handler {
+    type Statement = String;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Self::QueryParser> {
+        self.parser.clone()
+    }
+
+    async fn do_describe_statement<C>(
+        &self,
+        _client: &mut C,
+        target: &StoredStatement<String>,
+    ) -> PgWireResult<DescribeStatementResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = String>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let n = placeholders(&target.statement).max(target.parameter_types.len());
+        let params: Vec<Type> = (0..n)
+            .map(|i| {
+                target
+                    .parameter_types
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or(Type::UNKNOWN)
+            })
+            .collect();
+        // Columns need the parameters' values only when there are none to bind.
+        let fields = if n == 0 {
+            self.fields(&target.statement, &Format::UnifiedText).await?
+        } else {
+            Vec::new()
+        };
+        Ok(DescribeStatementResponse::new(params, fields))
+    }
+
+    async fn do_describe_portal<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<String>,
+    ) -> PgWireResult<DescribePortalResponse>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = String>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let sql = bind(portal)?;
+        Ok(DescribePortalResponse::new(
+            self.fields(&sql, &portal.result_column_format).await?,
+        ))
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<String>, _max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = String>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (who, budget) = Self::who(client);
+        let sql = bind(portal)?;
+        self.answer(&who, budget, &sql, &portal.result_column_format).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_classified_split_and_counted() {
+        assert_eq!(kind("  select 1"), Kind::Query);
+        assert_eq!(kind("-- a comment\nSELECT 1;"), Kind::Query);
+        assert_eq!(kind("/* x */ with a as (select 1) select * from a"), Kind::Query);
+        assert_eq!(kind("BEGIN"), Kind::Begin);
+        assert_eq!(kind("commit;"), Kind::End("COMMIT"));
+        assert_eq!(kind("SET extra_float_digits = 3"), Kind::Set("SET"));
+        assert_eq!(
+            kind("SHOW TRANSACTION ISOLATION LEVEL"),
+            Kind::Show("transaction isolation level".into())
+        );
+        assert_eq!(kind("insert into t values (1)"), Kind::Refused("INSERT".into()));
+        assert_eq!(kind(" ; "), Kind::Empty);
+        assert_eq!(
+            split_statements("select 1; select ';' ; -- x;\n select 2"),
+            vec!["select 1", " select ';' ", " \n select 2"]
+        );
+        assert_eq!(placeholders("select $1, '$9', $12"), 12);
+        assert_eq!(strip_comments("a /* b */ c -- d\ne"), "a   c \ne");
+    }
+}

@@ -1,0 +1,164 @@
+//! The PostgreSQL wire protocol with real clients: the `psql` binary and psycopg (installed by
+//! `scripts/test` into a virtual environment named by `TARN_TEST_PYTHON`).
+
+use std::process::Command;
+
+use crate::server::*;
+
+/// A client program, or a clear message (and, in CI, a failure) when it is missing.
+fn client_program(var: Option<&str>, default: &str) -> Option<String> {
+    let prog = var
+        .and_then(|v| std::env::var(v).ok())
+        .unwrap_or_else(|| default.to_string());
+    let found = Command::new(&prog)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(prog);
+    }
+    let msg = format!("{prog} is not installed: run the tests through scripts/test, which installs it");
+    assert!(std::env::var("CI").is_err(), "{msg}");
+    eprintln!("skipping: {msg}");
+    None
+}
+
+fn sha(s: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_psycopg_query_over_the_postgres_protocol() {
+    let Some(psql) = client_program(None, "psql") else {
+        return;
+    };
+    let Some(python) = client_program(Some("TARN_TEST_PYTHON"), "python3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(
+        &keys,
+        format!(
+            "version: 1\nkeys:\n  - {{ name: analyst, tenant: \"*\", sha256: {} }}\n  - {{ name: intern, tenant: \"*\", sha256: {}, query_bytes_max: 100 }}\n  - {{ name: acme, tenant: acme, sha256: {} }}\n",
+            sha("analyst-secret"),
+            sha("intern-secret"),
+            sha("acme-secret")
+        ),
+    )
+    .expect("keys");
+    let s = start_auctions(dir.path(), &["--read-keys", keys.to_str().expect("utf8")]);
+    let pg = s.pg.clone().expect("the postgres listener is on");
+    let (host, port) = pg.rsplit_once(':').expect("host:port");
+    let c = client();
+    let body: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"e{i}","ts":"2026-11-{}T10:00:00Z","client_id":"{}","cpm":{}}}"#,
+                20 + i % 2,
+                if i % 4 == 0 { "acme" } else { "beta" },
+                f64::from(i) / 4.0
+            )
+        })
+        .collect();
+    let (st, v) = post_events(&c, &s.url, "auctions", body.join("\n")).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(&c, &s.url, "SELECT count(*) FROM auctions", 30, |v| {
+        v["rows"][0][0] == 40
+    })
+    .await;
+
+    let run_psql = |user: &str, password: &str, sql: &str| {
+        let out = Command::new(&psql)
+            .args([
+                "-h",
+                host,
+                "-p",
+                port,
+                "-U",
+                user,
+                "-d",
+                "tarn",
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("run psql");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    // psql, simple protocol: rows, several statements, a SHOW, session statements.
+    let (code, out, err) = run_psql(
+        "analyst",
+        "analyst-secret",
+        "SELECT client_id, count(*) FROM auctions WHERE day = '2026-11-20' GROUP BY 1 ORDER BY 1",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "acme|10\nbeta|10");
+    let (code, out, err) = run_psql(
+        "analyst",
+        "analyst-secret",
+        "BEGIN; SET extra_float_digits = 3; SHOW transaction isolation level; SELECT 2; COMMIT",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("read committed") && out.contains('2'), "{out}");
+    // Errors are errors, with PostgreSQL's codes: a bad password, a tenant's key, a write,
+    // a query over the key's budget.
+    let (code, _, err) = run_psql("analyst", "wrong", "SELECT 1");
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("password authentication failed"), "{err}");
+    let (code, _, _) = run_psql("acme", "acme-secret", "SELECT 1");
+    assert_ne!(code, 0, "a tenant key runs no SQL");
+    let (code, _, err) = run_psql("analyst", "analyst-secret", "DELETE FROM auctions");
+    assert_ne!(code, 0);
+    assert!(err.contains("read-only"), "{err}");
+    let (code, _, err) = run_psql("intern", "intern-secret", "SELECT sum(cpm) FROM auctions");
+    assert_ne!(code, 0);
+    assert!(err.contains("budget of 100 bytes"), "{err}");
+
+    // psycopg: the extended protocol with bound parameters, transactions, a refused write.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/pg_client.py");
+    let out = Command::new(&python)
+        .args([script, host, port, "analyst", "analyst-secret"])
+        .output()
+        .expect("run python");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No module named 'psycopg'") {
+        let msg = "psycopg is not installed: run the tests through scripts/test, which installs it";
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        eprintln!("skipping: {msg}");
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["columns"], serde_json::json!(["client_id", "n", "revenue"]), "{v}");
+    // Day 2026-11-20 is the even events; cpm > 0.5 leaves out e0 and e2.
+    let (_, want) = sql(
+        &c,
+        &s.url,
+        "SELECT client_id, count(*), sum(cpm) FROM auctions WHERE day = '2026-11-20' AND cpm > 0.5 GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(v["rows"], want["rows"], "{v}");
+    assert_eq!(v["quoted"], "it's");
+    assert_eq!(v["insert_error"], "25006");
+    assert_eq!(v["count"], 40);
+    assert_eq!(v["simple"], 2);
+    // The history names the key.
+    let (_, h) = sql(&c, &s.url, "SELECT count(*) FROM system.queries WHERE who = 'analyst'").await;
+    assert!(h["rows"][0][0].as_u64().is_some_and(|n| n >= 4), "{h}");
+}

@@ -1,0 +1,38 @@
+"""Queries tarn over the PostgreSQL protocol with psycopg, as an application would.
+
+Usage: pg_client.py HOST PORT USER PASSWORD. Prints one JSON object of what it saw.
+"""
+import json
+import sys
+
+import psycopg
+
+host, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out = {}
+# Server-side binding (the extended protocol) with parameters, as psycopg does by default.
+with psycopg.connect(host=host, port=port, user=user, password=password, dbname="tarn") as conn:
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT client_id, count(*) AS n, sum(cpm) AS revenue FROM auctions "
+            "WHERE day = %s AND cpm > %s GROUP BY client_id ORDER BY client_id",
+            ("2026-11-20", 0.5),
+        )
+        out["columns"] = [d.name for d in cur.description]
+        out["rows"] = [[r[0], r[1], r[2]] for r in cur.fetchall()]
+        cur.execute("SELECT %s::text AS quoted", ("it's",))
+        out["quoted"] = cur.fetchone()[0]
+    conn.commit()
+    # A refused write is an error the application sees, and the session goes on.
+    try:
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO auctions VALUES (1)")
+    except psycopg.Error as e:
+        out["insert_error"] = e.sqlstate
+        conn.rollback()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM auctions")
+        out["count"] = cur.fetchone()[0]
+# The simple protocol too (autocommit, no parameters).
+with psycopg.connect(host=host, port=port, user=user, password=password, autocommit=True) as conn:
+    out["simple"] = conn.execute("SELECT 1 + 1").fetchone()[0]
+print(json.dumps(out))
