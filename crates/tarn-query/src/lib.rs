@@ -5,6 +5,7 @@
 mod convert;
 pub mod external;
 pub mod history;
+mod pg_catalog;
 pub mod rollup;
 mod stats;
 pub mod usage;
@@ -131,6 +132,8 @@ pub struct QueryEngine {
     /// The file schema of each registered Parquet folder, by dataset and location: inferring
     /// it reads every footer, so it is done once (`forget` drops it).
     external_schemas: std::sync::Mutex<HashMap<String, (String, SchemaRef)>>,
+    /// `pg_catalog` for PostgreSQL clients, made at the first of their statements.
+    pg_catalog: std::sync::OnceLock<Arc<dyn deltalake::datafusion::catalog::SchemaProvider>>,
 }
 
 /// Default memory of all running queries together: 1 GiB.
@@ -209,6 +212,7 @@ impl QueryEngine {
             permits: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY_DEFAULT)),
             tables: tokio::sync::Mutex::new(HashMap::new()),
             external_schemas: std::sync::Mutex::new(HashMap::new()),
+            pg_catalog: std::sync::OnceLock::new(),
         }
     }
 
@@ -348,7 +352,7 @@ impl QueryEngine {
 
     /// A session with every dataset that has a table registered under its name, and the
     /// object store URL of each table (how a scan is traced back to its dataset).
-    async fn session(&self, sql: &str) -> Result<(SessionContext, HashMap<String, String>)> {
+    async fn session(&self, sql: &str, pg: bool) -> Result<(SessionContext, HashMap<String, String>)> {
         use deltalake::logstore::LogStore as _;
         // A sort holds back a share of memory for merging its spill files; with a small limit
         // that share must shrink too.
@@ -382,6 +386,43 @@ impl QueryEngine {
             .map_err(classify)?;
         if let Some(catalog) = ctx.catalog("datafusion") {
             catalog.register_schema("system", system).map_err(classify)?;
+        }
+        if pg {
+            // The functions PostgreSQL clients call, and the engine's one `pg_catalog` (its
+            // OIDs stay the same from one statement to the next).
+            datafusion_pg_catalog::setup_pg_catalog(
+                &ctx,
+                "datafusion",
+                datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+            )
+            .map_err(|e| Error::Internal(format!("setting up pg_catalog: {e}")))?;
+            let provider = match self.pg_catalog.get() {
+                Some(p) => p.clone(),
+                None => {
+                    let p = pg_catalog::provider(self.catalog.clone(), self.lake.clone())
+                        .map_err(|e| Error::Internal(format!("setting up pg_catalog: {e}")))?;
+                    self.pg_catalog.get_or_init(|| p).clone()
+                }
+            };
+            if let Some(catalog) = ctx.catalog("datafusion") {
+                catalog.register_schema("pg_catalog", provider).map_err(classify)?;
+            }
+            // Clients read the server's kind and version from version().
+            let text = format!(
+                "PostgreSQL 16.0 (tarn {}, Apache DataFusion)",
+                env!("CARGO_PKG_VERSION")
+            );
+            ctx.register_udf(deltalake::datafusion::logical_expr::create_udf(
+                "version",
+                vec![],
+                deltalake::arrow::datatypes::DataType::Utf8,
+                deltalake::datafusion::logical_expr::Volatility::Immutable,
+                Arc::new(move |_: &[deltalake::datafusion::logical_expr::ColumnarValue]| {
+                    Ok(deltalake::datafusion::logical_expr::ColumnarValue::Scalar(
+                        deltalake::datafusion::scalar::ScalarValue::Utf8(Some(text.clone())),
+                    ))
+                }),
+            ));
         }
         for spec in self.catalog.list() {
             if let Some(ext) = &spec.external {
@@ -437,10 +478,10 @@ impl QueryEngine {
 
     /// Plans a statement and starts it; batches are computed as they are pulled, so a caller
     /// that stops pulling (or drops the stream) stops the work.
-    pub async fn stream(&self, who: &str, sql: &str, bytes_max: Option<u64>) -> Result<QueryStream> {
+    pub async fn stream(&self, who: &str, sql: &str, bytes_max: Option<u64>, pg: bool) -> Result<QueryStream> {
         let started = Instant::now();
         let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
-        let res = self.start(who, sql, bytes_max, started, started_us).await;
+        let res = self.start(who, sql, bytes_max, pg, started, started_us).await;
         if let Err(e) = &res {
             let status = match e {
                 Error::Refused(_) | Error::Archived(_) => "refused",
@@ -473,11 +514,12 @@ impl QueryEngine {
         who: &str,
         sql: &str,
         bytes_max: Option<u64>,
+        pg: bool,
         timeout: Duration,
     ) -> Result<QueryStream> {
         let started = Instant::now();
         let started_us = tarn_core::Clock::now_micros(&tarn_core::SystemClock);
-        match tokio::time::timeout(timeout, self.stream(who, sql, bytes_max)).await {
+        match tokio::time::timeout(timeout, self.stream(who, sql, bytes_max, pg)).await {
             Ok(r) => r,
             Err(_) => {
                 let e = Error::Timeout(timeout);
@@ -492,6 +534,7 @@ impl QueryEngine {
         who: &str,
         sql: &str,
         bytes_max: Option<u64>,
+        pg: bool,
         started: Instant,
         started_us: i64,
     ) -> Result<QueryStream> {
@@ -507,7 +550,7 @@ impl QueryEngine {
             schema,
             plan,
             infrequent,
-        } = self.plan(sql).await?;
+        } = self.plan(sql, pg).await?;
         let est = self.estimate_plan(&plan);
         if let Some(max) = bytes_max
             && est.bytes > max
@@ -541,8 +584,8 @@ impl QueryEngine {
 
     /// Plans a read-only statement and checks the guardrails that need no budget: required
     /// partition filters and archived days.
-    async fn plan(&self, sql: &str) -> Result<Planned> {
-        let (ctx, urls) = self.session(sql).await?;
+    async fn plan(&self, sql: &str, pg: bool) -> Result<Planned> {
+        let (ctx, urls) = self.session(sql, pg).await?;
         let df = ctx.sql_with_options(sql, read_only()).await.map_err(classify)?;
         self.check_partition_filters(&df)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
@@ -559,16 +602,16 @@ impl QueryEngine {
 
     /// What a statement would read, planned but not run (the guardrails apply as they would).
     /// The columns a statement would answer with, from its plan, without running it.
-    pub async fn describe(&self, sql: &str) -> Result<SchemaRef> {
+    pub async fn describe(&self, sql: &str, pg: bool) -> Result<SchemaRef> {
         let df = {
-            let (ctx, _) = self.session(sql).await?;
+            let (ctx, _) = self.session(sql, pg).await?;
             ctx.sql_with_options(sql, read_only()).await.map_err(classify)?
         };
         Ok(Arc::new(df.schema().as_arrow().clone()))
     }
 
     pub async fn estimate(&self, sql: &str) -> Result<Estimate> {
-        let planned = self.plan(sql).await?;
+        let planned = self.plan(sql, false).await?;
         Ok(self.estimate_plan(&planned.plan))
     }
 
@@ -628,7 +671,9 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str, opts: &QueryOptions) -> Result<QueryResult> {
         let deadline = tokio::time::Instant::now() + opts.timeout;
         let who = opts.who.as_deref().unwrap_or(ANONYMOUS);
-        let mut q = self.stream_within(who, sql, opts.bytes_max, opts.timeout).await?;
+        let mut q = self
+            .stream_within(who, sql, opts.bytes_max, false, opts.timeout)
+            .await?;
         let mut rows = Vec::new();
         let mut truncated = false;
         while let Some(batch) = tokio::time::timeout_at(deadline, q.next())
@@ -758,6 +803,17 @@ fn narrows_partition(e: &deltalake::datafusion::logical_expr::Expr, parts: &[Str
 }
 
 /// Who ran a query, until tarn has credentials.
+/// A statement from a PostgreSQL client in the form the engine reads: PostgreSQL-only syntax
+/// that BI tools and `psql` send (`::regclass` casts, `pg_catalog` idioms) rewritten to what
+/// DataFusion plans. The text comes back unchanged when it does not parse as one statement.
+pub fn postgres_statement(sql: &str) -> String {
+    let parser = datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
+    match parser.parse(sql) {
+        Ok(mut v) if v.len() == 1 => v.pop().map(|s| s.to_string()).unwrap_or_else(|| sql.to_string()),
+        _ => sql.to_string(),
+    }
+}
+
 /// Who a query without a key is recorded as.
 pub const ANONYMOUS: &str = "anonymous";
 

@@ -450,7 +450,10 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body
         let result = app.query.sql(&req.sql, &opts).await?;
         return Ok(axum::Json(result).into_response());
     }
-    let q = app.query.stream_within(&who, &req.sql, bytes_max, timeout).await?;
+    let q = app
+        .query
+        .stream_within(&who, &req.sql, bytes_max, false, timeout)
+        .await?;
     let body = crate::results::stream_body(q, format, req.row_limit, timeout).map_err(|e| {
         api(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -311,10 +311,11 @@ impl Handler {
     async fn query(&self, who: &str, key_budget: Option<u64>, sql: &str, format: &Format) -> PgWireResult<Response> {
         let timeout = std::time::Duration::from_millis(crate::http::QUERY_TIMEOUT_MAX_MS);
         let budget = key_budget.or(self.app.query_bytes_max);
+        let sql = tarn_query::postgres_statement(sql);
         let q = self
             .app
             .query
-            .stream_within(who, sql, budget, timeout)
+            .stream_within(who, &sql, budget, true, timeout)
             .await
             .map_err(engine_error)?;
         let fields = Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(&q.schema, format, None)?);
@@ -346,7 +347,8 @@ impl Handler {
     async fn fields(&self, sql: &str, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
         match kind(sql) {
             Kind::Query => {
-                let schema = self.app.query.describe(sql).await.map_err(engine_error)?;
+                let sql = tarn_query::postgres_statement(sql);
+                let schema = self.app.query.describe(&sql, true).await.map_err(engine_error)?;
                 Ok(arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, None)?)
             }
             Kind::Show(name) => Ok(show(&name)

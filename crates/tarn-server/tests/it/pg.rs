@@ -116,6 +116,47 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("read committed") && out.contains('2'), "{out}");
+    // What psql's \d and BI tools look up on connect: pg_catalog (with OIDs that hold from one
+    // statement to the next) and information_schema.
+    let (code, out, err) = run_psql("analyst", "analyst-secret", "\\dt");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("public|auctions|table") && out.contains("system|queries|table"),
+        "{out}"
+    );
+    let (code, out, err) = run_psql("analyst", "analyst-secret", "\\d auctions");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("client_id|text")
+            && out.contains("cpm|double precision")
+            && out.contains("ts|timestamp with time zone"),
+        "{out}"
+    );
+    let bi = [
+        // JDBC's getTables (Metabase, DBeaver, Tableau through JDBC).
+        (
+            "SELECT NULL AS TABLE_CAT, n.nspname AS TABLE_SCHEM, c.relname AS TABLE_NAME, CASE c.relkind WHEN 'r' THEN 'TABLE' WHEN 'v' THEN 'VIEW' ELSE NULL END AS TABLE_TYPE, d.description AS REMARKS FROM pg_catalog.pg_namespace n, pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_description d ON (c.oid = d.objoid AND d.objsubid = 0 AND d.classoid = 'pg_class'::regclass) WHERE c.relnamespace = n.oid AND c.relkind IN ('r','p','v','m','f') ORDER BY TABLE_TYPE, TABLE_SCHEM, TABLE_NAME",
+            "|public|auctions|TABLE|",
+        ),
+        // Redash's schema browser.
+        (
+            "SELECT table_schema, table_name, column_name FROM information_schema.columns WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND table_name = 'auctions' ORDER BY ordinal_position LIMIT 1",
+            "public|auctions|event_id",
+        ),
+        ("SELECT typname FROM pg_catalog.pg_type WHERE oid = 20", "int8"),
+        ("SELECT current_database(), current_schema()", "datafusion|public"),
+        ("SELECT version()", "PostgreSQL 16.0 (tarn"),
+        (
+            "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname = 'public'",
+            "public",
+        ),
+    ];
+    for (q, want) in bi {
+        let (code, out, err) = run_psql("analyst", "analyst-secret", q);
+        assert_eq!(code, 0, "{q}: {err}");
+        assert!(out.contains(want), "{q}: {out}");
+    }
+
     // Errors are errors, with PostgreSQL's codes: a bad password, a tenant's key, a write,
     // a query over the key's budget.
     let (code, _, err) = run_psql("analyst", "wrong", "SELECT 1");
