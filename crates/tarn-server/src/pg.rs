@@ -41,12 +41,43 @@ pub const DEFAULT_PG: &str = "127.0.0.1:7412";
 const WHO: &str = "tarn.who";
 const BYTES_MAX: &str = "tarn.bytes_max";
 
-/// Serves PostgreSQL clients on `listener` until `shutdown` turns true.
-pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// The TLS acceptor of `--pg-tls-cert` and `--pg-tls-key` (PEM files).
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<pgwire::tokio::TlsAcceptor> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading the certificate {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading the certificate {}", cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", cert.display());
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading the private key {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the certificate and key do not make a TLS identity")?;
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves PostgreSQL clients on `listener` until `shutdown` turns true. With `tls`, every
+/// client must use it (its password would cross the network in clear otherwise).
+pub async fn serve(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let handlers = Arc::new(Handlers {
         handler: Arc::new(Handler {
             app,
             parser: Arc::new(Parser),
+            tls_required: tls.is_some(),
         }),
     });
     loop {
@@ -57,8 +88,9 @@ pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener, mut shutdow
         match accepted {
             Ok((socket, _)) => {
                 let h = handlers.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = pgwire::tokio::process_socket(socket, None, h).await {
+                    if let Err(e) = pgwire::tokio::process_socket(socket, tls, h).await {
                         tracing::debug!(error = %e, "postgres connection ended with an error");
                     }
                 });
@@ -92,6 +124,7 @@ impl PgWireServerHandlers for Handlers {
 struct Handler {
     app: Arc<App>,
     parser: Arc<Parser>,
+    tls_required: bool,
 }
 
 fn parameters() -> DefaultServerParameterProvider {
@@ -114,6 +147,12 @@ impl StartupHandler for Handler {
     {
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
+                if self.tls_required && !client.is_secure() {
+                    return Err(user_error(
+                        "28000",
+                        "this server takes TLS connections only (sslmode=require)",
+                    ));
+                }
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
                 if self.app.read_keys.is_empty() {

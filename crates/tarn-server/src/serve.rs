@@ -33,6 +33,12 @@ pub struct ServeArgs {
     /// PostgreSQL wire protocol listen address, or `off`.
     #[arg(long, env = "TARN_PG", default_value = crate::pg::DEFAULT_PG)]
     pub pg: String,
+    /// TLS certificate chain (PEM) for the PostgreSQL listener; with it, clients must use TLS.
+    #[arg(long, env = "TARN_PG_TLS_CERT", requires = "pg_tls_key")]
+    pub pg_tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the PostgreSQL listener.
+    #[arg(long, env = "TARN_PG_TLS_KEY", requires = "pg_tls_cert")]
+    pub pg_tls_key: Option<PathBuf>,
     /// Folder of dataset descriptors (*.yaml) to register at start.
     #[arg(long, env = "TARN_DATASETS")]
     pub datasets: Option<PathBuf>,
@@ -412,6 +418,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding HTTP listener on {}", args.http))?;
     let addr = listener.local_addr().context("reading the bound address")?;
+    let pg_tls = match (&args.pg_tls_cert, &args.pg_tls_key) {
+        (Some(c), Some(k)) => Some(crate::pg::tls_acceptor(c, k)?),
+        _ => None,
+    };
     let pg_listener = match args.pg.as_str() {
         "off" => None,
         a => {
@@ -431,7 +441,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if let Some(l) = pg_listener {
         let pg_addr = l.local_addr().context("reading the bound address")?;
         println!("tarn postgres on {pg_addr}");
-        tokio::spawn(crate::pg::serve(app.clone(), l, app.shutdown_watch()));
+        tokio::spawn(crate::pg::serve(app.clone(), l, pg_tls, app.shutdown_watch()));
     }
     let router = crate::http::router(app.clone());
     axum::serve(listener, router)

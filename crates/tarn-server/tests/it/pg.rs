@@ -203,3 +203,87 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     let (_, h) = sql(&c, &s.url, "SELECT count(*) FROM system.queries WHERE who = 'analyst'").await;
     assert!(h["rows"][0][0].as_u64().is_some_and(|n| n >= 4), "{h}");
 }
+
+/// With a certificate, the listener takes TLS connections only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_required_once_configured() {
+    let Some(psql) = client_program(None, "psql") else {
+        return;
+    };
+    let openssl = "openssl";
+    if !Command::new(openssl)
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let msg = "openssl is not installed (Debian's openssl package makes the test certificate)";
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        eprintln!("skipping: {msg}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = Command::new(openssl)
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let s = start_auctions(
+        dir.path(),
+        &[
+            "--pg-tls-cert",
+            cert.to_str().expect("utf8"),
+            "--pg-tls-key",
+            key.to_str().expect("utf8"),
+        ],
+    );
+    let pg = s.pg.clone().expect("the postgres listener is on");
+    let (host, port) = pg.rsplit_once(':').expect("host:port");
+    let run = |mode: &str| {
+        let out = Command::new(&psql)
+            .args([
+                "-h",
+                host,
+                "-p",
+                port,
+                "-U",
+                "x",
+                "-d",
+                "tarn",
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT 40 + 2",
+            ])
+            .env("PGSSLMODE", mode)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, out, err) = run("require");
+    assert!(ok, "{err}");
+    assert_eq!(out, "42");
+    let (ok, _, err) = run("disable");
+    assert!(!ok);
+    assert!(err.contains("TLS connections only"), "{err}");
+}
