@@ -323,8 +323,18 @@ impl Handler {
         (who, m.get(BYTES_MAX).and_then(|v| v.parse().ok()))
     }
 
-    /// Answers one statement.
-    async fn answer(&self, who: &str, key_budget: Option<u64>, sql: &str, format: &Format) -> PgWireResult<Response> {
+    /// Answers one statement. `rewrite` asks for the PostgreSQL-compatibility rewrite, which
+    /// must never see bound values: its tokenizer reads string literals differently from the
+    /// engine's, so a value could end its literal there (a bound statement is rewritten
+    /// before its values go in).
+    async fn answer(
+        &self,
+        who: &str,
+        key_budget: Option<u64>,
+        sql: &str,
+        format: &Format,
+        rewrite: bool,
+    ) -> PgWireResult<Response> {
         match kind(sql) {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
@@ -343,6 +353,10 @@ impl Handler {
                     "tarn answers read-only SQL; {word} is not run (tables change through ingestion and maintenance)"
                 ),
             )),
+            Kind::Query if rewrite => {
+                let sql = tarn_query::postgres_statement(sql);
+                self.query(who, key_budget, &sql, format).await
+            }
             Kind::Query => self.query(who, key_budget, sql, format).await,
         }
     }
@@ -350,11 +364,10 @@ impl Handler {
     async fn query(&self, who: &str, key_budget: Option<u64>, sql: &str, format: &Format) -> PgWireResult<Response> {
         let timeout = std::time::Duration::from_millis(crate::http::QUERY_TIMEOUT_MAX_MS);
         let budget = key_budget.or(self.app.query_bytes_max);
-        let sql = tarn_query::postgres_statement(sql);
         let q = self
             .app
             .query
-            .stream_within(who, &sql, budget, true, timeout)
+            .stream_within(who, sql, budget, true, timeout)
             .await
             .map_err(engine_error)?;
         let fields = Arc::new(arrow_pg::datatypes::arrow_schema_to_pg_fields(&q.schema, format, None)?);
@@ -382,12 +395,11 @@ impl Handler {
         Ok(Response::Query(QueryResponse::new(fields, rows)))
     }
 
-    /// The columns a statement answers with, for Describe.
+    /// The columns a statement answers with, for Describe (`sql` already rewritten).
     async fn fields(&self, sql: &str, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
         match kind(sql) {
             Kind::Query => {
-                let sql = tarn_query::postgres_statement(sql);
-                let schema = self.app.query.describe(&sql, true).await.map_err(engine_error)?;
+                let schema = self.app.query.describe(sql, true).await.map_err(engine_error)?;
                 Ok(arrow_pg::datatypes::arrow_schema_to_pg_fields(&schema, format, None)?)
             }
             Kind::Show(name) => Ok(show(&name)
@@ -410,7 +422,7 @@ impl SimpleQueryHandler for Handler {
         let (who, budget) = Self::who(client);
         let mut out = Vec::new();
         for stmt in split_statements(query) {
-            match self.answer(&who, budget, &stmt, &Format::UnifiedText).await {
+            match self.answer(&who, budget, &stmt, &Format::UnifiedText, true).await {
                 Ok(r) => out.push(r),
                 Err(PgWireError::UserError(info)) => {
                     // A failed statement ends the batch, as PostgreSQL does.
@@ -511,9 +523,12 @@ fn placeholders(sql: &str) -> usize {
     max
 }
 
-/// The statement with each `$n` replaced by its parameter as a SQL literal.
+/// The statement, rewritten for PostgreSQL compatibility, with each `$n` replaced by its
+/// parameter as a SQL literal of the engine's dialect (quotes doubled; a backslash is a
+/// backslash).
 fn bind(portal: &Portal<String>) -> PgWireResult<String> {
-    let sql = &portal.statement.statement;
+    let rewritten = tarn_query::postgres_statement(&portal.statement.statement);
+    let sql = &rewritten;
     let types = &portal.statement.parameter_types;
     let mut literals = Vec::with_capacity(portal.parameter_len());
     for i in 0..portal.parameter_len() {
@@ -600,7 +615,8 @@ impl ExtendedQueryHandler for Handler {
             .collect();
         // Columns need the parameters' values only when there are none to bind.
         let fields = if n == 0 {
-            self.fields(&target.statement, &Format::UnifiedText).await?
+            let sql = tarn_query::postgres_statement(&target.statement);
+            self.fields(&sql, &Format::UnifiedText).await?
         } else {
             Vec::new()
         };
@@ -633,7 +649,8 @@ impl ExtendedQueryHandler for Handler {
     {
         let (who, budget) = Self::who(client);
         let sql = bind(portal)?;
-        self.answer(&who, budget, &sql, &portal.result_column_format).await
+        self.answer(&who, budget, &sql, &portal.result_column_format, false)
+            .await
     }
 }
 

@@ -196,6 +196,11 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     .await;
     assert_eq!(v["rows"], want["rows"], "{v}");
     assert_eq!(v["quoted"], "it's");
+    assert_eq!(
+        v["hostile"],
+        serde_json::json!([0, 0, 0]),
+        "a parameter changed the query: {v}"
+    );
     assert_eq!(v["insert_error"], "25006");
     assert_eq!(v["count"], 40);
     assert_eq!(v["simple"], 2);

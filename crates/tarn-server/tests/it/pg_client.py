@@ -21,6 +21,12 @@ with psycopg.connect(host=host, port=port, user=user, password=password, dbname=
         out["rows"] = [[r[0], r[1], r[2]] for r in cur.fetchall()]
         cur.execute("SELECT %s::text AS quoted", ("it's",))
         out["quoted"] = cur.fetchone()[0]
+        # Hostile parameters stay values: neither a quote nor a backslash ends the literal.
+        hostile = []
+        for p in ("x' OR '1'='1", "x\\' OR 1=1 --", "acme' --"):
+            cur.execute("SELECT count(*) FROM auctions WHERE client_id = %s", (p,))
+            hostile.append(cur.fetchone()[0])
+        out["hostile"] = hostile
     conn.commit()
     # A refused write is an error the application sees, and the session goes on.
     try:
