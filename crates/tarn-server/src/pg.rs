@@ -71,8 +71,10 @@ pub async fn serve(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
     tls: Option<pgwire::tokio::TlsAcceptor>,
+    connections_max: usize,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let open = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
     let handlers = Arc::new(Handlers {
         handler: Arc::new(Handler {
             app,
@@ -86,10 +88,17 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         match accepted {
-            Ok((socket, _)) => {
+            Ok((socket, peer)) => {
+                // Past the cap a connection is closed at once, before it holds anything.
+                let Ok(permit) = open.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, connections_max, "postgres connection refused: too many open");
+                    drop(socket);
+                    continue;
+                };
                 let h = handlers.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = pgwire::tokio::process_socket(socket, tls, h).await {
                         tracing::debug!(error = %e, "postgres connection ended with an error");
                     }

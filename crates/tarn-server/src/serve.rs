@@ -33,6 +33,9 @@ pub struct ServeArgs {
     /// PostgreSQL wire protocol listen address, or `off`.
     #[arg(long, env = "TARN_PG", default_value = crate::pg::DEFAULT_PG)]
     pub pg: String,
+    /// Most PostgreSQL connections open at once; past it a new one is closed at once.
+    #[arg(long, env = "TARN_PG_CONNECTIONS_MAX", default_value_t = 256)]
+    pub pg_connections_max: usize,
     /// TLS certificate chain (PEM) for the PostgreSQL listener; with it, clients must use TLS.
     #[arg(long, env = "TARN_PG_TLS_CERT", requires = "pg_tls_key")]
     pub pg_tls_cert: Option<PathBuf>,
@@ -441,7 +444,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if let Some(l) = pg_listener {
         let pg_addr = l.local_addr().context("reading the bound address")?;
         println!("tarn postgres on {pg_addr}");
-        tokio::spawn(crate::pg::serve(app.clone(), l, pg_tls, app.shutdown_watch()));
+        tokio::spawn(crate::pg::serve(
+            app.clone(),
+            l,
+            pg_tls,
+            args.pg_connections_max,
+            app.shutdown_watch(),
+        ));
     }
     let router = crate::http::router(app.clone());
     axum::serve(listener, router)

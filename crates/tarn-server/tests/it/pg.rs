@@ -292,3 +292,53 @@ async fn tls_is_required_once_configured() {
     assert!(!ok);
     assert!(err.contains("TLS connections only"), "{err}");
 }
+
+/// Connections past `--pg-connections-max` are closed at once; a freed slot takes the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_are_closed() {
+    let Some(psql) = client_program(None, "psql") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = start_auctions(dir.path(), &["--pg-connections-max", "1"]);
+    let pg = s.pg.clone().expect("the postgres listener is on");
+    let (host, port) = pg.rsplit_once(':').expect("host:port");
+    let run = || {
+        let out = Command::new(&psql)
+            .args([
+                "-h", host, "-p", port, "-U", "x", "-d", "tarn", "-X", "-A", "-t", "-c", "SELECT 7",
+            ])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("run psql");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    let held = std::net::TcpStream::connect(&pg).expect("connect");
+    // The server has accepted it once a second client is refused; give the accept a moment.
+    let mut refused = false;
+    for _ in 0..50 {
+        if !run().0 {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        refused,
+        "a second connection should be closed while the first holds the only slot"
+    );
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (ok, out) = run();
+        if ok {
+            assert_eq!(out, "7");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the freed slot was never taken");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
