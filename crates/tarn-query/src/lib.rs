@@ -806,12 +806,67 @@ fn narrows_partition(e: &deltalake::datafusion::logical_expr::Expr, parts: &[Str
 /// A statement from a PostgreSQL client in the form the engine reads: PostgreSQL-only syntax
 /// that BI tools and `psql` send (`::regclass` casts, `pg_catalog` idioms) rewritten to what
 /// DataFusion plans. The text comes back unchanged when it does not parse as one statement.
+///
+/// The rewrite parses and prints the statement again, and the printer keeps a quote that
+/// follows a backslash as it is, which reads back as the end of the literal. A literal with
+/// a backslash (`'x\'' OR 1=1 --'` is one value to the engine) is therefore lifted out before
+/// the rewrite and put back, byte for byte, after it: no value can change the statement.
 pub fn postgres_statement(sql: &str) -> String {
-    let parser = datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
-    match parser.parse(sql) {
-        Ok(mut v) if v.len() == 1 => v.pop().map(|s| s.to_string()).unwrap_or_else(|| sql.to_string()),
-        _ => sql.to_string(),
+    use deltalake::datafusion::sql::sqlparser::dialect::GenericDialect;
+    use deltalake::datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).with_unescape(false).tokenize() else {
+        return sql.to_string();
+    };
+    let highest = tokens
+        .iter()
+        .filter_map(|t| match t {
+            Token::Placeholder(p) => p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut lifted: Vec<String> = Vec::new();
+    let mut text = String::with_capacity(sql.len());
+    for t in &tokens {
+        match t {
+            Token::SingleQuotedString(raw) if raw.contains('\\') => {
+                lifted.push(raw.clone());
+                text.push_str(&format!("${}", highest + lifted.len()));
+            }
+            other => text.push_str(&other.to_string()),
+        }
     }
+    let parser = datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
+    let rewritten = match parser.parse(&text) {
+        Ok(mut v) if v.len() == 1 => v.pop().map(|s| s.to_string()).unwrap_or(text),
+        _ => return sql.to_string(),
+    };
+    if lifted.is_empty() {
+        return rewritten;
+    }
+    // Put each lifted literal back where its placeholder is (outside other literals).
+    let Ok(tokens) = Tokenizer::new(&GenericDialect {}, &rewritten)
+        .with_unescape(false)
+        .tokenize()
+    else {
+        return sql.to_string();
+    };
+    let mut out = String::with_capacity(rewritten.len());
+    for t in &tokens {
+        let back = match t {
+            Token::Placeholder(p) => p
+                .strip_prefix('$')
+                .and_then(|n| n.parse::<usize>().ok())
+                .and_then(|n| n.checked_sub(highest + 1))
+                .and_then(|i| lifted.get(i)),
+            _ => None,
+        };
+        match back {
+            Some(raw) => out.push_str(&format!("'{raw}'")),
+            None => out.push_str(&t.to_string()),
+        }
+    }
+    out
 }
 
 /// Who a query without a key is recorded as.
@@ -873,6 +928,38 @@ impl QueryStream {
         s.duration_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         s.estimated_cost_usd = scan_cost_usd(s.bytes_scanned, self.scan_price_tb);
         s
+    }
+}
+
+#[cfg(test)]
+mod postgres_tests {
+    use super::*;
+
+    #[test]
+    fn no_literal_ends_early_through_the_rewrite() {
+        // One value each to the engine (a backslash is a backslash, '' is a quote).
+        for sql in [
+            "SELECT count(*) FROM t WHERE c = 'x\\'' OR 1=1 --'",
+            "SELECT 'a\\', 'b''c', $1 FROM t WHERE c = 'd\\'' OR true --'",
+        ] {
+            let out = postgres_statement(sql);
+            let count = |s: &str| {
+                use deltalake::datafusion::sql::sqlparser::dialect::GenericDialect;
+                use deltalake::datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+                let toks = Tokenizer::new(&GenericDialect {}, s)
+                    .tokenize()
+                    .unwrap_or_else(|e| panic!("{e}: {s:?}"));
+                let lits: Vec<String> = toks
+                    .into_iter()
+                    .filter_map(|t| match t {
+                        Token::SingleQuotedString(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect();
+                lits
+            };
+            assert_eq!(count(&out), count(sql), "{sql} became {out}");
+        }
     }
 }
 

@@ -167,6 +167,14 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     let (code, _, err) = run_psql("analyst", "analyst-secret", "DELETE FROM auctions");
     assert_ne!(code, 0);
     assert!(err.contains("read-only"), "{err}");
+    // A literal stays one value however the compatibility rewrite prints it: to the engine a
+    // backslash is a backslash and '' a quote, so this matches no client.
+    let (code, out, err) = run_psql(
+        "analyst",
+        "analyst-secret",
+        "SELECT count(*) FROM auctions WHERE client_id = 'x\\'' OR 1=1 --'",
+    );
+    assert_eq!((code, out.as_str()), (0, "0"), "{err}");
     let (code, _, err) = run_psql("intern", "intern-secret", "SELECT sum(cpm) FROM auctions");
     assert_ne!(code, 0);
     assert!(err.contains("budget of 100 bytes"), "{err}");
@@ -200,6 +208,11 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
         v["hostile"],
         serde_json::json!([0, 0, 0]),
         "a parameter changed the query: {v}"
+    );
+    assert_eq!(
+        v["hostile_client_side"],
+        serde_json::json!([0, 0, 0]),
+        "a literal changed the query: {v}"
     );
     assert_eq!(v["insert_error"], "25006");
     assert_eq!(v["count"], 40);

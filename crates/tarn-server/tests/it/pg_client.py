@@ -27,6 +27,14 @@ with psycopg.connect(host=host, port=port, user=user, password=password, dbname=
             cur.execute("SELECT count(*) FROM auctions WHERE client_id = %s", (p,))
             hostile.append(cur.fetchone()[0])
         out["hostile"] = hostile
+    # Client-side binding (the simple protocol, as psycopg2 and many tools send it): the
+    # client only doubles quotes, since the server says standard_conforming_strings is on.
+    with psycopg.ClientCursor(conn) as cur:
+        hostile = []
+        for p in ("x' OR '1'='1", "x\\' OR 1=1 --", "acme' --"):
+            cur.execute("SELECT count(*) FROM auctions WHERE client_id = %s", (p,))
+            hostile.append(cur.fetchone()[0])
+        out["hostile_client_side"] = hostile
     conn.commit()
     # A refused write is an error the application sees, and the session goes on.
     try:
