@@ -347,8 +347,10 @@ pub fn read_descriptors(dir: &Path) -> Result<Vec<(PathBuf, String)>> {
     Ok(out)
 }
 
-/// Writes `dir/name` through a synced temporary file and a rename, then syncs the folder.
-fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// Writes `dir/name` through a synced temporary file and a rename, then syncs the folder:
+/// a crash leaves the old file or the new one. Also used for the metadata kept beside the
+/// catalog (producer keys, major-version intents).
+pub fn write_synced(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     {
@@ -369,7 +371,8 @@ fn now_rfc3339() -> String {
 mod tests {
     use super::*;
 
-    fn spec(name: &str, extra: &str) -> DatasetSpec {
+    /// A one-field contract named `name`, with `extra` YAML lines (fields go first).
+    pub(crate) fn spec(name: &str, extra: &str) -> DatasetSpec {
         DatasetSpec::from_yaml(&format!(
             "name: {name}\nfields:\n  - {{ name: event_id, type: string }}\n{extra}event_id: event_id\n"
         ))

@@ -142,13 +142,7 @@ impl std::fmt::Display for Step {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(name: &str, extra: &str) -> DatasetSpec {
-        DatasetSpec::from_yaml(&format!(
-            "name: {name}\nfields:\n  - {{ name: event_id, type: string }}\n{extra}event_id: event_id\n"
-        ))
-        .expect("spec")
-    }
+    use crate::tests::spec;
 
     #[test]
     fn plans_each_kind_of_step() {

@@ -14,12 +14,8 @@ use crate::{Lake, ObjectCreated};
 
 pub const SPEC: &str = "name: bids\nfields:\n  - { name: event_id, type: string }\n  - { name: client_id, type: string, required: true }\n  - { name: cpm, type: float64 }\nevent_id: event_id\npartitioning: { tenant: client_id }\n";
 
-/// Ten-row style records of one day: rows alternate between tenants acme and beta.
-pub fn record_on(seq: u64, rows: usize, day: &str) -> RecordBatch {
-    record_of(&DatasetSpec::from_yaml(SPEC).expect("spec"), seq, rows, day)
-}
-
-/// [`record_on`] written under `spec` (a contract of the same fields, any major version).
+/// Records of one day written under `spec` (the fields of [`SPEC`], any major version): rows
+/// alternate between tenants acme and beta.
 pub fn record_of(spec: &DatasetSpec, seq: u64, rows: usize, day: &str) -> RecordBatch {
     let schema = tarn_collector::arrow_schema(spec);
     let ids: Vec<String> = (0..rows).map(|i| format!("s{seq}-{i}")).collect();
@@ -47,7 +43,12 @@ pub fn note(lake: &Lake, first: u64, last: u64) -> ObjectCreated {
 
 /// A raw object of ten rows per sequence, all on `day`, and its notification.
 pub fn note_on(lake: &Lake, first: u64, last: u64, day: &str) -> ObjectCreated {
-    let batches: Vec<_> = (first..=last).map(|s| record_on(s, 10, day)).collect();
+    note_of(lake, first, last, day, &DatasetSpec::from_yaml(SPEC).expect("spec"))
+}
+
+/// [`note_on`] with the records written under `spec`.
+pub fn note_of(lake: &Lake, first: u64, last: u64, day: &str, spec: &DatasetSpec) -> ObjectCreated {
+    let batches: Vec<_> = (first..=last).map(|s| record_of(spec, s, 10, day)).collect();
     let path = object_path("bids", 0, first, last);
     let bytes = write_object(lake.root(), &path, &batches).expect("write");
     ObjectCreated {

@@ -185,6 +185,8 @@ struct ProducerKeyFile {
     keys: Vec<ProducerKey>,
 }
 
+const PRODUCER_KEYS_FILE: &str = "producers.json";
+
 /// Why a write was refused.
 #[derive(Debug, PartialEq)]
 pub enum WriteDenied {
@@ -197,7 +199,7 @@ pub enum WriteDenied {
 impl ProducerKeys {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join("producers.json");
+        let path = dir.join(PRODUCER_KEYS_FILE);
         let keys = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let f: ProducerKeyFile = serde_json::from_str(&text)
@@ -256,17 +258,8 @@ impl ProducerKeys {
             version: 1,
             keys: keys.to_vec(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            use std::io::Write as _;
-            let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path).with_context(|| format!("replacing {}", self.path.display()))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        tarn_catalog::write_synced(dir, PRODUCER_KEYS_FILE, &text)?;
         Ok(())
     }
 

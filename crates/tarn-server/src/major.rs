@@ -54,20 +54,13 @@ pub async fn start(
     DatasetSpec::frozen_of(&from)?;
     let dir = intents_dir(catalog_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(format!("{}.json", to.name));
+    let file = format!("{}.json", to.name);
+    let path = dir.join(&file);
     let intent = Intent {
         from: (*from).clone(),
         to,
     };
-    let tmp = path.with_extension("json.tmp");
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(&intent)?)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::File::open(&dir)?.sync_all()?;
+    tarn_catalog::write_synced(&dir, &file, &serde_json::to_vec_pretty(&intent)?)?;
     let frozen = DatasetSpec::frozen_name(&intent.to.name, intent.from.major);
     let res = finish(&path, intent, catalog, lake, tiers, running).await;
     if res.is_err() && !lake.table_exists(&frozen) {

@@ -6,7 +6,7 @@ use tarn_core::DatasetSpec;
 
 use super::*;
 use crate::raw::object_path;
-use crate::testkit::{SPEC, count, count_of, files_on_disk, note, record_of, setup};
+use crate::testkit::{SPEC, count, count_of, files_on_disk, note, note_of, setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_and_overlaps_never_duplicate() {
@@ -155,21 +155,7 @@ async fn rows_go_to_the_table_of_their_major_version() {
         .expect("register");
     catalog.evolve_major(v2.clone()).expect("major 2");
     drop(paused);
-    let object = |first: u64, last: u64, spec: &DatasetSpec| {
-        let batches: Vec<_> = (first..=last).map(|s| record_of(spec, s, 10, "2026-11-22")).collect();
-        let path = object_path("bids", 0, first, last);
-        let bytes = crate::raw::write_object(lake.root(), &path, &batches).expect("write");
-        ObjectCreated {
-            version: 1,
-            dataset: "bids".into(),
-            shard: 0,
-            first_seq: first,
-            last_seq: last,
-            path,
-            rows: (last - first + 1) * 10,
-            bytes,
-        }
-    };
+    let object = |first: u64, last: u64, spec: &DatasetSpec| note_of(&lake, first, last, "2026-11-22", spec);
     // Old rows in flight, new rows, then a late old one (its request was checked against
     // major 1 just before the change).
     let notes = [
