@@ -68,6 +68,35 @@ pub(crate) fn encode_payload(batch: &RecordBatch) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Encodes a batch as log payloads of at most `bytes_max` bytes each: one when it fits (always
+/// on the embedded log), else the rows split evenly into as many as it takes (a NATS message
+/// is at most the server's `max_payload`). Fails only when one event alone is too large.
+pub fn encode_payloads(batch: &RecordBatch, bytes_max: usize) -> Result<Vec<Vec<u8>>> {
+    let whole = encode_payload(batch)?;
+    if whole.len() <= bytes_max {
+        return Ok(vec![whole]);
+    }
+    let rows = batch.num_rows();
+    if rows <= 1 {
+        return Err(Error::TooLarge(format!(
+            "one event encodes to {} bytes, more than the stream's record limit of {bytes_max} bytes",
+            whole.len()
+        )));
+    }
+    // Pieces of an even share of the rows, with a margin for what each piece repeats (the
+    // schema); a piece that still does not fit is split again.
+    let pieces = (whole.len().div_ceil(bytes_max.max(1)) * 5 / 4 + 1).clamp(2, rows);
+    let per = rows.div_ceil(pieces);
+    let mut out = Vec::with_capacity(pieces);
+    let mut at = 0;
+    while at < rows {
+        let n = per.min(rows - at);
+        out.extend(encode_payloads(&batch.slice(at, n), bytes_max)?);
+        at += n;
+    }
+    Ok(out)
+}
+
 /// Decodes a log payload back into its record batches.
 pub fn decode_payload(payload: &[u8]) -> Result<Vec<RecordBatch>, String> {
     let Some((&version, body)) = payload.split_first() else {

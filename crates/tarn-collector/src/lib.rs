@@ -145,6 +145,7 @@ impl Collector {
     async fn ingest_inner(&self, dataset: &str, body: Bytes, encoding: Encoding) -> Result<IngestReport> {
         tarn_core::name::check_dataset(dataset).map_err(|e| Error::BadRequest(e.to_string()))?;
         let prep = Prepare {
+            record_bytes_max: self.log.record_bytes_max(),
             catalog: self.catalog.clone(),
             limits: self.opts.limits.clone(),
             infer: self.opts.infer_datasets,
@@ -157,16 +158,20 @@ impl Collector {
         // Dead letters are durable before the answer too: a rejected event is never only in a
         // response the producer may not read.
         let dead_letters = match p.dead {
-            Some((name, payload)) => {
-                self.append(&name, payload).await?;
+            Some((name, payloads)) => {
+                for payload in payloads {
+                    self.append(&name, payload).await?;
+                }
                 Some(name)
             }
             None => None,
         };
-        let sequence = match p.payload {
-            Some(payload) => Some(self.append(dataset, payload).await?),
-            None => None,
-        };
+        // A request larger than one stream record is several records, appended in order; the
+        // answer is sent only after the last is durable.
+        let mut sequence = None;
+        for payload in p.payloads {
+            sequence = Some(self.append(dataset, payload).await?);
+        }
         let mut errors = p.rejections;
         let rejected = errors.len();
         errors.truncate(self.opts.limits.rejections_reported_max);
@@ -182,7 +187,7 @@ impl Collector {
 
     async fn append(&self, dataset: &str, payload: Vec<u8>) -> Result<u64> {
         self.topic(dataset)?.append(payload).await.map_err(|e| match e {
-            tarn_log::Error::Overloaded(_) => Error::Overloaded(e.to_string()),
+            tarn_log::Error::Overloaded(_) | tarn_log::Error::Full(_) => Error::Overloaded(e.to_string()),
             tarn_log::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
             other => Error::Unavailable(other.to_string()),
         })
@@ -197,6 +202,7 @@ impl Collector {
 
 /// The CPU-bound part of a request, run on a blocking thread.
 struct Prepare {
+    record_bytes_max: usize,
     catalog: Arc<Catalog>,
     limits: Limits,
     infer: bool,
@@ -207,10 +213,10 @@ struct Prepare {
 /// A request checked and encoded: the accepted events' payload, every rejection, and the
 /// dead letters' dataset and payload.
 struct Prepared {
-    payload: Option<Vec<u8>>,
+    payloads: Vec<Vec<u8>>,
     accepted: usize,
     rejections: Vec<Rejection>,
-    dead: Option<(String, Vec<u8>)>,
+    dead: Option<(String, Vec<Vec<u8>>)>,
 }
 
 impl Prepare {
@@ -236,16 +242,19 @@ impl Prepare {
         }
         let (batch, rejections) = validate::check_and_build(&spec, &raw, self.received_at, &self.limits)?;
         let accepted = batch.as_ref().map(|b| b.num_rows()).unwrap_or(0);
-        let payload = batch.as_ref().map(encode::encode_payload).transpose()?;
+        let payloads = match &batch {
+            Some(b) => encode::encode_payloads(b, self.record_bytes_max)?,
+            None => Vec::new(),
+        };
         let dead = if rejections.is_empty() || spec.system {
             None
         } else {
             let dl = self.dead_letter_spec(dataset)?;
             let batch = validate::dead_letters(&dl, &raw, &rejections, self.received_at)?;
-            Some((dl.name.clone(), encode::encode_payload(&batch)?))
+            Some((dl.name.clone(), encode::encode_payloads(&batch, self.record_bytes_max)?))
         };
         Ok(Prepared {
-            payload,
+            payloads,
             accepted,
             rejections,
             dead,

@@ -364,3 +364,42 @@ mod hostile {
         }
     }
 }
+
+/// A batch larger than one stream record becomes several records, each under the limit, that
+/// decode back to every row in order; one event alone over the limit is refused.
+#[test]
+fn payloads_split_to_fit_a_record_limit() {
+    let f = fixture(false, Limits::default());
+    let body: String = (0..2000)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"e{i}","ts":"2026-11-22T10:00:00Z","client_id":"c{}","extra":{{"pad":"{}"}}}}"#,
+                i % 5,
+                "x".repeat(i % 300)
+            ) + "\n"
+        })
+        .collect();
+    f.rt.block_on(f.collector.ingest("auctions", Bytes::from(body), Encoding::Identity))
+        .expect("ingest");
+    let batch = read_batches(&f, "auctions").remove(0);
+    let whole = encode::encode_payload(&batch).expect("encode");
+    let limit = whole.len() / 7;
+    let parts = encode::encode_payloads(&batch, limit).expect("split");
+    assert!(parts.len() >= 7, "{} parts", parts.len());
+    assert!(parts.iter().all(|p| p.len() <= limit));
+    let ids: Vec<String> = parts
+        .iter()
+        .flat_map(|p| decode_payload(p).expect("decode"))
+        .flat_map(|b| {
+            b.column(0)
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.unwrap_or_default().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(ids, (0..2000).map(|i| format!("e{i}")).collect::<Vec<_>>());
+    assert_eq!(encode::encode_payloads(&batch, whole.len()).expect("whole").len(), 1);
+    let err = encode::encode_payloads(&batch.slice(0, 1), 10).expect_err("one event over the limit");
+    assert!(matches!(err, Error::TooLarge(_)), "{err}");
+}

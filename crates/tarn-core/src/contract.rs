@@ -130,6 +130,15 @@ impl SizeClass {
         }
     }
 
+    /// The stream's byte limit for this class, given the server's (class M) limit.
+    pub fn stream_bytes(self, server: u64) -> u64 {
+        match self {
+            SizeClass::S => server / 4,
+            SizeClass::M => server,
+            SizeClass::L => server.saturating_mul(4),
+        }
+    }
+
     /// Shards of the dataset on a partitioned stream.
     pub fn shards(self) -> u32 {
         match self {

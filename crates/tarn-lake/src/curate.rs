@@ -65,9 +65,9 @@ pub struct Curator {
 }
 
 impl Curator {
-    pub fn new(log: &Log, lake: Lake, catalog: Arc<Catalog>, opts: CurateOptions) -> Result<Self> {
+    pub async fn new(log: &Log, lake: Lake, catalog: Arc<Catalog>, opts: CurateOptions) -> Result<Self> {
         let objects = log.topic(OBJECTS_TOPIC)?;
-        let start = objects.register_group(GROUP)?;
+        let start = objects.register_group(GROUP).await?;
         let stats = Arc::new(CurateStats::default());
         stats.next_notification.store(start, Relaxed);
         Ok(Self {
@@ -101,7 +101,7 @@ impl Curator {
     }
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
-        let start = self.objects.committed(GROUP).unwrap_or(0);
+        let start = self.objects.register_group(GROUP).await?;
         let mut cursor = Some(self.objects.cursor(start));
         loop {
             if *shutdown.borrow() {
@@ -111,7 +111,7 @@ impl Curator {
                 return Err(Error::Internal("cursor lost".into()));
             };
             let max = self.opts.read_bytes_max;
-            let (c, recs) = c.read_off_thread(max).await?;
+            let (mut c, recs) = c.fetch(max).await?;
             if recs.is_empty() {
                 tokio::select! {
                     _ = c.wait() => {}
@@ -130,8 +130,8 @@ impl Curator {
             }
             self.apply(&notes).await?;
             let next = c.next_seq();
-            self.objects.commit(GROUP, next)?;
-            self.objects.apply_retention()?;
+            self.objects.commit(GROUP, next).await?;
+            self.objects.apply_retention().await?;
             self.stats.next_notification.store(next, Relaxed);
             cursor = Some(c);
         }

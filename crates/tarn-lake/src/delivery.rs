@@ -61,7 +61,6 @@ impl Delivery {
     pub fn new(log: &Log, lake: Lake, clock: Arc<dyn Clock>, dataset: &str, opts: DeliveryOptions) -> Result<Self> {
         let topic = log.topic(&tarn_collector::topic_name(dataset))?;
         let objects = log.topic(OBJECTS_TOPIC)?;
-        topic.register_group(GROUP)?;
         Ok(Self {
             dataset: dataset.to_string(),
             shard: 0,
@@ -85,7 +84,7 @@ impl Delivery {
     }
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
-        let start = self.topic.committed(GROUP).unwrap_or(0);
+        let start = self.topic.register_group(GROUP).await?;
         let mut cursor = Some(self.topic.cursor(start));
         let mut pending: Option<Pending> = None;
         loop {
@@ -101,7 +100,7 @@ impl Delivery {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .saturating_sub(pending.as_ref().map_or(0, |p| p.bytes));
             let read_max = room.clamp(1, 16 << 20);
-            let (c, recs) = c.read_off_thread(read_max).await?;
+            let (mut c, recs) = c.fetch(read_max).await?;
             for r in recs {
                 let batches = tarn_collector::decode_payload(&r.payload).map_err(|reason| Error::Corrupt {
                     what: format!("log record {} of {}", r.seq, self.dataset),
@@ -186,8 +185,8 @@ impl Delivery {
         };
         let payload = serde_json::to_vec(&note).map_err(|e| Error::Internal(e.to_string()))?;
         self.publish(payload).await?;
-        self.topic.commit(GROUP, p.last + 1)?;
-        self.topic.apply_retention()?;
+        self.topic.commit(GROUP, p.last + 1).await?;
+        self.topic.apply_retention().await?;
         tracing::debug!(dataset = %self.dataset, first = p.first, last = p.last, rows = p.rows, bytes, "delivered raw object");
         Ok(())
     }
@@ -354,7 +353,7 @@ mod tests {
         }
         assert_eq!(covered, (0..n).collect::<Vec<_>>());
         assert!(next > 3, "the size limit should close several batches, got {next}");
-        assert_eq!(topic.committed(GROUP), Some(n));
+        assert_eq!(topic.committed(GROUP).await.expect("committed"), Some(n));
         tx.send(true).expect("shutdown");
         h.await.expect("join");
     }

@@ -206,7 +206,9 @@ mod tests {
         use crate::testkit::{SPEC, count, files_on_disk, note_on, setup};
         let dir = tempfile::tempdir().expect("tempdir");
         let (log, lake, catalog) = setup(dir.path());
-        let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+        let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+            .await
+            .expect("curator");
         let days = ["2025-11-01", "2026-01-01", "2026-01-01", "2026-06-01", "2026-11-20"];
         for (i, day) in days.iter().enumerate() {
             let s = i as u64 * 2;

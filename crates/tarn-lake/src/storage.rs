@@ -196,7 +196,9 @@ mod tests {
         let empty = dataset_storage(&lake, &spec, &prices, None).await.expect("empty");
         assert!(empty.tiers.is_empty() && empty.monthly_storage_cost == 0.0);
 
-        let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+        let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+            .await
+            .expect("curator");
         curate_commits(&cur, &lake, 3).await;
         let r = dataset_storage(&lake, &spec, &prices, None).await.expect("report");
         let t = &r.tiers[0];

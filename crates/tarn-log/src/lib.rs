@@ -1,7 +1,8 @@
-//! The stream: an embedded, segmented, checksummed append-only log with durable consumer
-//! offsets.
+//! The stream: topics of records with durable consumer-group offsets, on one of two
+//! backends behind `Log`, `Topic` and `Cursor` (`stream.rs`): the embedded log below, or NATS
+//! JetStream (`nats.rs`, which states how it keeps the same guarantees).
 //!
-//! # Guarantees
+//! # Guarantees of the embedded log
 //! - `Topic::append` returns only after the record is written and `fsync`ed. Appends from many
 //!   callers are gathered by one writer thread into a group commit: one `fdatasync` per touched
 //!   segment per round.
@@ -18,10 +19,14 @@
 //! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/offsets/<group>` offsets.
 //! This crate knows nothing about what the payloads hold.
 
+mod embedded;
+mod nats;
 mod segment;
-mod topic;
+mod stream;
 
-pub use topic::{Cursor, Log, LogOptions, Record, Topic, TopicStats};
+pub use embedded::{LogOptions, Record, TopicStats};
+pub use nats::{NatsOptions, check_namespace};
+pub use stream::{Cursor, Log, Topic};
 
 use std::path::PathBuf;
 
@@ -46,6 +51,12 @@ pub enum Error {
     Truncated(u64),
     #[error("the log writer has stopped: {0}")]
     Closed(String),
+    /// The stream server failed or could not be reached; the operation may be retried.
+    #[error("stream error: {0}")]
+    Stream(String),
+    /// The topic is at its size limit; appends succeed again once consumers catch up.
+    #[error("{0}")]
+    Full(String),
     /// The blocking task of `Cursor::read_off_thread` ended without an answer.
     #[error("log reader task failed: {0}")]
     Reader(String),

@@ -61,7 +61,7 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
             infer_datasets: false,
         },
     );
-    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default())?;
+    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).await?;
     let topic = log.topic(&tarn_collector::topic_name("auctions"))?;
     let mut cursor = topic.cursor(0);
     let mut lines = text.split_inclusive(|b| *b == b'\n');

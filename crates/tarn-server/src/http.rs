@@ -713,7 +713,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         out,
         "# HELP tarn_log_bytes Bytes in log segments per topic.\n# TYPE tarn_log_bytes gauge"
     );
-    let stats = app.log_stats();
+    let stats = app.log_stats().await;
     for (topic, s) in &stats {
         let _ = writeln!(out, "tarn_log_bytes{{topic=\"{topic}\"}} {}", s.bytes);
     }

@@ -40,8 +40,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run tarn: HTTP ingestion, the embedded log, delivery, curate and SQL.
-    Serve(serve::ServeArgs),
+    /// Run tarn: HTTP ingestion, the stream, delivery, curate and SQL.
+    Serve(Box<serve::ServeArgs>),
     /// Run a SQL statement against a running server.
     Sql(sql::SqlArgs),
     /// Generate ad-auction events, post them to a fresh server and report rates.
@@ -143,7 +143,7 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async move {
         match cli.command {
             Command::Validate(_) | Command::Plan(_) | Command::Apply(_) => Ok(()),
-            Command::Serve(a) => serve::run(a).await,
+            Command::Serve(a) => serve::run(*a).await,
             Command::Sql(a) => sql::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Compact(a) => admin::run_compact(a).await,

@@ -27,6 +27,22 @@ pub struct ServeArgs {
     /// Data directory: log, lake and catalog live here.
     #[arg(long, env = "TARN_DATA_DIR", default_value = "tarn-data")]
     pub data_dir: PathBuf,
+    /// The stream: `embedded` (the log in <data-dir>/log) or `nats://HOST:PORT[/NAMESPACE]`,
+    /// NATS with JetStream (namespace `tarn` by default: the prefix of every stream and bucket
+    /// tarn makes there).
+    #[arg(long, env = "TARN_STREAM", default_value = "embedded")]
+    pub stream: String,
+    /// Replicas of each JetStream stream tarn makes (1, 3 or 5; past 1 takes a NATS cluster).
+    #[arg(long, env = "TARN_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+    /// Bytes the stream of a size-M dataset may hold (S: a quarter, L: four times) before
+    /// appends are refused with 503 until delivery catches up (0: the NATS server's own limit).
+    #[arg(long, env = "TARN_STREAM_BYTES_MAX", default_value_t = 0)]
+    pub stream_bytes_max: u64,
+    /// Records older than this many hours leave the NATS stream even if not yet delivered
+    /// (0: never; a record stays until every consumer group is past it).
+    #[arg(long, env = "TARN_STREAM_MAX_AGE_HOURS", default_value_t = 0)]
+    pub stream_max_age_hours: u64,
     /// HTTP listen address.
     #[arg(long, env = "TARN_HTTP", default_value = crate::DEFAULT_HTTP)]
     pub http: SocketAddr,
@@ -144,6 +160,8 @@ pub struct App {
     /// Delivery's batch size for size class M (`--batch-bytes`) and batch age.
     delivery_batch_bytes: usize,
     delivery_batch_age_ms: u64,
+    /// The stream byte limit of a size-M dataset (0: none of tarn's own).
+    stream_bytes_max: u64,
     /// The running deliveries and their batch size, which follows the dataset's size class.
     deliveries: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
     shutdown: watch::Receiver<bool>,
@@ -162,6 +180,15 @@ impl App {
         if let Some(b) = running.get(dataset) {
             b.store(batch_bytes, std::sync::atomic::Ordering::Relaxed);
             return Ok(());
+        }
+        if self.stream_bytes_max > 0 {
+            let (log, bytes) = (self.log.clone(), size.stream_bytes(self.stream_bytes_max));
+            let topic = tarn_collector::topic_name(dataset);
+            self.background.spawn(async move {
+                if let Err(e) = log.set_topic_bytes_max(&topic, bytes).await {
+                    tracing::error!(%topic, error = %e, "setting the stream's byte limit");
+                }
+            });
         }
         let opts = DeliveryOptions::new(batch_bytes, self.delivery_batch_age_ms);
         let shared = opts.batch_bytes.clone();
@@ -206,12 +233,14 @@ impl App {
         self.background.spawn(f).await
     }
 
-    pub fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
+    pub async fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
         let mut out = Vec::new();
-        if let Ok(names) = self.log.topic_names() {
+        if let Ok(names) = self.log.topic_names().await {
             for n in names {
-                if let Ok(t) = self.log.topic(&n) {
-                    out.push((n, t.stats()));
+                if let Ok(t) = self.log.topic(&n)
+                    && let Ok(st) = t.stats().await
+                {
+                    out.push((n, st));
                 }
             }
         }
@@ -278,14 +307,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         ..Limits::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let log = Log::open(
-        args.data_dir.join("log"),
-        LogOptions {
-            segment_bytes_max: limits.segment_bytes_max,
-            ..LogOptions::default()
-        },
-    )
-    .context("opening the log")?;
+    let log = open_stream(&args, &limits).await?;
     let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
     let producer_keys =
         crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
@@ -325,8 +347,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .context("starting the background runtime")?,
     ));
     let background = background_rt.handle();
-    let curator =
-        Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).context("starting curate")?;
+    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default())
+        .await
+        .context("starting curate")?;
     let curate_stats = curator.stats.clone();
     let curate_pause = curator.pauser();
     let curate_task = background.spawn(curator.run(shutdown_rx.clone()));
@@ -346,6 +369,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             ..RollupOptions::default()
         },
     )
+    .await
     .context("opening the rollups")?;
     let rollup_task = background.spawn(rollups.clone().run(shutdown_rx.clone()));
     background.spawn(rollup_retention(rollups.clone(), shutdown_rx.clone()));
@@ -405,6 +429,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         clock,
         delivery_batch_bytes: limits.delivery_batch_bytes,
         delivery_batch_age_ms: limits.delivery_batch_age_ms,
+        stream_bytes_max: args.stream_bytes_max,
         deliveries: Mutex::new(HashMap::new()),
         shutdown: shutdown_rx,
         background: background.clone(),
@@ -438,7 +463,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             )
         }
     };
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), "tarn is serving");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), stream = %app.log.describe(), "tarn is serving");
     // A line on stdout that scripts wait for, then the PostgreSQL address.
     println!("tarn listening on http://{addr}");
     if let Some(l) = pg_listener {
@@ -558,5 +583,71 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// Opens the stream `--stream` names: the embedded log in the data directory, or NATS
+/// JetStream.
+async fn open_stream(args: &ServeArgs, limits: &Limits) -> Result<Log> {
+    if args.stream == "embedded" {
+        return Log::open(
+            args.data_dir.join("log"),
+            LogOptions {
+                segment_bytes_max: limits.segment_bytes_max,
+                ..LogOptions::default()
+            },
+        )
+        .context("opening the log");
+    }
+    let (server, namespace) = parse_nats(&args.stream)?;
+    let opts = tarn_log::NatsOptions {
+        namespace,
+        replicas: args.stream_replicas,
+        max_age: (args.stream_max_age_hours > 0)
+            .then(|| std::time::Duration::from_secs(args.stream_max_age_hours * 3600)),
+        ..tarn_log::NatsOptions::default()
+    };
+    Log::connect_nats(&server, opts)
+        .await
+        .with_context(|| format!("opening the stream {}", args.stream))
+}
+
+/// Splits `nats://HOST:PORT[/NAMESPACE]` into the server's address and the namespace.
+fn parse_nats(spec: &str) -> Result<(String, String)> {
+    let url = url::Url::parse(spec).with_context(|| format!("--stream {spec:?}: not embedded or a nats:// URL"))?;
+    if url.scheme() != "nats" {
+        anyhow::bail!("--stream {spec:?}: the stream is `embedded` or nats://HOST:PORT[/NAMESPACE]");
+    }
+    let host = url.host_str().context("--stream: a nats:// URL needs a host")?;
+    let port = url.port().unwrap_or(4222);
+    let namespace = match url.path().trim_matches('/') {
+        "" => tarn_log::NatsOptions::default().namespace,
+        ns => ns.to_string(),
+    };
+    tarn_log::check_namespace(&namespace).map_err(|e| anyhow::anyhow!("--stream {spec:?}: {e}"))?;
+    let auth = match (url.username(), url.password()) {
+        ("", _) => String::new(),
+        (u, Some(p)) => format!("{u}:{p}@"),
+        (u, None) => format!("{u}@"),
+    };
+    Ok((format!("nats://{auth}{host}:{port}"), namespace))
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::parse_nats;
+
+    #[test]
+    fn stream_urls() {
+        let ok = |s: &str| parse_nats(s).expect(s);
+        assert_eq!(
+            ok("nats://127.0.0.1:4222"),
+            ("nats://127.0.0.1:4222".into(), "tarn".into())
+        );
+        assert_eq!(ok("nats://n1/prod_a"), ("nats://n1:4222".into(), "prod_a".into()));
+        assert_eq!(ok("nats://u:p@n1:4333/x"), ("nats://u:p@n1:4333".into(), "x".into()));
+        for bad in ["kafka://x:1", "nats://h:1/Bad-Name", "nats://h:1/a/b", "local"] {
+            assert!(parse_nats(bad).is_err(), "{bad}");
+        }
     }
 }

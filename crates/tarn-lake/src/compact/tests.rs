@@ -49,7 +49,9 @@ fn no_progress(_: &CompactProgress) {}
 async fn compaction_merges_small_files_and_conserves_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     curate_commits(&cur, &lake, 6).await;
     let before = ids(&lake).await;
     assert_eq!(before.len(), 120);
@@ -118,7 +120,11 @@ async fn compaction_merges_small_files_and_conserves_rows() {
 async fn compaction_racing_curate_loses_and_doubles_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Arc::new(Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator"));
+    let cur = Arc::new(
+        Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+            .await
+            .expect("curator"),
+    );
     curate_commits(&cur, &lake, 4).await;
     let notes: Vec<_> = (4..24).map(|i| note(&lake, i * 2, i * 2 + 1)).collect();
     let writer = {
@@ -160,7 +166,9 @@ async fn vacuum_keeps_what_readers_can_use_and_deletes_the_rest_after_retention(
     use crate::vacuum::{RETAIN_MIN, vacuum_dataset};
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     curate_commits(&cur, &lake, 6).await;
     // A reader plans on the current version before compaction removes its files.
     let old = lake.open_table("bids").await.expect("table");
@@ -228,7 +236,9 @@ async fn vacuum_keeps_what_readers_can_use_and_deletes_the_rest_after_retention(
 async fn two_compactions_at_once_never_double_rows_or_leave_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     curate_commits(&cur, &lake, 6).await;
     let before = ids(&lake).await;
     let run = |lake: Lake| {
@@ -247,7 +257,9 @@ async fn two_compactions_at_once_never_double_rows_or_leave_files() {
 async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     curate_commits(&cur, &lake, 3).await;
     let mut table = lake.open_table("bids").await.expect("table");
     let files = table_files(&table, &spec()).expect("files");
@@ -300,7 +312,9 @@ async fn sorted_compaction_orders_rows_and_conserves_them() {
     use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     curate_commits(&cur, &lake, 5).await;
     let before = ids(&lake).await;
     let mut sorted = spec();

@@ -12,7 +12,9 @@ use crate::testkit::{SPEC, count, count_of, files_on_disk, note, note_of, setup}
 async fn replays_and_overlaps_never_duplicate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
 
     let a = note(&lake, 0, 2);
     cur.apply(std::slice::from_ref(&a)).await.expect("apply a");
@@ -30,7 +32,9 @@ async fn replays_and_overlaps_never_duplicate() {
     // A fresh curator (a restart) reads the progress from the table itself.
     let log2 = Log::open(dir.path().join("log2"), tarn_log::LogOptions::default()).expect("log");
     let catalog2 = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    let cur2 = Curator::new(&log2, lake.clone(), catalog2, CurateOptions::default()).expect("curator");
+    let cur2 = Curator::new(&log2, lake.clone(), catalog2, CurateOptions::default())
+        .await
+        .expect("curator");
     cur2.apply(&[b, c]).await.expect("replay after restart");
     assert_eq!(count(&lake).await, (80, 80));
     // Partition folders by day and tenant.
@@ -41,7 +45,9 @@ async fn replays_and_overlaps_never_duplicate() {
 async fn a_missing_raw_object_is_an_error_not_a_skip() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     let mut n = note(&lake, 0, 0);
     n.path = object_path("bids", 0, 5, 9);
     assert!(matches!(cur.apply(&[n.clone()]).await, Err(Error::Io { .. })));
@@ -57,7 +63,7 @@ async fn large_rounds_commit_in_bounded_pieces() {
         commit_bytes_max: 1,
         ..CurateOptions::default()
     };
-    let cur = Curator::new(&log, lake.clone(), catalog, opts).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, opts).await.expect("curator");
     let notes = [note(&lake, 0, 1), note(&lake, 2, 3), note(&lake, 4, 4)];
     cur.apply(&notes).await.expect("apply");
     assert_eq!(
@@ -74,7 +80,9 @@ async fn large_rounds_commit_in_bounded_pieces() {
 async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
     let a = note(&lake, 0, 2);
     cur.apply(std::slice::from_ref(&a)).await.expect("apply");
     let table = lake.open_table("bids").await.expect("table");
@@ -139,7 +147,9 @@ async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
 async fn rows_go_to_the_table_of_their_major_version() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, lake, catalog) = setup(dir.path());
-    let cur = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).expect("curator");
+    let cur = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default())
+        .await
+        .expect("curator");
     cur.apply(&[note(&lake, 0, 1)]).await.expect("major 1");
     // Major 2 begins: the table moves to bids__v1 (as `tarn apply` does it).
     let v1 = catalog.get("bids").expect("spec");
@@ -171,7 +181,9 @@ async fn rows_go_to_the_table_of_their_major_version() {
     cur.apply(&notes).await.expect("replay");
     let log2 = Log::open(dir.path().join("log2"), tarn_log::LogOptions::default()).expect("log");
     let catalog2 = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
-    let cur2 = Curator::new(&log2, lake.clone(), catalog2, CurateOptions::default()).expect("curator");
+    let cur2 = Curator::new(&log2, lake.clone(), catalog2, CurateOptions::default())
+        .await
+        .expect("curator");
     cur2.apply(&notes[1..]).await.expect("replay after restart");
     assert_eq!(count_of(&lake, "bids__v1").await, (50, 50));
     assert_eq!(count_of(&lake, "bids").await, (40, 40));

@@ -203,7 +203,7 @@ fn lock_err<T>(_: T) -> Error {
 impl Rollups {
     /// Opens every declared rollup's state (under `<lake>/rollups/`) and registers the
     /// subscriber's consumer group.
-    pub fn open(
+    pub async fn open(
         lake_root: PathBuf,
         log: &Log,
         catalog: Arc<Catalog>,
@@ -215,6 +215,7 @@ impl Rollups {
             .map_err(|e| Error::Internal(format!("objects topic: {e}")))?;
         objects
             .register_group(GROUP)
+            .await
             .map_err(|e| Error::Internal(format!("registering {GROUP}: {e}")))?;
         let r = Rollups {
             inner: Arc::new(Inner {
@@ -379,7 +380,10 @@ impl Rollups {
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         let objects = &self.inner.objects;
-        let start = objects.committed(GROUP).unwrap_or(0);
+        let start = objects
+            .register_group(GROUP)
+            .await
+            .map_err(|e| Error::Internal(format!("registering {GROUP}: {e}")))?;
         let mut cursor = Some(objects.cursor(start));
         let mut ck = Checkpoints {
             pending: false,
@@ -399,8 +403,8 @@ impl Rollups {
                 return Ok(());
             }
             let max = self.inner.opts.read_bytes_max;
-            let (c, recs) = c
-                .read_off_thread(max)
+            let (mut c, recs) = c
+                .fetch(max)
                 .await
                 .map_err(|e| Error::Internal(format!("reading notifications: {e}")))?;
             let idle = recs.is_empty();
@@ -443,8 +447,12 @@ impl Rollups {
         let objects = &self.inner.objects;
         objects
             .commit(GROUP, next)
+            .await
             .map_err(|e| Error::Internal(e.to_string()))?;
-        objects.apply_retention().map_err(|e| Error::Internal(e.to_string()))?;
+        objects
+            .apply_retention()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
         Ok(())
     }
 

@@ -115,7 +115,7 @@ struct Fixture {
     rollups: Rollups,
 }
 
-fn fixture(opts: RollupOptions) -> Fixture {
+async fn fixture(opts: RollupOptions) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = Log::open(dir.path().join("log"), LogOptions::default()).expect("log");
     let catalog = Arc::new(Catalog::open(dir.path().join("catalog")).expect("catalog"));
@@ -130,6 +130,7 @@ fn fixture(opts: RollupOptions) -> Fixture {
         Arc::new(clock.clone()),
         opts,
     )
+    .await
     .expect("open");
     Fixture {
         dir,
@@ -164,7 +165,7 @@ impl Fixture {
         }
     }
 
-    fn reopen(&mut self) {
+    async fn reopen(&mut self) {
         self.rollups = Rollups::open(
             self.dir.path().join("lake"),
             &self.log,
@@ -172,6 +173,7 @@ impl Fixture {
             Arc::new(self.clock.clone()),
             RollupOptions::default(),
         )
+        .await
         .expect("reopen");
     }
 
@@ -245,7 +247,7 @@ fn rows_a() -> Vec<Row<'static>> {
 
 #[tokio::test]
 async fn buckets_groups_and_metrics() {
-    let fx = fixture(RollupOptions::default());
+    let fx = fixture(RollupOptions::default()).await;
     let n = fx.object(0, &[batch(&rows_a())]);
     fx.rollups.apply_object(&n).await.expect("apply");
     let hours = fx.read(Grain::Hour, None, &[]);
@@ -300,7 +302,7 @@ fn base_query() -> RollupQuery {
 
 #[tokio::test]
 async fn a_replayed_object_changes_nothing_and_late_events_find_their_bucket() {
-    let fx = fixture(RollupOptions::default());
+    let fx = fixture(RollupOptions::default()).await;
     let n = fx.object(0, &[batch(&rows_a())]);
     fx.rollups.apply_object(&n).await.expect("apply");
     let before = fx.read(Grain::Hour, Some("site"), &[]);
@@ -327,7 +329,7 @@ async fn a_replayed_object_changes_nothing_and_late_events_find_their_bucket() {
 
 #[tokio::test]
 async fn retention_drops_old_rows_and_buckets() {
-    let fx = fixture(RollupOptions::default());
+    let fx = fixture(RollupOptions::default()).await;
     // Retention is 3 days: with the clock on DAY0 + 1, DAY0 - 1 is kept and DAY0 - 2 not.
     let old = [
         Row {
@@ -363,7 +365,7 @@ async fn retention_drops_old_rows_and_buckets() {
 
 #[tokio::test]
 async fn checkpoints_survive_reopening_and_damage_is_reported() {
-    let mut fx = fixture(RollupOptions::default());
+    let mut fx = fixture(RollupOptions::default()).await;
     let n = fx.object(0, &[batch(&rows_a())]);
     fx.rollups.apply_object(&n).await.expect("apply");
     let want = (
@@ -374,7 +376,7 @@ async fn checkpoints_survive_reopening_and_damage_is_reported() {
     // A stray file from a checkpoint that never wrote its manifest goes on open.
     let dir = fx.dir.path().join("lake/rollups/stats");
     std::fs::write(dir.join("hour-0-99.chunk"), b"junk").expect("stray");
-    fx.reopen();
+    fx.reopen().await;
     assert!(!dir.join("hour-0-99.chunk").exists());
     assert_eq!(
         (
@@ -403,6 +405,7 @@ async fn checkpoints_survive_reopening_and_damage_is_reported() {
         Arc::new(fx.clock.clone()),
         RollupOptions::default(),
     )
+    .await
     .err()
     .expect("damaged chunk")
     .to_string();
@@ -414,7 +417,8 @@ async fn a_rollup_past_its_group_limit_halts_instead_of_answering_partly() {
     let fx = fixture(RollupOptions {
         groups_max: 10,
         ..RollupOptions::default()
-    });
+    })
+    .await;
     let many: Vec<Row> = (0..20)
         .map(|i| Row {
             secs: DAY0 + i * 3_600,
@@ -439,7 +443,7 @@ async fn a_rollup_past_its_group_limit_halts_instead_of_answering_partly() {
 
 #[tokio::test]
 async fn a_rebuild_behind_curate_counts_every_row_once() {
-    let fx = fixture(RollupOptions::default());
+    let fx = fixture(RollupOptions::default()).await;
     let lake = tarn_lake::Lake::open(fx.dir.path().join("lake")).expect("lake");
     let curator = tarn_lake::Curator::new(
         &fx.log,
@@ -447,6 +451,7 @@ async fn a_rebuild_behind_curate_counts_every_row_once() {
         fx.catalog.clone(),
         tarn_lake::CurateOptions::default(),
     )
+    .await
     .expect("curate");
     let n1 = fx.object(0, &[batch(&rows_a())]);
     fx.rollups.apply_object(&n1).await.expect("apply");
@@ -491,7 +496,7 @@ async fn a_rebuild_behind_curate_counts_every_row_once() {
 
 #[tokio::test]
 async fn top_orders_by_the_metric_then_the_value_with_nulls_last() {
-    let fx = fixture(RollupOptions::default());
+    let fx = fixture(RollupOptions::default()).await;
     let row = |bidder: &'static str, cpm: f64| Row {
         secs: DAY0 + 10,
         tenant: "acme",

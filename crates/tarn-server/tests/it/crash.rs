@@ -13,12 +13,32 @@ use crate::server::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ds = dir.path().join("datasets");
+    kill_9_rounds(dir.path(), &[]).await;
+}
+
+/// The same on NATS JetStream: the stream and the groups' offsets live in the NATS server,
+/// which goes on while tarn is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_events_survive_kill_9_exactly_once_on_nats() {
+    let Some(nats) = nats_server() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ns = nats_namespace("crash");
+    let stream = format!("{nats}/{ns}");
+    kill_9_rounds(dir.path(), &["--stream", &stream]).await;
+    assert!(
+        !dir.path().join("data/log").exists(),
+        "with --stream nats:// the embedded log is not used"
+    );
+    nats_cleanup(&nats, &ns).await;
+}
+
+async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
+    let ds = dir.join("datasets");
     write_descriptor(&ds);
-    let data = dir.path().join("data");
+    let data = dir.join("data");
     // Small batches close by size as well as by age, so both paths are cut by the kills; and
     // compaction runs whenever a partition holds three small files, so the kills cut it too.
-    let args = [
+    let mut args = vec![
         "--datasets",
         ds.to_str().expect("utf8"),
         "--batch-age-ms",
@@ -30,6 +50,7 @@ async fn acknowledged_events_survive_kill_9_exactly_once() {
         "--compact-check-ms",
         "100",
     ];
+    args.extend_from_slice(extra);
     let acked: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let c = client();
     let kills = 5;

@@ -5,6 +5,7 @@ mod catalog;
 mod crash;
 mod guardrails;
 mod maintenance;
+mod nats;
 mod pg;
 mod rollups;
 mod server;

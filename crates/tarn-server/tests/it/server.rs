@@ -161,3 +161,42 @@ partitioning: { tenant: client_id }
     )
     .expect("write descriptor");
 }
+
+/// The NATS server of the tests (`TARN_TEST_NATS`, set by `scripts/test`), or `None` with the
+/// reason printed outside CI; under CI a missing server fails the test.
+pub fn nats_server() -> Option<String> {
+    match std::env::var("TARN_TEST_NATS") {
+        Ok(url) => Some(url.trim_end_matches('/').to_string()),
+        Err(_) => {
+            let msg = "TARN_TEST_NATS is not set: this test needs NATS with JetStream \
+                       (scripts/test starts it and sets nats://127.0.0.1:4222)";
+            assert!(std::env::var("CI").is_err(), "{msg}");
+            eprintln!("skipped: {msg}");
+            None
+        }
+    }
+}
+
+/// A namespace of one test on the shared NATS server.
+pub fn nats_namespace(test: &str) -> String {
+    format!("it_{test}_{}", std::process::id())
+}
+
+/// Deletes the streams and offsets bucket of a test's namespace.
+pub async fn nats_cleanup(url: &str, ns: &str) {
+    use futures::StreamExt;
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = async_nats::jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut doomed = Vec::new();
+    while let Some(Ok(n)) = names.next().await {
+        if n.starts_with(&format!("{ns}-")) || n == format!("KV_{ns}-offsets") {
+            doomed.push(n);
+        }
+    }
+    for n in doomed {
+        let _ = js.delete_stream(&n).await;
+    }
+}

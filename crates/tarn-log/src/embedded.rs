@@ -103,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
@@ -154,6 +154,14 @@ impl Log {
             inner: t,
             tx: self.inner.tx.clone(),
         })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    pub fn record_bytes_max(&self) -> usize {
+        self.inner.opts.record_bytes_max
     }
 
     /// Names of the topics that exist on disk.
@@ -465,12 +473,6 @@ impl Topic {
     /// The sequence the next append will get, among durable records.
     pub fn durable_end(&self) -> u64 {
         *self.inner.durable.borrow()
-    }
-
-    /// Waits until a record with sequence `seq` or later is durable.
-    pub async fn wait_beyond(&self, seq: u64) {
-        let mut rx = self.inner.durable.subscribe();
-        let _ = rx.wait_for(|end| *end > seq).await;
     }
 
     /// A cursor reading from `seq`.

@@ -1,0 +1,243 @@
+//! The NATS JetStream backend against a real server (`TARN_TEST_NATS`, which `scripts/test`
+//! sets and starts): the embedded log's semantics, each test in its own namespace.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::*;
+use crate::{Cursor, Log, Topic};
+
+/// The server's URL, or `None` (with the reason printed) outside CI when none is configured.
+fn server() -> Option<String> {
+    match std::env::var("TARN_TEST_NATS") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            let msg = "TARN_TEST_NATS is not set: these tests need NATS with JetStream \
+                       (scripts/test starts it and sets nats://127.0.0.1:4222)";
+            assert!(std::env::var("CI").is_err(), "{msg}");
+            eprintln!("skipped: {msg}");
+            None
+        }
+    }
+}
+
+fn namespace() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("t{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+fn opts(ns: &str) -> NatsOptions {
+    NatsOptions {
+        namespace: ns.to_string(),
+        ..NatsOptions::default()
+    }
+}
+
+/// Deletes the streams and bucket of a test's namespace.
+async fn cleanup(url: &str, ns: &str) {
+    let Ok(client) = async_nats::connect(url).await else {
+        return;
+    };
+    let js = jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut doomed = Vec::new();
+    while let Some(Ok(n)) = names.next().await {
+        if n.starts_with(&format!("{ns}-")) || n == format!("KV_{ns}-offsets") {
+            doomed.push(n);
+        }
+    }
+    for n in doomed {
+        let _ = js.delete_stream(&n).await;
+    }
+}
+
+async fn read_all(t: &Topic, from: u64) -> Vec<Record> {
+    let mut c: Cursor = t.cursor(from);
+    let mut out = Vec::new();
+    loop {
+        let (next, got) = c.fetch(1 << 20).await.expect("fetch");
+        c = next;
+        if got.is_empty() {
+            // A pull may still be on its way: wait for it briefly before calling it the end.
+            match tokio::time::timeout(Duration::from_millis(500), c.wait()).await {
+                Ok(()) => continue,
+                Err(_) => return out,
+            }
+        }
+        out.extend(got);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_read_back_in_order_from_any_sequence_across_connections() {
+    let Some(url) = server() else { return };
+    let ns = namespace();
+    {
+        let log = Log::connect_nats(&url, opts(&ns)).await.expect("connect");
+        let t = log.topic("events.d").expect("topic");
+        for i in 0..30u64 {
+            let seq = t.append(format!("p-{i}").into_bytes()).await.expect("append");
+            assert_eq!(seq, i, "sequences count from 0 without gaps");
+        }
+        let all = read_all(&t, 0).await;
+        assert_eq!(all.len(), 30);
+        assert!(
+            all.iter()
+                .enumerate()
+                .all(|(i, r)| r.seq == i as u64 && r.payload == format!("p-{i}").as_bytes())
+        );
+        let mid = read_all(&t, 17).await;
+        assert_eq!(mid.first().map(|r| r.seq), Some(17));
+        assert_eq!(mid.len(), 13);
+        assert_eq!(log.topic_names().await.expect("names"), vec!["events.d".to_string()]);
+    }
+    // A new connection (a restarted process) sees the same records and goes on numbering.
+    let log = Log::connect_nats(&url, opts(&ns)).await.expect("reconnect");
+    let t = log.topic("events.d").expect("topic");
+    assert_eq!(t.append(b"after".to_vec()).await.expect("append"), 30);
+    let st = t.stats().await.expect("stats");
+    assert_eq!((st.first_seq, st.next_seq), (0, 31));
+    assert_eq!(
+        read_all(&t, 29).await.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![29, 30]
+    );
+    cleanup(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_get_distinct_sequences_and_a_waiting_cursor_wakes() {
+    let Some(url) = server() else { return };
+    let ns = namespace();
+    let log = Log::connect_nats(&url, opts(&ns)).await.expect("connect");
+    let t = log.topic("events.c").expect("topic");
+    let mut c = t.cursor(0);
+    let waiter = tokio::spawn(async move {
+        c.wait().await;
+        let (_, got) = c.fetch(1 << 20).await.expect("fetch");
+        got
+    });
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..25 {
+                seqs.push(t.append(format!("{w}-{i}").into_bytes()).await.expect("append"));
+            }
+            seqs
+        }));
+    }
+    let mut seqs = Vec::new();
+    for task in tasks {
+        seqs.extend(task.await.expect("task"));
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..200).collect::<Vec<u64>>());
+    let first = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiting cursor woke")
+        .expect("task");
+    assert_eq!(first.first().map(|r| r.seq), Some(0));
+    let all = read_all(&t, 0).await;
+    assert_eq!(all.len(), 200);
+    cleanup(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_offsets_are_durable_and_retention_keeps_what_a_group_still_needs() {
+    let Some(url) = server() else { return };
+    let ns = namespace();
+    let log = Log::connect_nats(&url, opts(&ns)).await.expect("connect");
+    let t = log.topic("system.objects").expect("topic");
+    for i in 0..20u64 {
+        t.append(vec![i as u8; 10]).await.expect("append");
+    }
+    assert_eq!(t.register_group("curate").await.expect("register"), 0);
+    assert_eq!(t.register_group("rollups").await.expect("register"), 0);
+    t.commit("curate", 15).await.expect("commit");
+    t.commit("rollups", 8).await.expect("commit");
+    // Registering again (another process) keeps the committed offset.
+    let log2 = Log::connect_nats(&url, opts(&ns)).await.expect("connect");
+    let t2 = log2.topic("system.objects").expect("topic");
+    assert_eq!(t2.register_group("curate").await.expect("register"), 15);
+    assert_eq!(t2.committed("rollups").await.expect("committed"), Some(8));
+    assert_eq!(t2.committed("nobody").await.expect("committed"), None);
+    // Retention removes only what the slowest group has committed past.
+    assert_eq!(t.apply_retention().await.expect("retention"), 8);
+    let st = t.stats().await.expect("stats");
+    assert_eq!((st.first_seq, st.next_seq), (8, 20));
+    assert_eq!(read_all(&t, 8).await.len(), 12);
+    // A cursor before the first record still there fails instead of skipping silently.
+    let c = t.cursor(3);
+    let mut c = c;
+    let mut err = None;
+    for _ in 0..50 {
+        match c.fetch(1 << 20).await {
+            Ok((next, got)) if got.is_empty() => {
+                c = next;
+                let _ = tokio::time::timeout(Duration::from_millis(200), c.wait()).await;
+            }
+            Ok((_, got)) => panic!("read {} records from a removed position", got.len()),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(err, Some(Error::Truncated(3))), "{err:?}");
+    // A group registered now starts at the first record still there.
+    assert_eq!(t.register_group("late").await.expect("register"), 8);
+    cleanup(&url, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_instead_of_dropping() {
+    let Some(url) = server() else { return };
+    let ns = namespace();
+    let log = Log::connect_nats(&url, opts(&ns)).await.expect("connect");
+    let max = log.record_bytes_max();
+    assert!(max > 0);
+    let t = log.topic("events.l").expect("topic");
+    assert!(matches!(t.append(vec![0; max + 1]).await, Err(Error::TooLarge { .. })));
+    // A full topic refuses appends and keeps every record it acknowledged.
+    log.set_topic_bytes_max("events.l", 4096).await.expect("limit");
+    let mut acked = 0u64;
+    let full = loop {
+        match t.append(vec![7; 500]).await {
+            Ok(_) => acked += 1,
+            Err(e) => break e,
+        }
+        assert!(acked < 100, "a 4 KiB topic took {acked} records of 500 bytes");
+    };
+    assert!(matches!(full, Error::Full(_)), "{full}");
+    assert_eq!(read_all(&t, 0).await.len() as u64, acked);
+    // The stream tarn made: its subject, file storage, discard new, the limit.
+    let js = jetstream::new(async_nats::connect(&url).await.expect("client"));
+    let mut s = js.get_stream(format!("{ns}-events-l")).await.expect("stream");
+    let cfg = s.info().await.expect("info").config.clone();
+    assert_eq!(cfg.subjects, vec![format!("{ns}.events.l")]);
+    assert_eq!(cfg.max_bytes, 4096);
+    assert_eq!(cfg.discard, stream::DiscardPolicy::New);
+    assert_eq!(cfg.storage, stream::StorageType::File);
+    assert_eq!(cfg.num_replicas, 1);
+    // Names that cannot be mapped are refused.
+    assert!(matches!(log.topic("events.a-b"), Err(Error::InvalidName(_))));
+    assert!(matches!(
+        Log::connect_nats(&url, opts("Bad.NS")).await,
+        Err(Error::InvalidName(_))
+    ));
+    cleanup(&url, &ns).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_clear_error() {
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let err = Log::connect_nats(&format!("nats://127.0.0.1:{port}"), NatsOptions::default())
+        .await
+        .err()
+        .expect("no server there");
+    assert!(err.to_string().contains("cannot connect to NATS"), "{err}");
+}
