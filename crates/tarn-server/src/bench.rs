@@ -54,6 +54,10 @@ pub struct BenchArgs {
     /// (needs `--duckdb`).
     #[arg(long)]
     pub queries: bool,
+    /// Run tarn with its stream on this NATS server (`nats://HOST:PORT`, namespace
+    /// `tarnbench`, wiped first), and time a raw JetStream publish of the same requests.
+    #[arg(long)]
+    pub stream: Option<String>,
 }
 
 /// The analytics queries: (name, tarn SQL, DuckDB SQL).
@@ -440,7 +444,18 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     )?;
 
     let bodies = Arc::new(cut_bodies(&ndjson, a.batch)?);
-    let (mut child, url) = spawn_server(&a.dir, &[])?;
+    let stream_arg = match &a.stream {
+        Some(nats) => {
+            crate::bench_stream::reset(nats, crate::bench_stream::NAMESPACE).await?;
+            vec![
+                "--stream".to_string(),
+                format!("{}/{}", nats.trim_end_matches('/'), crate::bench_stream::NAMESPACE),
+            ]
+        }
+        None => Vec::new(),
+    };
+    let stream_args: Vec<&str> = stream_arg.iter().map(String::as_str).collect();
+    let (mut child, url) = spawn_server(&a.dir, &stream_args)?;
     let pid = child.id();
     let data = a.dir.join("data");
 
@@ -504,11 +519,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let compacted_bytes = tier["bytes"].as_u64().unwrap_or(0);
         let compacted_files = tier["files"].as_u64().unwrap_or(0);
         println!(
-            "tarn bench: {} events ({:.1} MB NDJSON), {} per request, {} clients",
+            "tarn bench: {} events ({:.1} MB NDJSON), {} per request, {} clients, stream {}",
             a.events,
             input_bytes as f64 / 1e6,
             a.batch,
-            a.clients
+            a.clients,
+            a.stream.as_deref().unwrap_or("embedded")
         );
         println!(
             "  ingest to durable ack      {:>10.0} events/s  {:>7.1} MB/s  ({:.2} s)",
@@ -544,6 +560,16 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             compacted_bytes as f64 / 1e6,
             compacted_files
         );
+        if let Some(nats) = &a.stream {
+            let secs = crate::bench_stream::raw_publish(nats, bodies.clone(), a.clients).await?;
+            let raw_rate = a.events as f64 / secs;
+            println!(
+                "  raw JetStream publish of the same requests  {:>10.0} events/s  {:>7.1} MB/s  ({secs:.2} s)",
+                raw_rate,
+                input_bytes as f64 / 1e6 / secs
+            );
+            println!("  ratio tarn/raw JetStream (to ack)          {:.2}x", rate / raw_rate);
+        }
         if a.duckdb {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/duckdb_convert.py");
             let out = Command::new("python3")

@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod bench_compaction;
 mod bench_rollups;
+mod bench_stream;
 mod catalog_api;
 mod http;
 mod keys;
