@@ -97,7 +97,7 @@ struct TopicInner {
     poisoned: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind, never a broken
     // invariant on disk, so the data is still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())

@@ -10,7 +10,7 @@
 //!   that both backends count from 0.
 //! - A consumer group is a named offset in the key-value bucket `<namespace>-offsets`
 //!   (itself a replicated JetStream stream), key `<topic>/<group>`, value the next sequence the
-//!   group has not processed. Groups commit a position after a durable hand-off and may
+//!   group has not processed; `<topic>/=groups` lists the topic's groups. Groups commit a position after a durable hand-off and may
 //!   replay from it with other batch cuts, exactly like the embedded log's offsets; a
 //!   JetStream durable consumer's acknowledgement and redelivery timers would fight that.
 //! - Cursors read with ordered consumers from a start sequence. A cursor that finds its next
@@ -28,15 +28,24 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::embedded::{Record, TopicStats, check_name};
+use crate::embedded::{Record, TopicStats, check_name, lock};
 use crate::{Error, Result};
 
 /// Room left under the server's `max_payload` for the message's protocol headers.
 const HEADER_ROOM: usize = 4 << 10;
 
-/// Most messages an ordered consumer asks for in one pull; with `max_payload` at most 64 MiB
-/// (NATS's own ceiling) this bounds what a cursor holds in memory.
-const PULL_BATCH: i64 = 64;
+/// Bytes of messages an ordered consumer asks for in one pull (as a count of the largest
+/// messages): with the client's refill at half a batch, a cursor holds at most about 1.5 times
+/// this, whatever the server's `max_payload`.
+const PULL_BYTES: usize = 32 << 20;
+
+/// How long reading every group's offset for retention may take before it gives up (the
+/// next commit tries again).
+const RETENTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Appends retried after a lost acknowledgement, with the same message id: JetStream drops the
+/// copy if the first one was stored (within the stream's duplicate window).
+const APPEND_TRIES: u32 = 3;
 
 /// How often `apply_retention` looks at the groups' offsets, at most.
 const RETENTION_EVERY: Duration = Duration::from_secs(5);
@@ -99,7 +108,11 @@ pub(crate) struct NatsLog {
 }
 
 struct Shared {
+    /// The server's address without credentials, for messages.
     server: String,
+    /// Message ids `<writer>-<n>`: unique per process, so a retried append is recognised.
+    writer: u64,
+    appended: std::sync::atomic::AtomicU64,
     opts: NatsOptions,
     js: jetstream::Context,
     offsets: kv::Store,
@@ -116,11 +129,16 @@ struct TopicInner {
     subject: String,
     shared: Arc<Shared>,
     stream: OnceCell<stream::Stream>,
-    retention_at: Mutex<Option<Instant>>,
+    retention: Mutex<Retention>,
+    /// A byte limit below what the stream held, not yet applied.
+    limit_deferred: std::sync::atomic::AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// When retention last ran on a topic, and whether a run is waiting for the throttle.
+#[derive(Default)]
+struct Retention {
+    at: Option<Instant>,
+    scheduled: bool,
 }
 
 impl NatsLog {
@@ -132,12 +150,14 @@ impl NatsLog {
                 opts.replicas
             )));
         }
+        let shown = redact(server);
         let client = async_nats::ConnectOptions::new()
             .name("tarn")
             .connection_timeout(Duration::from_secs(5))
             .connect(server)
             .await
-            .map_err(|e| stream_err(format!("cannot connect to NATS at {server}"), e))?;
+            .map_err(|e| stream_err(format!("cannot connect to NATS at {shown}"), e))?;
+        let server = shown.as_str();
         let js = jetstream::new(client.clone());
         // The account's JetStream info, read raw: its typed form follows newer servers.
         let info = client
@@ -155,7 +175,7 @@ impl NatsLog {
         // The bucket's stream is made here, as a key-value bucket is laid out: the client's own
         // `create_key_value` first reads account details that servers before 2.10 lack.
         js.get_or_create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
+            name: offsets_stream(&opts.namespace),
             description: Some("tarn consumer group offsets".into()),
             subjects: vec![format!("$KV.{bucket}.>")],
             max_messages_per_subject: 1,
@@ -177,6 +197,8 @@ impl NatsLog {
         Ok(Self {
             inner: Arc::new(Shared {
                 server: server.to_string(),
+                writer: writer_id(),
+                appended: std::sync::atomic::AtomicU64::new(0),
                 inflight: Arc::new(Semaphore::new(opts.inflight_max.max(1))),
                 opts,
                 js,
@@ -215,7 +237,8 @@ impl NatsLog {
                     subject: format!("{ns}.{name}"),
                     shared: self.inner.clone(),
                     stream: OnceCell::new(),
-                    retention_at: Mutex::new(None),
+                    retention: Mutex::new(Retention::default()),
+                    limit_deferred: std::sync::atomic::AtomicBool::new(false),
                 })
             })
             .clone();
@@ -226,14 +249,9 @@ impl NatsLog {
     /// created.
     pub(crate) async fn set_bytes_max(&self, name: &str, bytes: u64) -> Result<()> {
         let t = self.topic(name)?;
-        let changed = lock(&self.inner.bytes_max).insert(name.to_string(), bytes) != Some(bytes);
-        if changed && t.inner.stream.initialized() {
-            let cfg = t.inner.config();
-            self.inner
-                .js
-                .update_stream(&cfg)
-                .await
-                .map_err(|e| stream_err(format!("updating stream {}", cfg.name), e))?;
+        lock(&self.inner.bytes_max).insert(name.to_string(), bytes);
+        if t.inner.stream.initialized() {
+            t.inner.reconcile().await?;
         }
         Ok(())
     }
@@ -244,7 +262,7 @@ impl NatsLog {
         let mut out = Vec::new();
         while let Some(n) = names.next().await {
             let n = n.map_err(|e| stream_err("listing streams", e))?;
-            if n == format!("KV_{}-offsets", self.inner.opts.namespace) {
+            if n == offsets_stream(&self.inner.opts.namespace) {
                 continue;
             }
             if let Some(rest) = n.strip_prefix(&prefix) {
@@ -283,48 +301,77 @@ impl TopicInner {
             .get_or_try_init(|| async {
                 let want = self.config();
                 let js = &self.shared.js;
-                match js.get_stream(&want.name).await {
-                    Ok(mut s) => {
-                        let have = s
-                            .info()
-                            .await
-                            .map_err(|e| stream_err(format!("reading stream {}", want.name), e))?
-                            .config
-                            .clone();
-                        let differs = have.max_bytes != want.max_bytes
-                            || have.max_age != want.max_age
-                            || have.num_replicas != want.num_replicas
-                            || have.subjects != want.subjects
-                            || have.discard != want.discard;
-                        if differs {
-                            js.update_stream(&want)
-                                .await
-                                .map_err(|e| stream_err(format!("updating stream {}", want.name), e))?;
-                            tracing::info!(stream = %want.name, "stream limits updated");
-                        }
-                        Ok(s)
-                    }
-                    Err(_) => js
-                        .get_or_create_stream(want.clone())
-                        .await
-                        .map_err(|e| stream_err(format!("creating stream {}", want.name), e)),
-                }
+                let s = js
+                    .get_or_create_stream(want.clone())
+                    .await
+                    .map_err(|e| stream_err(format!("opening stream {}", want.name), e))?;
+                self.reconcile_with(&s).await?;
+                Ok(s)
             })
             .await
+    }
+
+    /// Brings an existing stream to the configured limits.
+    async fn reconcile(&self) -> Result<()> {
+        let s = self.stream().await?;
+        self.reconcile_with(s).await
+    }
+
+    /// Brings `s` to the configured limits, but never a byte limit below what the stream holds:
+    /// JetStream would delete records to fit, acknowledged or not. Such a limit waits until
+    /// retention has made room (the next retention run tries again).
+    async fn reconcile_with(&self, s: &stream::Stream) -> Result<()> {
+        let mut want = self.config();
+        let info = s
+            .get_info()
+            .await
+            .map_err(|e| stream_err(format!("reading stream {}", want.name), e))?;
+        let (have, held) = (&info.config, info.state.bytes);
+        if want.max_bytes >= 0 && (want.max_bytes as u64) < held {
+            let keep = if have.max_bytes < 0 {
+                -1
+            } else {
+                have.max_bytes.max(held as i64)
+            };
+            tracing::warn!(
+                stream = %want.name,
+                wanted = want.max_bytes,
+                held,
+                "the stream holds more than its new byte limit; the limit waits until delivery has caught up"
+            );
+            want.max_bytes = keep;
+            self.limit_deferred.store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.limit_deferred.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        let differs = have.max_bytes != want.max_bytes
+            || have.max_age != want.max_age
+            || have.num_replicas != want.num_replicas
+            || have.subjects != want.subjects
+            || have.discard != want.discard;
+        if differs {
+            self.shared
+                .js
+                .update_stream(&want)
+                .await
+                .map_err(|e| stream_err(format!("updating stream {}", want.name), e))?;
+            tracing::info!(stream = %want.name, max_bytes = want.max_bytes, "stream limits updated");
+        }
+        Ok(())
     }
 
     fn offset_key(&self, group: &str) -> String {
         format!("{}/{group}", self.name)
     }
 
-    async fn first_seq(&self) -> Result<u64> {
+    async fn state(&self) -> Result<stream::State> {
         let info = self
             .stream()
             .await?
             .get_info()
             .await
             .map_err(|e| stream_err(format!("reading stream {}", self.stream_name), e))?;
-        Ok(info.state.first_sequence.saturating_sub(1))
+        Ok(info.state)
     }
 }
 
@@ -352,13 +399,43 @@ impl NatsTopic {
             .try_acquire_owned()
             .map_err(|_| Error::Overloaded(s.opts.inflight_max))?;
         self.inner.stream().await?;
-        let ack =
-            s.js.publish(self.inner.subject.clone(), payload.into())
-                .await
-                .map_err(|e| publish_err(&self.inner.stream_name, e))?
-                .await
-                .map_err(|e| publish_err(&self.inner.stream_name, e))?;
-        Ok(ack.sequence.saturating_sub(1))
+        let id = format!(
+            "{:016x}-{}",
+            s.writer,
+            s.appended.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let payload = bytes::Bytes::from(payload);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(payload.clone())
+                .message_id(&id);
+            let res = async { s.js.send_publish(self.inner.subject.clone(), msg).await?.await }.await;
+            match res {
+                Ok(ack) => return Ok(ack.sequence.saturating_sub(1)),
+                // The acknowledgement was lost, not necessarily the message: the same id again
+                // is stored once.
+                Err(e)
+                    if tries < APPEND_TRIES
+                        && matches!(
+                            e.kind(),
+                            jetstream::context::PublishErrorKind::TimedOut
+                                | jetstream::context::PublishErrorKind::BrokenPipe
+                        ) =>
+                {
+                    tracing::warn!(stream = %self.inner.stream_name, error = %e, "append not acknowledged; sending it again");
+                }
+                Err(e) => {
+                    let e = publish_err(&self.inner.stream_name, e);
+                    if matches!(e, Error::Full(_)) {
+                        // Room comes from retention, which may be waiting for a commit.
+                        self.schedule_retention();
+                    }
+                    return Err(e);
+                }
+            }
+        }
     }
 
     pub(crate) fn cursor(&self, seq: u64) -> NatsCursor {
@@ -371,15 +448,38 @@ impl NatsTopic {
         }
     }
 
+    /// The group's offset, registering it at the first record still there if it has none.
+    /// An offset past the stream's end means the stream was deleted or made again under the
+    /// group: that is an error, never a silent skip.
     pub(crate) async fn register_group(&self, group: &str) -> Result<u64> {
         check_name(group)?;
+        // Named in the topic's group list first: retention reads offsets by that list, and a
+        // listed group without an offset yet holds every purge back.
+        self.inner.list_group(group).await?;
+        let state = self.inner.state().await?;
+        let key = self.inner.offset_key(group);
         if let Some(o) = self.committed(group).await? {
+            if o > state.last_sequence {
+                return Err(Error::Stream(format!(
+                    "group {key} is at sequence {o}, past the end of stream {} ({} records): the stream was deleted or made again; \
+                     delete the offset key in bucket {}-offsets to start the group over",
+                    self.inner.stream_name, state.last_sequence, self.inner.shared.opts.namespace
+                )));
+            }
             return Ok(o);
         }
-        let first = self.inner.first_seq().await?;
-        let key = self.inner.offset_key(group);
+        let first = state.first_sequence.saturating_sub(1);
         match self.inner.shared.offsets.create(&key, first.to_string().into()).await {
-            Ok(_) => Ok(first),
+            Ok(_) => {
+                // A purge that read the offsets just before this key existed may have gone past
+                // `first`: a new group starts at the first record still there, so it follows.
+                let now = self.inner.state().await?.first_sequence.saturating_sub(1);
+                if now > first {
+                    self.commit(group, now).await?;
+                    return Ok(now);
+                }
+                Ok(first)
+            }
             // Another process registered it first: its value stands.
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => self
                 .committed(group)
@@ -390,21 +490,7 @@ impl NatsTopic {
     }
 
     pub(crate) async fn committed(&self, group: &str) -> Result<Option<u64>> {
-        let key = self.inner.offset_key(group);
-        let v = self
-            .inner
-            .shared
-            .offsets
-            .get(&key)
-            .await
-            .map_err(|e| stream_err(format!("reading offset {key}"), e))?;
-        v.map(|b| {
-            std::str::from_utf8(&b)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| stream_err(&key, "offset is not a number"))
-        })
-        .transpose()
+        committed(&self.inner, group).await
     }
 
     pub(crate) async fn commit(&self, group: &str, next: u64) -> Result<()> {
@@ -419,63 +505,185 @@ impl NatsTopic {
         Ok(())
     }
 
-    /// Purges the records every group has committed past (at most every few seconds, since it
-    /// reads every group's offset). Returns how many messages went.
+    /// Purges the records every group has committed past. It reads every group's offset, so
+    /// it runs at most every few seconds per topic: a call within that time schedules one run
+    /// at its end instead, so the last commit of a burst is never left unpurged. Returns how
+    /// many messages went now.
     pub(crate) async fn apply_retention(&self) -> Result<usize> {
-        {
-            let mut at = lock(&self.inner.retention_at);
-            if at.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
-                return Ok(0);
-            }
-            *at = Some(Instant::now());
+        if !self.inner.retention_due() {
+            self.schedule_retention();
+            return Ok(0);
         }
-        let prefix = format!("{}/", self.inner.name);
-        let offsets = &self.inner.shared.offsets;
-        let mut keys = offsets.keys().await.map_err(|e| stream_err("listing offsets", e))?;
-        let mut min: Option<u64> = None;
-        while let Some(k) = keys.next().await {
-            let k = k.map_err(|e| stream_err("listing offsets", e))?;
-            let Some(group) = k.strip_prefix(&prefix) else { continue };
-            if group.contains('/') {
-                continue;
+        retain(&self.inner).await
+    }
+
+    fn schedule_retention(&self) {
+        let wait = {
+            let mut r = lock(&self.inner.retention);
+            if r.scheduled {
+                return;
             }
-            if let Some(o) = self.committed(group).await? {
-                min = Some(min.map_or(o, |m| m.min(o)));
+            r.scheduled = true;
+            r.at.map_or(Duration::ZERO, |t| RETENTION_EVERY.saturating_sub(t.elapsed()))
+        };
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            lock(&inner.retention).scheduled = false;
+            if inner.retention_due()
+                && let Err(e) = retain(&inner).await
+            {
+                tracing::warn!(stream = %inner.stream_name, error = %e, "stream retention failed; the next commit tries again");
             }
-        }
-        let Some(min) = min else { return Ok(0) };
-        let stream = self.inner.stream().await?;
-        // JetStream removes every message below the given sequence: ours `min` is its `min + 1`.
-        let r = stream
-            .purge()
-            .sequence(min + 1)
-            .await
-            .map_err(|e| stream_err(format!("purging stream {}", self.inner.stream_name), e))?;
-        Ok(usize::try_from(r.purged).unwrap_or(usize::MAX))
+        });
     }
 
     pub(crate) async fn stats(&self) -> Result<TopicStats> {
-        let info = self
-            .inner
-            .stream()
-            .await?
-            .get_info()
-            .await
-            .map_err(|e| stream_err(format!("reading stream {}", self.inner.stream_name), e))?;
+        let state = self.inner.state().await?;
         Ok(TopicStats {
-            first_seq: info.state.first_sequence.saturating_sub(1),
-            next_seq: info.state.last_sequence,
+            first_seq: state.first_sequence.saturating_sub(1),
+            next_seq: state.last_sequence,
             segments: 0,
-            bytes: info.state.bytes,
+            bytes: state.bytes,
         })
     }
 }
 
+impl TopicInner {
+    /// Whether retention may run now; if so, the run is counted from now.
+    fn retention_due(&self) -> bool {
+        let mut r = lock(&self.retention);
+        if r.at.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+            return false;
+        }
+        r.at = Some(Instant::now());
+        true
+    }
+}
+
+async fn committed(t: &TopicInner, group: &str) -> Result<Option<u64>> {
+    let key = t.offset_key(group);
+    let v = t
+        .shared
+        .offsets
+        .get(&key)
+        .await
+        .map_err(|e| stream_err(format!("reading offset {key}"), e))?;
+    v.map(|b| {
+        std::str::from_utf8(&b)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| stream_err(&key, "offset is not a number"))
+    })
+    .transpose()
+}
+
+impl TopicInner {
+    /// The key holding the names of the topic's groups (`=` is in no group name).
+    fn groups_key(&self) -> String {
+        format!("{}/=groups", self.name)
+    }
+
+    async fn groups(&self) -> Result<(Vec<String>, Option<u64>)> {
+        let key = self.groups_key();
+        let entry = self
+            .shared
+            .offsets
+            .entry(&key)
+            .await
+            .map_err(|e| stream_err(format!("reading {key}"), e))?;
+        match entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let names: Vec<String> =
+                    serde_json::from_slice(&e.value).map_err(|err| stream_err(format!("reading {key}"), err))?;
+                Ok((names, Some(e.revision)))
+            }
+            Some(e) => Ok((Vec::new(), Some(e.revision))),
+            None => Ok((Vec::new(), None)),
+        }
+    }
+
+    /// Adds a group to the topic's list, once, safely against other processes doing the same.
+    async fn list_group(&self, group: &str) -> Result<()> {
+        let key = self.groups_key();
+        let kv = &self.shared.offsets;
+        for _ in 0..20 {
+            let (mut names, revision) = self.groups().await?;
+            if names.iter().any(|n| n == group) {
+                return Ok(());
+            }
+            names.push(group.to_string());
+            let value: bytes::Bytes = serde_json::to_vec(&names).map_err(|e| stream_err(&key, e))?.into();
+            let done = match revision {
+                Some(r) => kv
+                    .update(&key, value, r)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
+                None => kv
+                    .create(&key, value)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+            };
+            match done {
+                Ok(()) => return Ok(()),
+                // Another process changed the list first: read it again.
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(stream_err(format!("registering group {key}"), e)),
+            }
+        }
+        Err(stream_err(&key, "the group list kept changing"))
+    }
+}
+
+/// One retention run: the slowest group's offset, the purge below it, then a byte limit that
+/// had to wait for room.
+async fn retain(t: &TopicInner) -> Result<usize> {
+    let min = tokio::time::timeout(RETENTION_TIMEOUT, slowest_group(t))
+        .await
+        .map_err(|_| stream_err(format!("reading the offsets of {}", t.name), "timed out"))??;
+    // Nothing below the slowest group, or nothing at all: JetStream reads a purge up to
+    // sequence 1 (ours 0) as "purge everything", so it is never sent.
+    let Some(min) = min.filter(|m| *m > 0) else {
+        return Ok(0);
+    };
+    // JetStream removes every message below the given sequence: ours `min` is its `min + 1`.
+    let r = t
+        .stream()
+        .await?
+        .purge()
+        .sequence(min + 1)
+        .await
+        .map_err(|e| stream_err(format!("purging stream {}", t.stream_name), e))?;
+    if t.limit_deferred.load(std::sync::atomic::Ordering::Relaxed) {
+        t.reconcile().await?;
+    }
+    Ok(usize::try_from(r.purged).unwrap_or(usize::MAX))
+}
+
+/// The lowest offset among the topic's groups, or `None` when there is nothing to purge by:
+/// no group, or a listed group still registering (no offset yet). Groups are read by the
+/// topic's list, never by listing the bucket's keys, which can miss a key being rewritten.
+async fn slowest_group(t: &TopicInner) -> Result<Option<u64>> {
+    let (names, _) = t.groups().await?;
+    let mut min: Option<u64> = None;
+    for group in &names {
+        match committed(t, group).await? {
+            Some(o) => min = Some(min.map_or(o, |m| m.min(o))),
+            None => return Ok(None),
+        }
+    }
+    Ok(min)
+}
+
 fn publish_err(stream: &str, e: jetstream::context::PublishError) -> Error {
     let text = e.to_string();
-    // The stream at its byte limit refuses new messages (discard: new): the writer may try
-    // again once delivery has caught up and retention has run.
-    if text.contains("maximum bytes") || text.contains("maximum messages") || text.contains("insufficient") {
+    // The stream at its byte limit refuses new messages (discard: new), as does a server or
+    // account out of storage: the writer may try again once delivery has caught up and
+    // retention has run.
+    let full = ["maximum bytes", "maximum messages", "insufficient", "resource limits"];
+    if full.iter().any(|f| text.contains(f)) {
         Error::Full(format!(
             "stream {stream} is at its size limit; retry when delivery has caught up ({text})"
         ))
@@ -488,13 +696,15 @@ pub(crate) struct NatsCursor {
     topic: Arc<TopicInner>,
     next_seq: u64,
     messages: Option<consumer::pull::Ordered>,
+    /// A record `wait` has taken from the consumer and `fetch` has not yet returned.
     peeked: Option<Record>,
     failed: Option<Error>,
 }
 
 impl NatsCursor {
+    /// The sequence of the next record `fetch` returns.
     pub(crate) fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.peeked.as_ref().map_or(self.next_seq, |r| r.seq)
     }
 
     async fn open(&mut self) -> Result<()> {
@@ -502,12 +712,13 @@ impl NatsCursor {
             return Ok(());
         }
         let stream = self.topic.stream().await?;
+        let batch = (PULL_BYTES / self.topic.shared.record_bytes_max.max(1)).clamp(4, 256);
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: self.next_seq + 1,
                 },
-                max_batch: PULL_BATCH,
+                max_batch: batch as i64,
                 ..Default::default()
             })
             .await
@@ -520,7 +731,8 @@ impl NatsCursor {
         Ok(())
     }
 
-    /// Turns a message into the record at the cursor, or `None` for one before it.
+    /// Turns a message into the record at the cursor, or `None` for one before it (a
+    /// consumer made again re-reads from the stream's start).
     fn accept(&mut self, m: jetstream::Message) -> Result<Option<Record>> {
         let js_seq = m
             .info()
@@ -531,8 +743,19 @@ impl NatsCursor {
             return Ok(None);
         }
         if seq > self.next_seq {
-            self.messages = None;
-            return Err(Error::Truncated(self.next_seq));
+            // Records are only ever removed from the front: by retention, below every group,
+            // or by the age limit the operator set. Only the latter can remove records a
+            // reader still needs; without one, a gap is an error.
+            if self.topic.shared.opts.max_age.is_none() {
+                self.messages = None;
+                return Err(Error::Truncated(self.next_seq));
+            }
+            tracing::error!(
+                stream = %self.topic.stream_name,
+                from = self.next_seq,
+                to = seq - 1,
+                "records reached the stream's age limit before they were read; they are lost"
+            );
         }
         self.next_seq = seq + 1;
         Ok(Some(Record {
@@ -541,7 +764,7 @@ impl NatsCursor {
         }))
     }
 
-    /// What a failed pull becomes: the consumer is recreated from the cursor at the next read.
+    /// What a failed pull becomes: the consumer is made again from the cursor at the next read.
     fn lost(&mut self, e: impl std::fmt::Display) -> Error {
         self.messages = None;
         stream_err(format!("reading stream {}", self.topic.stream_name), e)
@@ -604,6 +827,35 @@ impl NatsCursor {
             }
         }
     }
+}
+
+/// The offsets bucket's stream.
+fn offsets_stream(ns: &str) -> String {
+    format!("KV_{ns}-offsets")
+}
+
+/// A server address without its user and password, for messages and logs.
+fn redact(server: &str) -> String {
+    match server.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => server.to_string(),
+        },
+        None => server.to_string(),
+    }
+}
+
+/// A random id for this process's appends.
+fn writer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 #[cfg(test)]

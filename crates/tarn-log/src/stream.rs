@@ -9,10 +9,10 @@ use crate::{Error, Result};
 
 /// A stream of topics: the embedded log in a directory, or NATS JetStream.
 #[derive(Clone)]
-pub struct Log(LogKind);
+pub struct Log(pub(crate) LogKind);
 
 #[derive(Clone)]
-enum LogKind {
+pub(crate) enum LogKind {
     Embedded(embedded::Log),
     Nats(nats::NatsLog),
 }

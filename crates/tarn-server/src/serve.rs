@@ -176,11 +176,7 @@ impl App {
     pub fn ensure_delivery(&self, dataset: &str) -> Result<()> {
         let size = self.catalog.get(dataset).map(|s| s.size).unwrap_or_default();
         let batch_bytes = size.batch_bytes(self.delivery_batch_bytes);
-        let mut running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = running.get(dataset) {
-            b.store(batch_bytes, std::sync::atomic::Ordering::Relaxed);
-            return Ok(());
-        }
+        // The stream's byte limit follows the size class too (applied on NATS only).
         if self.stream_bytes_max > 0 {
             let (log, bytes) = (self.log.clone(), size.stream_bytes(self.stream_bytes_max));
             let topic = tarn_collector::topic_name(dataset);
@@ -189,6 +185,11 @@ impl App {
                     tracing::error!(%topic, error = %e, "setting the stream's byte limit");
                 }
             });
+        }
+        let mut running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = running.get(dataset) {
+            b.store(batch_bytes, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
         }
         let opts = DeliveryOptions::new(batch_bytes, self.delivery_batch_age_ms);
         let shared = opts.batch_bytes.clone();
@@ -235,10 +236,13 @@ impl App {
 
     pub async fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
         let mut out = Vec::new();
-        if let Ok(names) = self.log.topic_names().await {
+        // On NATS each figure is a request: a slow server costs the scrape a few seconds at
+        // most, never a hung /metrics.
+        let within = std::time::Duration::from_secs(2);
+        if let Ok(Ok(names)) = tokio::time::timeout(within, self.log.topic_names()).await {
             for n in names {
                 if let Ok(t) = self.log.topic(&n)
-                    && let Ok(st) = t.stats().await
+                    && let Ok(Ok(st)) = tokio::time::timeout(within, t.stats()).await
                 {
                     out.push((n, st));
                 }
@@ -308,6 +312,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let log = open_stream(&args, &limits).await?;
+    // One event must fit in one stream record (a NATS message is at most the server's
+    // max_payload); half of it leaves room for the encoding. A larger event is rejected alone.
+    let limits = Limits {
+        event_bytes_max: limits.event_bytes_max.min(log.record_bytes_max() / 2),
+        ..limits
+    };
     let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
     let producer_keys =
         crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
@@ -609,7 +619,7 @@ async fn open_stream(args: &ServeArgs, limits: &Limits) -> Result<Log> {
     };
     Log::connect_nats(&server, opts)
         .await
-        .with_context(|| format!("opening the stream {}", args.stream))
+        .context("opening the stream on NATS")
 }
 
 /// Splits `nats://HOST:PORT[/NAMESPACE]` into the server's address and the namespace.
