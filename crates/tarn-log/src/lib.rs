@@ -25,7 +25,7 @@ mod segment;
 mod stream;
 
 pub use embedded::{LogOptions, Record, TopicStats};
-pub use nats::{NatsOptions, check_namespace};
+pub use nats::{NatsOptions, check_namespace, delete_namespace};
 pub use stream::{Cursor, Log, Topic};
 
 use std::path::PathBuf;

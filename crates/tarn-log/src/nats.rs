@@ -829,6 +829,31 @@ impl NatsCursor {
     }
 }
 
+/// Deletes every stream a namespace holds on a server, its offsets bucket included: all that
+/// tarn kept there. Returns how many streams went.
+pub async fn delete_namespace(server: &str, ns: &str) -> Result<usize> {
+    check_namespace(ns)?;
+    let shown = redact(server);
+    let client = async_nats::connect(server)
+        .await
+        .map_err(|e| stream_err(format!("cannot connect to NATS at {shown}"), e))?;
+    let js = jetstream::new(client);
+    let mut names = js.stream_names();
+    let mut doomed = Vec::new();
+    while let Some(n) = names.next().await {
+        let n = n.map_err(|e| stream_err("listing streams", e))?;
+        if n.starts_with(&format!("{ns}-")) || n == offsets_stream(ns) {
+            doomed.push(n);
+        }
+    }
+    for n in &doomed {
+        js.delete_stream(n)
+            .await
+            .map_err(|e| stream_err(format!("deleting stream {n}"), e))?;
+    }
+    Ok(doomed.len())
+}
+
 /// The offsets bucket's stream.
 fn offsets_stream(ns: &str) -> String {
     format!("KV_{ns}-offsets")

@@ -8,30 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use async_nats::jetstream;
-use futures::StreamExt;
 
 /// The namespace of the benchmark's streams on the NATS server.
 pub const NAMESPACE: &str = "tarnbench";
 
 /// Deletes the streams a namespace holds (a previous run's).
 pub async fn reset(url: &str, ns: &str) -> Result<()> {
-    let client = async_nats::connect(url)
-        .await
-        .with_context(|| format!("connecting to NATS at {url}"))?;
-    let js = jetstream::new(client);
-    let mut names = js.stream_names();
-    let mut doomed = Vec::new();
-    while let Some(n) = names.next().await {
-        let n = n.context("listing streams")?;
-        if n.starts_with(&format!("{ns}-")) || n == format!("KV_{ns}-offsets") {
-            doomed.push(n);
-        }
-    }
-    for n in doomed {
-        js.delete_stream(&n)
-            .await
-            .with_context(|| format!("deleting stream {n}"))?;
-    }
+    tarn_log::delete_namespace(url, ns).await?;
     Ok(())
 }
 

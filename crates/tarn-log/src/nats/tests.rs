@@ -34,20 +34,7 @@ fn opts(ns: &str) -> NatsOptions {
 
 /// Deletes the streams and bucket of a test's namespace.
 async fn cleanup(url: &str, ns: &str) {
-    let Ok(client) = async_nats::connect(url).await else {
-        return;
-    };
-    let js = jetstream::new(client);
-    let mut names = js.stream_names();
-    let mut doomed = Vec::new();
-    while let Some(Ok(n)) = names.next().await {
-        if n.starts_with(&format!("{ns}-")) || n == format!("KV_{ns}-offsets") {
-            doomed.push(n);
-        }
-    }
-    for n in doomed {
-        let _ = js.delete_stream(&n).await;
-    }
+    delete_namespace(url, ns).await.expect("cleanup");
 }
 
 /// Reads `n` records from `from` (failing after 30 s), then checks that no more come.

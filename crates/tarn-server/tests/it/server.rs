@@ -184,19 +184,5 @@ pub fn nats_namespace(test: &str) -> String {
 
 /// Deletes the streams and offsets bucket of a test's namespace.
 pub async fn nats_cleanup(url: &str, ns: &str) {
-    use futures::StreamExt;
-    let Ok(client) = async_nats::connect(url).await else {
-        return;
-    };
-    let js = async_nats::jetstream::new(client);
-    let mut names = js.stream_names();
-    let mut doomed = Vec::new();
-    while let Some(Ok(n)) = names.next().await {
-        if n.starts_with(&format!("{ns}-")) || n == format!("KV_{ns}-offsets") {
-            doomed.push(n);
-        }
-    }
-    for n in doomed {
-        let _ = js.delete_stream(&n).await;
-    }
+    tarn_log::delete_namespace(url, ns).await.expect("cleanup");
 }
