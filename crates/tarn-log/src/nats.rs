@@ -39,6 +39,9 @@ const HEADER_ROOM: usize = 4 << 10;
 /// this, whatever the server's `max_payload`.
 const PULL_BYTES: usize = 32 << 20;
 
+/// Longest a cursor's pull waits on the server before the client asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
+
 /// How long reading every group's offset for retention may take before it gives up (the
 /// next commit tries again).
 const RETENTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -719,6 +722,10 @@ impl NatsCursor {
                     start_sequence: self.next_seq + 1,
                 },
                 max_batch: batch as i64,
+                // A pull waits at most this long on the server: the client's refill of an
+                // ordered consumer was seen to wait out a whole pull (30 s by default) after a
+                // burst, so that records sat in the stream for a minute. Short pulls bound it.
+                max_expires: PULL_EXPIRES,
                 ..Default::default()
             })
             .await
