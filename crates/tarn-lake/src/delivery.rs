@@ -334,8 +334,9 @@ mod tests {
             let recs = objects.cursor(next).read(1 << 20).expect("read");
             if recs.is_empty() {
                 idle += 1;
-                if idle == 20 {
-                    // Only the tail, smaller than a batch, is left: let it age out.
+                if idle % 20 == 0 {
+                    // Nothing new for a while: what is left may be the tail, smaller than a
+                    // batch, so let it age out (again, if it was opened after the last push).
                     clock.advance_micros(61_000_000);
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

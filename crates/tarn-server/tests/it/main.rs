@@ -4,6 +4,7 @@
 mod catalog;
 mod crash;
 mod guardrails;
+mod interop;
 mod maintenance;
 mod nats;
 mod pg;
