@@ -236,45 +236,70 @@ fn kind(sql: &str) -> Kind {
     }
 }
 
-/// The statement without `--` and `/* */` comments (outside quotes).
-fn strip_comments(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
+type Chars<'a> = std::iter::Peekable<std::str::Chars<'a>>;
+
+/// Walks `sql` one character at a time, telling `f` whether the character is quoted (the
+/// quotes themselves count as quoted) and lending it the rest of the input to consume more.
+/// The one quote-aware scan behind comments, statement splitting and placeholders: each
+/// passes the text it does not handle through untouched, byte for byte.
+fn scan<E>(sql: &str, mut f: impl FnMut(char, bool, &mut Chars<'_>) -> Result<(), E>) -> Result<(), E> {
     let mut chars = sql.chars().peekable();
     let mut quote: Option<char> = None;
     while let Some(c) = chars.next() {
-        match quote {
+        let quoted = match quote {
             Some(q) => {
-                out.push(c);
                 if c == q {
                     quote = None;
                 }
+                true
             }
             None if c == '\'' || c == '"' => {
                 quote = Some(c);
-                out.push(c);
+                true
             }
-            None if c == '-' && chars.peek() == Some(&'-') => {
-                for n in chars.by_ref() {
-                    if n == '\n' {
-                        out.push('\n');
-                        break;
-                    }
-                }
-            }
-            None if c == '/' && chars.peek() == Some(&'*') => {
-                chars.next();
-                let mut last = ' ';
-                for n in chars.by_ref() {
-                    if last == '*' && n == '/' {
-                        break;
-                    }
-                    last = n;
-                }
-                out.push(' ');
-            }
-            None => out.push(c),
-        }
+            None => false,
+        };
+        f(c, quoted, &mut chars)?;
     }
+    Ok(())
+}
+
+/// The digits at the front of `chars`, consumed.
+fn take_digits(chars: &mut Chars<'_>) -> String {
+    let mut n = String::new();
+    while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+        n.push(*d);
+        chars.next();
+    }
+    n
+}
+
+/// The statement without `--` and `/* */` comments (outside quotes).
+fn strip_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let Ok(()) = scan::<std::convert::Infallible>(sql, |c, quoted, chars| {
+        if !quoted && c == '-' && chars.peek() == Some(&'-') {
+            for n in chars.by_ref() {
+                if n == '\n' {
+                    out.push('\n');
+                    break;
+                }
+            }
+        } else if !quoted && c == '/' && chars.peek() == Some(&'*') {
+            chars.next();
+            let mut last = ' ';
+            for n in chars.by_ref() {
+                if last == '*' && n == '/' {
+                    break;
+                }
+                last = n;
+            }
+            out.push(' ');
+        } else {
+            out.push(c);
+        }
+        Ok(())
+    });
     out
 }
 
@@ -451,28 +476,17 @@ fn split_statements(sql: &str) -> Vec<String> {
     let text = strip_comments(sql);
     let mut out = Vec::new();
     let mut cur = String::new();
-    let mut quote: Option<char> = None;
-    for c in text.chars() {
-        match quote {
-            Some(q) => {
-                cur.push(c);
-                if c == q {
-                    quote = None;
-                }
+    let Ok(()) = scan::<std::convert::Infallible>(&text, |c, quoted, _| {
+        if !quoted && c == ';' {
+            if !cur.trim().is_empty() {
+                out.push(std::mem::take(&mut cur));
             }
-            None if c == '\'' || c == '"' => {
-                quote = Some(c);
-                cur.push(c);
-            }
-            None if c == ';' => {
-                if !cur.trim().is_empty() {
-                    out.push(std::mem::take(&mut cur));
-                }
-                cur.clear();
-            }
-            None => cur.push(c),
+            cur.clear();
+        } else {
+            cur.push(c);
         }
-    }
+        Ok(())
+    });
     if !cur.trim().is_empty() {
         out.push(cur);
     }
@@ -509,26 +523,15 @@ impl QueryParser for Parser {
 /// The highest `$n` placeholder of a statement (outside quotes).
 fn placeholders(sql: &str) -> usize {
     let mut max = 0;
-    let mut quote: Option<char> = None;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == '\'' || c == '"' => quote = Some(c),
-            None if c == '$' => {
-                let mut n = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    n.push(*d);
-                    chars.next();
-                }
-                if let Ok(v) = n.parse::<usize>() {
-                    max = max.max(v);
-                }
-            }
-            None => {}
+    let Ok(()) = scan::<std::convert::Infallible>(sql, |c, quoted, chars| {
+        if !quoted
+            && c == '$'
+            && let Ok(v) = take_digits(chars).parse::<usize>()
+        {
+            max = max.max(v);
         }
-    }
+        Ok(())
+    });
     max
 }
 
@@ -558,36 +561,19 @@ fn bind(portal: &Portal<String>) -> PgWireResult<String> {
         literals.push(lit.unwrap_or_else(|| "NULL".into()));
     }
     let mut out = String::with_capacity(sql.len());
-    let mut quote: Option<char> = None;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        match quote {
-            Some(q) => {
-                out.push(c);
-                if c == q {
-                    quote = None;
-                }
-            }
-            None if c == '\'' || c == '"' => {
-                quote = Some(c);
-                out.push(c);
-            }
-            None if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
-                let mut n = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    n.push(*d);
-                    chars.next();
-                }
-                let idx: usize = n.parse().unwrap_or(0);
-                let lit = idx
-                    .checked_sub(1)
-                    .and_then(|i| literals.get(i))
-                    .ok_or_else(|| user_error("08P01", format!("no parameter ${idx} was bound")))?;
-                out.push_str(lit);
-            }
-            None => out.push(c),
+    scan::<PgWireError>(sql, |c, quoted, chars| {
+        if !quoted && c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+            let idx: usize = take_digits(chars).parse().unwrap_or(0);
+            let lit = idx
+                .checked_sub(1)
+                .and_then(|i| literals.get(i))
+                .ok_or_else(|| user_error("08P01", format!("no parameter ${idx} was bound")))?;
+            out.push_str(lit);
+        } else {
+            out.push(c);
         }
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
