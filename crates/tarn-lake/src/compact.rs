@@ -3,16 +3,27 @@
 //! (memory stays at a few batches, whatever the bin's size), and swaps each partition's files in
 //! one Delta commit (`OPTIMIZE`: removes and adds with `dataChange = false`).
 //!
-//! One compaction runs per table at a time, across processes too (an exclusive lock on
-//! `_tarn_compaction.lock` in the table directory): delta-rs does not treat two commits that
-//! remove the same file with `dataChange = false` as a conflict, so two compactions of one
-//! partition could both land and double its rows. Before committing, a run also checks that its
-//! inputs are still active, which narrows the window against engines outside tarn.
+//! One compaction runs per table at a time: delta-rs does not treat two commits that remove the
+//! same file with `dataChange = false` as a conflict, so two compactions of one partition could
+//! both land and double its rows. Within one data directory an exclusive lock on
+//! `_tarn_compaction.lock` in the (local) table directory serialises them. Across processes, on
+//! a disk or in a bucket, every compaction commit also carries the application transaction
+//! `tarn-compact/<dataset>`: delta-rs refuses a commit whose application id a concurrent commit
+//! also wrote, so of two compactions racing to commit one fails with a conflict. Before
+//! committing, a run also checks that its inputs are still active at the newest version, which
+//! catches a compaction that committed earlier and narrows the window against engines outside
+//! tarn.
+//!
+//! A table in a bucket is compacted through a local staging directory: a bin's inputs are
+//! downloaded, the bin is written beside them as on a disk, and the new file is uploaded
+//! (multipart past 16 MiB); memory stays as bounded as on a disk, the staging directory holds
+//! one bin at a time.
 //!
 //! Safety beside ingestion and queries: appends only add files, so a concurrent append never
 //! conflicts with a compaction commit (delta-rs rebases it); the removed files stay on disk
 //! until vacuum, so a query that planned against the old version still reads them. A commit that
-//! fails is counted as a conflict and its new files are deleted; its partitions are planned
+//! fails is counted as a conflict and its new files are deleted (in a bucket they are left to
+//! vacuum: a commit whose answer was lost may have landed after all); its partitions are planned
 //! again from the newest version and retried (a few passes), then left for the next run. The planner never proposes a bin of one file, so a compacted partition is not
 //! rewritten again until new small files arrive.
 
@@ -24,7 +35,8 @@ use deltalake::arrow::array::{RecordBatch, new_null_array};
 use deltalake::arrow::compute::{CastOptions, cast_with_options};
 use deltalake::arrow::datatypes::SchemaRef;
 use deltalake::kernel::transaction::CommitProperties;
-use deltalake::kernel::{Action, Remove};
+use deltalake::kernel::{Action, Remove, Transaction};
+use deltalake::logstore::object_store::ObjectStoreExt as _;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::protocol::DeltaOperation;
 use serde::Serialize;
@@ -37,6 +49,9 @@ use crate::{Error, Lake, Result, delta_err, io_err};
 
 /// The lock file a compaction holds on its table (Delta readers ignore names starting with `_`).
 pub const LOCK_FILE: &str = "_tarn_compaction.lock";
+
+/// The local directory, in the table's local directory, where a table in a bucket is compacted.
+const STAGING_DIR: &str = "_tarn_staging";
 
 /// Most partitions swapped by one compaction commit.
 const PARTITIONS_PER_COMMIT: usize = 64;
@@ -249,13 +264,19 @@ async fn compact_pass(
         dry_run: opts.dry_run,
         ..CompactReport::default()
     };
-    if !lake.table_exists(dataset) {
+    if !lake.has_table(dataset).await? {
         return Ok(report);
     }
-    // One compaction per table at a time, across processes: delta-rs would let two of them
-    // remove the same files and both add their merged copies.
+    // One compaction per table at a time in this data directory (across processes the
+    // commits' application transaction fences them): delta-rs would let two of them remove
+    // the same files and both add their merged copies.
     let lock_path = lake.table_dir(dataset).join(LOCK_FILE);
+    let remote = lake.remote().is_some();
     let _lock = tokio::task::spawn_blocking(move || -> Result<std::fs::File> {
+        if remote && let Some(dir) = lock_path.parent() {
+            // A table in a bucket has a local directory only for this lock and the staging.
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -282,6 +303,24 @@ async fn compact_pass(
     .await
     .map_err(|e| Error::Internal(format!("lock task: {e}")))??;
     let mut table = lake.open_table(dataset).await?;
+    let stage = match lake.remote() {
+        None => None,
+        Some(_) => {
+            let dir = lake.table_dir(dataset).join(STAGING_DIR);
+            // Leftovers of a run that died; the lock held makes the directory this run's.
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&d)(e)),
+                _ => Ok(()),
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("staging task: {e}")))??;
+            Some(Stage {
+                dir,
+                store: table.log_store().object_store(None),
+            })
+        }
+    };
     let mut files = table_files(&table, spec)?;
     if let Some(day) = &opts.day {
         files.retain(|f| f.partition.first().is_some_and(|(_, v)| v == day));
@@ -350,6 +389,7 @@ async fn compact_pass(
             &label,
             &bins,
             opts,
+            stage.as_ref(),
             &mut written,
             &mut |bin: &Bin| {
                 state.bins_done += 1;
@@ -402,16 +442,23 @@ async fn compact_partition(
     label: &str,
     bins: &[Bin],
     opts: &CompactOptions,
+    stage: Option<&Stage>,
     written: &mut Vec<(String, u64)>,
     on_bin: &mut (dyn FnMut(&Bin) + Send),
 ) -> Result<()> {
-    let table_dir = table_dir_of(table)?;
+    let table_dir = match stage {
+        Some(s) => s.dir.clone(),
+        None => table_dir_of(table)?,
+    };
     // Write and sync each bin's file, then check the inputs are still active.
     let prepared: Result<Vec<Action>> = async {
         let dataset = spec.name.as_str();
         let mut actions = Vec::new();
         for bin in bins {
-            let add = write_bin(&table_dir, spec, schema, bin).await?;
+            let add = match stage {
+                None => write_bin(&table_dir, spec, schema, bin).await?,
+                Some(s) => s.write_bin(spec, schema, bin).await?,
+            };
             written.push((add.path.clone(), u64::try_from(add.size).unwrap_or(0)));
             actions.push(Action::Add(add));
             let now = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
@@ -423,14 +470,16 @@ async fn compact_partition(
             }
             on_bin(bin);
         }
-        let dir = table_dir.clone();
-        let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
-            sync_files(&dir, &refs)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        if stage.is_none() {
+            let dir = table_dir.clone();
+            let paths: Vec<String> = written.iter().map(|(p, _)| p.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+                sync_files(&dir, &refs)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        }
         // delta-rs does not treat two commits removing the same file with dataChange = false as a
         // conflict, so a second compactor (an outside engine's OPTIMIZE) could double rows. Inside
         // tarn one run goes at a time; this re-check narrows the window against outside writers.
@@ -442,10 +491,20 @@ async fn compact_partition(
         Ok(actions)
     }
     .await;
+    // Files of a commit that did not land are deleted on a disk. In a bucket they stay for
+    // vacuum: a commit whose answer was lost may have landed, and a retry that then meets its
+    // own application transaction reports a conflict.
+    let discard = |written: &[(String, u64)]| {
+        if stage.is_none() {
+            for (p, _) in written {
+                let _ = std::fs::remove_file(table_dir.join(p));
+            }
+        }
+    };
     let actions = match prepared {
         Ok(a) => a,
         Err(e) => {
-            discard(&table_dir, written);
+            discard(written);
             return Err(e);
         }
     };
@@ -453,21 +512,98 @@ async fn compact_partition(
         predicate: Some(label.to_string()),
         target_size: opts.rules.target_bytes as i64,
     };
-    match commit_actions(table, &spec.name, actions, op, CommitProperties::default()).await {
+    let now_ms = tarn_core::Clock::now_micros(&tarn_core::SystemClock) / 1000;
+    let fence = Transaction::new(compact_app_id(&spec.name), now_ms);
+    let props = CommitProperties::default().with_application_transaction(fence);
+    match commit_actions(table, &spec.name, actions, op, props).await {
         Ok(_) => Ok(()),
         // A conflict means the commit did not land; any other error after the commit started
         // may have landed, so its files are kept.
         Err(e @ Error::Conflict(_)) => {
-            discard(&table_dir, written);
+            discard(written);
             Err(e)
         }
         Err(e) => Err(e),
     }
 }
 
-fn discard(table_dir: &Path, written: &[(String, u64)]) {
-    for (p, _) in written {
-        let _ = std::fs::remove_file(table_dir.join(p));
+/// The application id every compaction commit of a dataset carries: two compactions that
+/// race to commit conflict on it.
+pub fn compact_app_id(dataset: &str) -> String {
+    format!("tarn-compact/{dataset}")
+}
+
+/// Where a table in a bucket is compacted: a local directory (in the lake's local root) and
+/// the table's store.
+struct Stage {
+    dir: PathBuf,
+    store: deltalake::logstore::ObjectStoreRef,
+}
+
+/// How much of an upload is held in memory before it goes multipart.
+const UPLOAD_BUFFER_BYTES: usize = 16 << 20;
+
+impl Stage {
+    /// Downloads a bin's inputs, writes the bin beside them, uploads the new file, and
+    /// empties the staging directory again.
+    async fn write_bin(&self, spec: &DatasetSpec, schema: &SchemaRef, bin: &Bin) -> Result<deltalake::kernel::Add> {
+        let res = async {
+            for f in &bin.files {
+                self.download(f).await?;
+            }
+            let add = write_bin(&self.dir, spec, schema, bin).await?;
+            self.upload(&add.path).await?;
+            Ok::<_, Error>(add)
+        }
+        .await;
+        let dir = self.dir.clone();
+        let cleared = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir).map_err(io_err(&dir)))
+            .await
+            .map_err(|e| Error::Internal(format!("staging task: {e}")))?;
+        let add = res?;
+        cleared?;
+        Ok(add)
+    }
+
+    async fn download(&self, rel: &str) -> Result<()> {
+        use futures::StreamExt as _;
+        use tokio::io::AsyncWriteExt as _;
+        let to = data_path(&self.dir, rel)?;
+        if let Some(parent) = to.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io_err(parent))?;
+        }
+        let store_err = |e| Error::Store {
+            what: format!("reading {rel}"),
+            source: e,
+        };
+        let mut body = self
+            .store
+            .get(&deltalake::Path::from(rel))
+            .await
+            .map_err(store_err)?
+            .into_stream();
+        let mut file = tokio::fs::File::create(&to).await.map_err(io_err(&to))?;
+        while let Some(chunk) = body.next().await {
+            file.write_all(&chunk.map_err(store_err)?).await.map_err(io_err(&to))?;
+        }
+        file.flush().await.map_err(io_err(&to))
+    }
+
+    async fn upload(&self, rel: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        let from = data_path(&self.dir, rel)?;
+        let mut file = tokio::fs::File::open(&from).await.map_err(io_err(&from))?;
+        let mut w = deltalake::logstore::object_store::buffered::BufWriter::with_capacity(
+            self.store.clone(),
+            deltalake::Path::from(rel),
+            UPLOAD_BUFFER_BYTES,
+        );
+        let failed = |e: std::io::Error| Error::Io {
+            path: PathBuf::from(format!("upload of {rel}")),
+            source: e,
+        };
+        tokio::io::copy(&mut file, &mut w).await.map_err(failed)?;
+        w.shutdown().await.map_err(failed)
     }
 }
 

@@ -14,7 +14,7 @@ use tarn_core::Clock as _;
 use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
-use crate::raw::{batch_seq, read_object, without_seq};
+use crate::raw::{batch_seq, without_seq};
 use crate::table::{app_version, append_as, curate_app_id};
 use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
 
@@ -187,12 +187,8 @@ impl Curator {
                 skipped = true;
                 continue;
             }
-            let root = self.lake.root().to_path_buf();
-            let rel = n.path.clone();
             let t = std::time::Instant::now();
-            let raw = tokio::task::spawn_blocking(move || read_object(&root, &rel))
-                .await
-                .map_err(|e| Error::Internal(format!("reader task: {e}")))??;
+            let raw = self.lake.read_raw(&n.path).await?;
             tracing::debug!(path = %n.path, read_ms = t.elapsed().as_millis() as u64, "raw object read");
             for b in raw {
                 let seq = batch_seq(&b)? as i64;
@@ -243,7 +239,7 @@ impl Curator {
             // commit's entry was synced: sync the newest entries before the offset moves past.
             for name in dataset_tables(&spec) {
                 let dir = self.lake.table_dir(&name);
-                if !self.lake.table_exists(&name) {
+                if self.lake.remote().is_some() || !self.lake.table_exists(&name) {
                     continue;
                 }
                 tokio::task::spawn_blocking(move || crate::table::sync_log_tail(&dir, 16))
@@ -334,7 +330,7 @@ impl Curator {
         tables: &mut HashMap<String, DeltaTable>,
     ) -> Result<()> {
         self.commit_held(&mut t, dataset, shard).await?;
-        if t.replayed {
+        if t.replayed && self.lake.remote().is_none() {
             // Rows of a replay were committed before a failure that may have come before the
             // commit's entry was synced: sync the newest entries before the offset moves past.
             let dir = self.lake.table_dir(&t.spec.name);

@@ -113,10 +113,12 @@ pub fn partition_dir(spec: &DatasetSpec, day: &str, tenant: Option<&str>) -> Res
     Ok(dir)
 }
 
-/// What one commit writes: the table directory, the schema of the rows, the partition
-/// columns, and the name stem shared by its files.
+/// What one commit writes: where to (the table directory, or memory for a table in a bucket,
+/// whose files are uploaded whole), the contract, the writer settings, and the name stem
+/// shared by its files.
 pub struct FileSet<'a> {
-    pub table_dir: &'a Path,
+    /// `None`: the files are encoded in memory and returned for upload.
+    pub table_dir: Option<&'a Path>,
     pub spec: &'a DatasetSpec,
     pub props: WriterProperties,
     pub shard: u32,
@@ -125,8 +127,9 @@ pub struct FileSet<'a> {
 
 impl FileSet<'_> {
     /// Writes one partition's rows as a Parquet file (without the partition columns) and
-    /// returns its `Add` action; [`sync_files`] makes it durable.
-    pub fn write(&self, batches: &[RecordBatch], part: &PartitionRows) -> Result<Add> {
+    /// returns its `Add` action; [`sync_files`] makes it durable. Without a table directory
+    /// the file's bytes come back too, to be uploaded under the `Add`'s path.
+    pub fn write(&self, batches: &[RecordBatch], part: &PartitionRows) -> Result<(Add, Option<Vec<u8>>)> {
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let rows = interleave_record_batch(&refs, &part.rows)?;
         let rows = without_partition_columns(self.spec, &rows)?;
@@ -134,13 +137,23 @@ impl FileSet<'_> {
         let dir = partition_dir(self.spec, &part.day, part.tenant.as_deref())?;
         let rel = format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version);
         let schema = rows.schema();
-        let (size, stats) = write_parquet(self.table_dir, &rel, schema, &self.props, std::iter::once(Ok(rows)))?;
+        let rows = std::iter::once(Ok(rows));
+        let (size, stats, body) = match self.table_dir {
+            Some(dir) => {
+                let (size, stats) = write_parquet(dir, &rel, schema, &self.props, rows)?;
+                (size, stats, None)
+            }
+            None => {
+                let (body, stats) = encode_parquet(Vec::new(), &rel, schema, &self.props, rows)?;
+                (body.len() as u64, stats, Some(body))
+            }
+        };
         let mut partition_values = HashMap::new();
         partition_values.insert(DAY.to_string(), Some(part.day.clone()));
         if let Some(t) = self.spec.tenant() {
             partition_values.insert(t.to_string(), part.tenant.clone());
         }
-        Ok(new_add(rel, partition_values, size, &stats, true))
+        Ok((new_add(rel, partition_values, size, &stats, true), body))
     }
 }
 
@@ -196,18 +209,8 @@ pub fn write_parquet(
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
     let file = std::fs::File::create(&path).map_err(io_err(&path))?;
-    let opts = ArrowWriterOptions::new()
-        .with_properties(props.clone())
-        .with_skip_arrow_metadata(true);
-    let mut stats = FileStats::new(&schema);
-    let mut w = ArrowWriter::try_new_with_options(std::io::BufWriter::with_capacity(1 << 20, file), schema, opts)
-        .map_err(parquet_err(rel))?;
-    for b in batches {
-        let b = b?;
-        stats.add(&b);
-        w.write(&b).map_err(parquet_err(rel))?;
-    }
-    let mut buf = w.into_inner().map_err(parquet_err(rel))?;
+    let w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let (mut buf, stats) = encode_parquet(w, rel, schema, props, batches)?;
     buf.flush().map_err(io_err(&path))?;
     let file = buf.into_inner().map_err(|e| Error::Io {
         path: path.clone(),
@@ -215,6 +218,28 @@ pub fn write_parquet(
     })?;
     let size = file.metadata().map_err(io_err(&path))?.len();
     Ok((size, stats))
+}
+
+/// Encodes `batches` (each with `schema`) as one Parquet file into `w`; returns the writer
+/// and the file's statistics.
+pub fn encode_parquet<W: std::io::Write + Send>(
+    w: W,
+    rel: &str,
+    schema: SchemaRef,
+    props: &WriterProperties,
+    batches: impl Iterator<Item = Result<RecordBatch>>,
+) -> Result<(W, FileStats)> {
+    let opts = ArrowWriterOptions::new()
+        .with_properties(props.clone())
+        .with_skip_arrow_metadata(true);
+    let mut stats = FileStats::new(&schema);
+    let mut w = ArrowWriter::try_new_with_options(w, schema, opts).map_err(parquet_err(rel))?;
+    for b in batches {
+        let b = b?;
+        stats.add(&b);
+        w.write(&b).map_err(parquet_err(rel))?;
+    }
+    Ok((w.into_inner().map_err(parquet_err(rel))?, stats))
 }
 
 /// Threads syncing the files of one commit. Concurrent fsyncs share the filesystem journal's

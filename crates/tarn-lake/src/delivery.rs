@@ -13,7 +13,7 @@ use tarn_core::Clock;
 use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
-use crate::raw::{object_path, with_seq, write_object};
+use crate::raw::{object_path, with_seq};
 use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
 
 /// The consumer group of delivery on each dataset topic.
@@ -168,11 +168,7 @@ impl Delivery {
 
     async fn flush(&self, p: Pending) -> Result<()> {
         let rel = object_path(&self.dataset, self.shard, p.first, p.last);
-        let root = self.lake.root().to_path_buf();
-        let rel2 = rel.clone();
-        let bytes = tokio::task::spawn_blocking(move || write_object(&root, &rel2, &p.batches))
-            .await
-            .map_err(|e| Error::Internal(format!("writer task: {e}")))??;
+        let bytes = self.lake.write_raw(&rel, p.batches).await?;
         let note = ObjectCreated {
             version: 1,
             dataset: self.dataset.clone(),

@@ -6,9 +6,12 @@
 //!   (zstd) per delivery batch, holding a `_seq` column with each row's log sequence.
 //! - `tables/<dataset>/`: the dataset's Delta table, partitioned by `day` and the tenant field.
 //!
+//! The root is a local directory or a prefix in a bucket (`store.rs`); the layout is the same.
+//!
 //! # Guarantees
-//! - A raw object is written to a temporary name, synced and renamed, and its directory synced,
-//!   before its notification is published; the delivery offset is committed only after that.
+//! - A raw object is written to a temporary name, synced and renamed, and its directory synced
+//!   (in a bucket: put in one request), before its notification is published; the delivery
+//!   offset is committed only after that.
 //! - Curate commits each append with a Delta application transaction
 //!   (`tarn-curate/<dataset>/<shard>`, version = last log sequence) in the same commit as the
 //!   rows, and skips every row whose sequence is at or below the committed version, so replays
@@ -19,9 +22,12 @@ pub mod compaction;
 pub mod curate;
 pub mod datafile;
 pub mod delivery;
+#[cfg(test)]
+mod faults;
 pub mod lifecycle;
 pub mod raw;
 pub mod storage;
+pub mod store;
 pub mod table;
 #[cfg(test)]
 mod testkit;
@@ -48,6 +54,13 @@ pub enum Error {
     },
     #[error("corrupt data in {what}: {reason}")]
     Corrupt { what: String, reason: String },
+    /// The object store (a bucket) failed a request.
+    #[error("object store error {what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: deltalake::ObjectStoreError,
+    },
     #[error("log error: {0}")]
     Log(#[from] tarn_log::Error),
     #[error("delta table error on {dataset}: {source}")]

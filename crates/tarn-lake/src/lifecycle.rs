@@ -86,7 +86,7 @@ pub async fn apply(
         dry_run,
         ..LifecycleReport::default()
     };
-    if spec.lifecycle == Lifecycle::default() || !lake.table_exists(dataset) {
+    if spec.lifecycle == Lifecycle::default() || !lake.has_table(dataset).await? {
         return Ok(report);
     }
     let mut table = lake.open_table(dataset).await?;

@@ -37,9 +37,9 @@ pub fn with_seq(batch: &RecordBatch, seq: u64) -> Result<RecordBatch> {
 /// Writes batches (all with one schema) as a raw object: temporary file, fsync, rename, and
 /// fsync of the directory. Returns the file size.
 pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u64> {
-    let Some(first) = batches.first() else {
+    if batches.is_empty() {
         return Err(Error::Internal("a raw object needs at least one batch".into()));
-    };
+    }
     let path = root.join(rel);
     let dir = path
         .parent()
@@ -48,14 +48,7 @@ pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let tmp: PathBuf = path.with_extension("arrow.tmp");
     let file = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    let opts = IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
-    let mut w =
-        FileWriter::try_new_with_options(std::io::BufWriter::with_capacity(1 << 20, file), &first.schema(), opts)?;
-    for b in batches {
-        w.write(b)?;
-    }
-    w.finish()?;
-    let mut buf = w.into_inner()?;
+    let mut buf = encode_object(std::io::BufWriter::with_capacity(1 << 20, file), batches)?;
     buf.flush().map_err(io_err(&tmp))?;
     let file = buf.into_inner().map_err(|e| Error::Io {
         path: tmp.clone(),
@@ -70,17 +63,42 @@ pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u
     Ok(size)
 }
 
-/// Reads a raw object back, checking it holds the `_seq` column.
-pub fn read_object(root: &Path, rel: &str) -> Result<Vec<RecordBatch>> {
+/// Encodes batches (all with one schema, at least one) as a raw object into `w`.
+pub fn encode_object<W: Write>(w: W, batches: &[RecordBatch]) -> Result<W> {
+    let Some(first) = batches.first() else {
+        return Err(Error::Internal("a raw object needs at least one batch".into()));
+    };
+    let opts = IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
+    let mut w = FileWriter::try_new_with_options(w, &first.schema(), opts)?;
+    for b in batches {
+        w.write(b)?;
+    }
+    w.finish()?;
+    Ok(w.into_inner()?)
+}
+
+/// Refuses an object path (from a notification) that could leave the lake.
+pub fn check_rel(rel: &str) -> Result<()> {
     if rel.split('/').any(|c| c == ".." || c.is_empty()) || rel.starts_with('/') {
         return Err(Error::Corrupt {
             what: rel.to_string(),
             reason: "object path escapes the lake".into(),
         });
     }
+    Ok(())
+}
+
+/// Reads a raw object back, checking it holds the `_seq` column.
+pub fn read_object(root: &Path, rel: &str) -> Result<Vec<RecordBatch>> {
+    check_rel(rel)?;
     let path = root.join(rel);
     let file = std::fs::File::open(&path).map_err(io_err(&path))?;
-    let reader = FileReader::try_new(std::io::BufReader::new(file), None).map_err(|e| Error::Corrupt {
+    decode_object(rel, std::io::BufReader::new(file))
+}
+
+/// Decodes a raw object read from `r`, checking it holds the `_seq` column.
+pub fn decode_object<R: std::io::Read + std::io::Seek>(rel: &str, r: R) -> Result<Vec<RecordBatch>> {
+    let reader = FileReader::try_new(r, None).map_err(|e| Error::Corrupt {
         what: rel.to_string(),
         reason: e.to_string(),
     })?;

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use crate::compact::table_files;
 use crate::tiers::{Tier, Tiers};
-use crate::vacuum::list_data_files;
 use crate::{Lake, Result};
 
 /// Bytes in a priced gigabyte (cloud storage prices count GiB).
@@ -87,7 +86,7 @@ pub async fn dataset_storage(
     tiers: Option<&Tiers>,
 ) -> Result<DatasetStorage> {
     let dataset = spec.name.as_str();
-    let files = if lake.table_exists(dataset) {
+    let files = if lake.has_table(dataset).await? {
         let table = lake.open_table(dataset).await?;
         table_files(&table, spec)?
     } else {
@@ -133,20 +132,15 @@ pub async fn dataset_storage(
         });
     }
     let tiers = tiers_out;
-    let table_dir = lake.table_dir(dataset);
-    let raw_dir = lake.root().join("raw").join(dataset);
     let active: std::collections::HashSet<String> = files.iter().map(|f| f.path.clone()).collect();
-    let (unref, raw) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let on_disk = list_data_files(&table_dir)?;
-        let unref: Vec<u64> = on_disk
-            .iter()
-            .filter(|f| !active.contains(&f.path))
-            .map(|f| f.bytes)
-            .collect();
-        Ok((unref, dir_usage(&raw_dir)))
-    })
-    .await
-    .map_err(|e| crate::Error::Internal(format!("listing task: {e}")))??;
+    let unref: Vec<u64> = lake
+        .data_files(dataset)
+        .await?
+        .iter()
+        .filter(|f| !active.contains(&f.path))
+        .map(|f| f.bytes)
+        .collect();
+    let raw = lake.raw_usage(dataset).await?;
     let unreferenced_bytes: u64 = unref.iter().sum();
     let monthly_storage_cost = tiers.iter().map(|t| t.monthly_cost).sum::<f64>()
         + (unreferenced_bytes + raw.1) as f64 / GB * prices.standard_gb_month;
@@ -162,7 +156,7 @@ pub async fn dataset_storage(
 }
 
 /// (files, bytes) under a directory; an absent directory holds nothing.
-fn dir_usage(dir: &std::path::Path) -> (usize, u64) {
+pub(crate) fn dir_usage(dir: &std::path::Path) -> (usize, u64) {
     let mut files = 0;
     let mut bytes = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {

@@ -1,7 +1,7 @@
 //! The lake root and its Delta tables: locating, opening, and appending with an application
 //! transaction so that a replayed append is recognised.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,7 @@ use deltalake::arrow::array::{RecordBatch, StringArray};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel as _;
 use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake::kernel::{Action, StructType, Transaction};
+use deltalake::logstore::object_store::ObjectStoreExt as _;
 use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
 use deltalake::parquet::file::properties::EnabledStatistics;
 use deltalake::parquet::file::properties::WriterProperties;
@@ -20,12 +21,20 @@ use tarn_core::contract::DAY;
 use tarn_core::{DatasetSpec, FieldType};
 
 use crate::datafile::{FileSet, group_by_partition, sync_files};
+use crate::store::{Remote, S3Location, S3Settings};
+use crate::vacuum::{DiskFile, list_data_files};
 use crate::{Error, Result, io_err, sync_path};
 
-/// The lake root on the local filesystem.
+/// The lake: its objects on the local filesystem under `root` (the default), or in a bucket
+/// (`remote`), in which case `root` holds only what this process keeps for itself (query
+/// history and scan counts, rollup state, local tier directories).
 #[derive(Debug, Clone)]
 pub struct Lake {
     root: PathBuf,
+    remote: Option<Remote>,
+    /// Tables of a remote lake known to have a commit: a table, once created, is never
+    /// removed from the bucket (a new major version is refused on a remote lake).
+    known: Arc<Mutex<HashSet<String>>>,
     /// Per dataset: held shared while data files are written and committed (curate,
     /// compaction), exclusively while a day's directory moves between tiers.
     locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>>,
@@ -39,8 +48,74 @@ impl Lake {
         let root = root.canonicalize().map_err(io_err(&root))?;
         Ok(Self {
             root,
+            remote: None,
+            known: Arc::default(),
             locks: Arc::default(),
         })
+    }
+
+    /// A lake in a bucket, with `local` for this process's own files. Refused, with the
+    /// reason, when the bucket cannot be written or does not honour conditional puts (see
+    /// [`crate::store::probe`]).
+    pub async fn open_s3(local: impl AsRef<Path>, location: S3Location, settings: &S3Settings) -> Result<Self> {
+        let local = local.as_ref().to_path_buf();
+        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
+        let root = local.canonicalize().map_err(io_err(&local))?;
+        crate::store::register_s3(settings);
+        let remote = Remote {
+            store: settings.store(&location.bucket)?,
+            location,
+        };
+        crate::store::probe(&remote).await?;
+        Ok(Self {
+            root,
+            remote: Some(remote),
+            known: Arc::default(),
+            locks: Arc::default(),
+        })
+    }
+
+    /// A lake in a bucket served by `store` (a test's own), without the probe.
+    #[cfg(test)]
+    pub(crate) fn with_bucket_store(
+        local: impl AsRef<Path>,
+        location: S3Location,
+        store: Arc<dyn deltalake::ObjectStore>,
+    ) -> Result<Self> {
+        let local = local.as_ref().to_path_buf();
+        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
+        let root = local.canonicalize().map_err(io_err(&local))?;
+        crate::store::register_s3_store(&location.bucket, store.clone());
+        Ok(Self {
+            root,
+            remote: Some(Remote { location, store }),
+            known: Arc::default(),
+            locks: Arc::default(),
+        })
+    }
+
+    /// The bucket and prefix of a remote lake; `None` for a lake on the local disk.
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
+    }
+
+    /// Refuses an operation that needs the lake's files on the local disk.
+    pub fn require_local(&self, what: &str) -> Result<()> {
+        match &self.remote {
+            None => Ok(()),
+            Some(r) => Err(Error::Refused(format!(
+                "{what} is not available on a lake in a bucket ({}) yet",
+                r.location.url()
+            ))),
+        }
+    }
+
+    /// Where the lake is, for messages: its directory or its `s3://` URL.
+    pub fn describe(&self) -> String {
+        match &self.remote {
+            None => self.root.display().to_string(),
+            Some(r) => r.location.url().to_string(),
+        }
     }
 
     fn lock_of(&self, dataset: &str) -> Arc<tokio::sync::RwLock<()>> {
@@ -58,6 +133,8 @@ impl Lake {
         self.lock_of(dataset).write_owned().await
     }
 
+    /// The lake's local directory: the whole lake, or for a lake in a bucket, this process's
+    /// own files.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -67,7 +144,23 @@ impl Lake {
         self.root.join("tables").join(dataset)
     }
 
+    /// The prefix of a table's file paths as the query engine's object store sees them (no
+    /// leading `/`, a trailing one), to attribute scanned files to datasets.
+    pub fn table_prefix(&self, dataset: &str) -> String {
+        match &self.remote {
+            Some(r) => format!("{}tables/{dataset}/", r.location.prefix),
+            None => format!("{}/", self.table_dir(dataset).to_string_lossy().trim_start_matches('/')),
+        }
+    }
+
     pub fn table_url(&self, dataset: &str) -> Result<url::Url> {
+        if let Some(r) = &self.remote {
+            return r
+                .location
+                .url()
+                .join(&format!("tables/{dataset}/"))
+                .map_err(|e| Error::Internal(format!("table URL of {dataset}: {e}")));
+        }
         let dir = self.table_dir(dataset);
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         url::Url::from_directory_path(&dir).map_err(|_| Error::Internal(format!("no file URL for {}", dir.display())))
@@ -77,7 +170,7 @@ impl Lake {
     pub async fn open_table(&self, dataset: &str) -> Result<DeltaTable> {
         let url = self.table_url(dataset)?;
         let err = crate::delta_err(dataset);
-        if !self.table_exists(dataset) {
+        if !self.has_table(dataset).await? {
             // Loading a table that has no commit yet only logs errors; build it unloaded.
             return deltalake::DeltaTableBuilder::from_url(url)
                 .and_then(|b| b.build())
@@ -86,15 +179,188 @@ impl Lake {
         DeltaTable::try_from_url(url).await.map_err(err)
     }
 
-    /// Whether a dataset's table has at least one commit.
+    /// Whether a dataset's table has at least one commit. For a lake in a bucket this is what
+    /// this process has seen (see [`Lake::has_table`], which asks the bucket).
     pub fn table_exists(&self, dataset: &str) -> bool {
-        self.table_dir(dataset).join("_delta_log").is_dir()
+        match &self.remote {
+            None => self.table_dir(dataset).join("_delta_log").is_dir(),
+            Some(_) => self.known.lock().unwrap_or_else(|e| e.into_inner()).contains(dataset),
+        }
+    }
+
+    /// Whether a dataset's table has at least one commit, asking the bucket of a remote lake
+    /// when this process has not seen the table yet (another process may have created it).
+    pub async fn has_table(&self, dataset: &str) -> Result<bool> {
+        let Some(r) = &self.remote else {
+            return Ok(self.table_exists(dataset));
+        };
+        if self.table_exists(dataset) {
+            return Ok(true);
+        }
+        use futures::StreamExt as _;
+        let prefix = r.key(&format!("tables/{dataset}/_delta_log/"));
+        let first = r.store.list(Some(&prefix)).next().await;
+        match first {
+            None => Ok(false),
+            Some(Err(e)) => Err(Error::Store {
+                what: format!("listing {prefix}"),
+                source: e,
+            }),
+            Some(Ok(_)) => {
+                self.known_table(dataset);
+                Ok(true)
+            }
+        }
+    }
+
+    fn known_table(&self, dataset: &str) {
+        if self.remote.is_some() {
+            self.known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(dataset.to_string());
+        }
+    }
+
+    /// Every data file of a dataset's table that is stored, referenced or not (not the log,
+    /// nor tarn's own `_`/`.` names), with paths relative to the table.
+    pub async fn data_files(&self, dataset: &str) -> Result<Vec<DiskFile>> {
+        let Some(r) = &self.remote else {
+            let dir = self.table_dir(dataset);
+            return tokio::task::spawn_blocking(move || list_data_files(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("listing task: {e}")))?;
+        };
+        let prefix = format!("tables/{dataset}/");
+        let mut out: Vec<DiskFile> = self
+            .list_remote(r, &prefix)
+            .await?
+            .into_iter()
+            .filter(|m| {
+                let rel = m
+                    .location
+                    .as_ref()
+                    .strip_prefix(&format!("{}{prefix}", r.location.prefix));
+                rel.is_some_and(|rel| {
+                    rel.ends_with(".parquet") && !rel.split('/').any(|s| s.starts_with('_') || s.starts_with('.'))
+                })
+            })
+            .map(|m| DiskFile {
+                path: m.location.as_ref()[r.location.prefix.len() + prefix.len()..].to_string(),
+                bytes: m.size,
+                modified_ms: m.last_modified.timestamp_millis(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// (objects, bytes) of a dataset's raw zone.
+    pub async fn raw_usage(&self, dataset: &str) -> Result<(usize, u64)> {
+        let Some(r) = &self.remote else {
+            let dir = self.root.join("raw").join(dataset);
+            return tokio::task::spawn_blocking(move || crate::storage::dir_usage(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("listing task: {e}")));
+        };
+        let all = self.list_remote(r, &format!("raw/{dataset}/")).await?;
+        Ok((all.len(), all.iter().map(|m| m.size).sum()))
+    }
+
+    /// Deletes data files of a dataset's table (paths relative to it); one already gone is
+    /// no error.
+    pub async fn delete_data_files(&self, dataset: &str, paths: Vec<String>) -> Result<()> {
+        let Some(r) = &self.remote else {
+            let dir = self.table_dir(dataset);
+            return tokio::task::spawn_blocking(move || crate::vacuum::delete_local_files(&dir, &paths))
+                .await
+                .map_err(|e| Error::Internal(format!("vacuum task: {e}")))?;
+        };
+        for rel in paths {
+            let key = r.key(&format!("tables/{dataset}/{rel}"));
+            match r.store.delete(&key).await {
+                Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(Error::Store {
+                        what: format!("deleting {key}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_remote(&self, r: &Remote, rel_prefix: &str) -> Result<Vec<deltalake::ObjectMeta>> {
+        use futures::TryStreamExt as _;
+        let prefix = r.key(rel_prefix);
+        r.store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| Error::Store {
+                what: format!("listing {prefix}"),
+                source: e,
+            })
+    }
+
+    /// Writes a raw object (see [`crate::raw`]) at `rel`: on the local disk synced and renamed
+    /// into place, in a bucket in one put. Returns its size.
+    pub async fn write_raw(&self, rel: &str, batches: Vec<RecordBatch>) -> Result<u64> {
+        let root = self.root.clone();
+        let rel_owned = rel.to_string();
+        let remote = self.remote.clone();
+        let encoded = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
+            match remote {
+                None => crate::raw::write_object(&root, &rel_owned, &batches).map(|_| None),
+                Some(_) => crate::raw::encode_object(Vec::new(), &batches).map(Some),
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("raw writer task: {e}")))??;
+        let Some(body) = encoded else {
+            let path = self.root.join(rel);
+            return Ok(std::fs::metadata(&path).map_err(io_err(&path))?.len());
+        };
+        let Some(r) = &self.remote else {
+            return Err(Error::Internal("a remote body without a remote lake".into()));
+        };
+        let size = body.len() as u64;
+        let key = r.key(rel);
+        r.store.put(&key, body.into()).await.map_err(|e| Error::Store {
+            what: format!("writing {key}"),
+            source: e,
+        })?;
+        Ok(size)
+    }
+
+    /// Reads a raw object back (see [`crate::raw::read_object`]).
+    pub async fn read_raw(&self, rel: &str) -> Result<Vec<RecordBatch>> {
+        crate::raw::check_rel(rel)?;
+        let Some(r) = &self.remote else {
+            let root = self.root.clone();
+            let rel = rel.to_string();
+            return tokio::task::spawn_blocking(move || crate::raw::read_object(&root, &rel))
+                .await
+                .map_err(|e| Error::Internal(format!("raw reader task: {e}")))?;
+        };
+        let key = r.key(rel);
+        let body = async { r.store.get(&key).await?.bytes().await }
+            .await
+            .map_err(|e| Error::Store {
+                what: format!("reading {key}"),
+                source: e,
+            })?;
+        let rel = rel.to_string();
+        tokio::task::spawn_blocking(move || crate::raw::decode_object(&rel, std::io::Cursor::new(body)))
+            .await
+            .map_err(|e| Error::Internal(format!("raw reader task: {e}")))?
     }
 
     /// Creates a dataset's (empty) table from its contract if it has none yet, so that it
     /// answers queries before its first event. Returns whether it was created.
     pub async fn create_table(&self, spec: &DatasetSpec) -> Result<bool> {
-        if self.table_exists(&spec.name) {
+        if self.has_table(&spec.name).await? {
             return Ok(false);
         }
         // Exclusive: curate's first append would create the table too.
@@ -102,10 +368,12 @@ impl Lake {
         let table = self.open_table(&spec.name).await?;
         let empty = RecordBatch::new_empty(tarn_collector::arrow_schema(spec));
         let table = ensure_created(table, spec, &empty).await?;
-        let dir = table_dir_of(&table)?;
-        tokio::task::spawn_blocking(move || sync_log_tail(&dir, 1))
-            .await
-            .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        if let Some(dir) = local_dir_of(&table) {
+            tokio::task::spawn_blocking(move || sync_log_tail(&dir, 1))
+                .await
+                .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+        }
+        self.known_table(&spec.name);
         Ok(true)
     }
 
@@ -114,7 +382,7 @@ impl Lake {
     /// Returns how many columns were added; a table without commits is left to its first
     /// append.
     pub async fn add_columns(&self, spec: &DatasetSpec) -> Result<usize> {
-        if !self.table_exists(&spec.name) {
+        if !self.has_table(&spec.name).await? {
             return Ok(0);
         }
         // Exclusive: a metadata commit beside curate's append would fail one of them.
@@ -362,17 +630,17 @@ pub async fn append_as(
     };
     let mut table = ensure_created(table, spec, first).await?;
     ensure_columns(&mut table, spec, &target).await?;
-    let table_dir = table_dir_of(&table)?;
+    let table_dir = local_dir_of(&table);
     let started = std::time::Instant::now();
     let spec_w = spec.clone();
     let dir = table_dir.clone();
-    let adds = tokio::task::spawn_blocking(move || -> Result<Vec<Action>> {
+    let written = tokio::task::spawn_blocking(move || -> Result<Vec<(Action, Option<Vec<u8>>)>> {
         let table_dir = dir;
         let t0 = std::time::Instant::now();
         let parts = group_by_partition(&spec_w, &batches)?;
         let group_ms = t0.elapsed().as_millis() as u64;
         let files = FileSet {
-            table_dir: &table_dir,
+            table_dir: table_dir.as_deref(),
             spec: &spec_w,
             props: writer_properties(&spec_w, &batches, true),
             shard,
@@ -388,7 +656,10 @@ pub async fn append_as(
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(p) = parts.get(i) else { return };
                         match files.write(&batches, p) {
-                            Ok(add) => out.lock().unwrap_or_else(|e| e.into_inner()).push(Action::Add(add)),
+                            Ok((add, body)) => out
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((Action::Add(add), body)),
                             Err(e) => {
                                 failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
                                 next.store(parts.len(), Ordering::Relaxed);
@@ -402,10 +673,13 @@ pub async fn append_as(
         if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
             return Err(e);
         }
-        let adds = out.into_inner().unwrap_or_else(|e| e.into_inner());
-        let paths: Vec<&str> = adds
+        let written = out.into_inner().unwrap_or_else(|e| e.into_inner());
+        let Some(table_dir) = table_dir else {
+            return Ok(written);
+        };
+        let paths: Vec<&str> = written
             .iter()
-            .filter_map(|a| match a {
+            .filter_map(|(a, _)| match a {
                 Action::Add(a) => Some(a.path.as_str()),
                 _ => None,
             })
@@ -418,10 +692,11 @@ pub async fn append_as(
             sync_ms = t1.elapsed().as_millis() as u64,
             "data files written and synced"
         );
-        Ok(adds)
+        Ok(written)
     })
     .await
     .map_err(|e| Error::Internal(format!("writer task: {e}")))??;
+    let adds = upload(&table, &dataset, written).await?;
     let files = adds.len();
     let write_ms = started.elapsed().as_millis() as u64;
     let app_id = curate_app_id(stream, shard);
@@ -434,6 +709,35 @@ pub async fn append_as(
     let version_committed = commit_actions(&mut table, &dataset, adds, op, props).await?;
     tracing::debug!(dataset, files, write_ms, version = version_committed, "appended");
     Ok(table)
+}
+
+/// How many files of one commit are uploaded at once to a bucket.
+const UPLOADS_AT_ONCE: usize = 8;
+
+/// Uploads the files a commit will list to a table in a bucket (each in one put, which is
+/// durable when it returns); files already on the local disk pass through. A failed upload
+/// fails the commit; files it uploaded before are left to vacuum (their names are reused by
+/// the retry of the same commit).
+async fn upload(table: &DeltaTable, dataset: &str, written: Vec<(Action, Option<Vec<u8>>)>) -> Result<Vec<Action>> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let store = table.log_store().object_store(None);
+    futures::stream::iter(written)
+        .map(|(action, body)| {
+            let store = store.clone();
+            async move {
+                if let (Some(body), Action::Add(add)) = (body, &action) {
+                    let key = deltalake::Path::from(add.path.as_str());
+                    store.put(&key, body.into()).await.map_err(|e| Error::Store {
+                        what: format!("writing {} of {dataset}", add.path),
+                        source: e,
+                    })?;
+                }
+                Ok::<_, Error>(action)
+            }
+        })
+        .buffer_unordered(UPLOADS_AT_ONCE)
+        .try_collect()
+        .await
 }
 
 /// Commits `actions` on top of the table's snapshot and returns the version it landed at.
@@ -450,7 +754,7 @@ pub async fn commit_actions(
     props: CommitProperties,
 ) -> Result<u64> {
     let delta_err = crate::delta_err(dataset);
-    let dir = table_dir_of(table)?;
+    let dir = local_dir_of(table);
     let snapshot = table.snapshot().map_err(delta_err)?;
     let not_landed = |e: deltalake::DeltaTableError| Error::Conflict(format!("commit to {dataset} did not land: {e}"));
     let post = CommitBuilder::from(props)
@@ -462,7 +766,9 @@ pub async fn commit_actions(
         .await
         .map_err(not_landed)?;
     let version = post.version;
-    sync_commit(&dir, version)?;
+    if let Some(dir) = &dir {
+        sync_commit(dir, version)?;
+    }
     if let Err(e) = post.await {
         tracing::warn!(dataset, version, error = %e, "post-commit work failed; the commit stands");
     }
@@ -484,6 +790,17 @@ pub fn sync_log_tail(table_dir: &Path, n: usize) -> Result<()> {
         sync_path(e)?;
     }
     sync_path(&log_dir)
+}
+
+/// The local directory of a table; `None` for a table in a bucket, where a put is durable
+/// when it returns and nothing needs syncing.
+pub(crate) fn local_dir_of(table: &DeltaTable) -> Option<PathBuf> {
+    let url = table.table_url();
+    if url.scheme() == "file" {
+        url.to_file_path().ok()
+    } else {
+        None
+    }
 }
 
 /// The local directory of a table.

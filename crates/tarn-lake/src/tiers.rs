@@ -124,6 +124,7 @@ impl Tiers {
     /// Brings a day back to the standard tier until `until`; lifecycle leaves it there until
     /// then. Returns the files moved.
     pub async fn restore(&self, lake: &Lake, dataset: &str, day: &str, until: NaiveDate) -> Result<usize> {
+        lake.require_local("restoring a day from a colder tier")?;
         if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
@@ -146,6 +147,7 @@ impl Tiers {
     /// dataset's exclusive lock, whatever arrived since is copied and the entry swapped, so
     /// appends wait only for the last step.
     pub async fn move_day(&self, lake: &Lake, dataset: &str, day: &str, to: Tier) -> Result<usize> {
+        lake.require_local("moving a day between storage tiers")?;
         if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
@@ -176,6 +178,7 @@ impl Tiers {
     /// them. Idempotent, so an interrupted move is finished by running it again. The caller
     /// holds every writer of both names off.
     pub fn rename_table(&self, lake: &Lake, from: &str, to: &str) -> Result<()> {
+        lake.require_local("a new major version (it keeps the table under another name)")?;
         let (src, dst) = (lake.table_dir(from), lake.table_dir(to));
         // A table without a commit (an empty folder a reader may have made) stays.
         if lake.table_exists(from) {

@@ -139,7 +139,7 @@ pub async fn vacuum_dataset(
         dry_run,
         ..VacuumReport::default()
     };
-    if !lake.table_exists(dataset) {
+    if !lake.has_table(dataset).await? {
         return Ok(report);
     }
     let table = lake.open_table(dataset).await?;
@@ -155,13 +155,9 @@ pub async fn vacuum_dataset(
             removed_ms.insert(t.path().into_owned(), ts);
         }
     }
-    let dir = lake.table_dir(dataset);
     // Listed after the snapshot was read: a file committed in between is newer than any
     // cutoff, so it is never taken for garbage.
-    let list_dir = dir.clone();
-    let on_disk = tokio::task::spawn_blocking(move || list_data_files(&list_dir))
-        .await
-        .map_err(|e| Error::Internal(format!("listing task: {e}")))??;
+    let on_disk = lake.data_files(dataset).await?;
     let doomed = plan(&on_disk, &active, &removed_ms, now_ms, retain);
     report.files_on_disk = on_disk.len();
     report.files_active = on_disk.iter().filter(|f| active.contains(&f.path)).count();
@@ -169,29 +165,31 @@ pub async fn vacuum_dataset(
     report.files_deleted = doomed.len();
     report.bytes_deleted = doomed.iter().map(|f| f.bytes).sum();
     if !dry_run {
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            for f in &doomed {
-                let p = dir.join(&f.path);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_err(&p)(e)),
-                }
-                // Drop partition directories left empty.
-                let mut d = p.parent();
-                while let Some(parent) = d.filter(|x| *x != dir.as_path()) {
-                    if std::fs::remove_dir(parent).is_err() {
-                        break;
-                    }
-                    d = parent.parent();
-                }
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("vacuum task: {e}")))??;
+        lake.delete_data_files(dataset, doomed.into_iter().map(|f| f.path).collect())
+            .await?;
     }
     Ok(report)
+}
+
+/// Deletes files of a table directory (paths relative to it), and the partition
+/// directories they leave empty. A file already gone is no error.
+pub(crate) fn delete_local_files(dir: &Path, paths: &[String]) -> Result<()> {
+    for rel in paths {
+        let p = dir.join(rel);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+        let mut d = p.parent();
+        while let Some(parent) = d.filter(|x| *x != dir) {
+            if std::fs::remove_dir(parent).is_err() {
+                break;
+            }
+            d = parent.parent();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -445,7 +445,16 @@ impl QueryEngine {
                 }
                 continue;
             }
-            if !self.lake.table_exists(&spec.name) {
+            // A table in a bucket that this process has not seen yet is looked for only when
+            // the statement may name it.
+            let exists = self.lake.table_exists(&spec.name)
+                || (mentions(sql, &spec.name)
+                    && self
+                        .lake
+                        .has_table(&spec.name)
+                        .await
+                        .map_err(|e| Error::Internal(format!("looking for the table of {}: {e}", spec.name)))?);
+            if !exists {
                 continue;
             }
             // A table that cannot be opened fails only the statements that name it; the
@@ -469,9 +478,7 @@ impl QueryEngine {
                 table.log_store().object_store_url().as_str().to_string(),
                 spec.name.clone(),
             );
-            let dir = self.lake.table_dir(&spec.name);
-            let prefix = format!("{}/", dir.to_string_lossy().trim_start_matches('/'));
-            urls.insert(prefix, spec.name.clone());
+            urls.insert(self.lake.table_prefix(&spec.name), spec.name.clone());
         }
         Ok((ctx, urls))
     }

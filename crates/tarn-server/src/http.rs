@@ -291,7 +291,13 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
             format!("no dataset named {name:?}"),
         ));
     };
-    let has_table = app.lake().table_exists(&name);
+    let has_table = app.lake().has_table(&name).await.map_err(|e| {
+        api(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lake_unavailable",
+            format!("looking for the table of {name}: {e}"),
+        )
+    })?;
     let storage = if has_table {
         Some(app.maintenance.storage_of(&spec).await?)
     } else {

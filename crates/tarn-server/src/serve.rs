@@ -43,6 +43,12 @@ pub struct ServeArgs {
     /// (0: never; a record stays until every consumer group is past it).
     #[arg(long, env = "TARN_STREAM_MAX_AGE_HOURS", default_value_t = 0)]
     pub stream_max_age_hours: u64,
+    /// The lake: `local` (<data-dir>/lake) or `s3://BUCKET[/PREFIX]` on an S3-compatible store,
+    /// configured by the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, ...) and the profile of ~/.aws/credentials and ~/.aws/config. The
+    /// store must honour conditional puts; tarn checks at start and refuses one that does not.
+    #[arg(long, env = "TARN_LAKE", default_value = "local")]
+    pub lake: String,
     /// HTTP listen address.
     #[arg(long, env = "TARN_HTTP", default_value = crate::DEFAULT_HTTP)]
     pub http: SocketAddr,
@@ -321,7 +327,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
     let producer_keys =
         crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
-    let lake = Lake::open(args.data_dir.join("lake")).context("opening the lake")?;
+    let lake = open_lake(&args).await?;
     let tiers = Tiers::new(
         args.tier_infrequent_dir
             .clone()
@@ -473,7 +479,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             )
         }
     };
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), stream = %app.log.describe(), "tarn is serving");
+    tracing::info!(%addr, data_dir = %args.data_dir.display(), stream = %app.log.describe(), lake = %app.lake().describe(), "tarn is serving");
     // A line on stdout that scripts wait for, then the PostgreSQL address.
     println!("tarn listening on http://{addr}");
     if let Some(l) = pg_listener {
@@ -594,6 +600,21 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// Opens the lake `--lake` names: the local directory in the data directory, or a bucket
+/// (then the local directory keeps only this process's own files).
+async fn open_lake(args: &ServeArgs) -> Result<Lake> {
+    let local = args.data_dir.join("lake");
+    if args.lake == "local" {
+        return Lake::open(&local).context("opening the lake");
+    }
+    let location = tarn_lake::store::S3Location::parse(&args.lake)?;
+    let settings = tarn_lake::store::S3Settings::from_environment();
+    tracing::info!(lake = %location.url(), endpoint = ?settings.endpoint, profile = %settings.profile, "opening the lake in a bucket");
+    Lake::open_s3(&local, location, &settings)
+        .await
+        .with_context(|| format!("opening the lake at {}", args.lake))
 }
 
 /// Opens the stream `--stream` names: the embedded log in the data directory, or NATS

@@ -297,6 +297,7 @@ async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() 
         &partition_text(&partition),
         &mine,
         &CompactOptions::default(),
+        None,
         &mut written,
         &mut |_| {},
     )
@@ -304,6 +305,57 @@ async fn an_input_removed_by_another_writer_is_a_conflict_and_leaves_no_files() 
     assert!(matches!(&r, Err(Error::Conflict(m)) if m.contains(&victim)), "{r:?}");
     assert_eq!(written.len(), 1, "the merged file was written");
     assert_eq!(files_on_disk(&lake.table_dir("bids")), on_disk, "and deleted again");
+}
+
+/// Two compactions (two processes) that both passed the check of their inputs commit the same
+/// swap from one snapshot: delta-rs lets removes with `dataChange = false` through, so only the
+/// application transaction every compaction commit carries stops the second from doubling rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_application_transaction_fences_a_second_compaction_of_the_same_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
+    curate_commits(&cur, &lake, 3).await;
+    let before = ids(&lake).await;
+    let mut first = lake.open_table("bids").await.expect("table");
+    let mut second = lake.open_table("bids").await.expect("table");
+    let files = table_files(&first, &spec()).expect("files");
+    let schema = file_schema(&spec(), &first.snapshot().expect("snapshot").snapshot().arrow_schema());
+    let bin = plan(&files, &CompactionRules::default()).remove(0);
+    let info: HashMap<String, FileInfo> = files.into_iter().map(|f| (f.path.clone(), f)).collect();
+    let swap = |add: deltalake::kernel::Add| {
+        let mut actions = vec![Action::Add(add)];
+        actions.extend(bin.files.iter().map(|f| remove_action(&info[f], 0, false)));
+        actions
+    };
+    let fenced =
+        || CommitProperties::default().with_application_transaction(Transaction::new(compact_app_id("bids"), 1));
+    let op = || DeltaOperation::Optimize {
+        predicate: None,
+        target_size: 1,
+    };
+    let dir_of = lake.table_dir("bids");
+    let a = write_bin(&dir_of, &spec(), &schema, &bin).await.expect("write a");
+    let b = write_bin(&dir_of, &spec(), &schema, &bin).await.expect("write b");
+    commit_actions(&mut first, "bids", swap(a), op(), fenced())
+        .await
+        .expect("the first lands");
+    let r = commit_actions(&mut second, "bids", swap(b.clone()), op(), fenced()).await;
+    assert!(matches!(&r, Err(Error::Conflict(_))), "the second is fenced off: {r:?}");
+    assert_eq!(ids(&lake).await, before, "no row doubled");
+    // Without the fence the same second commit lands and doubles the bin's rows: the fence is
+    // what stops it.
+    let mut third = lake.open_table("bids").await.expect("table");
+    third
+        .load_version(first.version().expect("v") - 1)
+        .await
+        .expect("old snapshot");
+    commit_actions(&mut third, "bids", swap(b), op(), CommitProperties::default())
+        .await
+        .expect("unfenced, it lands");
+    assert_eq!(ids(&lake).await.len(), before.len() + bin.rows as usize);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

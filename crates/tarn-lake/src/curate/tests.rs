@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tarn_core::DatasetSpec;
 
 use super::*;
-use crate::raw::object_path;
+use crate::raw::{object_path, read_object};
 use crate::testkit::{SPEC, count, count_of, files_on_disk, note, note_of, setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +118,7 @@ async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
     let batches: Vec<_> = raw.iter().map(|b| without_seq(b).expect("strip")).collect();
     let parts = crate::datafile::group_by_partition(&spec, &batches).expect("group");
     let files = crate::datafile::FileSet {
-        table_dir: &lake.table_dir("bids"),
+        table_dir: Some(&lake.table_dir("bids")),
         spec: &spec,
         props: crate::table::writer_properties(&spec, &batches, true),
         shard: 0,

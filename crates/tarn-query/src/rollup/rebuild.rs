@@ -75,12 +75,16 @@ impl Rollups {
             )));
         }
         let cutoff = self.cutoff(&l.def);
+        let has_table = lake
+            .has_table(&l.def.dataset)
+            .await
+            .map_err(|e| Error::Internal(format!("looking for the table of {}: {e}", l.def.dataset)))?;
         let mut rows = 0u64;
         let mut done = 0usize;
         let mut day = first;
         while day <= last {
             let text = tarn_core::contract::day_of_micros(day * 1_000_000);
-            if day >= cutoff && lake.table_exists(&l.def.dataset) {
+            if day >= cutoff && has_table {
                 rows += self.rebuild_day(&l, day, lake).await?;
             }
             done += 1;

@@ -9,5 +9,6 @@ mod maintenance;
 mod nats;
 mod pg;
 mod rollups;
+mod s3;
 mod server;
 mod spine;

@@ -16,7 +16,7 @@ fn event(id: usize, client: &str) -> String {
 
 /// Posts `requests` requests of 10 events over two tenants, each waited on until queryable so
 /// that each becomes its own commit and so its own small file per partition.
-async fn post_in_pieces(c: &reqwest::Client, url: &str, requests: usize) {
+pub async fn post_in_pieces(c: &reqwest::Client, url: &str, requests: usize) {
     for r in 0..requests {
         let body: Vec<String> = (0..10)
             .map(|i| event(r * 10 + i, if i % 2 == 0 { "acme" } else { "beta" }))
@@ -29,7 +29,7 @@ async fn post_in_pieces(c: &reqwest::Client, url: &str, requests: usize) {
 }
 
 /// (rows, sum of cpm, files scanned) of a full scan.
-async fn scan(c: &reqwest::Client, url: &str) -> (u64, f64, u64) {
+pub async fn scan(c: &reqwest::Client, url: &str) -> (u64, f64, u64) {
     let (st, v) = sql(c, url, "SELECT count(*), sum(cpm) FROM auctions").await;
     assert_eq!(st, 200, "{v}");
     (
@@ -39,7 +39,7 @@ async fn scan(c: &reqwest::Client, url: &str) -> (u64, f64, u64) {
     )
 }
 
-fn tarn_compact(url: &str, args: &[&str]) -> (bool, String, String) {
+pub fn tarn_compact(url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
         .arg("compact")
         .args(["--server", url])

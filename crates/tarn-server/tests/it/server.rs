@@ -16,6 +16,11 @@ pub struct Server {
 impl Server {
     /// Starts `tarn serve` on `data_dir` with extra arguments and waits for its listening line.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_env(data_dir, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the process.
+    pub fn start_env(data_dir: &Path, extra: &[&str], env: &[(String, String)]) -> Server {
         // A free port for the PostgreSQL listener too, unless the test sets it.
         let pg = if extra.contains(&"--pg") {
             &[][..]
@@ -30,6 +35,7 @@ impl Server {
             .args(pg)
             .args(extra)
             .env("TARN_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -134,11 +140,16 @@ pub async fn wait_for(
 /// Starts `tarn serve` on `dir/data` with the auctions descriptor (written to `dir/datasets`)
 /// and delivery batches closing after 50 ms, plus `extra` flags.
 pub fn start_auctions(dir: &Path, extra: &[&str]) -> Server {
+    start_auctions_env(dir, extra, &[])
+}
+
+/// [`start_auctions`] with environment variables set for the process.
+pub fn start_auctions_env(dir: &Path, extra: &[&str], env: &[(String, String)]) -> Server {
     let ds = dir.join("datasets");
     write_descriptor(&ds);
     let mut args = vec!["--datasets", ds.to_str().expect("utf8"), "--batch-age-ms", "50"];
     args.extend_from_slice(extra);
-    Server::start(&dir.join("data"), &args)
+    Server::start_env(&dir.join("data"), &args, env)
 }
 
 pub fn write_descriptor(dir: &Path) {
@@ -185,4 +196,63 @@ pub fn nats_namespace(test: &str) -> String {
 /// Deletes the streams and offsets bucket of a test's namespace.
 pub async fn nats_cleanup(url: &str, ns: &str) {
     tarn_log::delete_namespace(url, ns).await.expect("cleanup");
+}
+
+/// The S3-compatible server of the tests (`TARN_TEST_S3`, set by `scripts/test` as
+/// `http://ACCESS_KEY:SECRET@HOST:PORT/BUCKET`).
+#[derive(Debug, Clone)]
+pub struct S3 {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret: String,
+    pub bucket: String,
+}
+
+impl S3 {
+    /// The AWS variables that point tarn (or the deltalake package) at this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", &self.access_key),
+            ("AWS_SECRET_ACCESS_KEY", &self.secret),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// A lake of its own for one test: `s3://BUCKET/it-<test>-<pid>-<nanos>`.
+    pub fn lake(&self, test: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!("s3://{}/it-{test}-{}-{nanos}", self.bucket, std::process::id())
+    }
+}
+
+/// The S3-compatible server, or `None` with the reason printed outside CI; under CI a missing
+/// server fails the test.
+pub fn s3_server() -> Option<S3> {
+    let Ok(raw) = std::env::var("TARN_TEST_S3") else {
+        let msg = "TARN_TEST_S3 is not set: this test needs an S3-compatible server \
+                   (scripts/test builds and starts s3s-fs on 127.0.0.1:8014)";
+        assert!(std::env::var("CI").is_err(), "{msg}");
+        eprintln!("skipped: {msg}");
+        return None;
+    };
+    let url = url::Url::parse(&raw).expect("TARN_TEST_S3 is http://KEY:SECRET@HOST:PORT/BUCKET");
+    let bucket = url.path().trim_matches('/').to_string();
+    assert!(!bucket.is_empty(), "TARN_TEST_S3 names no bucket: {raw}");
+    Some(S3 {
+        endpoint: format!(
+            "{}://{}:{}",
+            url.scheme(),
+            url.host_str().expect("host"),
+            url.port_or_known_default().expect("port")
+        ),
+        access_key: url.username().to_string(),
+        secret: url.password().unwrap_or_default().to_string(),
+        bucket,
+    })
 }

@@ -1,0 +1,240 @@
+//! The lake in a bucket of a real S3-compatible server (s3s-fs, started by `scripts/test`):
+//! events in, rows out, a kill -9 and restart without a lost or doubled row, a second process
+//! with an empty data directory reading the same tables, the deltalake Python package reading
+//! them from the bucket, and stores that cannot hold a lake refused at start.
+
+use std::time::Duration;
+
+use crate::interop::{check_read_back, post_three_days, python_with_deltalake, read_with_deltalake};
+use crate::server::*;
+
+/// Files under `dir` whose name ends with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_ending(&p, suffix));
+        } else if p.to_string_lossy().ends_with(suffix) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lake_in_a_bucket_survives_kill9_serves_a_second_process_and_reads_back_in_deltalake() {
+    let Some(s3) = s3_server() else { return };
+    let Some(python) = python_with_deltalake() else { return };
+    let lake = s3.lake("spine");
+    let env = s3.env();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = start_auctions_env(dir.path(), &["--lake", &lake], &env);
+    let ours = post_three_days(&server.url).await;
+
+    // Another engine reads the table from the bucket.
+    let v = read_with_deltalake(&python, &format!("{lake}/tables/auctions"), &env);
+    check_read_back(&v, &ours);
+    // Nothing of the lake is on the local disk: no raw object, no data file.
+    let local = dir.path().join("data/lake");
+    assert_eq!(files_ending(&local, ".parquet"), Vec::<std::path::PathBuf>::new());
+    assert_eq!(files_ending(&local, ".arrow"), Vec::<std::path::PathBuf>::new());
+
+    // kill -9 while more events arrive, restart on the same lake, and send the rest.
+    let c = client();
+    let more = |from: usize, n: usize| -> String {
+        (from..from + n)
+            .map(|i| format!(r#"{{"event_id":"k{i}","ts":"2026-11-22T11:00:00Z","client_id":"c9","cpm":2.0}}"#) + "\n")
+            .collect()
+    };
+    let (status, _) = post_events(&c, &server.url, "auctions", more(0, 500)).await;
+    assert_eq!(status, 200);
+    server.kill9();
+    let server = start_auctions_env(dir.path(), &["--lake", &lake], &env);
+    let (status, _) = post_events(&c, &server.url, "auctions", more(500, 500)).await;
+    assert_eq!(status, 200);
+    let v = wait_for(
+        &c,
+        &server.url,
+        "SELECT count(*), count(DISTINCT event_id) FROM auctions",
+        60,
+        |v| v["rows"][0][0].as_u64() == Some(3100),
+    )
+    .await;
+    assert_eq!(v["rows"][0][1], 3100, "no row doubled: {v}");
+    // Still no more after the replays settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, v) = sql(&c, &server.url, "SELECT count(*) FROM auctions").await;
+    assert_eq!(v["rows"][0][0], 3100, "{v}");
+    let (_, v) = sql(&c, &server.url, "SELECT count(*) FROM auctions WHERE client_id = 'c9'").await;
+    assert_eq!(v["rows"][0][0], 1000, "{v}");
+
+    // A second process with an empty data directory reads the same tables from the bucket.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let other = start_auctions_env(dir2.path(), &["--lake", &lake], &env);
+    let (status, v) = sql(
+        &c,
+        &other.url,
+        "SELECT count(*), count(DISTINCT event_id), min(day), max(day) FROM auctions",
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["rows"][0],
+        serde_json::json!([3100, 3100, "2026-11-20", "2026-11-22"]),
+        "{v}"
+    );
+    // Scanned files are attributed to the dataset in the bucket too.
+    assert!(v["stats"]["files_scanned"].as_u64().unwrap_or(0) > 0, "{v}");
+}
+
+/// Runs `tarn serve` expecting it to refuse to start; returns what it printed.
+fn serve_refused(dir: &std::path::Path, lake: &str, env: &[(String, String)]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["serve", "--http", "127.0.0.1:0", "--pg", "off", "--lake", lake])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("TARN_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run tarn");
+    assert!(!out.status.success(), "tarn started on {lake}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bucket_that_cannot_hold_the_lake_is_refused_at_start() {
+    let Some(s3) = s3_server() else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Nothing listens at the endpoint.
+    let mut nobody = s3.env();
+    for (k, v) in &mut nobody {
+        if k == "AWS_ENDPOINT_URL" {
+            *v = "http://127.0.0.1:9".into();
+        }
+    }
+    let lake = s3.lake("refused");
+    let msg = serve_refused(dir.path(), &lake, &nobody);
+    assert!(msg.contains("cannot be written"), "{msg}");
+    assert!(msg.contains(&format!("{lake}/")), "the lake is named: {msg}");
+
+    let mut wrong = s3.env();
+    for (k, v) in &mut wrong {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "not-the-secret".into();
+        }
+    }
+    let msg = serve_refused(dir.path(), &lake, &wrong);
+    assert!(msg.contains("cannot be written"), "{msg}");
+    assert!(!msg.contains("not-the-secret"), "the secret is never printed: {msg}");
+
+    let msg = serve_refused(dir.path(), "s3://Bad_Bucket", &s3.env());
+    assert!(msg.contains("bucket name"), "{msg}");
+}
+
+fn tarn_admin(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(args)
+        .output()
+        .expect("run tarn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Compaction, vacuum and the storage report on a lake in a bucket; two processes compacting
+/// the same table at once never double a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lake_in_a_bucket_is_compacted_vacuumed_and_reported() {
+    use crate::maintenance::{post_in_pieces, scan, tarn_compact};
+    let Some(s3) = s3_server() else { return };
+    let lake = s3.lake("maintenance");
+    let env = s3.env();
+    let manual = [
+        "--lake",
+        lake.as_str(),
+        "--compact-trigger-files",
+        "0",
+        "--compact-every-s",
+        "0",
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = start_auctions_env(dir.path(), &manual, &env);
+    let c = client();
+    post_in_pieces(&c, &s.url, 6).await;
+    let before = scan(&c, &s.url).await;
+    assert_eq!((before.0, before.2), (60, 12), "six commits over two tenants");
+
+    let (ok, out, err) = tarn_compact(&s.url, &["--dataset", "auctions"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("auctions: 12 files -> 2 in 2 partitions"), "{out}");
+    let after = scan(&c, &s.url).await;
+    assert_eq!((after.0, after.2), (60, 2));
+    assert!((after.1 - before.1).abs() < 1e-9, "same rows: {after:?} vs {before:?}");
+    // The staging directory is empty again: the lake's files are in the bucket only.
+    let staged = files_ending(&dir.path().join("data/lake"), ".parquet");
+    assert!(staged.is_empty(), "{staged:?}");
+
+    // The removed files are in the bucket until vacuum; within the retention window it keeps
+    // them, and the storage report counts them.
+    let (ok, out, err) = tarn_admin(&["vacuum", "--server", &s.url, "--dataset", "auctions"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "auctions: 14 files on disk, 2 active; deleted 0 files (0.0 MB), 12 kept within the retention window"
+        ),
+        "{out}"
+    );
+    let (ok, out, err) = tarn_admin(&["storage", "--json", "--server", &s.url]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let d = &r["datasets"][0];
+    assert_eq!(d["tiers"][0]["files"].as_u64(), Some(2), "{d}");
+    assert_eq!(d["unreferenced_files"].as_u64(), Some(12), "{d}");
+    assert!(
+        d["raw_files"].as_u64().unwrap_or(0) >= 6,
+        "the raw zone is in the bucket: {d}"
+    );
+
+    // A second process on the same lake; both compact new small files at the same moment.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let s2 = start_auctions_env(dir2.path(), &manual, &env);
+    for round in 0..3 {
+        post_in_pieces_from(&c, &s.url, 60 + round * 40, 4).await;
+        let (u1, u2) = (s.url.clone(), s2.url.clone());
+        let a = std::thread::spawn(move || tarn_compact(&u1, &["--dataset", "auctions"]));
+        let b = std::thread::spawn(move || tarn_compact(&u2, &["--dataset", "auctions"]));
+        let (a, b) = (a.join().expect("a"), b.join().expect("b"));
+        assert!(a.0 && b.0, "{a:?} {b:?}");
+        let want = 60 + (round as u64 + 1) * 40;
+        for url in [&s.url, &s2.url] {
+            let (st, v) = sql(&c, url, "SELECT count(*), count(DISTINCT event_id) FROM auctions").await;
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(
+                v["rows"][0],
+                serde_json::json!([want, want]),
+                "round {round}: {a:?} {b:?}"
+            );
+        }
+    }
+}
+
+/// Posts `requests` requests of 10 events from id `first`, each waited on until queryable.
+async fn post_in_pieces_from(c: &reqwest::Client, url: &str, first: usize, requests: usize) {
+    for r in 0..requests {
+        let body: Vec<String> = (0..10)
+            .map(|i| {
+                let id = first + r * 10 + i;
+                let client = if i % 2 == 0 { "acme" } else { "beta" };
+                format!(r#"{{"event_id":"e{id}","ts":"2026-11-22T12:00:00Z","client_id":"{client}","cpm":1.0}}"#)
+            })
+            .collect();
+        let (st, v) = post_events(c, url, "auctions", body.join("\n")).await;
+        assert_eq!(st, 200, "{v}");
+        let want = first + (r + 1) * 10;
+        wait_for(c, url, "SELECT count(*) FROM auctions", 30, |v| v["rows"][0][0] == want).await;
+    }
+}
