@@ -1,11 +1,11 @@
-//! The catalog: the registry of datasets and their contracts.
+//! The catalog: the registry of datasets and their contracts, kept in the metadata store
+//! (`meta.rs`): files in the data directory by default, PostgreSQL beyond one machine.
 //!
-//! Stored as one JSON file per dataset under `<data>/catalog/datasets/`, written to a
+//! With files, one JSON file per dataset under `<data>/catalog/datasets/`, written to a
 //! temporary file, synced and renamed, so a crash leaves either the old or the new contract.
 //! Every contract a dataset ever had is kept under `<data>/catalog/versions/<name>/`, one file
-//! per version (`<major>.<minor>.json`), written before the current contract is replaced.
-//! The metadata store of DESIGN.md (SQLite by default, PostgreSQL beyond one machine) replaces
-//! this file store behind the same API when runs, keys and schema versions arrive.
+//! per version (`<major>.<minor>.json`), written before the current contract is replaced. In
+//! PostgreSQL the version and the contract in force are written in one transaction.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -16,9 +16,12 @@ use serde::{Deserialize, Serialize};
 use tarn_core::DatasetSpec;
 use tarn_core::evolution::{self, Refusal};
 
+pub mod meta;
 pub mod plan;
 pub mod search;
 pub mod validate;
+
+pub use meta::{Kind, Meta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -30,6 +33,9 @@ pub enum Error {
     },
     #[error("catalog entry {path} is unreadable: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// The metadata store failed (PostgreSQL unreachable, a refused migration).
+    #[error("{0}")]
+    Meta(String),
     #[error("dataset {name:?} already exists with a different contract")]
     Conflict { name: String },
     #[error("the new contract of {name:?} is refused: {refusal}")]
@@ -53,11 +59,11 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// The dataset registry.
+/// The dataset registry: the contracts in force, held in memory, and every contract kept in
+/// the metadata store ([`meta::Meta`]).
 #[derive(Debug)]
 pub struct Catalog {
-    dir: PathBuf,
-    versions: PathBuf,
+    meta: Arc<Meta>,
     datasets: RwLock<HashMap<String, Arc<DatasetSpec>>>,
 }
 
@@ -101,58 +107,55 @@ impl Applied {
 }
 
 impl Catalog {
-    /// Opens the catalog kept in `dir`, creating it if needed.
+    /// Opens the catalog kept in files in `dir` (and producer keys beside it, in `keys`),
+    /// creating it if needed.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().join("datasets");
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let mut datasets = HashMap::new();
-        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let e = e.map_err(io_err(&dir))?;
-            let path = e.path();
-            if path.extension().is_none_or(|x| x != "json") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-            let spec: DatasetSpec = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-            spec.check()?;
-            datasets.insert(spec.name.clone(), Arc::new(spec));
-        }
-        let versions = dir.with_file_name("versions");
+        let dir = dir.as_ref();
+        let datasets = dir.join("datasets");
+        std::fs::create_dir_all(&datasets).map_err(io_err(&datasets))?;
+        Self::with_meta(Arc::new(Meta::files(dir, dir.with_file_name("keys"))))
+    }
+
+    /// Opens the catalog kept in a metadata store.
+    pub fn with_meta(meta: Arc<Meta>) -> Result<Self> {
         let catalog = Self {
-            dir,
-            versions,
-            datasets: RwLock::new(datasets),
+            datasets: RwLock::new(load_datasets(&meta)?),
+            meta,
         };
         // Catalogs from before versions were kept start their history at the current contract.
         for spec in catalog.list() {
             if catalog.versions(&spec.name)?.is_empty() {
-                catalog.write_version(&spec, 0, &[])?;
+                catalog.keep_version(&spec)?;
             }
         }
         Ok(catalog)
     }
 
+    /// The metadata store the catalog keeps its contracts in.
+    pub fn meta(&self) -> &Arc<Meta> {
+        &self.meta
+    }
+
+    /// Reads the contracts in force again from the store (another process sharing it may
+    /// have changed them). Returns how many changed, appeared or went.
+    pub fn refresh(&self) -> Result<usize> {
+        let fresh = load_datasets(&self.meta)?;
+        let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
+        let changed = fresh.iter().filter(|(k, v)| map.get(*k) != Some(*v)).count()
+            + map.keys().filter(|k| !fresh.contains_key(*k)).count();
+        if changed > 0 {
+            *map = fresh;
+        }
+        Ok(changed)
+    }
+
     /// Every kept contract of a dataset, oldest first.
     pub fn versions(&self, name: &str) -> Result<Vec<Version>> {
         tarn_core::name::check_any_dataset(name)?;
-        let dir = self.versions.join(name);
         let mut out = Vec::new();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err(&dir)(e)),
-        };
-        for e in entries {
-            let path = e.map_err(io_err(&dir))?.path();
-            if path.extension().is_none_or(|x| x != "json") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-            let v: Version = serde_json::from_str(&text).map_err(|e| Error::Corrupt {
-                path: path.clone(),
+        for (doc, body) in self.meta.list(Kind::Version, &format!("{name}/"))? {
+            let v: Version = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+                path: PathBuf::from(format!("version {doc}")),
                 reason: e.to_string(),
             })?;
             out.push(v);
@@ -161,7 +164,10 @@ impl Catalog {
         Ok(out)
     }
 
-    fn write_version(&self, spec: &DatasetSpec, minor: u32, changes: &[evolution::Change]) -> Result<String> {
+    /// Keeps a version of `spec` and puts it in force, together (one transaction where the
+    /// store has them; the version first otherwise). Returns the version's label; `None` when
+    /// `new` and the dataset exists in the store after all (another process created it).
+    fn save(&self, spec: &DatasetSpec, minor: u32, changes: &[evolution::Change], new: bool) -> Result<Option<String>> {
         let v = Version {
             major: spec.major,
             minor,
@@ -169,14 +175,56 @@ impl Catalog {
             changes: changes.to_vec(),
             contract: spec.clone(),
         };
-        let dir = self.versions.join(&spec.name);
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let text = serde_json::to_vec_pretty(&v).map_err(|e| Error::Corrupt {
-            path: dir.clone(),
+        let corrupt = |e: serde_json::Error| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {}", spec.name)),
+            reason: e.to_string(),
+        };
+        let version = serde_json::to_vec_pretty(&v).map_err(corrupt)?;
+        let contract = serde_json::to_vec_pretty(spec).map_err(corrupt)?;
+        let doc = format!("{}/{}", spec.name, v.label());
+        if new {
+            let created = self.meta.create(
+                (Kind::Dataset, &spec.name, &contract),
+                &[(Kind::Version, &doc, &version)],
+            )?;
+            return Ok(created.then(|| v.label()));
+        }
+        self.meta
+            .put(&[(Kind::Version, &doc, &version), (Kind::Dataset, &spec.name, &contract)])?;
+        Ok(Some(v.label()))
+    }
+
+    /// The contract in force of one dataset, read from the store.
+    fn load_one(&self, name: &str) -> Result<Arc<DatasetSpec>> {
+        let body = self.meta.get(Kind::Dataset, name)?.ok_or_else(|| {
+            Error::Meta(format!(
+                "dataset {name} was neither created nor found in the {}",
+                self.meta.describe()
+            ))
+        })?;
+        let spec: DatasetSpec = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {name}")),
             reason: e.to_string(),
         })?;
-        write_synced(&dir, &format!("{}.json", v.label()), &text)?;
-        Ok(v.label())
+        spec.check()?;
+        Ok(Arc::new(spec))
+    }
+
+    /// Keeps a version of `spec` without changing what is in force.
+    fn keep_version(&self, spec: &DatasetSpec) -> Result<()> {
+        let v = Version {
+            major: spec.major,
+            minor: 0,
+            applied_at: now_rfc3339(),
+            changes: Vec::new(),
+            contract: spec.clone(),
+        };
+        let body = serde_json::to_vec_pretty(&v).map_err(|e| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {}", spec.name)),
+            reason: e.to_string(),
+        })?;
+        self.meta
+            .put(&[(Kind::Version, &format!("{}/{}", spec.name, v.label()), &body)])
     }
 
     /// Applies a contract: registers a new dataset, or replaces the contract of an existing one
@@ -198,18 +246,23 @@ impl Catalog {
             return Err(Error::System { name: spec.name });
         }
         let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
-        let Some(old) = map.get(&spec.name).cloned() else {
-            let version = self.write_version(&spec, 0, &[])?;
-            self.write_file(&spec)?;
-            let spec = Arc::new(spec);
-            map.insert(spec.name.clone(), spec.clone());
-            return Ok(Applied {
-                spec,
-                previous: None,
-                changes: Vec::new(),
-                new_major: false,
-                version: Some(version),
-            });
+        let old = loop {
+            if let Some(old) = map.get(&spec.name) {
+                break old.clone();
+            }
+            // New here; created only if no other process sharing the store made it first.
+            if let Some(version) = self.save(&spec, 0, &[], true)? {
+                let spec = Arc::new(spec);
+                map.insert(spec.name.clone(), spec.clone());
+                return Ok(Applied {
+                    spec,
+                    previous: None,
+                    changes: Vec::new(),
+                    new_major: false,
+                    version: Some(version),
+                });
+            }
+            map.insert(spec.name.clone(), self.load_one(&spec.name)?);
         };
         if old.system {
             return Err(Error::System { name: spec.name });
@@ -243,8 +296,7 @@ impl Catalog {
                 .max()
                 .unwrap_or(0)
         };
-        let version = self.write_version(&spec, minor, &ev.changes)?;
-        self.write_file(&spec)?;
+        let version = self.save(&spec, minor, &ev.changes, false)?;
         let spec = Arc::new(spec);
         map.insert(spec.name.clone(), spec.clone());
         Ok(Applied {
@@ -252,8 +304,26 @@ impl Catalog {
             previous: Some(old),
             changes: ev.changes,
             new_major: ev.new_major,
-            version: Some(version),
+            version,
         })
+    }
+
+    /// [`Catalog::get`] that, for a dataset not known here, asks a shared store (another
+    /// process may have declared it since the last refresh), so that its contract (and who may
+    /// write to it) holds from this process's first event on.
+    pub fn lookup(&self, name: &str) -> Result<Option<Arc<DatasetSpec>>> {
+        if let Some(spec) = self.get(name) {
+            return Ok(Some(spec));
+        }
+        if !self.meta.shared() || tarn_core::name::check_any_dataset(name).is_err() {
+            return Ok(None);
+        }
+        if self.meta.get(Kind::Dataset, name)?.is_none() {
+            return Ok(None);
+        }
+        let spec = self.load_one(name)?;
+        let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
+        Ok(Some(map.entry(name.to_string()).or_insert(spec).clone()))
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<DatasetSpec>> {
@@ -268,33 +338,26 @@ impl Catalog {
     }
 
     /// Registers a dataset. Registering the same contract again is a no-op; a different
-    /// contract under an existing name is a conflict. Returns the contract now in force.
+    /// contract under an existing name is a conflict, except that an inferred contract never
+    /// replaces one: the contract in force is returned (two first writes raced to infer, or
+    /// another process sharing the store declared it first). Returns the contract now in force.
     pub fn register(&self, spec: DatasetSpec) -> Result<Arc<DatasetSpec>> {
         spec.check()?;
         let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(existing) = map.get(&spec.name) {
-            if existing.inferred && spec.inferred {
-                // Two first writes raced to infer; the first one won.
-                return Ok(existing.clone());
+        loop {
+            if let Some(existing) = map.get(&spec.name) {
+                if spec.inferred || **existing == spec {
+                    return Ok(existing.clone());
+                }
+                return Err(Error::Conflict { name: spec.name });
             }
-            if **existing == spec {
-                return Ok(existing.clone());
+            if self.save(&spec, 0, &[], true)?.is_some() {
+                let spec = Arc::new(spec);
+                map.insert(spec.name.clone(), spec.clone());
+                return Ok(spec);
             }
-            return Err(Error::Conflict { name: spec.name });
+            map.insert(spec.name.clone(), self.load_one(&spec.name)?);
         }
-        self.write_version(&spec, 0, &[])?;
-        self.write_file(&spec)?;
-        let spec = Arc::new(spec);
-        map.insert(spec.name.clone(), spec.clone());
-        Ok(spec)
-    }
-
-    fn write_file(&self, spec: &DatasetSpec) -> Result<()> {
-        let text = serde_json::to_vec_pretty(spec).map_err(|e| Error::Corrupt {
-            path: self.dir.join(&spec.name),
-            reason: e.to_string(),
-        })?;
-        write_synced(&self.dir, &format!("{}.json", spec.name), &text)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<DatasetSpec>>> {
@@ -313,6 +376,20 @@ impl Catalog {
         }
         Ok(out)
     }
+}
+
+/// The contracts in force in a store, checked.
+fn load_datasets(meta: &Meta) -> Result<HashMap<String, Arc<DatasetSpec>>> {
+    let mut datasets = HashMap::new();
+    for (name, body) in meta.list(Kind::Dataset, "")? {
+        let spec: DatasetSpec = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {name}")),
+            reason: e.to_string(),
+        })?;
+        spec.check()?;
+        datasets.insert(spec.name.clone(), Arc::new(spec));
+    }
+    Ok(datasets)
 }
 
 /// The descriptor files (`*.yaml`, `*.yml`) of a folder and their text, sorted by path; at

@@ -235,15 +235,7 @@ async fn apply_contracts(app: &Arc<App>, specs: Vec<tarn_core::DatasetSpec>) -> 
                     curate: Some(&app2.curate_pause),
                     query: Some(&app2.query),
                 };
-                crate::major::start(
-                    &app2.catalog_dir,
-                    &app2.catalog,
-                    app2.lake(),
-                    &app2.tiers,
-                    spec,
-                    running,
-                )
-                .await
+                crate::major::start(&app2.catalog, app2.lake(), &app2.tiers, spec, running).await
             })
             .await
             .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?

@@ -146,6 +146,10 @@ pub fn catalog_error(e: tarn_catalog::Error) -> ApiError {
             api(StatusCode::UNPROCESSABLE_ENTITY, "refused", msg)
         }
         E::Io { .. } | E::Corrupt { .. } => api(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
+        E::Meta(_) => ApiError {
+            retry_after_s: Some(5),
+            ..api(StatusCode::SERVICE_UNAVAILABLE, "metadata_unavailable", msg)
+        },
     }
 }
 
@@ -174,7 +178,20 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if let Some(spec) = app.catalog.get(&name)
+    let known = {
+        let (catalog, name) = (app.catalog.clone(), name.clone());
+        tokio::task::spawn_blocking(move || catalog.lookup(&name))
+            .await
+            .map_err(|e| {
+                api(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("catalog task: {e}"),
+                )
+            })?
+            .map_err(catalog_error)?
+    };
+    if let Some(spec) = known
         && !spec.producers.is_empty()
     {
         let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());

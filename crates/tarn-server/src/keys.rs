@@ -162,11 +162,12 @@ pub fn new_key(name: &str, tenant: &str) -> Result<String> {
 }
 
 /// Write keys of producers, issued by `tarn apply` for the producers a descriptor names and
-/// kept in `<data>/keys/producers.json` as SHA-256 hashes (the secret is shown once). A
-/// dataset that names producers accepts events only with one of their keys.
+/// kept in the metadata store (with files, `<data>/keys/producers.json`) as SHA-256 hashes
+/// (the secret is shown once). A dataset that names producers accepts events only with one
+/// of their keys.
 #[derive(Debug)]
 pub struct ProducerKeys {
-    path: std::path::PathBuf,
+    meta: std::sync::Arc<tarn_catalog::Meta>,
     keys: std::sync::RwLock<Vec<ProducerKey>>,
 }
 
@@ -185,7 +186,8 @@ struct ProducerKeyFile {
     keys: Vec<ProducerKey>,
 }
 
-const PRODUCER_KEYS_FILE: &str = "producers.json";
+/// The one document holding the producer keys.
+const PRODUCER_KEYS_DOC: &str = "producers";
 
 /// Why a write was refused.
 #[derive(Debug, PartialEq)]
@@ -197,25 +199,32 @@ pub enum WriteDenied {
 }
 
 impl ProducerKeys {
-    pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = dir.join(PRODUCER_KEYS_FILE);
-        let keys = match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let f: ProducerKeyFile = serde_json::from_str(&text)
-                    .with_context(|| format!("the producer key file {} is not valid", path.display()))?;
-                if f.version != 1 {
-                    bail!("producer key file version {} is not supported (only 1)", f.version);
-                }
-                f.keys
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
+    pub fn open(meta: std::sync::Arc<tarn_catalog::Meta>) -> Result<Self> {
+        let keys = Self::load(&meta)?;
         Ok(Self {
-            path,
+            meta,
             keys: std::sync::RwLock::new(keys),
         })
+    }
+
+    fn load(meta: &tarn_catalog::Meta) -> Result<Vec<ProducerKey>> {
+        let Some(body) = meta.get(tarn_catalog::Kind::ProducerKeys, PRODUCER_KEYS_DOC)? else {
+            return Ok(Vec::new());
+        };
+        let f: ProducerKeyFile = serde_json::from_slice(&body)
+            .with_context(|| format!("the producer keys in the {} are not valid", meta.describe()))?;
+        if f.version != 1 {
+            bail!("producer key file version {} is not supported (only 1)", f.version);
+        }
+        Ok(f.keys)
+    }
+
+    /// Reads the keys again (another process sharing the store may have issued or revoked
+    /// some).
+    pub fn refresh(&self) -> Result<()> {
+        let fresh = Self::load(&self.meta)?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
     }
 
     pub fn has(&self, producer: &str) -> bool {
@@ -258,8 +267,8 @@ impl ProducerKeys {
             version: 1,
             keys: keys.to_vec(),
         })?;
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        tarn_catalog::write_synced(dir, PRODUCER_KEYS_FILE, &text)?;
+        self.meta
+            .put(&[(tarn_catalog::Kind::ProducerKeys, PRODUCER_KEYS_DOC, &text)])?;
         Ok(())
     }
 
@@ -355,13 +364,14 @@ mod tests {
     #[test]
     fn producer_keys_are_kept_hashed_and_scoped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let keys = ProducerKeys::open(dir.path()).expect("open");
+        let meta = || std::sync::Arc::new(tarn_catalog::Meta::files(dir.path().join("catalog"), dir.path()));
+        let keys = ProducerKeys::open(meta()).expect("open");
         assert!(!keys.has("bids"));
         let secret = keys.issue("bids").expect("issue");
         let other = keys.issue("clicks").expect("issue");
         let text = std::fs::read_to_string(dir.path().join("producers.json")).expect("file");
         assert!(!text.contains(&secret) && text.contains(&sha256_hex(&secret)));
-        let keys = ProducerKeys::open(dir.path()).expect("reopen");
+        let keys = ProducerKeys::open(meta()).expect("reopen");
         assert!(keys.has("bids") && keys.has("clicks"));
         let bids = [tarn_core::App {
             name: "bids".into(),

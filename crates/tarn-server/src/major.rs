@@ -4,15 +4,13 @@
 //! written under the old contract reach the kept table (curate routes by the major version a
 //! batch carries).
 //!
-//! Crash safety: an intent file (`<data>/catalog/majors/<name>.json`, synced) is written
-//! first; every later step is idempotent, and `recover` finishes an interrupted change at
-//! start, before curate runs.
-
-use std::path::{Path, PathBuf};
+//! Crash safety: an intent (a document of the metadata store: with files
+//! `<data>/catalog/majors/<name>.json`, synced) is written first; every later step is
+//! idempotent, and `recover` finishes an interrupted change at start, before curate runs.
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tarn_catalog::{Applied, Catalog};
+use tarn_catalog::{Applied, Catalog, Kind};
 use tarn_core::DatasetSpec;
 use tarn_lake::Lake;
 use tarn_lake::tiers::Tiers;
@@ -30,14 +28,9 @@ pub struct Running<'a> {
     pub query: Option<&'a tarn_query::QueryEngine>,
 }
 
-fn intents_dir(catalog_dir: &Path) -> PathBuf {
-    catalog_dir.join("majors")
-}
-
 /// Starts major version `to.major` of a dataset whose contract in force is one major
 /// version lower.
 pub async fn start(
-    catalog_dir: &Path,
     catalog: &Catalog,
     lake: &Lake,
     tiers: &Tiers,
@@ -52,46 +45,35 @@ pub async fn start(
     }
     tarn_core::evolution::check(&from, &to).map_err(|r| anyhow::anyhow!("{}: {r}", to.name))?;
     DatasetSpec::frozen_of(&from)?;
-    let dir = intents_dir(catalog_dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let file = format!("{}.json", to.name);
-    let path = dir.join(&file);
     let intent = Intent {
         from: (*from).clone(),
         to,
     };
-    tarn_catalog::write_synced(&dir, &file, &serde_json::to_vec_pretty(&intent)?)?;
+    let name = intent.to.name.clone();
+    catalog
+        .meta()
+        .put(&[(Kind::MajorIntent, &name, &serde_json::to_vec_pretty(&intent)?)])?;
     let frozen = DatasetSpec::frozen_name(&intent.to.name, intent.from.major);
-    let res = finish(&path, intent, catalog, lake, tiers, running).await;
+    let res = finish(intent, catalog, lake, tiers, running).await;
     if res.is_err() && !lake.table_exists(&frozen) {
         // Failed before the table moved: nothing happened, so nothing is left to finish.
-        let _ = std::fs::remove_file(&path);
+        let _ = catalog.meta().delete(Kind::MajorIntent, &name);
     }
     res
 }
 
 /// Finishes major-version changes a crash interrupted. Runs at start, before curate.
-pub async fn recover(catalog_dir: &Path, catalog: &Catalog, lake: &Lake, tiers: &Tiers) -> Result<()> {
-    let dir = intents_dir(catalog_dir);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    for e in entries {
-        let path = e?.path();
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let intent: Intent =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid intent", path.display()))?;
+pub async fn recover(catalog: &Catalog, lake: &Lake, tiers: &Tiers) -> Result<()> {
+    for (name, body) in catalog.meta().list(Kind::MajorIntent, "")? {
+        let intent: Intent = serde_json::from_slice(&body)
+            .with_context(|| format!("the major-version intent of {name} is not valid"))?;
         tracing::warn!(dataset = %intent.to.name, major = intent.to.major, "finishing an interrupted new major version");
-        finish(&path, intent, catalog, lake, tiers, Running::default()).await?;
+        finish(intent, catalog, lake, tiers, Running::default()).await?;
     }
     Ok(())
 }
 
 async fn finish(
-    path: &Path,
     intent: Intent,
     catalog: &Catalog,
     lake: &Lake,
@@ -103,7 +85,7 @@ async fn finish(
     // Done before a crash that came before the intent was removed: the table under the
     // dataset's name is the new major's own.
     if catalog.get(&name).is_some_and(|s| s.major == intent.to.major) && catalog.get(&frozen.name).is_some() {
-        std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        catalog.meta().delete(Kind::MajorIntent, &name)?;
         return catalog
             .evolve_major(intent.to)
             .with_context(|| format!("applying major version of {name}"));
@@ -151,7 +133,7 @@ async fn finish(
     if let Some(q) = running.query {
         q.forget(&name).await;
     }
-    std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    catalog.meta().delete(Kind::MajorIntent, &name)?;
     tracing::info!(dataset = %name, kept_as = %frozen.name, "new major version started");
     Ok(applied)
 }

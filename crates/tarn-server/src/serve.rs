@@ -43,6 +43,14 @@ pub struct ServeArgs {
     /// (0: never; a record stays until every consumer group is past it).
     #[arg(long, env = "TARN_STREAM_MAX_AGE_HOURS", default_value_t = 0)]
     pub stream_max_age_hours: u64,
+    /// The metadata store (contracts, their versions, producer keys): `files` (in the data
+    /// directory) or `postgres://USER[:PASS]@HOST[:PORT]/DB`, shared by every tarn process of a
+    /// deployment; migrations are applied at start.
+    #[arg(long, env = "TARN_META", default_value = "files")]
+    pub meta: String,
+    /// The PostgreSQL schema of the metadata store.
+    #[arg(long, env = "TARN_META_SCHEMA", default_value = "tarn")]
+    pub meta_schema: String,
     /// The lake: `local` (<data-dir>/lake) or `s3://BUCKET[/PREFIX]` on an S3-compatible store,
     /// configured by the standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION,
     /// AWS_ACCESS_KEY_ID, ...) and the profile of ~/.aws/credentials and ~/.aws/config. The
@@ -151,7 +159,7 @@ pub struct App {
     pub maintenance: Arc<Maintenance>,
     pub rollups: Rollups,
     pub read_keys: crate::keys::ReadKeys,
-    pub producer_keys: crate::keys::ProducerKeys,
+    pub producer_keys: Arc<crate::keys::ProducerKeys>,
     /// Pauses curate while a new major version moves a table.
     pub curate_pause: tarn_lake::CuratePause,
     pub tiers: Tiers,
@@ -324,9 +332,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         event_bytes_max: limits.event_bytes_max.min(log.record_bytes_max() / 2),
         ..limits
     };
-    let catalog = Arc::new(Catalog::open(args.data_dir.join("catalog")).context("opening the catalog")?);
-    let producer_keys =
-        crate::keys::ProducerKeys::open(&args.data_dir.join("keys")).context("opening the producer keys")?;
+    let meta = open_meta(&args)?;
+    let catalog = Arc::new(Catalog::with_meta(meta.clone()).context("opening the catalog")?);
+    let producer_keys = Arc::new(crate::keys::ProducerKeys::open(meta.clone()).context("opening the producer keys")?);
+    spawn_meta_refresh(catalog.clone(), producer_keys.clone());
     let lake = open_lake(&args).await?;
     let tiers = Tiers::new(
         args.tier_infrequent_dir
@@ -338,11 +347,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     )
     .context("opening the tier directories")?;
     let catalog_dir = args.data_dir.join("catalog");
-    crate::major::recover(&catalog_dir, &catalog, &lake, &tiers)
+    crate::major::recover(&catalog, &lake, &tiers)
         .await
         .context("finishing an interrupted new major version")?;
     if let Some(dir) = &args.datasets {
-        load_descriptors(&catalog_dir, &catalog, &lake, &tiers, &producer_keys, dir)
+        load_descriptors(&catalog, &lake, &tiers, &producer_keys, dir)
             .await
             .with_context(|| format!("loading dataset descriptors from {}", dir.display()))?;
     }
@@ -513,7 +522,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 /// without a key are named in the log (`tarn apply` issues keys; a start does not print
 /// secrets).
 async fn load_descriptors(
-    catalog_dir: &std::path::Path,
     catalog: &Catalog,
     lake: &Lake,
     tiers: &Tiers,
@@ -553,7 +561,7 @@ async fn load_descriptors(
     for spec in specs {
         let new_major = catalog.get(&spec.name).is_some_and(|old| spec.major == old.major + 1);
         let a = if new_major {
-            crate::major::start(catalog_dir, catalog, lake, tiers, spec, Default::default()).await?
+            crate::major::start(catalog, lake, tiers, spec, Default::default()).await?
         } else {
             catalog.evolve(spec)?
         };
@@ -601,6 +609,55 @@ async fn shutdown_signal() {
         _ = term => {}
     }
 }
+
+/// Opens the metadata store `--meta` names: files in the data directory, or PostgreSQL.
+fn open_meta(args: &ServeArgs) -> Result<Arc<tarn_catalog::Meta>> {
+    if args.meta == "files" {
+        let catalog = args.data_dir.join("catalog");
+        std::fs::create_dir_all(catalog.join("datasets")).with_context(|| format!("creating {}", catalog.display()))?;
+        return Ok(Arc::new(tarn_catalog::Meta::files(catalog, args.data_dir.join("keys"))));
+    }
+    if !args.meta.starts_with("postgres://") && !args.meta.starts_with("postgresql://") {
+        anyhow::bail!(
+            "--meta {}: the metadata store is `files` or postgres://USER[:PASS]@HOST[:PORT]/DB",
+            tarn_catalog::meta::redact_url(&args.meta)
+        );
+    }
+    let meta = tarn_catalog::Meta::postgres(&args.meta, &args.meta_schema)?;
+    tracing::info!(meta = %meta.describe(), "metadata store opened");
+    Ok(Arc::new(meta))
+}
+
+/// Reads a shared metadata store again every [`META_REFRESH`], so that contracts and producer
+/// keys another process changed come into force here too.
+fn spawn_meta_refresh(catalog: Arc<Catalog>, keys: Arc<crate::keys::ProducerKeys>) {
+    if !catalog.meta().shared() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(META_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (c, k) = (catalog.clone(), keys.clone());
+            let r = tokio::task::spawn_blocking(move || -> Result<usize> {
+                let n = c.refresh()?;
+                k.refresh()?;
+                Ok(n)
+            })
+            .await;
+            match r {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::info!(changed = n, "contracts changed by another process are in force"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "reading the metadata store again failed"),
+                Err(e) => tracing::warn!(error = %e, "metadata refresh task failed"),
+            }
+        }
+    });
+}
+
+/// How often a shared metadata store is read again.
+const META_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens the lake `--lake` names: the local directory in the data directory, or a bucket
 /// (then the local directory keeps only this process's own files).

@@ -6,6 +6,7 @@ mod crash;
 mod guardrails;
 mod interop;
 mod maintenance;
+mod meta;
 mod nats;
 mod pg;
 mod rollups;
