@@ -34,7 +34,7 @@ consumers: [finance-report]
 ";
 
 /// Runs a `tarn` subcommand; returns its exit code and stdout.
-fn tarn(args: &[&str], server: &str) -> (i32, String) {
+pub fn tarn(args: &[&str], server: &str) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
         .args(args)
         .env("TARN_SERVER", server)

@@ -6,6 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::catalog::tarn;
 use crate::server::*;
 
 /// The test server, or `None` with the reason outside CI; under CI a missing server fails.
@@ -31,21 +32,6 @@ fields:
 event_id: event_id
 producers: [web-app]
 ";
-
-fn tarn(args: &[&str], server: &str) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
-        .args(args)
-        .env("TARN_SERVER", server)
-        .env("TARN_LOG", "warn")
-        .output()
-        .expect("run tarn");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// Posts `body` to `dataset` on `url` with `key` until it is accepted, for at most `secs`.
 async fn post_until_accepted(c: &reqwest::Client, url: &str, dataset: &str, key: &str, body: &str, secs: u64) {
