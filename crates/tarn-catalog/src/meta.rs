@@ -350,18 +350,24 @@ pub fn check_schema(schema: &str) -> Result<()> {
     }
 }
 
-/// A PostgreSQL URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((user, host)) => {
-                let user = user.split(':').next().unwrap_or_default();
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
+/// Where a parsed configuration points, without its password (which may have come in the
+/// URL's user part, a `password=` parameter or a key=value string: the input is never echoed).
+fn describe_config(config: &tokio_postgres::Config, schema: &str) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "metadata store in PostgreSQL {}@{}:{port}/{} (schema {schema})",
+        config.get_user().unwrap_or_default(),
+        hosts.join(","),
+        config.get_dbname().unwrap_or_default()
+    )
 }
 
 impl Pg {
@@ -369,8 +375,8 @@ impl Pg {
         check_schema(schema)?;
         let config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e| Error::Meta(format!("--meta {}: {e}", redact_url(url))))?;
-        let describe = format!("metadata store in PostgreSQL {} (schema {schema})", redact_url(url));
+            .map_err(|e| Error::Meta(format!("--meta is not a PostgreSQL URL: {e}")))?;
+        let describe = describe_config(&config, schema);
         let (tx, rx) = mpsc::channel::<Req>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<()>>(1);
         let schema = schema.to_string();

@@ -602,7 +602,14 @@ impl Stage {
             path: PathBuf::from(format!("upload of {rel}")),
             source: e,
         };
-        tokio::io::copy(&mut file, &mut w).await.map_err(failed)?;
+        if let Err(e) = tokio::io::copy(&mut file, &mut w).await {
+            // Parts already uploaded would stay in the bucket, billed and out of vacuum's sight.
+            // (The writer can be aborted until it is shut down, not after.)
+            if let Err(a) = w.abort().await {
+                tracing::warn!(file = rel, error = %a, "aborting a failed multipart upload");
+            }
+            return Err(failed(e));
+        }
         w.shutdown().await.map_err(failed)
     }
 }

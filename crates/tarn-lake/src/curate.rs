@@ -361,7 +361,7 @@ impl Curator {
         };
         let started = std::time::Instant::now();
         let writing = self.lake.writing(&spec.name).await;
-        let table = append_as(table, spec, stream, batches, shard, version).await?;
+        let table = append_as(table, spec, stream, batches, shard, version, self.lake.writer()).await?;
         drop(writing);
         let took_ms = started.elapsed().as_millis() as u64;
         self.stats.commit_ms.fetch_add(took_ms, Relaxed);

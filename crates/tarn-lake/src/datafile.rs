@@ -119,6 +119,8 @@ pub fn partition_dir(spec: &DatasetSpec, day: &str, tenant: Option<&str>) -> Res
 pub struct FileSet<'a> {
     /// `None`: the files are encoded in memory and returned for upload.
     pub table_dir: Option<&'a Path>,
+    /// A writer tag for the file names (a lake in a bucket: see `Lake::writer`).
+    pub writer: Option<&'a str>,
     pub spec: &'a DatasetSpec,
     pub props: WriterProperties,
     pub shard: u32,
@@ -135,7 +137,10 @@ impl FileSet<'_> {
         let rows = without_partition_columns(self.spec, &rows)?;
         let rows = sorted_by_event_time(self.spec, rows)?;
         let dir = partition_dir(self.spec, &part.day, part.tenant.as_deref())?;
-        let rel = format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version);
+        let rel = match self.writer {
+            None => format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version),
+            Some(w) => format!("{dir}/part-{:03}-{:020}-{w}.zstd.parquet", self.shard, self.version),
+        };
         let schema = rows.schema();
         let rows = std::iter::once(Ok(rows));
         let (size, stats, body) = match self.table_dir {

@@ -13,7 +13,7 @@ use tarn_core::Clock;
 use tarn_log::{Log, Topic};
 use tokio::sync::watch;
 
-use crate::raw::{object_path, with_seq};
+use crate::raw::with_seq;
 use crate::{Error, Lake, OBJECTS_TOPIC, ObjectCreated, Result};
 
 /// The consumer group of delivery on each dataset topic.
@@ -167,7 +167,7 @@ impl Delivery {
     }
 
     async fn flush(&self, p: Pending) -> Result<()> {
-        let rel = object_path(&self.dataset, self.shard, p.first, p.last);
+        let rel = self.lake.raw_path(&self.dataset, self.shard, p.first, p.last);
         let bytes = self.lake.write_raw(&rel, p.batches).await?;
         let note = ObjectCreated {
             version: 1,

@@ -15,7 +15,6 @@ use tarn_log::Log;
 
 use crate::compact::{CompactOptions, compact_dataset, table_files};
 use crate::curate::{CurateOptions, Curator};
-use crate::raw::object_path;
 use crate::store::S3Location;
 use crate::testkit::{SPEC, count_of, record_of};
 use crate::{Lake, ObjectCreated};
@@ -166,7 +165,7 @@ async fn raw_writes_curate_and_compaction_through_a_failing_bucket_keep_every_ro
     for i in 0..12u64 {
         let (first, last) = (i * 3, i * 3 + 2);
         let batches: Vec<_> = (first..=last).map(|s| record_of(&spec, s, 10, "2026-11-22")).collect();
-        let path = object_path("bids", 0, first, last);
+        let path = lake.raw_path("bids", 0, first, last);
         let bytes = retried("raw write", || lake.write_raw(&path, batches.clone())).await;
         let note = ObjectCreated {
             version: 1,

@@ -76,6 +76,17 @@ impl S3Settings {
             })
             .unwrap_or_default();
         let from_files = |k: &str| creds.get(k).or_else(|| conf.get(k)).cloned();
+        // Keys come from one source as a unit, as AWS tools take them: the environment when it
+        // names a key, the profile otherwise (a profile's session token never pairs with keys
+        // from the environment).
+        let (access_key_id, secret_access_key, session_token) = match var("AWS_ACCESS_KEY_ID") {
+            Some(k) => (Some(k), var("AWS_SECRET_ACCESS_KEY"), var("AWS_SESSION_TOKEN")),
+            None => (
+                from_files("aws_access_key_id"),
+                from_files("aws_secret_access_key"),
+                from_files("aws_session_token"),
+            ),
+        };
         Self {
             endpoint: var("AWS_ENDPOINT_URL_S3")
                 .or_else(|| var("AWS_ENDPOINT_URL"))
@@ -84,9 +95,9 @@ impl S3Settings {
             region: var("AWS_REGION")
                 .or_else(|| var("AWS_DEFAULT_REGION"))
                 .or_else(|| conf.get("region").cloned()),
-            access_key_id: var("AWS_ACCESS_KEY_ID").or_else(|| from_files("aws_access_key_id")),
-            secret_access_key: var("AWS_SECRET_ACCESS_KEY").or_else(|| from_files("aws_secret_access_key")),
-            session_token: var("AWS_SESSION_TOKEN").or_else(|| from_files("aws_session_token")),
+            access_key_id,
+            secret_access_key,
+            session_token,
             profile,
         }
     }
@@ -407,8 +418,8 @@ s3 =
         assert_eq!(s.secret_access_key.as_deref(), Some("secretenv"));
         assert_eq!(s.region.as_deref(), Some("us-west-2"));
         assert_eq!(s.endpoint.as_deref(), Some("http://localhost:9000"));
-        // The session token of the profile still applies: no variable replaced it.
-        assert_eq!(s.session_token.as_deref(), Some("tok"));
+        // Keys from the environment come as a unit: the profile's session token does not join them.
+        assert_eq!(s.session_token, None);
     }
 
     #[test]

@@ -32,6 +32,10 @@ use crate::{Error, Result, io_err, sync_path};
 pub struct Lake {
     root: PathBuf,
     remote: Option<Remote>,
+    /// For a lake in a bucket: a tag of this process's start, in the names of the raw
+    /// objects and data files it writes, so that two processes never overwrite each other's
+    /// objects (a bucket has no exclusive create for data).
+    writer: Option<String>,
     /// Tables of a remote lake known to have a commit: a table, once created, is never
     /// removed from the bucket (a new major version is refused on a remote lake).
     known: Arc<Mutex<HashSet<String>>>,
@@ -49,6 +53,7 @@ impl Lake {
         Ok(Self {
             root,
             remote: None,
+            writer: None,
             known: Arc::default(),
             locks: Arc::default(),
         })
@@ -70,6 +75,7 @@ impl Lake {
         Ok(Self {
             root,
             remote: Some(remote),
+            writer: Some(writer_tag()),
             known: Arc::default(),
             locks: Arc::default(),
         })
@@ -89,9 +95,59 @@ impl Lake {
         Ok(Self {
             root,
             remote: Some(Remote { location, store }),
+            writer: Some(writer_tag()),
             known: Arc::default(),
             locks: Arc::default(),
         })
+    }
+
+    /// The path of a raw object relative to the lake (see [`crate::raw::object_path`]); in a
+    /// bucket it carries this process's writer tag.
+    pub fn raw_path(&self, dataset: &str, shard: u32, first: u64, last: u64) -> String {
+        let path = crate::raw::object_path(dataset, shard, first, last);
+        match &self.writer {
+            Some(w) => path.replace(".arrow", &format!("-{w}.arrow")),
+            None => path,
+        }
+    }
+
+    /// This process's writer tag in a bucket (see `writer`).
+    pub fn writer(&self) -> Option<&str> {
+        self.writer.as_deref()
+    }
+
+    /// Records which stream feeds a lake in a bucket, or checks it is this one: the raw
+    /// objects, data files and curate's application transactions are named by stream sequence,
+    /// so two streams (two embedded logs, two NATS namespaces) writing one lake would skip or
+    /// overwrite each other's rows. Refused, saying which stream the lake has, when another.
+    pub async fn claim_stream(&self, identity: &str) -> Result<()> {
+        let Some(r) = &self.remote else { return Ok(()) };
+        let key = r.key("_tarn/stream");
+        let opts = deltalake::logstore::object_store::PutOptions {
+            mode: deltalake::logstore::object_store::PutMode::Create,
+            ..Default::default()
+        };
+        let store_err = |e| Error::Store {
+            what: format!("recording the stream at {key}"),
+            source: e,
+        };
+        match r.store.put_opts(&key, identity.to_string().into(), opts).await {
+            Ok(_) => return Ok(()),
+            Err(deltalake::ObjectStoreError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(store_err(e)),
+        }
+        let body = async { r.store.get(&key).await?.bytes().await }
+            .await
+            .map_err(store_err)?;
+        let theirs = String::from_utf8_lossy(&body);
+        if theirs == identity {
+            return Ok(());
+        }
+        Err(Error::Refused(format!(
+            "the lake at {} is fed by the stream {theirs}, and one lake takes one stream (this process's is \
+             {identity}): start it on that stream, or give it a lake of its own",
+            r.location.url()
+        )))
     }
 
     /// The bucket and prefix of a remote lake; `None` for a lake on the local disk.
@@ -606,11 +662,12 @@ pub async fn append(
     version: i64,
 ) -> Result<DeltaTable> {
     let stream = spec.name.clone();
-    append_as(table, spec, &stream, batches, shard, version).await
+    append_as(table, spec, &stream, batches, shard, version, None).await
 }
 
 /// [`append`] of rows from the stream of dataset `stream` (which differs from `spec.name` for
 /// the table of an earlier major version): the application transaction is the stream's.
+/// `writer` tags the file names (a lake in a bucket: see `Lake::writer`).
 pub async fn append_as(
     table: DeltaTable,
     spec: &DatasetSpec,
@@ -618,7 +675,9 @@ pub async fn append_as(
     batches: Vec<RecordBatch>,
     shard: u32,
     version: i64,
+    writer: Option<&str>,
 ) -> Result<DeltaTable> {
+    let writer = writer.map(str::to_string);
     let dataset = spec.name.clone();
     let target = tarn_collector::arrow_schema(spec);
     let batches = batches
@@ -641,6 +700,7 @@ pub async fn append_as(
         let group_ms = t0.elapsed().as_millis() as u64;
         let files = FileSet {
             table_dir: table_dir.as_deref(),
+            writer: writer.as_deref(),
             spec: &spec_w,
             props: writer_properties(&spec_w, &batches, true),
             shard,
@@ -709,6 +769,18 @@ pub async fn append_as(
     let version_committed = commit_actions(&mut table, &dataset, adds, op, props).await?;
     tracing::debug!(dataset, files, write_ms, version = version_committed, "appended");
     Ok(table)
+}
+
+/// A tag of this process's start: 8 hex digits from the clock and the process id.
+fn writer_tag() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in nanos.to_le_bytes().into_iter().chain(std::process::id().to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:08x}", h as u32)
 }
 
 /// How many files of one commit are uploaded at once to a bucket.

@@ -337,6 +337,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let producer_keys = Arc::new(crate::keys::ProducerKeys::open(meta.clone()).context("opening the producer keys")?);
     spawn_meta_refresh(catalog.clone(), producer_keys.clone());
     let lake = open_lake(&args).await?;
+    if lake.remote().is_some() {
+        lake.claim_stream(&stream_identity(&args)?)
+            .await
+            .context("checking which stream feeds the lake")?;
+    }
     let tiers = Tiers::new(
         args.tier_infrequent_dir
             .clone()
@@ -610,6 +615,32 @@ async fn shutdown_signal() {
     }
 }
 
+/// Which stream this process reads, as recorded in a lake in a bucket: `embedded:<id>` (an
+/// id kept in the data directory, made on first use) or `nats://HOST:PORT/NAMESPACE`.
+fn stream_identity(args: &ServeArgs) -> Result<String> {
+    if args.stream != "embedded" {
+        let (server, namespace) = parse_nats(&args.stream)?;
+        let host = server
+            .rsplit('@')
+            .next()
+            .unwrap_or(&server)
+            .trim_start_matches("nats://");
+        return Ok(format!("nats://{host}/{namespace}"));
+    }
+    let path = args.data_dir.join("stream-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) => return Ok(format!("embedded:{}", id.trim())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("reading {}", path.display()));
+        }
+        Err(_) => {}
+    }
+    let id: [u8; 8] = rand::random();
+    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    tarn_catalog::write_synced(&args.data_dir, "stream-id", id.as_bytes())?;
+    Ok(format!("embedded:{id}"))
+}
+
 /// Opens the metadata store `--meta` names: files in the data directory, or PostgreSQL.
 fn open_meta(args: &ServeArgs) -> Result<Arc<tarn_catalog::Meta>> {
     if args.meta == "files" {
@@ -618,10 +649,8 @@ fn open_meta(args: &ServeArgs) -> Result<Arc<tarn_catalog::Meta>> {
         return Ok(Arc::new(tarn_catalog::Meta::files(catalog, args.data_dir.join("keys"))));
     }
     if !args.meta.starts_with("postgres://") && !args.meta.starts_with("postgresql://") {
-        anyhow::bail!(
-            "--meta {}: the metadata store is `files` or postgres://USER[:PASS]@HOST[:PORT]/DB",
-            tarn_catalog::meta::redact_url(&args.meta)
-        );
+        // Not echoed: it may hold a password.
+        anyhow::bail!("--meta: the metadata store is `files` or postgres://USER[:PASS]@HOST[:PORT]/DB");
     }
     let meta = tarn_catalog::Meta::postgres(&args.meta, &args.meta_schema)?;
     tracing::info!(meta = %meta.describe(), "metadata store opened");

@@ -170,8 +170,17 @@ fn processes_starting_together_migrate_one_schema_once() {
 fn a_bad_schema_or_an_unreachable_server_is_a_clear_error() {
     let e = Meta::postgres("postgres://u@127.0.0.1:5432/db", "Bad-Name").expect_err("bad schema");
     assert!(e.to_string().contains("lowercase identifier"), "{e}");
-    let e = Meta::postgres("postgres://tarn:hunter2@127.0.0.1:9/db", "tarn").expect_err("nobody there");
-    let msg = e.to_string();
-    assert!(msg.contains("connecting") && msg.contains("127.0.0.1:9"), "{msg}");
-    assert!(!msg.contains("hunter2"), "the password is never printed: {msg}");
+    for url in [
+        "postgres://tarn:hunter2@127.0.0.1:9/db",
+        "postgres://tarn@127.0.0.1:9/db?password=hunter2",
+        "host=127.0.0.1 port=9 user=tarn password=hunter2 dbname=db",
+    ] {
+        let e = Meta::postgres(url, "tarn").expect_err("nobody there");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("connecting") && msg.contains("tarn@127.0.0.1:9/db"),
+            "{msg}"
+        );
+        assert!(!msg.contains("hunter2"), "the password is never printed: {msg}");
+    }
 }

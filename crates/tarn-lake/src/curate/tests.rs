@@ -119,6 +119,7 @@ async fn files_carry_statistics_and_a_retried_commit_leaves_no_orphans() {
     let parts = crate::datafile::group_by_partition(&spec, &batches).expect("group");
     let files = crate::datafile::FileSet {
         table_dir: Some(&lake.table_dir("bids")),
+        writer: None,
         spec: &spec,
         props: crate::table::writer_properties(&spec, &batches, true),
         shard: 0,

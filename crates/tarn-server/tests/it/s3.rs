@@ -1,7 +1,8 @@
-//! The lake in a bucket of a real S3-compatible server (s3s-fs, started by `scripts/test`):
-//! events in, rows out, a kill -9 and restart without a lost or doubled row, a second process
-//! with an empty data directory reading the same tables, the deltalake Python package reading
-//! them from the bucket, and stores that cannot hold a lake refused at start.
+//! The lake in a bucket of a real S3-compatible server (s3s-fs, started by `scripts/test`),
+//! fed by a stream on NATS: events in, rows out, a kill -9 and restart without a lost or
+//! doubled row, a second process with an empty data directory on the same stream reading the
+//! same tables, a process with another stream refused, the deltalake Python package reading
+//! the tables from the bucket, and stores that cannot hold a lake refused at start.
 
 use std::time::Duration;
 
@@ -27,10 +28,14 @@ fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> 
 async fn a_lake_in_a_bucket_survives_kill9_serves_a_second_process_and_reads_back_in_deltalake() {
     let Some(s3) = s3_server() else { return };
     let Some(python) = python_with_deltalake() else { return };
+    let Some(nats) = nats_server() else { return };
+    let ns = nats_namespace("s3spine");
+    let stream = format!("{nats}/{ns}");
     let lake = s3.lake("spine");
     let env = s3.env();
+    let args = ["--lake", lake.as_str(), "--stream", stream.as_str()];
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = start_auctions_env(dir.path(), &["--lake", &lake], &env);
+    let mut server = start_auctions_env(dir.path(), &args, &env);
     let ours = post_three_days(&server.url).await;
 
     // Another engine reads the table from the bucket.
@@ -51,7 +56,7 @@ async fn a_lake_in_a_bucket_survives_kill9_serves_a_second_process_and_reads_bac
     let (status, _) = post_events(&c, &server.url, "auctions", more(0, 500)).await;
     assert_eq!(status, 200);
     server.kill9();
-    let server = start_auctions_env(dir.path(), &["--lake", &lake], &env);
+    let server = start_auctions_env(dir.path(), &args, &env);
     let (status, _) = post_events(&c, &server.url, "auctions", more(500, 500)).await;
     assert_eq!(status, 200);
     let v = wait_for(
@@ -70,9 +75,10 @@ async fn a_lake_in_a_bucket_survives_kill9_serves_a_second_process_and_reads_bac
     let (_, v) = sql(&c, &server.url, "SELECT count(*) FROM auctions WHERE client_id = 'c9'").await;
     assert_eq!(v["rows"][0][0], 1000, "{v}");
 
-    // A second process with an empty data directory reads the same tables from the bucket.
+    // A second process with an empty data directory on the same stream reads the same
+    // tables from the bucket.
     let dir2 = tempfile::tempdir().expect("tempdir");
-    let other = start_auctions_env(dir2.path(), &["--lake", &lake], &env);
+    let other = start_auctions_env(dir2.path(), &args, &env);
     let (status, v) = sql(
         &c,
         &other.url,
@@ -87,6 +93,17 @@ async fn a_lake_in_a_bucket_survives_kill9_serves_a_second_process_and_reads_bac
     );
     // Scanned files are attributed to the dataset in the bucket too.
     assert!(v["stats"]["files_scanned"].as_u64().unwrap_or(0) > 0, "{v}");
+
+    // A process with a stream of its own (its embedded log) would number its records from 0
+    // again and skip or overwrite rows: the lake refuses it, naming its stream.
+    let dir3 = tempfile::tempdir().expect("tempdir");
+    let msg = serve_refused(dir3.path(), &lake, &env);
+    assert!(
+        msg.contains("is fed by the stream nats://") && msg.contains(&ns),
+        "{msg}"
+    );
+    drop((server, other));
+    nats_cleanup(&nats, &ns).await;
 }
 
 /// Runs `tarn serve` expecting it to refuse to start; returns what it printed.
@@ -151,11 +168,16 @@ fn tarn_admin(args: &[&str]) -> (bool, String, String) {
 async fn a_lake_in_a_bucket_is_compacted_vacuumed_and_reported() {
     use crate::maintenance::{post_in_pieces, scan, tarn_compact};
     let Some(s3) = s3_server() else { return };
+    let Some(nats) = nats_server() else { return };
+    let ns = nats_namespace("s3maint");
+    let stream = format!("{nats}/{ns}");
     let lake = s3.lake("maintenance");
     let env = s3.env();
     let manual = [
         "--lake",
         lake.as_str(),
+        "--stream",
+        stream.as_str(),
         "--compact-trigger-files",
         "0",
         "--compact-every-s",
@@ -220,6 +242,8 @@ async fn a_lake_in_a_bucket_is_compacted_vacuumed_and_reported() {
             );
         }
     }
+    drop((s, s2));
+    nats_cleanup(&nats, &ns).await;
 }
 
 /// Posts `requests` requests of 10 events from id `first`, each waited on until queryable.
