@@ -139,8 +139,10 @@ impl Catalog {
     /// Reads the contracts in force again from the store (another process sharing it may
     /// have changed them). Returns how many changed, appeared or went.
     pub fn refresh(&self) -> Result<usize> {
-        let fresh = load_datasets(&self.meta)?;
+        // Read under the lock: a change this process makes meanwhile is not undone by an
+        // older read.
         let mut map = self.datasets.write().unwrap_or_else(|e| e.into_inner());
+        let fresh = load_datasets(&self.meta)?;
         let changed = fresh.iter().filter(|(k, v)| map.get(*k) != Some(*v)).count()
             + map.keys().filter(|k| !fresh.contains_key(*k)).count();
         if changed > 0 {
@@ -192,6 +194,54 @@ impl Catalog {
         self.meta
             .put(&[(Kind::Version, &doc, &version), (Kind::Dataset, &spec.name, &contract)])?;
         Ok(Some(v.label()))
+    }
+
+    /// Replaces the contract `old` with `spec` (and keeps its version) only if `old` is still
+    /// the contract in the store: a process sharing the store may have changed it since this
+    /// one read it, and the evolution rules were checked against `old`.
+    fn replace(
+        &self,
+        old: &DatasetSpec,
+        spec: &DatasetSpec,
+        minor: u32,
+        changes: &[evolution::Change],
+    ) -> Result<String> {
+        let v = Version {
+            major: spec.major,
+            minor,
+            applied_at: now_rfc3339(),
+            changes: changes.to_vec(),
+            contract: spec.clone(),
+        };
+        let corrupt = |e: serde_json::Error| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {}", spec.name)),
+            reason: e.to_string(),
+        };
+        let version = serde_json::to_vec_pretty(&v).map_err(corrupt)?;
+        let contract = serde_json::to_vec_pretty(spec).map_err(corrupt)?;
+        let (name, label, old) = (spec.name.clone(), v.label(), old.clone());
+        let doc = format!("{name}/{label}");
+        self.meta.update(
+            Kind::Dataset,
+            &spec.name,
+            Box::new(move |current| {
+                let current: Option<DatasetSpec> =
+                    current
+                        .map(serde_json::from_slice)
+                        .transpose()
+                        .map_err(|e| Error::Corrupt {
+                            path: PathBuf::from(format!("dataset {name}")),
+                            reason: e.to_string(),
+                        })?;
+                if current.as_ref() != Some(&old) {
+                    return Err(Error::Meta(format!(
+                        "the contract of {name} was changed by another process since this one read it; apply again"
+                    )));
+                }
+                Ok(vec![(Kind::Version, doc, version), (Kind::Dataset, name, contract)])
+            }),
+        )?;
+        Ok(label)
     }
 
     /// The contract in force of one dataset, read from the store.
@@ -296,7 +346,17 @@ impl Catalog {
                 .max()
                 .unwrap_or(0)
         };
-        let version = self.save(&spec, minor, &ev.changes, false)?;
+        let version = match self.replace(&old, &spec, minor, &ev.changes) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                // Another process changed the contract since this one read it: take its
+                // contract, so that applying again evolves from it.
+                if let Ok(current) = self.load_one(&spec.name) {
+                    map.insert(spec.name.clone(), current);
+                }
+                return Err(e);
+            }
+        };
         let spec = Arc::new(spec);
         map.insert(spec.name.clone(), spec.clone());
         Ok(Applied {

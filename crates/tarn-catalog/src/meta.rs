@@ -176,6 +176,29 @@ impl Meta {
         }
     }
 
+    /// Reads one document and writes what `f` makes of it, with no other `update` of that
+    /// document in between (in PostgreSQL: one transaction under an advisory lock on the
+    /// document; with files the store has one process, and callers hold their own lock). `f`
+    /// returns every document to write, in order (the one read among them, or not); an error
+    /// from `f` writes nothing.
+    pub fn update(&self, kind: Kind, name: &str, f: UpdateFn) -> Result<()> {
+        match &self.backend {
+            Backend::Files { .. } => {
+                let current = self.get(kind, name)?;
+                let docs = f(current.as_deref())?;
+                let refs: Vec<(Kind, &str, &[u8])> =
+                    docs.iter().map(|(k, n, b)| (*k, n.as_str(), b.as_slice())).collect();
+                self.put(&refs)
+            }
+            Backend::Postgres(pg) => pg.call(|reply| Req::Update {
+                kind,
+                name: name.to_string(),
+                f,
+                reply,
+            }),
+        }
+    }
+
     /// Removes a document; one that does not exist is no error.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<()> {
         match &self.backend {
@@ -280,6 +303,9 @@ impl Meta {
 /// A document's name and body.
 pub type Doc = (String, Vec<u8>);
 
+/// What [`Meta::update`] runs on the document it read: the documents to write.
+pub type UpdateFn = Box<dyn FnOnce(Option<&[u8]>) -> Result<Vec<(Kind, String, Vec<u8>)>> + Send>;
+
 /// A request to the PostgreSQL thread, with where its answer goes.
 enum Req {
     Get {
@@ -299,6 +325,13 @@ enum Req {
     Delete {
         kind: Kind,
         name: String,
+        reply: mpsc::SyncSender<Result<()>>,
+    },
+    /// A read-modify-write of one document under its lock.
+    Update {
+        kind: Kind,
+        name: String,
+        f: UpdateFn,
         reply: mpsc::SyncSender<Result<()>>,
     },
     /// The first document only if absent, then the rest.
@@ -415,7 +448,15 @@ impl Pg {
                         }
                     }
                     if let Some(c) = client.as_mut() {
-                        rt.block_on(serve(c, &schema, req));
+                        // A request that takes longer than its caller waits drops the connection
+                        // (a half-open one would hold this thread); the next opens a new one.
+                        if rt
+                            .block_on(async { tokio::time::timeout(PG_TIMEOUT, serve(c, &schema, req)).await })
+                            .is_err()
+                        {
+                            tracing::warn!("a metadata request timed out; reconnecting");
+                            client = None;
+                        }
                     }
                 }
             })
@@ -456,6 +497,7 @@ fn fail(req: Req, why: &str) {
         Req::Put { reply, .. } => drop(reply.send(Err(e()))),
         Req::Delete { reply, .. } => drop(reply.send(Err(e()))),
         Req::Create { reply, .. } => drop(reply.send(Err(e()))),
+        Req::Update { reply, .. } => drop(reply.send(Err(e()))),
     }
 }
 
@@ -551,6 +593,43 @@ async fn serve(client: &mut tokio_postgres::Client, schema: &str, req: Req) {
                         .collect()
                 })
                 .map_err(pg_err("listing metadata"));
+            let _ = reply.send(r);
+        }
+        Req::Update { kind, name, f, reply } => {
+            let r = async {
+                let tx = client.transaction().await.map_err(pg_err("starting an update"))?;
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1))",
+                    &[&format!("tarn-meta:{schema}:{}:{name}", kind.as_str())],
+                )
+                .await
+                .map_err(pg_err("locking a document"))?;
+                let current: Option<String> = tx
+                    .query_opt(
+                        &format!("SELECT body::text FROM {schema}.meta WHERE kind = $1 AND name = $2"),
+                        &[&kind.as_str(), &name],
+                    )
+                    .await
+                    .map_err(pg_err("reading metadata"))?
+                    .map(|r| r.get(0));
+                let docs = f(current.as_deref().map(str::as_bytes))?;
+                let stmt = tx
+                    .prepare(&format!(
+                        "INSERT INTO {schema}.meta (kind, name, body) VALUES ($1, $2, $3::text::jsonb)
+                         ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, updated_at = now()"
+                    ))
+                    .await
+                    .map_err(pg_err("writing metadata"))?;
+                for (kind, name, body) in &docs {
+                    let body =
+                        std::str::from_utf8(body).map_err(|e| Error::Meta(format!("{name}: not UTF-8 JSON: {e}")))?;
+                    tx.execute(&stmt, &[&kind.as_str(), name, &body])
+                        .await
+                        .map_err(pg_err("writing metadata"))?;
+                }
+                tx.commit().await.map_err(pg_err("committing metadata"))
+            }
+            .await;
             let _ = reply.send(r);
         }
         Req::Put { docs, reply } => {

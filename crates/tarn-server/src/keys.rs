@@ -222,8 +222,9 @@ impl ProducerKeys {
     /// Reads the keys again (another process sharing the store may have issued or revoked
     /// some).
     pub fn refresh(&self) -> Result<()> {
-        let fresh = Self::load(&self.meta)?;
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        // Read under the lock: a key this process issues meanwhile is not undone by an older read.
+        let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        *held = Self::load(&self.meta)?;
         Ok(())
     }
 
@@ -241,34 +242,54 @@ impl ProducerKeys {
         tarn_core::name::check_app(producer)?;
         let bytes: [u8; 24] = rand::random();
         let secret = format!("tarn_wk_{}", hex(&bytes));
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let mut next = keys.clone();
-        next.push(ProducerKey {
+        let key = ProducerKey {
             producer: producer.to_string(),
             sha256: sha256_hex(&secret),
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        });
-        self.write(&next)?;
-        *keys = next;
+        };
+        self.rewrite(move |keys| keys.push(key))?;
         Ok(secret)
     }
 
     /// Takes back every key of `producer`.
     pub fn revoke(&self, producer: &str) -> Result<()> {
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
-        let next: Vec<ProducerKey> = keys.iter().filter(|k| k.producer != producer).cloned().collect();
-        self.write(&next)?;
-        *keys = next;
-        Ok(())
+        let producer = producer.to_string();
+        self.rewrite(move |keys| keys.retain(|k| k.producer != producer))
     }
 
-    fn write(&self, keys: &[ProducerKey]) -> Result<()> {
-        let text = serde_json::to_vec_pretty(&ProducerKeyFile {
-            version: 1,
-            keys: keys.to_vec(),
-        })?;
-        self.meta
-            .put(&[(tarn_catalog::Kind::ProducerKeys, PRODUCER_KEYS_DOC, &text)])?;
+    /// Changes the keys as they are in the store, not as this process last read them (another
+    /// process sharing the store may have issued or revoked some since), in one update of the
+    /// store; then holds the result.
+    fn rewrite(&self, change: impl FnOnce(&mut Vec<ProducerKey>) + Send + 'static) -> Result<()> {
+        use tarn_catalog::Kind;
+        let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let result = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let out = result.clone();
+        self.meta.update(
+            Kind::ProducerKeys,
+            PRODUCER_KEYS_DOC,
+            Box::new(move |current| {
+                let invalid = |e: serde_json::Error| tarn_catalog::Error::Corrupt {
+                    path: std::path::PathBuf::from("producer keys"),
+                    reason: e.to_string(),
+                };
+                let mut keys = match current {
+                    Some(b) => serde_json::from_slice::<ProducerKeyFile>(b).map_err(invalid)?.keys,
+                    None => Vec::new(),
+                };
+                change(&mut keys);
+                let text = serde_json::to_vec_pretty(&ProducerKeyFile {
+                    version: 1,
+                    keys: keys.clone(),
+                })
+                .map_err(invalid)?;
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(keys);
+                Ok(vec![(Kind::ProducerKeys, PRODUCER_KEYS_DOC.to_string(), text)])
+            }),
+        )?;
+        if let Some(keys) = result.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            *held = keys;
+        }
         Ok(())
     }
 
@@ -359,6 +380,35 @@ mod tests {
             Err(SqlDenied::TenantKey { key: "acme".into() })
         );
         assert_eq!(keys.sql_caller(Some("Bearer nope")), Err(SqlDenied::Unknown));
+    }
+
+    /// Two processes sharing a PostgreSQL store, neither reading the other's changes first:
+    /// an issue never drops the other's key, and a revoke is never undone.
+    #[test]
+    fn keys_changed_by_two_processes_stay_as_both_left_them() {
+        let Ok(url) = std::env::var("TARN_TEST_POSTGRES") else {
+            let msg = "TARN_TEST_POSTGRES is not set: this test needs PostgreSQL (scripts/test sets it)";
+            assert!(std::env::var("CI").is_err(), "{msg}");
+            eprintln!("skipped: {msg}");
+            return;
+        };
+        let schema = format!("it_keys_{}", std::process::id());
+        let open = || {
+            let meta = tarn_catalog::Meta::postgres(&url, &schema).expect("meta");
+            ProducerKeys::open(std::sync::Arc::new(meta)).expect("keys")
+        };
+        let (a, b) = (open(), open());
+        a.issue("one").expect("issue");
+        b.issue("two").expect("issue");
+        a.revoke("one").expect("revoke");
+        b.issue("three").expect("issue");
+        let c = open();
+        assert!(!c.has("one"), "the revoke stands");
+        assert!(c.has("two") && c.has("three"), "no issue lost");
+        let _ = std::process::Command::new("psql")
+            .args([url.as_str(), "-qc"])
+            .arg(format!("DROP SCHEMA {schema} CASCADE"))
+            .output();
     }
 
     #[test]
