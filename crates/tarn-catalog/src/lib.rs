@@ -166,34 +166,17 @@ impl Catalog {
         Ok(out)
     }
 
-    /// Keeps a version of `spec` and puts it in force, together (one transaction where the
-    /// store has them; the version first otherwise). Returns the version's label; `None` when
-    /// `new` and the dataset exists in the store after all (another process created it).
-    fn save(&self, spec: &DatasetSpec, minor: u32, changes: &[evolution::Change], new: bool) -> Result<Option<String>> {
-        let v = Version {
-            major: spec.major,
-            minor,
-            applied_at: now_rfc3339(),
-            changes: changes.to_vec(),
-            contract: spec.clone(),
-        };
-        let corrupt = |e: serde_json::Error| Error::Corrupt {
-            path: PathBuf::from(format!("dataset {}", spec.name)),
-            reason: e.to_string(),
-        };
-        let version = serde_json::to_vec_pretty(&v).map_err(corrupt)?;
-        let contract = serde_json::to_vec_pretty(spec).map_err(corrupt)?;
-        let doc = format!("{}/{}", spec.name, v.label());
-        if new {
-            let created = self.meta.create(
-                (Kind::Dataset, &spec.name, &contract),
-                &[(Kind::Version, &doc, &version)],
-            )?;
-            return Ok(created.then(|| v.label()));
-        }
-        self.meta
-            .put(&[(Kind::Version, &doc, &version), (Kind::Dataset, &spec.name, &contract)])?;
-        Ok(Some(v.label()))
+    /// Creates a dataset with `spec` in force and kept as its first version, together (one
+    /// transaction where the store has them; the version first otherwise). Returns the
+    /// version's label; `None` when the dataset exists in the store after all (another process
+    /// created it).
+    fn create(&self, spec: &DatasetSpec) -> Result<Option<String>> {
+        let d = Documents::of(spec, 0, &[])?;
+        let created = self.meta.create(
+            (Kind::Dataset, &spec.name, &d.contract),
+            &[(Kind::Version, &d.version_doc, &d.version)],
+        )?;
+        Ok(created.then_some(d.label))
     }
 
     /// Replaces the contract `old` with `spec` (and keeps its version) only if `old` is still
@@ -206,21 +189,13 @@ impl Catalog {
         minor: u32,
         changes: &[evolution::Change],
     ) -> Result<String> {
-        let v = Version {
-            major: spec.major,
-            minor,
-            applied_at: now_rfc3339(),
-            changes: changes.to_vec(),
-            contract: spec.clone(),
-        };
-        let corrupt = |e: serde_json::Error| Error::Corrupt {
-            path: PathBuf::from(format!("dataset {}", spec.name)),
-            reason: e.to_string(),
-        };
-        let version = serde_json::to_vec_pretty(&v).map_err(corrupt)?;
-        let contract = serde_json::to_vec_pretty(spec).map_err(corrupt)?;
-        let (name, label, old) = (spec.name.clone(), v.label(), old.clone());
-        let doc = format!("{name}/{label}");
+        let Documents {
+            label,
+            version_doc: doc,
+            version,
+            contract,
+        } = Documents::of(spec, minor, changes)?;
+        let (name, old) = (spec.name.clone(), old.clone());
         self.meta.update(
             Kind::Dataset,
             &spec.name,
@@ -262,19 +237,8 @@ impl Catalog {
 
     /// Keeps a version of `spec` without changing what is in force.
     fn keep_version(&self, spec: &DatasetSpec) -> Result<()> {
-        let v = Version {
-            major: spec.major,
-            minor: 0,
-            applied_at: now_rfc3339(),
-            changes: Vec::new(),
-            contract: spec.clone(),
-        };
-        let body = serde_json::to_vec_pretty(&v).map_err(|e| Error::Corrupt {
-            path: PathBuf::from(format!("dataset {}", spec.name)),
-            reason: e.to_string(),
-        })?;
-        self.meta
-            .put(&[(Kind::Version, &format!("{}/{}", spec.name, v.label()), &body)])
+        let d = Documents::of(spec, 0, &[])?;
+        self.meta.put(&[(Kind::Version, &d.version_doc, &d.version)])
     }
 
     /// Applies a contract: registers a new dataset, or replaces the contract of an existing one
@@ -301,7 +265,7 @@ impl Catalog {
                 break old.clone();
             }
             // New here; created only if no other process sharing the store made it first.
-            if let Some(version) = self.save(&spec, 0, &[], true)? {
+            if let Some(version) = self.create(&spec)? {
                 let spec = Arc::new(spec);
                 map.insert(spec.name.clone(), spec.clone());
                 return Ok(Applied {
@@ -411,7 +375,7 @@ impl Catalog {
                 }
                 return Err(Error::Conflict { name: spec.name });
             }
-            if self.save(&spec, 0, &[], true)?.is_some() {
+            if self.create(&spec)?.is_some() {
                 let spec = Arc::new(spec);
                 map.insert(spec.name.clone(), spec.clone());
                 return Ok(spec);
@@ -435,6 +399,37 @@ impl Catalog {
             out.push(self.evolve(spec)?);
         }
         Ok(out)
+    }
+}
+
+/// What putting a contract in force writes: its version (label, document name, body) and the
+/// contract itself.
+struct Documents {
+    label: String,
+    version_doc: String,
+    version: Vec<u8>,
+    contract: Vec<u8>,
+}
+
+impl Documents {
+    fn of(spec: &DatasetSpec, minor: u32, changes: &[evolution::Change]) -> Result<Self> {
+        let v = Version {
+            major: spec.major,
+            minor,
+            applied_at: now_rfc3339(),
+            changes: changes.to_vec(),
+            contract: spec.clone(),
+        };
+        let corrupt = |e: serde_json::Error| Error::Corrupt {
+            path: PathBuf::from(format!("dataset {}", spec.name)),
+            reason: e.to_string(),
+        };
+        Ok(Self {
+            version_doc: format!("{}/{}", spec.name, v.label()),
+            label: v.label(),
+            version: serde_json::to_vec_pretty(&v).map_err(corrupt)?,
+            contract: serde_json::to_vec_pretty(spec).map_err(corrupt)?,
+        })
     }
 }
 
