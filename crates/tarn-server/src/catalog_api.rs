@@ -196,7 +196,7 @@ pub async fn apply_specs(
             if app.producer_keys.has(&p) {
                 continue;
             }
-            match app.producer_keys.issue(&p) {
+            match blocking(|| app.producer_keys.issue(&p)) {
                 Ok(secret) => keys.push(IssuedKey { producer: p, secret }),
                 Err(e) => {
                     revoke(app, &keys);
@@ -216,7 +216,7 @@ pub async fn apply_specs(
 
 fn revoke(app: &App, keys: &[IssuedKey]) {
     for k in keys {
-        if let Err(e) = app.producer_keys.revoke(&k.producer) {
+        if let Err(e) = blocking(|| app.producer_keys.revoke(&k.producer)) {
             tracing::error!(producer = %k.producer, error = %e, "taking back a key after a failed apply");
         }
     }
@@ -241,7 +241,7 @@ async fn apply_contracts(app: &Arc<App>, specs: Vec<tarn_core::DatasetSpec>) -> 
             .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
             .map_err(|e| api(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("{e:#}")))?
         } else {
-            app.catalog.evolve(spec).map_err(crate::http::catalog_error)?
+            blocking(|| app.catalog.evolve(spec)).map_err(crate::http::catalog_error)?
         };
         let Some(version) = a.version.clone() else {
             continue;
@@ -300,7 +300,7 @@ async fn apply_contracts(app: &Arc<App>, specs: Vec<tarn_core::DatasetSpec>) -> 
 
 /// `GET /v1/datasets/{name}/versions`: every kept contract, oldest first.
 pub async fn versions(State(app): State<Arc<App>>, UrlPath(name): UrlPath<String>) -> Result<Response, ApiError> {
-    let v = app.catalog.versions(&name).map_err(crate::http::catalog_error)?;
+    let v = blocking(|| app.catalog.versions(&name)).map_err(crate::http::catalog_error)?;
     if v.is_empty() {
         return Err(api(
             StatusCode::NOT_FOUND,
@@ -320,7 +320,7 @@ pub async fn version(
     State(app): State<Arc<App>>,
     UrlPath((name, label)): UrlPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let v = app.catalog.versions(&name).map_err(crate::http::catalog_error)?;
+    let v = blocking(|| app.catalog.versions(&name)).map_err(crate::http::catalog_error)?;
     match v.into_iter().find(|v| v.label() == label) {
         Some(v) => Ok(axum::Json(v).into_response()),
         None => Err(api(
@@ -645,7 +645,7 @@ pub async fn register_handler(
             spec.major = old.major + 1;
         }
     }
-    let applied = app.catalog.evolve_major(spec).map_err(crate::http::catalog_error)?;
+    let applied = blocking(|| app.catalog.evolve_major(spec)).map_err(crate::http::catalog_error)?;
     app.query.forget(&body.name).await;
     tracing::info!(dataset = %body.name, location = %found.location, files = found.files, "registered data read in place");
     Ok(axum::Json(json!({
@@ -724,4 +724,11 @@ pub async fn run_register(a: RegisterArgs) -> Result<()> {
         v["version"].as_str().unwrap_or("unchanged")
     );
     Ok(())
+}
+
+/// Runs a call on the metadata store (a PostgreSQL round trip, or a synced file write) from an
+/// async handler without holding up the other tasks of this worker thread: the runtime moves
+/// them elsewhere while it runs (the server's runtime is multi-threaded).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
 }
