@@ -342,6 +342,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .await
             .context("checking which stream feeds the lake")?;
     }
+    spawn_table_discovery(lake.clone(), catalog.clone());
     let tiers = Tiers::new(
         args.tier_infrequent_dir
             .clone()
@@ -684,6 +685,33 @@ fn spawn_meta_refresh(catalog: Arc<Catalog>, keys: Arc<crate::keys::ProducerKeys
         }
     });
 }
+
+/// For a lake in a bucket: looks every [`TABLE_DISCOVERY`] for the tables of known datasets
+/// that this process has not seen (another process created them), so that listings that do not
+/// ask the bucket themselves (the PostgreSQL protocol's catalog) show them too.
+fn spawn_table_discovery(lake: Lake, catalog: Arc<Catalog>) {
+    if lake.remote().is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TABLE_DISCOVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for spec in catalog.list() {
+                if spec.external.is_some() || lake.table_exists(&spec.name) {
+                    continue;
+                }
+                if let Err(e) = lake.has_table(&spec.name).await {
+                    tracing::warn!(dataset = %spec.name, error = %e, "looking for a table in the bucket failed");
+                }
+            }
+        }
+    });
+}
+
+/// How often a process looks for tables other processes created in a bucket.
+const TABLE_DISCOVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often a shared metadata store is read again.
 const META_REFRESH: std::time::Duration = std::time::Duration::from_secs(2);

@@ -262,3 +262,80 @@ async fn post_in_pieces_from(c: &reqwest::Client, url: &str, first: usize, reque
         wait_for(c, url, "SELECT count(*) FROM auctions", 30, |v| v["rows"][0][0] == want).await;
     }
 }
+
+/// A process that learns of a dataset from the shared metadata store finds its table, made
+/// by another process in the bucket, on its own: the PostgreSQL protocol's catalog (which does
+/// not ask the bucket) lists it within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
+    let Some(s3) = s3_server() else { return };
+    let Some(nats) = nats_server() else { return };
+    let Ok(pg) = std::env::var("TARN_TEST_POSTGRES") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "TARN_TEST_POSTGRES is not set (scripts/test sets it)"
+        );
+        return;
+    };
+    let ns = nats_namespace("s3pgcat");
+    let stream = format!("{nats}/{ns}");
+    let schema = format!("it_s3pgcat_{}", std::process::id());
+    let lake = s3.lake("pgcatalog");
+    let env = s3.env();
+    let args = [
+        "--lake",
+        lake.as_str(),
+        "--stream",
+        stream.as_str(),
+        "--meta",
+        pg.as_str(),
+        "--meta-schema",
+        schema.as_str(),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start_auctions_env(dir.path(), &args, &env);
+    let c = client();
+    let (status, v) = post_events(
+        &c,
+        &a.url,
+        "auctions",
+        r#"{"event_id":"p1","ts":"2026-11-22T10:00:00Z","client_id":"c1","cpm":1.0}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(&c, &a.url, "SELECT count(*) FROM auctions", 30, |v| {
+        v["rows"][0][0] == 1
+    })
+    .await;
+
+    // B has no descriptor: it knows auctions from the store, and its table from the bucket.
+    let b = Server::start_env(&dir.path().join("b/data"), &args, &env);
+    let addr = b.pg.clone().expect("postgres listener");
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    let start = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new("psql")
+            .args([
+                "-h", host, "-p", port, "-U", "tarn", "-d", "tarn", "-X", "-A", "-t", "-c",
+            ])
+            .arg("SELECT table_name FROM information_schema.tables")
+            .output()
+            .expect("psql (scripts/test installs it)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.lines().any(|l| l.trim() == "auctions") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "auctions never listed: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop((a, b));
+    nats_cleanup(&nats, &ns).await;
+    let _ = std::process::Command::new("psql")
+        .args([pg.as_str(), "-qc"])
+        .arg(format!("DROP SCHEMA {schema} CASCADE"))
+        .output();
+}
