@@ -4,11 +4,10 @@
 //! them, leave every row in the table exactly once.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use deltalake::logstore::object_store::memory::InMemory;
+use deltalake::logstore::object_store::ObjectStoreExt as _;
 use deltalake::logstore::object_store::path::Path as ObjectPath;
-use deltalake::logstore::object_store::{self, ObjectStore, ObjectStoreExt as _, PutPayload};
 use tarn_catalog::Catalog;
 use tarn_core::DatasetSpec;
 use tarn_log::Log;
@@ -16,119 +15,8 @@ use tarn_log::Log;
 use crate::compact::{CompactOptions, compact_dataset, table_files};
 use crate::curate::{CurateOptions, Curator};
 use crate::store::S3Location;
-use crate::testkit::{SPEC, count_of, record_of};
+use crate::testkit::{Faulty, SPEC, count_of, record_of};
 use crate::{Lake, ObjectCreated};
-
-/// An in-memory bucket that fails some requests while `on`, drawn from a seeded sequence so
-/// that a run repeats: a put is lost before it is stored (one in ten), or stored but answered
-/// with an error (one in ten); a read fails (one in twenty).
-#[derive(Debug, Default)]
-struct Faulty {
-    inner: InMemory,
-    on: AtomicBool,
-    draws: AtomicUsize,
-    /// Faults injected so far.
-    injected: AtomicUsize,
-    /// Delta commit entries stored whose answer was lost.
-    commits_answer_lost: AtomicUsize,
-}
-
-impl Faulty {
-    /// The next draw in 0..100 (a fixed hash of the draw's number), or `None` when off.
-    fn draw(&self) -> Option<u64> {
-        if !self.on.load(Ordering::SeqCst) {
-            return None;
-        }
-        let n = self.draws.fetch_add(1, Ordering::SeqCst) as u64;
-        let mut x = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Some((x ^ (x >> 31)) % 100)
-    }
-}
-
-impl std::fmt::Display for Faulty {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Faulty")
-    }
-}
-
-fn injected(what: &str) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "Faulty",
-        source: format!("injected fault: {what}").into(),
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for Faulty {
-    async fn put_opts(
-        &self,
-        location: &ObjectPath,
-        payload: PutPayload,
-        opts: object_store::PutOptions,
-    ) -> object_store::Result<object_store::PutResult> {
-        match self.draw() {
-            Some(0..10) => {
-                self.injected.fetch_add(1, Ordering::SeqCst);
-                Err(injected("the put never arrived"))
-            }
-            Some(10..20) => {
-                let stored = self.inner.put_opts(location, payload, opts).await;
-                if stored.is_ok() {
-                    self.injected.fetch_add(1, Ordering::SeqCst);
-                    if location.as_ref().contains("_delta_log/") && location.as_ref().ends_with(".json") {
-                        self.commits_answer_lost.fetch_add(1, Ordering::SeqCst);
-                    }
-                    return Err(injected("the put landed but its answer was lost"));
-                }
-                stored
-            }
-            _ => self.inner.put_opts(location, payload, opts).await,
-        }
-    }
-    async fn put_multipart_opts(
-        &self,
-        location: &ObjectPath,
-        opts: object_store::PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(
-        &self,
-        location: &ObjectPath,
-        options: object_store::GetOptions,
-    ) -> object_store::Result<object_store::GetResult> {
-        if self.draw().is_some_and(|d| d < 5) {
-            self.injected.fetch_add(1, Ordering::SeqCst);
-            return Err(injected("the read failed"));
-        }
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(
-        &self,
-        locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(
-        &self,
-        prefix: Option<&ObjectPath>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(&self, prefix: Option<&ObjectPath>) -> object_store::Result<object_store::ListResult> {
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(
-        &self,
-        from: &ObjectPath,
-        to: &ObjectPath,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
-}
 
 /// Runs `f` until it succeeds, as a consumer retries from its committed offset; at most 50
 /// attempts.

@@ -281,24 +281,29 @@ pub async fn probe(remote: &Remote) -> Result<()> {
 
 /// Makes delta-rs open `s3://` tables with stores built from `settings` (one client per
 /// bucket, shared) and commit through its default log store, whose commits are conditional
-/// puts. Process-wide, as delta-rs's registries are; the last call's settings win.
-pub fn register_s3(settings: &S3Settings) {
+/// puts; returns the shared client of `bucket`, for the lake's own objects. Process-wide, as
+/// delta-rs's registries are; the last call's settings win.
+pub fn register_s3(settings: &S3Settings, bucket: &str) -> Result<Arc<dyn ObjectStore>> {
     let factory = Arc::new(S3Factory {
         settings: settings.clone(),
         stores: Mutex::default(),
     });
-    let scheme = Url::parse("s3://").unwrap_or_else(|_| unreachable!());
-    deltalake::logstore::object_store_factories().insert(scheme.clone(), factory.clone());
-    deltalake::logstore::logstore_factories().insert(scheme, factory);
+    let store = factory.bucket_store(bucket)?;
+    install(factory);
+    Ok(store)
 }
 
 /// Makes delta-rs open tables in `bucket` through `store` (a test's own store).
 #[cfg(test)]
 pub(crate) fn register_s3_store(bucket: &str, store: Arc<dyn ObjectStore>) {
-    let factory = Arc::new(S3Factory {
+    install(Arc::new(S3Factory {
         settings: S3Settings::default(),
         stores: Mutex::new(HashMap::from([(bucket.to_string(), store)])),
-    });
+    }));
+}
+
+/// Puts `factory` in delta-rs's registries for the `s3://` scheme.
+fn install(factory: Arc<S3Factory>) {
     let scheme = Url::parse("s3://").unwrap_or_else(|_| unreachable!());
     deltalake::logstore::object_store_factories().insert(scheme.clone(), factory.clone());
     deltalake::logstore::logstore_factories().insert(scheme, factory);
@@ -440,68 +445,6 @@ s3 =
         assert!(!format!("{s:?}").contains("secretdefault"));
     }
 
-    /// A store that forgets every put's conditions, as `rclone serve s3` and `s3rver` do.
-    #[derive(Debug)]
-    struct IgnoresConditions(object_store::memory::InMemory);
-
-    impl std::fmt::Display for IgnoresConditions {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("IgnoresConditions")
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl ObjectStore for IgnoresConditions {
-        async fn put_opts(
-            &self,
-            location: &ObjectPath,
-            payload: PutPayload,
-            _opts: object_store::PutOptions,
-        ) -> object_store::Result<object_store::PutResult> {
-            self.0.put(location, payload).await
-        }
-        async fn put_multipart_opts(
-            &self,
-            location: &ObjectPath,
-            opts: object_store::PutMultipartOptions,
-        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-            self.0.put_multipart_opts(location, opts).await
-        }
-        async fn get_opts(
-            &self,
-            location: &ObjectPath,
-            options: object_store::GetOptions,
-        ) -> object_store::Result<object_store::GetResult> {
-            self.0.get_opts(location, options).await
-        }
-        fn delete_stream(
-            &self,
-            locations: futures::stream::BoxStream<'static, object_store::Result<ObjectPath>>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<ObjectPath>> {
-            self.0.delete_stream(locations)
-        }
-        fn list(
-            &self,
-            prefix: Option<&ObjectPath>,
-        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-            self.0.list(prefix)
-        }
-        async fn list_with_delimiter(
-            &self,
-            prefix: Option<&ObjectPath>,
-        ) -> object_store::Result<object_store::ListResult> {
-            self.0.list_with_delimiter(prefix).await
-        }
-        async fn copy_opts(
-            &self,
-            from: &ObjectPath,
-            to: &ObjectPath,
-            options: object_store::CopyOptions,
-        ) -> object_store::Result<()> {
-            self.0.copy_opts(from, to, options).await
-        }
-    }
-
     fn remote(store: Arc<dyn ObjectStore>) -> Remote {
         Remote {
             location: S3Location::parse("s3://lake/probe-test").expect("location"),
@@ -519,7 +462,10 @@ s3 =
 
     #[tokio::test]
     async fn the_probe_refuses_a_store_that_ignores_conditional_puts() {
-        let store = Arc::new(IgnoresConditions(object_store::memory::InMemory::new()));
+        let store = Arc::new(crate::testkit::Faulty {
+            ignore_conditions: true,
+            ..Default::default()
+        });
         let e = probe(&remote(store)).await.expect_err("refused");
         let msg = e.to_string();
         assert!(msg.contains("ignored a conditional put"), "{msg}");

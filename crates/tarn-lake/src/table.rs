@@ -63,22 +63,12 @@ impl Lake {
     /// reason, when the bucket cannot be written or does not honour conditional puts (see
     /// [`crate::store::probe`]).
     pub async fn open_s3(local: impl AsRef<Path>, location: S3Location, settings: &S3Settings) -> Result<Self> {
-        let local = local.as_ref().to_path_buf();
-        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
-        let root = local.canonicalize().map_err(io_err(&local))?;
-        crate::store::register_s3(settings);
         let remote = Remote {
-            store: settings.store(&location.bucket)?,
+            store: crate::store::register_s3(settings, &location.bucket)?,
             location,
         };
         crate::store::probe(&remote).await?;
-        Ok(Self {
-            root,
-            remote: Some(remote),
-            writer: Some(writer_tag()),
-            known: Arc::default(),
-            locks: Arc::default(),
-        })
+        Self::in_bucket(local.as_ref(), remote)
     }
 
     /// A lake in a bucket served by `store` (a test's own), without the probe.
@@ -88,13 +78,17 @@ impl Lake {
         location: S3Location,
         store: Arc<dyn deltalake::ObjectStore>,
     ) -> Result<Self> {
-        let local = local.as_ref().to_path_buf();
-        std::fs::create_dir_all(&local).map_err(io_err(&local))?;
-        let root = local.canonicalize().map_err(io_err(&local))?;
         crate::store::register_s3_store(&location.bucket, store.clone());
+        Self::in_bucket(local.as_ref(), Remote { location, store })
+    }
+
+    /// A lake in `remote`, with `local` (created if needed) for this process's own files.
+    fn in_bucket(local: &Path, remote: Remote) -> Result<Self> {
+        std::fs::create_dir_all(local).map_err(io_err(local))?;
+        let root = local.canonicalize().map_err(io_err(local))?;
         Ok(Self {
             root,
-            remote: Some(Remote { location, store }),
+            remote: Some(remote),
             writer: Some(writer_tag()),
             known: Arc::default(),
             locks: Arc::default(),
@@ -288,23 +282,20 @@ impl Lake {
                 .map_err(|e| Error::Internal(format!("listing task: {e}")))?;
         };
         let prefix = format!("tables/{dataset}/");
+        let table_key = format!("{}{prefix}", r.location.prefix);
         let mut out: Vec<DiskFile> = self
             .list_remote(r, &prefix)
             .await?
             .into_iter()
-            .filter(|m| {
-                let rel = m
-                    .location
-                    .as_ref()
-                    .strip_prefix(&format!("{}{prefix}", r.location.prefix));
-                rel.is_some_and(|rel| {
-                    rel.ends_with(".parquet") && !rel.split('/').any(|s| s.starts_with('_') || s.starts_with('.'))
+            .filter_map(|m| {
+                let rel = m.location.as_ref().strip_prefix(&table_key)?;
+                let data =
+                    rel.ends_with(".parquet") && !rel.split('/').any(|s| s.starts_with('_') || s.starts_with('.'));
+                data.then(|| DiskFile {
+                    path: rel.to_string(),
+                    bytes: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
                 })
-            })
-            .map(|m| DiskFile {
-                path: m.location.as_ref()[r.location.prefix.len() + prefix.len()..].to_string(),
-                bytes: m.size,
-                modified_ms: m.last_modified.timestamp_millis(),
             })
             .collect();
         out.sort_by(|a, b| a.path.cmp(&b.path));

@@ -178,18 +178,22 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let known = {
-        let (catalog, name) = (app.catalog.clone(), name.clone());
-        tokio::task::spawn_blocking(move || catalog.lookup(&name))
-            .await
-            .map_err(|e| {
-                api(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("catalog task: {e}"),
-                )
-            })?
-            .map_err(catalog_error)?
+    // The contract in memory on the hot path; only a dataset unknown here asks the store.
+    let known = match app.catalog.get(&name) {
+        Some(spec) => Some(spec),
+        None => {
+            let (catalog, name) = (app.catalog.clone(), name.clone());
+            tokio::task::spawn_blocking(move || catalog.lookup(&name))
+                .await
+                .map_err(|e| {
+                    api(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        format!("catalog task: {e}"),
+                    )
+                })?
+                .map_err(catalog_error)?
+        }
     };
     if let Some(spec) = known
         && !spec.producers.is_empty()
