@@ -44,9 +44,28 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The topic holding a dataset's events.
+/// The topic holding a dataset's events (its first shard).
 pub fn topic_name(dataset: &str) -> String {
     format!("events.{dataset}")
+}
+
+/// The topic of one shard of a dataset's events: `events.<dataset>` for shard 0 (so a stream
+/// made before shards existed is shard 0), `events.<dataset>.<shard>` for the others.
+pub fn shard_topic_name(dataset: &str, shard: u32) -> String {
+    if shard == 0 {
+        topic_name(dataset)
+    } else {
+        format!("events.{dataset}.{shard}")
+    }
+}
+
+/// The dataset and shard of a topic [`shard_topic_name`] made, if it is one.
+pub fn parse_shard_topic(topic: &str) -> Option<(&str, u32)> {
+    let rest = topic.strip_prefix("events.")?;
+    match rest.rsplit_once('.') {
+        Some((dataset, shard)) => Some((dataset, shard.parse().ok().filter(|s| *s > 0)?)),
+        None => Some((rest, 0)),
+    }
 }
 
 /// The outcome of one accepted request.
@@ -59,6 +78,8 @@ pub struct IngestReport {
     pub errors: Vec<Rejection>,
     /// The log sequence of the appended record, when any event was accepted.
     pub sequence: Option<u64>,
+    /// The shard of the dataset's stream the events went to.
+    pub shard: u32,
     /// The table the rejected events were written to, with their raw text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters: Option<String>,
@@ -70,6 +91,9 @@ pub struct CollectorOptions {
     pub limits: Limits,
     /// Create a dataset with an inferred contract on its first write.
     pub infer_datasets: bool,
+    /// Spread requests over the shards of each dataset's stream (as many as its size class
+    /// has), so that several workers can deliver one dataset; off, every event goes to shard 0.
+    pub sharded: bool,
 }
 
 /// The ingest front of the data path.
@@ -79,6 +103,8 @@ pub struct Collector {
     clock: Arc<dyn Clock>,
     opts: CollectorOptions,
     inflight: Arc<Semaphore>,
+    /// Counts requests, to spread them over shards in turn.
+    turn: std::sync::atomic::AtomicU32,
     pub metrics: Arc<IngestMetrics>,
 }
 
@@ -95,6 +121,7 @@ impl Collector {
             catalog,
             clock,
             inflight: Arc::new(Semaphore::new(permits)),
+            turn: std::sync::atomic::AtomicU32::new(0),
             opts,
             metrics: Arc::new(IngestMetrics::default()),
         }
@@ -155,12 +182,15 @@ impl Collector {
         let p = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
             .await
             .map_err(|e| Error::Internal(format!("decoder task: {e}")))??;
+        // One request goes to one shard, its records in order; the next request to the next.
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Dead letters are durable before the answer too: a rejected event is never only in a
         // response the producer may not read.
         let dead_letters = match p.dead {
             Some((name, payloads)) => {
+                let shard = self.shard_of(&name, turn);
                 for payload in payloads {
-                    self.append(&name, payload).await?;
+                    self.append(&name, shard, payload).await?;
                 }
                 Some(name)
             }
@@ -169,8 +199,9 @@ impl Collector {
         // A request larger than one stream record is several records, appended in order; the
         // answer is sent only after the last is durable.
         let mut sequence = None;
+        let shard = self.shard_of(dataset, turn);
         for payload in p.payloads {
-            sequence = Some(self.append(dataset, payload).await?);
+            sequence = Some(self.append(dataset, shard, payload).await?);
         }
         let mut errors = p.rejections;
         let rejected = errors.len();
@@ -181,21 +212,31 @@ impl Collector {
             rejected,
             errors,
             sequence,
+            shard,
             dead_letters,
         })
     }
 
-    async fn append(&self, dataset: &str, payload: Vec<u8>) -> Result<u64> {
-        self.topic(dataset)?.append(payload).await.map_err(|e| match e {
+    /// The shard a request's events of `dataset` go to on its `turn`.
+    fn shard_of(&self, dataset: &str, turn: u32) -> u32 {
+        if !self.opts.sharded {
+            return 0;
+        }
+        let shards = self.catalog.get(dataset).map_or(1, |s| s.size.shards()).max(1);
+        turn % shards
+    }
+
+    async fn append(&self, dataset: &str, shard: u32, payload: Vec<u8>) -> Result<u64> {
+        self.topic(dataset, shard)?.append(payload).await.map_err(|e| match e {
             tarn_log::Error::Overloaded(_) | tarn_log::Error::Full(_) => Error::Overloaded(e.to_string()),
             tarn_log::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
             other => Error::Unavailable(other.to_string()),
         })
     }
 
-    fn topic(&self, dataset: &str) -> Result<Topic> {
+    fn topic(&self, dataset: &str, shard: u32) -> Result<Topic> {
         self.log
-            .topic(&topic_name(dataset))
+            .topic(&shard_topic_name(dataset, shard))
             .map_err(|e| Error::Unavailable(e.to_string()))
     }
 }

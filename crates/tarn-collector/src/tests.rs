@@ -46,6 +46,7 @@ fn fixture(infer: bool, limits: Limits) -> Fixture {
         CollectorOptions {
             limits,
             infer_datasets: infer,
+            sharded: false,
         },
     );
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -402,4 +403,17 @@ fn payloads_split_to_fit_a_record_limit() {
     assert_eq!(encode::encode_payloads(&batch, whole.len()).expect("whole").len(), 1);
     let err = encode::encode_payloads(&batch.slice(0, 1), 10).expect_err("one event over the limit");
     assert!(matches!(err, Error::TooLarge(_)), "{err}");
+}
+
+#[test]
+fn shard_topics_name_their_dataset_and_shard() {
+    use crate::{parse_shard_topic, shard_topic_name};
+    assert_eq!(shard_topic_name("auctions", 0), "events.auctions");
+    assert_eq!(shard_topic_name("auctions", 3), "events.auctions.3");
+    for (d, s) in [("auctions", 0), ("auctions", 3), ("a_b__rejected", 1), ("x2", 0)] {
+        assert_eq!(parse_shard_topic(&shard_topic_name(d, s)), Some((d, s)));
+    }
+    assert_eq!(parse_shard_topic("objects"), None);
+    assert_eq!(parse_shard_topic("events.a.0"), None, "shard 0 has no suffix");
+    assert_eq!(parse_shard_topic("events.a.x"), None);
 }

@@ -28,6 +28,11 @@ pub struct CurateOptions {
     /// A commit is made as soon as the rows gathered for it take this much memory, so one round
     /// over many raw objects never holds them all at once.
     pub commit_bytes_max: usize,
+    /// Curate is split into `units` by stream shard: this curator applies the raw objects of
+    /// shards `s` with `s % units == unit`, with a consumer group of its own (`curate` for unit
+    /// 0, `curate.<unit>` for the others). One unit (the default) applies every object.
+    pub unit: u32,
+    pub units: u32,
 }
 
 impl Default for CurateOptions {
@@ -35,7 +40,24 @@ impl Default for CurateOptions {
         Self {
             read_bytes_max: 1 << 20,
             commit_bytes_max: 128 << 20,
+            unit: 0,
+            units: 1,
         }
+    }
+}
+
+impl CurateOptions {
+    /// The consumer group of this unit on the objects topic.
+    pub fn group(&self) -> String {
+        match self.unit {
+            0 => GROUP.to_string(),
+            u => format!("{GROUP}.{u}"),
+        }
+    }
+
+    /// Whether this unit applies the raw objects of `shard`.
+    fn owns(&self, shard: u32) -> bool {
+        shard % self.units.max(1) == self.unit
     }
 }
 
@@ -57,21 +79,30 @@ pub struct CurateStats {
 /// The curate subscriber.
 pub struct Curator {
     objects: Topic,
+    group: String,
     lake: Lake,
     catalog: Arc<Catalog>,
     opts: CurateOptions,
-    tables: Arc<tokio::sync::Mutex<HashMap<String, DeltaTable>>>,
+    tables: Arc<Tables>,
     pub stats: Arc<CurateStats>,
 }
 
 impl Curator {
     pub async fn new(log: &Log, lake: Lake, catalog: Arc<Catalog>, opts: CurateOptions) -> Result<Self> {
+        if opts.unit >= opts.units.max(1) {
+            return Err(Error::Internal(format!(
+                "curate unit {} of {} does not exist",
+                opts.unit, opts.units
+            )));
+        }
         let objects = log.topic(OBJECTS_TOPIC)?;
-        let start = objects.register_group(GROUP).await?;
+        let group = opts.group();
+        let start = objects.register_group(&group).await?;
         let stats = Arc::new(CurateStats::default());
         stats.next_notification.store(start, Relaxed);
         Ok(Self {
             objects,
+            group,
             lake,
             catalog,
             opts,
@@ -82,9 +113,21 @@ impl Curator {
 
     /// A handle that pauses this curator.
     pub fn pauser(&self) -> CuratePause {
-        CuratePause {
-            tables: self.tables.clone(),
-        }
+        let p = CuratePause::default();
+        p.add(&self.tables);
+        p
+    }
+
+    /// Counts into `stats` (shared by the curators of one process) instead of its own.
+    pub fn with_stats(mut self, stats: Arc<CurateStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// Lets `pause` pause this curator too.
+    pub fn paused_by(self, pause: &CuratePause) -> Self {
+        pause.add(&self.tables);
+        self
     }
 
     /// Runs until `shutdown` turns true, retrying failed rounds with backoff from the committed
@@ -94,14 +137,14 @@ impl Curator {
         while let Err(e) = self.run_once(&mut shutdown).await {
             self.stats.errors.fetch_add(1, Relaxed);
             self.tables.lock().await.clear();
-            if !backoff.after("curate", &e, &mut shutdown).await {
+            if !backoff.after(&self.group, &e, &mut shutdown).await {
                 return;
             }
         }
     }
 
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
-        let start = self.objects.register_group(GROUP).await?;
+        let start = self.objects.register_group(&self.group).await?;
         let mut cursor = Some(self.objects.cursor(start));
         loop {
             if *shutdown.borrow() {
@@ -126,13 +169,17 @@ impl Curator {
                     what: format!("notification {}", r.seq),
                     reason: e.to_string(),
                 })?;
-                notes.push(n);
+                if self.opts.owns(n.shard) {
+                    notes.push(n);
+                }
             }
             self.apply(&notes).await?;
             let next = c.next_seq();
-            self.objects.commit(GROUP, next).await?;
+            self.objects.commit(&self.group, next).await?;
             self.objects.apply_retention().await?;
-            self.stats.next_notification.store(next, Relaxed);
+            if self.opts.unit == 0 {
+                self.stats.next_notification.store(next, Relaxed);
+            }
             cursor = Some(c);
         }
     }
@@ -398,18 +445,38 @@ struct Target {
     replayed: bool,
 }
 
-/// Pauses curate: while the guard lives, no round runs and no table is cached (a new major
-/// version moves the dataset's table away).
-#[derive(Clone)]
+type Tables = tokio::sync::Mutex<HashMap<String, DeltaTable>>;
+
+/// Pauses the curators it was given: while the guard lives, none of them runs a round and none
+/// caches a table (a new major version moves the dataset's table away). A curator that has
+/// stopped drops out on its own.
+#[derive(Clone, Default)]
 pub struct CuratePause {
-    tables: Arc<tokio::sync::Mutex<HashMap<String, DeltaTable>>>,
+    curators: Arc<std::sync::Mutex<Vec<std::sync::Weak<Tables>>>>,
 }
 
+/// Curate stays paused while this lives.
+pub struct Paused(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<HashMap<String, DeltaTable>>>);
+
 impl CuratePause {
-    pub async fn pause(&self) -> tokio::sync::OwnedMutexGuard<HashMap<String, DeltaTable>> {
-        let mut g = self.tables.clone().lock_owned().await;
-        g.clear();
-        g
+    fn add(&self, tables: &Arc<Tables>) {
+        let mut all = self.curators.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(tables));
+    }
+
+    pub async fn pause(&self) -> Paused {
+        let live: Vec<Arc<Tables>> = {
+            let all = self.curators.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        let mut guards = Vec::with_capacity(live.len());
+        for t in live {
+            let mut g = t.lock_owned().await;
+            g.clear();
+            guards.push(g);
+        }
+        Paused(guards)
     }
 }
 

@@ -26,6 +26,8 @@ pub struct DeliveryOptions {
     pub batch_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Close a batch once its first record waited this long.
     pub batch_age_ms: u64,
+    /// The shard of the dataset's stream this delivery reads.
+    pub shard: u32,
 }
 
 impl DeliveryOptions {
@@ -33,7 +35,14 @@ impl DeliveryOptions {
         Self {
             batch_bytes: Arc::new(std::sync::atomic::AtomicUsize::new(batch_bytes)),
             batch_age_ms,
+            shard: 0,
         }
+    }
+
+    /// The same options for another shard of the stream.
+    pub fn with_shard(mut self, shard: u32) -> Self {
+        self.shard = shard;
+        self
     }
 }
 
@@ -59,11 +68,11 @@ struct Pending {
 
 impl Delivery {
     pub fn new(log: &Log, lake: Lake, clock: Arc<dyn Clock>, dataset: &str, opts: DeliveryOptions) -> Result<Self> {
-        let topic = log.topic(&tarn_collector::topic_name(dataset))?;
+        let topic = log.topic(&tarn_collector::shard_topic_name(dataset, opts.shard))?;
         let objects = log.topic(OBJECTS_TOPIC)?;
         Ok(Self {
             dataset: dataset.to_string(),
-            shard: 0,
+            shard: opts.shard,
             topic,
             objects,
             lake,
@@ -77,7 +86,10 @@ impl Delivery {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = crate::Backoff::new();
         while let Err(e) = self.run_once(&mut shutdown).await {
-            if !backoff.after(&self.dataset, &e, &mut shutdown).await {
+            if !backoff
+                .after(&format!("{}/{}", self.dataset, self.shard), &e, &mut shutdown)
+                .await
+            {
                 return;
             }
         }

@@ -20,6 +20,7 @@
 //! This crate knows nothing about what the payloads hold.
 
 mod embedded;
+mod lease;
 mod nats;
 mod segment;
 mod stream;

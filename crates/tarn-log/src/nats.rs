@@ -259,6 +259,76 @@ impl NatsLog {
         Ok(())
     }
 
+    /// Rewrites `key` of the offsets bucket from its current value: `f` gives the new value
+    /// (`None`: leave the key as it is) and an answer. The write holds only if nobody wrote
+    /// the key in between; otherwise the key is read again and `f` asked again.
+    async fn swap<T>(&self, key: &str, mut f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T)) -> Result<T> {
+        let kv = &self.inner.offsets;
+        for _ in 0..20 {
+            let entry = kv
+                .entry(key)
+                .await
+                .map_err(|e| stream_err(format!("reading {key}"), e))?;
+            let (current, revision) = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => (Some(&e.value[..]), Some(e.revision)),
+                Some(e) => (None, Some(e.revision)),
+                None => (None, None),
+            };
+            let (value, answer) = f(current);
+            let Some(value) = value else {
+                return Ok(answer);
+            };
+            let done = match revision {
+                Some(r) => kv
+                    .update(key, value.into(), r)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
+                None => kv
+                    .create(key, value.into())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+            };
+            match done {
+                Ok(()) => return Ok(answer),
+                Err((true, _)) => continue,
+                Err((false, e)) => return Err(stream_err(format!("writing {key}"), e)),
+            }
+        }
+        Err(stream_err(key, "the key kept changing under 20 tries"))
+    }
+
+    /// Takes or renews the lease `name` for `holder`; false when another holder has it.
+    pub(crate) async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        check_name(name)?;
+        let key = format!("=lease/{name}");
+        self.swap(&key, |cur| {
+            let v = crate::lease::take(cur, holder, ttl, crate::lease::now_ms());
+            let held = v.is_some();
+            (v, held)
+        })
+        .await
+    }
+
+    /// Gives the lease `name` up if `holder` has it.
+    pub(crate) async fn release(&self, name: &str, holder: &str) -> Result<()> {
+        check_name(name)?;
+        let key = format!("=lease/{name}");
+        self.swap(&key, |cur| (crate::lease::give_up(cur, holder), ())).await
+    }
+
+    /// Adds or renews `holder` in `group` (`ttl` given) or takes it out (`None`); returns the
+    /// live members.
+    pub(crate) async fn members(&self, group: &str, holder: &str, ttl: Option<Duration>) -> Result<Vec<String>> {
+        check_name(group)?;
+        let key = format!("=members/{group}");
+        self.swap(&key, |cur| {
+            crate::lease::members(cur, holder, ttl, crate::lease::now_ms())
+        })
+        .await
+    }
+
     pub(crate) async fn topic_names(&self) -> Result<Vec<String>> {
         let prefix = format!("{}-", self.inner.opts.namespace);
         let mut names = self.inner.js.stream_names();

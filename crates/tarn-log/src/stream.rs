@@ -61,6 +61,38 @@ impl Log {
         }
     }
 
+    /// Takes or renews the lease `name` for `holder` for `ttl`; false while another holder
+    /// has it. The embedded log belongs to one process: every lease is granted there.
+    pub async fn lease(&self, name: &str, holder: &str, ttl: std::time::Duration) -> Result<bool> {
+        match &self.0 {
+            LogKind::Embedded(_) => Ok(true),
+            LogKind::Nats(l) => l.lease(name, holder, ttl).await,
+        }
+    }
+
+    /// Gives the lease `name` up if `holder` has it, so another process need not wait for it
+    /// to expire.
+    pub async fn release(&self, name: &str, holder: &str) -> Result<()> {
+        match &self.0 {
+            LogKind::Embedded(_) => Ok(()),
+            LogKind::Nats(l) => l.release(name, holder).await,
+        }
+    }
+
+    /// Adds `holder` to `group` for `ttl` (renewing it), or takes it out with `None`; returns
+    /// the live members, sorted. On the embedded log the only member is the caller.
+    pub async fn members(&self, group: &str, holder: &str, ttl: Option<std::time::Duration>) -> Result<Vec<String>> {
+        match &self.0 {
+            LogKind::Embedded(_) => Ok(ttl.map(|_| holder.to_string()).into_iter().collect()),
+            LogKind::Nats(l) => l.members(group, holder, ttl).await,
+        }
+    }
+
+    /// Whether several processes may share this stream (and so split its work by leases).
+    pub fn shared(&self) -> bool {
+        matches!(self.0, LogKind::Nats(_))
+    }
+
     /// What this stream is, for the start-up line.
     pub fn describe(&self) -> String {
         match &self.0 {

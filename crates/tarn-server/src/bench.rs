@@ -58,6 +58,20 @@ pub struct BenchArgs {
     /// `tarnbench`, wiped first), and time a raw JetStream publish of the same requests.
     #[arg(long)]
     pub stream: Option<String>,
+    /// Instead: the scale-out benchmark: the same requests into tarn on its embedded defaults,
+    /// into tarn on NATS + S3 + PostgreSQL (one process, then a collector/query process and two
+    /// workers), and a raw JetStream publish. Needs `--stream`, `--lake` and `--meta`; the
+    /// bucket's endpoint and keys come from the AWS variables, as for `tarn serve`.
+    #[arg(long)]
+    pub scale_out: bool,
+    /// The lake of the scale-out benchmark: `s3://BUCKET/PREFIX` (each setup under a prefix
+    /// of its own).
+    #[arg(long)]
+    pub lake: Option<String>,
+    /// The metadata store of the scale-out benchmark: `postgres://...` (each setup in a schema
+    /// of its own, dropped after).
+    #[arg(long)]
+    pub meta: Option<String>,
 }
 
 /// The analytics queries: (name, tarn SQL, DuckDB SQL).
@@ -421,6 +435,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     if a.rollups {
         return crate::bench_rollups::run(&a).await;
+    }
+    if a.scale_out {
+        return crate::bench_scale::run(&a).await;
     }
     if a.dir.exists() {
         std::fs::remove_dir_all(&a.dir).with_context(|| format!("wiping {}", a.dir.display()))?;

@@ -59,6 +59,7 @@ pub async fn run(a: &BenchArgs) -> Result<()> {
         CollectorOptions {
             limits: Limits::default(),
             infer_datasets: false,
+            sharded: false,
         },
     );
     let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default()).await?;

@@ -292,7 +292,9 @@ async fn apply_contracts(app: &Arc<App>, specs: Vec<tarn_core::DatasetSpec>) -> 
             columns_added,
         });
     }
-    if let Err(e) = app.rollups.refresh() {
+    if let Some(r) = &app.rollups
+        && let Err(e) = r.refresh()
+    {
         tracing::error!(error = %e, "rollups after an apply");
     }
     Ok(applied)

@@ -38,9 +38,38 @@ use crate::serve::App;
 /// The largest body of the descriptor endpoints (validate, plan, apply).
 const DESCRIPTORS_BODY_MAX: usize = 64 << 20;
 
+/// The routes of the roles this process runs (`--roles`); any other path answers 404 with
+/// the roles this process has, so a request sent to the wrong process says so.
 pub fn router(app: Arc<App>) -> Router {
+    let roles = app.roles;
+    let mut r = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics));
+    if roles.collector {
+        r = r.route("/v1/datasets/{name}/events", post(ingest));
+    }
+    if roles.query {
+        r = r.merge(query_routes());
+    }
+    r.fallback(not_served)
+        .layer(DefaultBodyLimit::disable())
+        .with_state(app)
+}
+
+async fn not_served(State(app): State<Arc<App>>, uri: axum::http::Uri) -> ApiError {
+    api(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no endpoint {} on this process (its roles: {}; ingest is on collectors, queries, the catalog and admin calls on query processes)",
+            uri.path(),
+            app.roles.describe()
+        ),
+    )
+}
+
+fn query_routes() -> Router<Arc<App>> {
     Router::new()
-        .route("/v1/datasets/{name}/events", post(ingest))
         .route("/v1/datasets", get(datasets))
         .route("/v1/datasets/{name}", get(dataset_page))
         .route("/v1/datasets/{name}/versions", get(crate::catalog_api::versions))
@@ -74,10 +103,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/rollups", get(crate::rollup_api::list))
         .route("/v1/rollups/{name}", get(crate::rollup_api::read))
         .route("/v1/rollups/{name}/rebuild", post(crate::rollup_api::rebuild))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::disable())
-        .with_state(app)
 }
 
 /// An error answer: status, a stable code and a message.
@@ -368,7 +393,7 @@ async fn dataset_page(State(app): State<Arc<App>>, Path(name): Path<String>) -> 
         "contract": *spec,
         "schema_versions": versions,
         "producers": spec.producers,
-        "delivery": {"size": spec.size.as_str(), "batch_bytes": app.delivery_batch_bytes(&name), "shards": spec.size.shards()},
+        "delivery": {"size": spec.size.as_str(), "batch_bytes": app.delivery_batch_bytes(&name), "shards": app.shards_of(spec.size)},
         "consumers": spec.consumers,
         "rows": rows,
         "rows_error": rows_error,
@@ -699,7 +724,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Request body bytes of answered requests.",
         m.body_bytes.load(Relaxed),
     );
-    let c = &app.curate_stats;
+    let c = app.curate_stats();
     counter(
         "tarn_curate_rows_total",
         "Rows appended to Delta tables.",
@@ -715,6 +740,26 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Curate rounds that failed and were retried.",
         c.errors.load(Relaxed),
     );
+    if let Some(w) = &app.worker {
+        let held = w.held_units();
+        let _ = writeln!(
+            out,
+            "# HELP tarn_worker_units_held Units of delivery and curate this worker runs (of tarn_worker_units).\n# TYPE tarn_worker_units_held gauge\ntarn_worker_units_held {}",
+            held.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tarn_worker_units Units the stream's work is cut into.\n# TYPE tarn_worker_units gauge\ntarn_worker_units {}",
+            w.units()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tarn_worker_unit_held The units this worker runs, one series each.\n# TYPE tarn_worker_unit_held gauge"
+        );
+        for k in held {
+            let _ = writeln!(out, "tarn_worker_unit_held{{unit=\"{k}\"}} 1");
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP tarn_ingest_latency_seconds Time from request decoded to durable append."

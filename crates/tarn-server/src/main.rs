@@ -5,6 +5,7 @@ mod admin;
 mod bench;
 mod bench_compaction;
 mod bench_rollups;
+mod bench_scale;
 mod bench_stream;
 mod catalog_api;
 mod http;
@@ -16,6 +17,7 @@ mod results;
 mod rollup_api;
 mod serve;
 mod sql;
+mod worker;
 
 use std::path::PathBuf;
 

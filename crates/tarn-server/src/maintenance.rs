@@ -28,6 +28,9 @@ pub struct AutoCompaction {
     /// Every partition with two or more small files is compacted this often, and then every
     /// table vacuumed (zero: never).
     pub every: Duration,
+    /// Runs only while this is true: the process holds the deployment's maintenance lease (one
+    /// worker of many compacts, expires and vacuums at a time).
+    pub turn: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub struct Maintenance {
@@ -310,6 +313,9 @@ impl Maintenance {
             }
             if *shutdown.borrow() {
                 return;
+            }
+            if !auto.turn.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
             }
             let full = !auto.every.is_zero() && last_full.elapsed() >= auto.every;
             let min = if full { 2 } else { auto.trigger_files };

@@ -61,7 +61,7 @@ pub async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Result<Res
             "a tenant's read key may read rollups, not list their status",
         ));
     }
-    let status = app.rollups.status()?;
+    let status = served(&app)?.status()?;
     Ok(axum::Json(json!({ "rollups": status })).into_response())
 }
 
@@ -155,7 +155,7 @@ pub async fn read(
         metrics,
         quantiles,
     };
-    let mut ans = serde_json::to_value(app.rollups.query(&name, &q)?).unwrap_or_default();
+    let mut ans = serde_json::to_value(served(&app)?.query(&name, &q)?).unwrap_or_default();
     ans["took_us"] = json!(started.elapsed().as_micros() as u64);
     Ok(axum::Json(ans).into_response())
 }
@@ -195,10 +195,10 @@ pub async fn rebuild(
             "expected {{\"from\": \"YYYY-MM-DD\", \"to\": \"YYYY-MM-DD\"}}: {e}"
         ))
     })?;
-    app.rollups.check_exists(&name)?;
+    served(&app)?.check_exists(&name)?;
     // One progress line a day, and a rebuild covers at most 3,660 days.
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<RebuildEvent>();
-    let rollups = app.rollups.clone();
+    let rollups = served(&app)?.clone();
     let lake = app.lake().clone();
     app.spawn_background(async move {
         let progress_tx = tx.clone();
@@ -319,4 +319,15 @@ pub async fn run(a: RollupArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The rollups of this process: kept by query processes only.
+fn served(app: &App) -> Result<&tarn_query::rollup::Rollups, ApiError> {
+    app.rollups.as_ref().ok_or_else(|| {
+        crate::http::api(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "this process keeps no rollups: they are kept by processes with the query role",
+        )
+    })
 }

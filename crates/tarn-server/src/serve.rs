@@ -1,18 +1,17 @@
 //! `tarn serve`: opens the data directory, starts delivery for every dataset and the curate
 //! subscriber, and serves HTTP until SIGINT or SIGTERM.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use tarn_catalog::Catalog;
 use tarn_collector::{Collector, CollectorOptions};
 use tarn_core::{Clock, Limits, SystemClock};
+use tarn_lake::Lake;
 use tarn_lake::curate::CurateStats;
-use tarn_lake::{CurateOptions, Curator, Delivery, DeliveryOptions, Lake};
 use tarn_log::{Log, LogOptions};
 use tarn_query::QueryEngine;
 use tarn_query::rollup::{RollupOptions, Rollups};
@@ -57,6 +56,12 @@ pub struct ServeArgs {
     /// store must honour conditional puts; tarn checks at start and refuses one that does not.
     #[arg(long, env = "TARN_LAKE", default_value = "local")]
     pub lake: String,
+    /// What this process does, a comma-separated list: `collector` (ingest over HTTP),
+    /// `worker` (delivery, curate and maintenance, shared with the other workers of the stream
+    /// by leases), `query` (SQL over HTTP and the PostgreSQL protocol, the catalog, rollups and
+    /// admin calls). All three by default.
+    #[arg(long, env = "TARN_ROLES", default_value = "collector,worker,query")]
+    pub roles: String,
     /// HTTP listen address.
     #[arg(long, env = "TARN_HTTP", default_value = crate::DEFAULT_HTTP)]
     pub http: SocketAddr,
@@ -152,15 +157,18 @@ pub struct ServeArgs {
 
 /// Everything the HTTP handlers reach.
 pub struct App {
+    pub roles: crate::worker::Roles,
     pub collector: Collector,
     pub query: QueryEngine,
     pub catalog: Arc<Catalog>,
-    pub curate_stats: Arc<CurateStats>,
     pub maintenance: Arc<Maintenance>,
-    pub rollups: Rollups,
+    /// Kept by query processes.
+    pub rollups: Option<Rollups>,
+    /// Delivery and curate, on worker processes.
+    pub worker: Option<Arc<crate::worker::Worker>>,
     pub read_keys: crate::keys::ReadKeys,
     pub producer_keys: Arc<crate::keys::ProducerKeys>,
-    /// Pauses curate while a new major version moves a table.
+    /// Pauses this process's curate while a new major version moves a table.
     pub curate_pause: tarn_lake::CuratePause,
     pub tiers: Tiers,
     pub catalog_dir: std::path::PathBuf,
@@ -171,13 +179,10 @@ pub struct App {
     log: Log,
     lake: Lake,
     clock: Arc<dyn Clock>,
-    /// Delivery's batch size for size class M (`--batch-bytes`) and batch age.
-    delivery_batch_bytes: usize,
-    delivery_batch_age_ms: u64,
     /// The stream byte limit of a size-M dataset (0: none of tarn's own).
     stream_bytes_max: u64,
-    /// The running deliveries and their batch size, which follows the dataset's size class.
-    deliveries: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
+    /// Counters of curate when this process runs no worker.
+    no_curate: Arc<CurateStats>,
     shutdown: watch::Receiver<bool>,
     /// The runtime of delivery and curate, apart from the one answering HTTP, so that long
     /// stretches of Parquet encoding never hold up an ingest request's task.
@@ -185,41 +190,47 @@ pub struct App {
 }
 
 impl App {
-    /// Starts the delivery consumer of a dataset unless it runs already, with the batch size
-    /// of the dataset's size class; a running one takes a changed size at its next batch.
+    /// Applies the stream byte limit of a dataset's size class to each of its shards (on NATS),
+    /// and on a worker starts the deliveries of the dataset's shards it runs; a running one
+    /// takes a changed batch size at its next batch.
     pub fn ensure_delivery(&self, dataset: &str) -> Result<()> {
         let size = self.catalog.get(dataset).map(|s| s.size).unwrap_or_default();
-        let batch_bytes = size.batch_bytes(self.delivery_batch_bytes);
-        // The stream's byte limit follows the size class too (applied on NATS only).
         if self.stream_bytes_max > 0 {
             let (log, bytes) = (self.log.clone(), size.stream_bytes(self.stream_bytes_max));
-            let topic = tarn_collector::topic_name(dataset);
+            let shards = self.shards_of(size);
+            let dataset = dataset.to_string();
             self.background.spawn(async move {
-                if let Err(e) = log.set_topic_bytes_max(&topic, bytes).await {
-                    tracing::error!(%topic, error = %e, "setting the stream's byte limit");
+                for shard in 0..shards {
+                    let topic = tarn_collector::shard_topic_name(&dataset, shard);
+                    if let Err(e) = log.set_topic_bytes_max(&topic, bytes).await {
+                        tracing::error!(%topic, error = %e, "setting the stream's byte limit");
+                    }
                 }
             });
         }
-        let mut running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = running.get(dataset) {
-            b.store(batch_bytes, std::sync::atomic::Ordering::Relaxed);
-            return Ok(());
+        match &self.worker {
+            Some(w) => w.ensure_delivery(dataset),
+            None => Ok(()),
         }
-        let opts = DeliveryOptions::new(batch_bytes, self.delivery_batch_age_ms);
-        let shared = opts.batch_bytes.clone();
-        let d = Delivery::new(&self.log, self.lake.clone(), self.clock.clone(), dataset, opts)
-            .with_context(|| format!("starting delivery for {dataset}"))?;
-        self.background.spawn(d.run(self.shutdown.clone()));
-        running.insert(dataset.to_string(), shared);
-        Ok(())
     }
 
-    /// The batch size of a running delivery.
+    /// How many shards the stream of a dataset of this size class has: as the class says on a
+    /// shared stream, one on the embedded log.
+    pub fn shards_of(&self, size: tarn_core::SizeClass) -> u32 {
+        if self.log.shared() { size.shards() } else { 1 }
+    }
+
+    /// The batch size of a running delivery of the dataset on this process.
     pub fn delivery_batch_bytes(&self, dataset: &str) -> Option<usize> {
-        let running = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        running
-            .get(dataset)
-            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+        self.worker.as_ref()?.delivery_batch_bytes(dataset)
+    }
+
+    /// Curate's counters on this process.
+    pub fn curate_stats(&self) -> &CurateStats {
+        match &self.worker {
+            Some(w) => &w.curate_stats,
+            None => &self.no_curate,
+        }
     }
 
     /// Turns true when the server shuts down.
@@ -314,6 +325,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tarn_lake::vacuum::RETAIN_MIN.as_secs() / 3600
         );
     }
+    let roles = crate::worker::Roles::parse(&args.roles)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let _lock = lock_data_dir(&args.data_dir)?;
@@ -326,6 +338,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let log = open_stream(&args, &limits).await?;
+    if !log.shared() && roles != crate::worker::Roles::ALL {
+        anyhow::bail!(
+            "--roles {}: the embedded log belongs to one process, which runs every role; \
+             split the roles over processes with a shared stream (--stream nats://...)",
+            roles.describe()
+        );
+    }
     // One event must fit in one stream record (a NATS message is at most the server's
     // max_payload); half of it leaves room for the encoding. A larger event is rejected alone.
     let limits = Limits {
@@ -342,7 +361,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .await
             .context("checking which stream feeds the lake")?;
     }
-    spawn_table_discovery(lake.clone(), catalog.clone());
     let tiers = Tiers::new(
         args.tier_infrequent_dir
             .clone()
@@ -378,32 +396,54 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .context("starting the background runtime")?,
     ));
     let background = background_rt.handle();
-    let curator = Curator::new(&log, lake.clone(), catalog.clone(), CurateOptions::default())
-        .await
-        .context("starting curate")?;
-    let curate_stats = curator.stats.clone();
-    let curate_pause = curator.pauser();
-    let curate_task = background.spawn(curator.run(shutdown_rx.clone()));
+    let maintenance_turn = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let id = process_id(&args)?;
+    let worker = roles.worker.then(|| {
+        Arc::new(crate::worker::Worker::new(
+            log.clone(),
+            lake.clone(),
+            catalog.clone(),
+            clock.clone(),
+            crate::worker::WorkerOptions {
+                holder: id.clone(),
+                batch_bytes: limits.delivery_batch_bytes,
+                batch_age_ms: limits.delivery_batch_age_ms,
+                maintenance_turn: maintenance_turn.clone(),
+            },
+            background.clone(),
+        ))
+    });
+    let curate_pause = worker.as_ref().map(|w| w.curate_pause.clone()).unwrap_or_default();
+    let worker_task = worker
+        .as_ref()
+        .map(|w| background.spawn(w.clone().run(shutdown_rx.clone())));
     let read_keys = match &args.read_keys {
         Some(p) => crate::keys::ReadKeys::load(p)?,
         None => crate::keys::ReadKeys::default(),
     };
-    let rollups = Rollups::open(
-        lake.root().to_path_buf(),
-        &log,
-        catalog.clone(),
-        clock.clone(),
-        RollupOptions {
-            groups_max: args.rollup_groups_max,
-            checkpoint_ms: args.rollup_checkpoint_ms,
-            merge_runtime: Some(tokio::runtime::Handle::current()),
-            ..RollupOptions::default()
-        },
-    )
-    .await
-    .context("opening the rollups")?;
-    let rollup_task = background.spawn(rollups.clone().run(shutdown_rx.clone()));
-    background.spawn(rollup_retention(rollups.clone(), shutdown_rx.clone()));
+    let (rollups, rollup_task) = if roles.query {
+        let rollups = Rollups::open(
+            lake.root().to_path_buf(),
+            &log,
+            catalog.clone(),
+            clock.clone(),
+            RollupOptions {
+                groups_max: args.rollup_groups_max,
+                checkpoint_ms: args.rollup_checkpoint_ms,
+                merge_runtime: Some(tokio::runtime::Handle::current()),
+                lake: Some(lake.clone()),
+                group: rollup_group(&log, &id),
+                ..RollupOptions::default()
+            },
+        )
+        .await
+        .context("opening the rollups")?;
+        let task = background.spawn(rollups.clone().run(shutdown_rx.clone()));
+        background.spawn(rollup_retention(rollups.clone(), shutdown_rx.clone()));
+        (Some(rollups), Some(task))
+    } else {
+        (None, None)
+    };
     let collector = Collector::new(
         log.clone(),
         catalog.clone(),
@@ -411,6 +451,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         CollectorOptions {
             limits: limits.clone(),
             infer_datasets: !args.no_infer,
+            sharded: log.shared(),
         },
     );
     let prices = Prices {
@@ -433,10 +474,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),
             trigger_files: args.compact_trigger_files,
             every: std::time::Duration::from_secs(args.compact_every_s),
+            turn: maintenance_turn,
         },
         shutdown_rx.clone(),
     ));
     let app = Arc::new(App {
+        roles,
+        worker,
         collector,
         query: QueryEngine::new(lake.clone(), catalog.clone())
             .with_tiers(tiers.clone())
@@ -445,7 +489,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .with_memory_limit(args.query_memory_mb.max(1) << 20)
             .context("setting the query memory limit")?,
         catalog: catalog.clone(),
-        curate_stats,
         maintenance,
         rollups,
         read_keys,
@@ -458,10 +501,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         log,
         lake,
         clock,
-        delivery_batch_bytes: limits.delivery_batch_bytes,
-        delivery_batch_age_ms: limits.delivery_batch_age_ms,
         stream_bytes_max: args.stream_bytes_max,
-        deliveries: Mutex::new(HashMap::new()),
+        no_curate: Arc::new(CurateStats::default()),
         shutdown: shutdown_rx,
         background: background.clone(),
     });
@@ -473,6 +514,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     {
         app.ensure_delivery(&spec.name)?;
     }
+    // Tables other processes made in a bucket, for the query role's listings.
+    if roles.query {
+        spawn_table_discovery(app.lake().clone(), catalog.clone());
+    }
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding HTTP listener on {}", args.http))?;
@@ -483,6 +528,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     };
     let pg_listener = match args.pg.as_str() {
         "off" => None,
+        _ if !roles.query => None,
         a => {
             let a: SocketAddr = a
                 .parse()
@@ -494,7 +540,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             )
         }
     };
-    tracing::info!(%addr, data_dir = %args.data_dir.display(), stream = %app.log.describe(), lake = %app.lake().describe(), "tarn is serving");
+    tracing::info!(%addr, roles = %roles.describe(), data_dir = %args.data_dir.display(), stream = %app.log.describe(), lake = %app.lake().describe(), "tarn is serving");
     // A line on stdout that scripts wait for, then the PostgreSQL address.
     println!("tarn listening on http://{addr}");
     if let Some(l) = pg_listener {
@@ -518,8 +564,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .context("serving HTTP")?;
     let _ = shutdown_tx.send(true);
     app.query.usage().flush();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), curate_task).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), rollup_task).await;
+    if let Some(t) = worker_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(15), t).await;
+    }
+    if let Some(t) = rollup_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), t).await;
+    }
     Ok(())
 }
 
@@ -640,6 +690,35 @@ fn stream_identity(args: &ServeArgs) -> Result<String> {
     let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
     tarn_catalog::write_synced(&args.data_dir, "stream-id", id.as_bytes())?;
     Ok(format!("embedded:{id}"))
+}
+
+/// This process's id among the processes of a deployment: made on first start and kept in the
+/// data directory, so a restarted process is the same holder of its leases (it takes its units
+/// back at once instead of waiting for them to expire) and the same rollup consumer.
+fn process_id(args: &ServeArgs) -> Result<String> {
+    let path = args.data_dir.join("process-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) => Ok(id.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id: [u8; 6] = rand::random();
+            let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            tarn_catalog::write_synced(&args.data_dir, "process-id", id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// The consumer group of this process's rollups on the objects topic. Rollup state is kept in
+/// the data directory, so on a shared stream each query process reads the notifications with a
+/// group of its own (`rollups.<process id>`); one process alone on the embedded log keeps the
+/// group `rollups`.
+fn rollup_group(log: &Log, id: &str) -> String {
+    if log.shared() {
+        format!("{}.{id}", tarn_query::rollup::GROUP)
+    } else {
+        tarn_query::rollup::GROUP.to_string()
+    }
 }
 
 /// Opens the metadata store `--meta` names: files in the data directory, or PostgreSQL.

@@ -300,3 +300,58 @@ async fn retention_never_passes_a_group_that_is_behind() {
     assert_eq!(retain(&inner).await.expect("retention"), 30);
     cleanup(&url, &ns).await;
 }
+
+/// Two processes' handles on one namespace: a lease goes to one holder at a time, passes on
+/// when given up or expired, and racing takers of a free lease get it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_members_are_shared_through_the_server() {
+    let Some(url) = server() else { return };
+    let ns = namespace();
+    let a = Log::connect_nats(&url, opts(&ns)).await.expect("connect a");
+    let b = Log::connect_nats(&url, opts(&ns)).await.expect("connect b");
+    let ttl = Duration::from_secs(30);
+    assert!(a.lease("shard.0", "a", ttl).await.expect("a takes"));
+    assert!(!b.lease("shard.0", "b", ttl).await.expect("b asks"), "a holds it");
+    assert!(a.lease("shard.0", "a", ttl).await.expect("a renews"));
+    b.release("shard.0", "b").await.expect("b cannot give up what it lacks");
+    assert!(!b.lease("shard.0", "b", ttl).await.expect("b asks again"));
+    a.release("shard.0", "a").await.expect("a gives up");
+    assert!(b.lease("shard.0", "b", ttl).await.expect("b takes"));
+    // A short lease expires on its own.
+    assert!(
+        a.lease("shard.1", "a", Duration::from_millis(200))
+            .await
+            .expect("short")
+    );
+    assert!(!b.lease("shard.1", "b", ttl).await.expect("not yet"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(b.lease("shard.1", "b", ttl).await.expect("expired"));
+    // Eight takers race for one free lease: one wins.
+    let mut racers = Vec::new();
+    for i in 0..8 {
+        let log = if i % 2 == 0 { a.clone() } else { b.clone() };
+        racers.push(tokio::spawn(async move {
+            log.lease("shard.2", &format!("r{i}"), Duration::from_secs(30)).await
+        }));
+    }
+    let mut won = 0;
+    for r in racers {
+        won += usize::from(r.await.expect("join").expect("lease"));
+    }
+    assert_eq!(won, 1, "exactly one racer holds the lease");
+    // Membership.
+    assert_eq!(a.members("workers", "a", Some(ttl)).await.expect("a joins"), ["a"]);
+    assert_eq!(b.members("workers", "b", Some(ttl)).await.expect("b joins"), ["a", "b"]);
+    assert_eq!(b.members("workers", "b", None).await.expect("b leaves"), ["a"]);
+    assert_eq!(
+        a.members("workers", "c", Some(Duration::from_millis(100)))
+            .await
+            .expect("c"),
+        ["a", "c"]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.members("workers", "a", Some(ttl)).await.expect("c expired"), ["a"]);
+    // The lease keys are no topic.
+    assert!(a.topic_names().await.expect("names").is_empty());
+    cleanup(&url, &ns).await;
+}

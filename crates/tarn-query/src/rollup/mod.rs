@@ -75,6 +75,11 @@ pub struct RollupOptions {
     /// Where merges into the live state run (they hold the lock readers take); None: on the
     /// subscriber's own threads.
     pub merge_runtime: Option<tokio::runtime::Handle>,
+    /// The lake raw objects are read from when it is in a bucket; None: they are files under
+    /// the lake root given to [`Rollups::open`].
+    pub lake: Option<tarn_lake::Lake>,
+    /// The consumer group of the subscriber on the objects topic.
+    pub group: String,
 }
 
 impl Default for RollupOptions {
@@ -85,6 +90,8 @@ impl Default for RollupOptions {
             read_bytes_max: 1 << 20,
             answer_rows_max: 100_000,
             merge_runtime: None,
+            lake: None,
+            group: GROUP.to_string(),
         }
     }
 }
@@ -214,9 +221,9 @@ impl Rollups {
             .topic(OBJECTS_TOPIC)
             .map_err(|e| Error::Internal(format!("objects topic: {e}")))?;
         objects
-            .register_group(GROUP)
+            .register_group(&opts.group)
             .await
-            .map_err(|e| Error::Internal(format!("registering {GROUP}: {e}")))?;
+            .map_err(|e| Error::Internal(format!("registering {}: {e}", opts.group)))?;
         let r = Rollups {
             inner: Arc::new(Inner {
                 lake_root,
@@ -381,9 +388,9 @@ impl Rollups {
     async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         let objects = &self.inner.objects;
         let start = objects
-            .register_group(GROUP)
+            .register_group(&self.inner.opts.group)
             .await
-            .map_err(|e| Error::Internal(format!("registering {GROUP}: {e}")))?;
+            .map_err(|e| Error::Internal(format!("registering {}: {e}", self.inner.opts.group)))?;
         let mut cursor = Some(objects.cursor(start));
         let mut ck = Checkpoints {
             pending: false,
@@ -446,7 +453,7 @@ impl Rollups {
         }
         let objects = &self.inner.objects;
         objects
-            .commit(GROUP, next)
+            .commit(&self.inner.opts.group, next)
             .await
             .map_err(|e| Error::Internal(e.to_string()))?;
         objects
@@ -475,13 +482,22 @@ impl Rollups {
         if todo.is_empty() {
             return Ok(skipped);
         }
-        let root = self.inner.lake_root.clone();
         let rel = n.path.clone();
-        let batches =
-            tokio::task::spawn_blocking(move || read_object(&root, &rel).map_err(|e| format!("raw object {rel}: {e}")))
+        let batches = match self.inner.opts.lake.as_ref().filter(|l| l.remote().is_some()) {
+            Some(lake) => lake
+                .read_raw(&rel)
+                .await
+                .map_err(|e| Error::Internal(format!("raw object {rel}: {e}")))?,
+            None => {
+                let root = self.inner.lake_root.clone();
+                tokio::task::spawn_blocking(move || {
+                    read_object(&root, &rel).map_err(|e| format!("raw object {rel}: {e}"))
+                })
                 .await
                 .map_err(|e| Error::Internal(format!("reader task: {e}")))?
-                .map_err(Error::Internal)?;
+                .map_err(Error::Internal)?
+            }
+        };
         for l in todo {
             let cutoff = self.cutoff(&l.def);
             let shard = n.shard;

@@ -9,6 +9,7 @@ mod maintenance;
 mod meta;
 mod nats;
 mod pg;
+mod roles;
 mod rollups;
 mod s3;
 mod server;
