@@ -80,6 +80,8 @@ pub struct CurateStats {
 pub struct Curator {
     objects: Topic,
     group: String,
+    /// Held shared by each round; a pause takes it alone.
+    gate: Arc<tokio::sync::RwLock<()>>,
     lake: Lake,
     catalog: Arc<Catalog>,
     opts: CurateOptions,
@@ -103,6 +105,7 @@ impl Curator {
         Ok(Self {
             objects,
             group,
+            gate: Arc::default(),
             lake,
             catalog,
             opts,
@@ -113,7 +116,10 @@ impl Curator {
 
     /// A handle that pauses this curator.
     pub fn pauser(&self) -> CuratePause {
-        let p = CuratePause::default();
+        let p = CuratePause {
+            curators: Arc::default(),
+            gate: self.gate.clone(),
+        };
         p.add(&self.tables);
         p
     }
@@ -125,8 +131,9 @@ impl Curator {
     }
 
     /// Lets `pause` pause this curator too.
-    pub fn paused_by(self, pause: &CuratePause) -> Self {
+    pub fn paused_by(mut self, pause: &CuratePause) -> Self {
         pause.add(&self.tables);
+        self.gate = pause.gate.clone();
         self
     }
 
@@ -184,8 +191,10 @@ impl Curator {
         }
     }
 
-    /// Applies notifications: per dataset and shard, in order, one commit.
+    /// Applies notifications: per dataset and shard, in order, one commit; waits while curate
+    /// is paused.
     pub async fn apply(&self, notes: &[ObjectCreated]) -> Result<()> {
+        let _round = self.gate.read().await;
         let mut order: Vec<(String, u32)> = Vec::new();
         let mut groups: HashMap<(String, u32), Vec<&ObjectCreated>> = HashMap::new();
         for n in notes {
@@ -447,16 +456,18 @@ struct Target {
 
 type Tables = tokio::sync::Mutex<HashMap<String, DeltaTable>>;
 
-/// Pauses the curators it was given: while the guard lives, none of them runs a round and none
-/// caches a table (a new major version moves the dataset's table away). A curator that has
-/// stopped drops out on its own.
+/// Pauses the curators it was given, those given later too: while the guard lives, none of
+/// them runs a round and none caches a table (a new major version moves the dataset's table
+/// away). A curator that has stopped drops out on its own.
 #[derive(Clone, Default)]
 pub struct CuratePause {
     curators: Arc<std::sync::Mutex<Vec<std::sync::Weak<Tables>>>>,
+    /// Each round holds it shared; a pause holds it alone.
+    gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Curate stays paused while this lives.
-pub struct Paused(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<HashMap<String, DeltaTable>>>);
+pub struct Paused(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>);
 
 impl CuratePause {
     fn add(&self, tables: &Arc<Tables>) {
@@ -466,17 +477,16 @@ impl CuratePause {
     }
 
     pub async fn pause(&self) -> Paused {
+        // Rounds in progress end first; no round starts until the guard is dropped.
+        let gate = self.gate.clone().write_owned().await;
         let live: Vec<Arc<Tables>> = {
             let all = self.curators.lock().unwrap_or_else(|e| e.into_inner());
             all.iter().filter_map(|w| w.upgrade()).collect()
         };
-        let mut guards = Vec::with_capacity(live.len());
         for t in live {
-            let mut g = t.lock_owned().await;
-            g.clear();
-            guards.push(g);
+            t.lock().await.clear();
         }
-        Paused(guards)
+        Paused(gate)
     }
 }
 

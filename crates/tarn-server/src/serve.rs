@@ -356,6 +356,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let producer_keys = Arc::new(crate::keys::ProducerKeys::open(meta.clone()).context("opening the producer keys")?);
     spawn_meta_refresh(catalog.clone(), producer_keys.clone());
     let lake = open_lake(&args).await?;
+    if roles != crate::worker::Roles::ALL && (lake.remote().is_none() || !catalog.meta().shared()) {
+        anyhow::bail!(
+            "--roles {}: processes with split roles share the lake and the contracts, so they need \
+             --lake s3://... and --meta postgres://... (this one has --lake {} and --meta {})",
+            roles.describe(),
+            args.lake,
+            if catalog.meta().shared() { "postgres" } else { "files" }
+        );
+    }
     if lake.remote().is_some() {
         lake.claim_stream(&stream_identity(&args)?)
             .await

@@ -126,6 +126,10 @@ pub struct Worker {
     pub curate_pause: CuratePause,
     background: tokio::runtime::Handle,
     held: std::sync::Mutex<BTreeMap<u32, Unit>>,
+    /// Tasks of stopped units that may still be ending, by unit.
+    stopping: std::sync::Mutex<HashMap<u32, Vec<tokio::task::JoinHandle<()>>>>,
+    /// The live workers, as last read.
+    members: std::sync::Mutex<Vec<String>>,
     /// Shard topics that exist on the stream, as last listed (dataset, shard).
     topics: std::sync::Mutex<BTreeSet<(String, u32)>>,
 }
@@ -135,7 +139,10 @@ struct Unit {
     stop: watch::Sender<bool>,
     /// Running deliveries of the unit by (dataset, shard), with their batch size.
     deliveries: HashMap<(String, u32), Arc<AtomicUsize>>,
-    curate: tokio::task::JoinHandle<()>,
+    /// The unit's tasks: its curator and its deliveries.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// When its lease was last renewed (taken, at first).
+    renewed: std::time::Instant,
 }
 
 impl Worker {
@@ -161,6 +168,8 @@ impl Worker {
             curate_pause: CuratePause::default(),
             background,
             held: std::sync::Mutex::new(BTreeMap::new()),
+            stopping: std::sync::Mutex::new(HashMap::new()),
+            members: std::sync::Mutex::new(Vec::new()),
             topics: std::sync::Mutex::new(BTreeSet::new()),
         }
     }
@@ -214,7 +223,7 @@ impl Worker {
             let shared = opts.batch_bytes.clone();
             let d = Delivery::new(&self.log, self.lake.clone(), self.clock.clone(), dataset, opts)
                 .with_context(|| format!("starting delivery for {dataset} shard {shard}"))?;
-            self.background.spawn(d.run(unit.stop.subscribe()));
+            unit.tasks.push(self.background.spawn(d.run(unit.stop.subscribe())));
             unit.deliveries.insert(key, shared);
         }
         Ok(())
@@ -230,7 +239,19 @@ impl Worker {
     }
 
     /// Starts unit `k`: its curate unit, then the deliveries of every dataset's shards in it.
+    /// Tasks of an earlier run of the unit in this process end first.
     async fn start(&self, k: u32) -> Result<()> {
+        let earlier = self
+            .stopping
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&k)
+            .unwrap_or_default();
+        for t in earlier {
+            if tokio::time::timeout(Duration::from_secs(60), t).await.is_err() {
+                anyhow::bail!("the earlier run of unit {k} did not end within 60 s");
+            }
+        }
         let curator = Curator::new(
             &self.log,
             self.lake.clone(),
@@ -252,7 +273,8 @@ impl Worker {
             Unit {
                 stop,
                 deliveries: HashMap::new(),
-                curate,
+                tasks: vec![curate],
+                renewed: std::time::Instant::now(),
             },
         );
         tracing::info!(unit = k, units = self.units, holder = %self.holder, "worker unit started");
@@ -262,11 +284,16 @@ impl Worker {
 
     /// Stops unit `k`; its tasks end at their next step (a batch being written is finished
     /// and committed, one being gathered is left to the next holder to read again).
-    fn stop(&self, k: u32) -> Option<tokio::task::JoinHandle<()>> {
-        let unit = self.lock_held().remove(&k)?;
+    fn stop(&self, k: u32) {
+        let Some(unit) = self.lock_held().remove(&k) else {
+            return;
+        };
         let _ = unit.stop.send(true);
         tracing::info!(unit = k, holder = %self.holder, "worker unit stopped");
-        Some(unit.curate)
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        let tasks = stopping.entry(k).or_default();
+        tasks.retain(|t| !t.is_finished());
+        tasks.extend(unit.tasks);
     }
 
     /// Starts the deliveries of every dataset in the catalog in the units held.
@@ -293,57 +320,59 @@ impl Worker {
         }
     }
 
-    /// One round: renews membership and leases, gives back units above this process's share,
-    /// takes free units up to it, and starts deliveries of new datasets.
+    /// One round: renews membership and leases, gives back the units that are not this
+    /// process's, takes its own when they are free, and starts deliveries of new datasets.
     async fn round(&self, ttl: Duration) {
-        let workers = match self.log.members(MEMBERS, &self.holder, Some(ttl)).await {
-            Ok(m) => m.len().max(1) as u32,
+        let members = match self.log.members(MEMBERS, &self.holder, Some(ttl)).await {
+            Ok(m) => {
+                *self.members.lock().unwrap_or_else(|e| e.into_inner()) = m.clone();
+                m
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "renewing worker membership failed; keeping the units held");
-                return;
+                // The leases are renewed all the same, on the last membership known.
+                tracing::warn!(error = %e, "renewing worker membership failed");
+                self.members.lock().unwrap_or_else(|e| e.into_inner()).clone()
             }
         };
-        let share = self.units.div_ceil(workers);
-        let held = self.held_units();
-        for &k in &held {
+        let mine = assignment(self.units, &members, &self.holder);
+        for k in self.held_units() {
+            if !mine.contains(&k) {
+                self.stop(k);
+                if let Err(e) = self.log.release(&unit_lease(k), &self.holder).await {
+                    tracing::warn!(unit = k, error = %e, "giving a unit's lease up failed; it expires");
+                }
+                continue;
+            }
             match self.log.lease(&unit_lease(k), &self.holder, ttl).await {
-                Ok(true) => {}
+                Ok(true) => self.renewed(k),
                 Ok(false) => {
                     tracing::warn!(unit = k, "another worker took this unit's lease; stopping it");
                     self.stop(k);
                 }
-                // Not lost yet: a renewal within the lease's life keeps it.
-                Err(e) => tracing::warn!(unit = k, error = %e, "renewing a unit's lease failed"),
+                Err(e) => {
+                    tracing::warn!(unit = k, error = %e, "renewing a unit's lease failed");
+                    // Past its life the lease may be another worker's: stop rather than run
+                    // the unit twice for long.
+                    if self.renewed_before(k, ttl) {
+                        tracing::warn!(
+                            unit = k,
+                            "this unit's lease was not renewed within its life; stopping it"
+                        );
+                        self.stop(k);
+                    }
+                }
             }
         }
-        // Units are kept and taken in bit-reversed order (0, 2, 1, 3): two workers then hold
-        // 0 and 2, and 1 and 3, so the two shards of a size-M dataset go to different workers.
-        let mut held = self.held_units();
-        held.sort_by_key(|k| k.reverse_bits());
-        while held.len() as u32 > share {
-            let Some(k) = held.pop() else { break };
-            self.stop(k);
-            if let Err(e) = self.log.release(&unit_lease(k), &self.holder).await {
-                tracing::warn!(unit = k, error = %e, "giving a unit's lease up failed; it expires");
-            }
-        }
-        let mut order: Vec<u32> = (0..self.units).collect();
-        order.sort_by_key(|k| k.reverse_bits());
-        for k in order {
-            if held.len() as u32 >= share {
-                break;
-            }
-            if held.contains(&k) {
-                continue;
-            }
+        let held = self.held_units();
+        for &k in mine.iter().filter(|k| !held.contains(k)) {
             match self.log.lease(&unit_lease(k), &self.holder, ttl).await {
-                Ok(true) => match self.start(k).await {
-                    Ok(()) => held.push(k),
-                    Err(e) => {
+                Ok(true) => {
+                    if let Err(e) = self.start(k).await {
                         tracing::error!(unit = k, error = format!("{e:#}"), "cannot start a unit");
                         let _ = self.log.release(&unit_lease(k), &self.holder).await;
                     }
-                },
+                }
+                // Its worker gives it up at its next round (or its lease expires).
                 Ok(false) => {}
                 Err(e) => tracing::warn!(unit = k, error = %e, "asking for a unit's lease failed"),
             }
@@ -362,6 +391,18 @@ impl Worker {
         self.ensure_all();
     }
 
+    fn renewed(&self, k: u32) {
+        if let Some(u) = self.lock_held().get_mut(&k) {
+            u.renewed = std::time::Instant::now();
+        }
+    }
+
+    /// Whether unit `k`'s lease was last renewed longer than `ttl` ago (on this process's own
+    /// clock).
+    fn renewed_before(&self, k: u32, ttl: Duration) -> bool {
+        self.lock_held().get(&k).is_some_and(|u| u.renewed.elapsed() >= ttl)
+    }
+
     /// Runs the worker until `shutdown`, then stops its units and gives their leases up.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
@@ -374,13 +415,15 @@ impl Worker {
                 break;
             }
         }
-        let mut tasks = Vec::new();
         for k in self.held_units() {
-            tasks.extend(self.stop(k));
+            self.stop(k);
         }
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-        }
+        // Every unit's tasks end together, within 10 s; the leases are given up either way.
+        let tasks: Vec<_> = std::mem::take(&mut *self.stopping.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_values()
+            .flatten()
+            .collect();
+        let _ = tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(tasks)).await;
         for k in 0..self.units {
             let _ = self.log.release(&unit_lease(k), &self.holder).await;
         }
@@ -393,9 +436,53 @@ fn unit_lease(k: u32) -> String {
     format!("unit.{k}")
 }
 
+/// The units `holder` runs among the sorted live `members`: the units in bit-reversed order
+/// (0, 2, 1, 3) cut into as many even blocks as there are members, the i-th block to the i-th
+/// member. Every unit has one owner; two workers get 0 and 2, and 1 and 3, so the two shards of
+/// a size-M dataset go to different workers. A process not in the list (its membership not
+/// yet read) counts itself in.
+pub fn assignment(units: u32, members: &[String], holder: &str) -> Vec<u32> {
+    let mut members: Vec<&str> = members.iter().map(String::as_str).collect();
+    if !members.contains(&holder) {
+        members.push(holder);
+    }
+    members.sort_unstable();
+    let w = members.len() as u64;
+    let Some(i) = members.iter().position(|m| *m == holder) else {
+        return Vec::new();
+    };
+    let mut order: Vec<u32> = (0..units).collect();
+    order.sort_by_key(|k| k.reverse_bits());
+    order
+        .into_iter()
+        .enumerate()
+        .filter(|(p, _)| (*p as u64 * w / u64::from(units.max(1))) as usize == i)
+        .map(|(_, k)| k)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Roles;
+    use super::{Roles, assignment};
+
+    #[test]
+    fn every_unit_has_one_owner_and_the_shards_of_a_size_m_dataset_two() {
+        let names = |n: usize| (0..n).map(|i| format!("w{i}")).collect::<Vec<_>>();
+        assert_eq!(assignment(4, &[], "a"), [0, 2, 1, 3]);
+        assert_eq!(assignment(1, &names(2), "w0"), [0]);
+        assert!(assignment(1, &names(2), "w1").is_empty());
+        let two = names(2);
+        assert_eq!(assignment(4, &two, "w0"), [0, 2]);
+        assert_eq!(assignment(4, &two, "w1"), [1, 3]);
+        for n in 1..=6 {
+            let m = names(n);
+            let mut all: Vec<u32> = m.iter().flat_map(|h| assignment(4, &m, h)).collect();
+            all.sort_unstable();
+            assert_eq!(all, [0, 1, 2, 3], "{n} workers");
+            let most = m.iter().map(|h| assignment(4, &m, h).len()).max();
+            assert_eq!(most, Some(4usize.div_ceil(n)), "{n} workers: even blocks");
+        }
+    }
 
     #[test]
     fn roles_parse() {

@@ -122,10 +122,13 @@ impl Rollups {
             )));
         }
         let applied = l.state.read().map_err(lock_err)?.manifest.applied.clone();
+        // Every shard the table may hold rows of: those the rollup applied, and every shard a
+        // stream may have (a shard whose rows curate committed before the rollup applied any
+        // of them must be fenced too, or the subscriber would count them again).
         let mut shards: Vec<u32> = applied.keys().copied().collect();
-        if shards.is_empty() {
-            shards.push(0);
-        }
+        shards.extend(0..tarn_core::SizeClass::L.shards());
+        shards.sort_unstable();
+        shards.dedup();
         // Curate must hold at least what the rollup applied, or the rebuilt day would miss
         // rows the subscriber will never apply again.
         let waited = Instant::now();
@@ -140,11 +143,16 @@ impl Rollups {
                 let v = app_version(&table, &def.dataset, &curate_app_id(&def.dataset, *s))
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))?;
-                let v = u64::try_from(v).unwrap_or(0);
-                if applied.get(s).is_some_and(|a| v < *a) {
+                if applied
+                    .get(s)
+                    .is_some_and(|a| v < i64::try_from(*a).unwrap_or(i64::MAX))
+                {
                     behind = Some((*s, v));
                 }
-                through.insert(*s, v);
+                // A shard without a commit has no rows in the table: nothing of it is fenced.
+                if let Ok(v) = u64::try_from(v) {
+                    through.insert(*s, v);
+                }
             }
             match behind {
                 None => break (table, through),

@@ -271,3 +271,35 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
         .arg(format!("DROP SCHEMA {schema} CASCADE"))
         .output();
 }
+
+/// Runs `tarn serve` expecting a refusal at start; returns what it printed.
+fn refused(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(["serve", "--http", "127.0.0.1:0", "--pg", "off"])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env("TARN_LOG", "warn")
+        .output()
+        .expect("run tarn");
+    assert!(!out.status.success(), "tarn started with {args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_need_a_shared_stream_lake_and_metadata_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let msg = refused(dir.path(), &["--roles", "worker"]);
+    assert!(msg.contains("the embedded log belongs to one process"), "{msg}");
+    let msg = refused(dir.path(), &["--roles", "query,reader"]);
+    assert!(msg.contains("unknown role \"reader\""), "{msg}");
+    let Some(nats) = nats_server() else { return };
+    let ns = nats_namespace("rolesrefused");
+    let stream = format!("{nats}/{ns}");
+    let msg = refused(dir.path(), &["--roles", "collector", "--stream", &stream]);
+    assert!(
+        msg.contains("need --lake s3://... and --meta postgres://...") && msg.contains("--lake local"),
+        "{msg}"
+    );
+    nats_cleanup(&nats, &ns).await;
+}
