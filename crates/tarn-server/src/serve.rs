@@ -181,6 +181,8 @@ pub struct App {
     clock: Arc<dyn Clock>,
     /// The stream byte limit of a size-M dataset (0: none of tarn's own).
     stream_bytes_max: u64,
+    /// The size class whose stream limit was last set, per dataset.
+    stream_limits_set: std::sync::Mutex<std::collections::HashMap<String, tarn_core::SizeClass>>,
     /// Counters of curate when this process runs no worker.
     no_curate: Arc<CurateStats>,
     shutdown: watch::Receiver<bool>,
@@ -195,7 +197,12 @@ impl App {
     /// takes a changed batch size at its next batch.
     pub fn ensure_delivery(&self, dataset: &str) -> Result<()> {
         let size = self.catalog.get(dataset).map(|s| s.size).unwrap_or_default();
-        if self.stream_bytes_max > 0 {
+        // Set once per dataset and size class: an ingest request calls this each time.
+        let changed = self.stream_bytes_max > 0 && {
+            let mut set = self.stream_limits_set.lock().unwrap_or_else(|e| e.into_inner());
+            set.insert(dataset.to_string(), size) != Some(size)
+        };
+        if changed {
             let (log, bytes) = (self.log.clone(), size.stream_bytes(self.stream_bytes_max));
             let shards = self.shards_of(size);
             let dataset = dataset.to_string();
@@ -511,6 +518,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         lake,
         clock,
         stream_bytes_max: args.stream_bytes_max,
+        stream_limits_set: std::sync::Mutex::new(std::collections::HashMap::new()),
         no_curate: Arc::new(CurateStats::default()),
         shutdown: shutdown_rx,
         background: background.clone(),
