@@ -259,51 +259,11 @@ impl NatsLog {
         Ok(())
     }
 
-    /// Rewrites `key` of the offsets bucket from its current value: `f` gives the new value
-    /// (`None`: leave the key as it is) and an answer. The write holds only if nobody wrote
-    /// the key in between; otherwise the key is read again and `f` asked again.
-    async fn swap<T>(&self, key: &str, mut f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T)) -> Result<T> {
-        let kv = &self.inner.offsets;
-        for _ in 0..20 {
-            let entry = kv
-                .entry(key)
-                .await
-                .map_err(|e| stream_err(format!("reading {key}"), e))?;
-            let (current, revision) = match &entry {
-                Some(e) if e.operation == kv::Operation::Put => (Some(&e.value[..]), Some(e.revision)),
-                Some(e) => (None, Some(e.revision)),
-                None => (None, None),
-            };
-            let (value, answer) = f(current);
-            let Some(value) = value else {
-                return Ok(answer);
-            };
-            let done = match revision {
-                Some(r) => kv
-                    .update(key, value.into(), r)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
-                None => kv
-                    .create(key, value.into())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
-            };
-            match done {
-                Ok(()) => return Ok(answer),
-                Err((true, _)) => continue,
-                Err((false, e)) => return Err(stream_err(format!("writing {key}"), e)),
-            }
-        }
-        Err(stream_err(key, "the key kept changing under 20 tries"))
-    }
-
     /// Takes or renews the lease `name` for `holder`; false when another holder has it.
     pub(crate) async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
         check_name(name)?;
         let key = format!("=lease/{name}");
-        self.swap(&key, |cur| {
+        swap(&self.inner.offsets, &key, |cur| {
             let v = crate::lease::take(cur, holder, ttl, crate::lease::now_ms());
             let held = v.is_some();
             (v, held)
@@ -315,7 +275,10 @@ impl NatsLog {
     pub(crate) async fn release(&self, name: &str, holder: &str) -> Result<()> {
         check_name(name)?;
         let key = format!("=lease/{name}");
-        self.swap(&key, |cur| (crate::lease::give_up(cur, holder), ())).await
+        swap(&self.inner.offsets, &key, |cur| {
+            (crate::lease::give_up(cur, holder), ())
+        })
+        .await
     }
 
     /// Adds or renews `holder` in `group` (`ttl` given) or takes it out (`None`); returns the
@@ -323,7 +286,7 @@ impl NatsLog {
     pub(crate) async fn members(&self, group: &str, holder: &str, ttl: Option<Duration>) -> Result<Vec<String>> {
         check_name(group)?;
         let key = format!("=members/{group}");
-        self.swap(&key, |cur| {
+        swap(&self.inner.offsets, &key, |cur| {
             crate::lease::members(cur, holder, ttl, crate::lease::now_ms())
         })
         .await
@@ -679,34 +642,21 @@ impl TopicInner {
     /// Adds a group to the topic's list, once, safely against other processes doing the same.
     async fn list_group(&self, group: &str) -> Result<()> {
         let key = self.groups_key();
-        let kv = &self.shared.offsets;
-        for _ in 0..20 {
-            let (mut names, revision) = self.groups().await?;
+        swap(&self.shared.offsets, &key, |cur| {
+            let mut names: Vec<String> = match cur.map(serde_json::from_slice).transpose() {
+                Ok(names) => names.unwrap_or_default(),
+                Err(e) => return (None, Err(stream_err(format!("reading {key}"), e))),
+            };
             if names.iter().any(|n| n == group) {
-                return Ok(());
+                return (None, Ok(()));
             }
             names.push(group.to_string());
-            let value: bytes::Bytes = serde_json::to_vec(&names).map_err(|e| stream_err(&key, e))?.into();
-            let done = match revision {
-                Some(r) => kv
-                    .update(&key, value, r)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
-                None => kv
-                    .create(&key, value)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
-            };
-            match done {
-                Ok(()) => return Ok(()),
-                // Another process changed the list first: read it again.
-                Err((true, _)) => continue,
-                Err((false, e)) => return Err(stream_err(format!("registering group {key}"), e)),
+            match serde_json::to_vec(&names) {
+                Ok(v) => (Some(v), Ok(())),
+                Err(e) => (None, Err(stream_err(&key, e))),
             }
-        }
-        Err(stream_err(&key, "the group list kept changing"))
+        })
+        .await?
     }
 }
 
@@ -958,6 +908,45 @@ fn writer_id() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// Rewrites `key` of a bucket from its current value: `f` gives the new value
+/// (`None`: leave the key as it is) and an answer. The write holds only if nobody wrote
+/// the key in between; otherwise the key is read again and `f` asked again.
+async fn swap<T>(kv: &kv::Store, key: &str, mut f: impl FnMut(Option<&[u8]>) -> (Option<Vec<u8>>, T)) -> Result<T> {
+    for _ in 0..20 {
+        let entry = kv
+            .entry(key)
+            .await
+            .map_err(|e| stream_err(format!("reading {key}"), e))?;
+        let (current, revision) = match &entry {
+            Some(e) if e.operation == kv::Operation::Put => (Some(&e.value[..]), Some(e.revision)),
+            Some(e) => (None, Some(e.revision)),
+            None => (None, None),
+        };
+        let (value, answer) = f(current);
+        let Some(value) = value else {
+            return Ok(answer);
+        };
+        let done = match revision {
+            Some(r) => kv
+                .update(key, value.into(), r)
+                .await
+                .map(|_| ())
+                .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, e.to_string())),
+            None => kv
+                .create(key, value.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, e.to_string())),
+        };
+        match done {
+            Ok(()) => return Ok(answer),
+            Err((true, _)) => continue,
+            Err((false, e)) => return Err(stream_err(format!("writing {key}"), e)),
+        }
+    }
+    Err(stream_err(key, "the key kept changing under 20 tries"))
 }
 
 #[cfg(test)]

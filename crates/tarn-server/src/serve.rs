@@ -695,35 +695,29 @@ fn stream_identity(args: &ServeArgs) -> Result<String> {
             .trim_start_matches("nats://");
         return Ok(format!("nats://{host}/{namespace}"));
     }
-    let path = args.data_dir.join("stream-id");
+    Ok(format!("embedded:{}", data_dir_id(&args.data_dir, "stream-id", 8)?))
+}
+
+/// The id kept in the file `name` of the data directory, made (`bytes` random bytes, in hex)
+/// and synced on first use.
+fn data_dir_id(dir: &std::path::Path, name: &str, bytes: usize) -> Result<String> {
+    let path = dir.join(name);
     match std::fs::read_to_string(&path) {
-        Ok(id) => return Ok(format!("embedded:{}", id.trim())),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("reading {}", path.display()));
+        Ok(id) => Ok(id.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id: String = (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+            tarn_catalog::write_synced(dir, name, id.as_bytes())?;
+            Ok(id)
         }
-        Err(_) => {}
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let id: [u8; 8] = rand::random();
-    let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    tarn_catalog::write_synced(&args.data_dir, "stream-id", id.as_bytes())?;
-    Ok(format!("embedded:{id}"))
 }
 
 /// This process's id among the processes of a deployment: made on first start and kept in the
 /// data directory, so a restarted process is the same holder of its leases (it takes its units
 /// back at once instead of waiting for them to expire) and the same rollup consumer.
 fn process_id(args: &ServeArgs) -> Result<String> {
-    let path = args.data_dir.join("process-id");
-    match std::fs::read_to_string(&path) {
-        Ok(id) => Ok(id.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let id: [u8; 6] = rand::random();
-            let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
-            tarn_catalog::write_synced(&args.data_dir, "process-id", id.as_bytes())?;
-            Ok(id)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
+    data_dir_id(&args.data_dir, "process-id", 6)
 }
 
 /// The consumer group of this process's rollups on the objects topic. Rollup state is kept in

@@ -9,20 +9,6 @@ use std::time::{Duration, Instant};
 use crate::catalog::tarn;
 use crate::server::*;
 
-/// The test server, or `None` with the reason outside CI; under CI a missing server fails.
-fn pg_url() -> Option<String> {
-    match std::env::var("TARN_TEST_POSTGRES") {
-        Ok(u) => Some(u),
-        Err(_) => {
-            let msg = "TARN_TEST_POSTGRES is not set: this test needs PostgreSQL \
-                       (scripts/test sets postgres://postgres@127.0.0.1:5432/test)";
-            assert!(std::env::var("CI").is_err(), "{msg}");
-            eprintln!("skipped: {msg}");
-            None
-        }
-    }
-}
-
 const CLICKS: &str = "name: clicks
 owner: web
 description: clicks from the web app
@@ -125,10 +111,7 @@ async fn processes_share_contracts_and_producer_keys_through_postgres() {
     if let Ok(out) = out {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("1|metadata documents by kind and name"), "{text}");
-        let _ = Command::new("psql")
-            .args([pg.as_str(), "-qc"])
-            .arg(format!("DROP SCHEMA {schema} CASCADE"))
-            .output();
+        drop_schema(&pg, &schema);
     }
 }
 

@@ -80,14 +80,7 @@ async fn wait_split(c: &reqwest::Client, a: &str, b: &str) {
 async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_through_kill9() {
     let Some(s3) = s3_server() else { return };
     let Some(nats) = nats_server() else { return };
-    let Ok(pg) = std::env::var("TARN_TEST_POSTGRES") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "TARN_TEST_POSTGRES is not set (scripts/test sets it)"
-        );
-        eprintln!("skipped: TARN_TEST_POSTGRES is not set (scripts/test sets it)");
-        return;
-    };
+    let Some(pg) = pg_url() else { return };
     let ns = nats_namespace("roles");
     let stream = format!("{nats}/{ns}");
     let schema = format!("it_roles_{}", std::process::id());
@@ -266,10 +259,7 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
     );
     drop((query, w1, w2, c1, c2));
     nats_cleanup(&nats, &ns).await;
-    let _ = std::process::Command::new("psql")
-        .args([pg.as_str(), "-qc"])
-        .arg(format!("DROP SCHEMA {schema} CASCADE"))
-        .output();
+    drop_schema(&pg, &schema);
 }
 
 /// Runs `tarn serve` expecting a refusal at start; returns what it printed.

@@ -270,13 +270,7 @@ async fn post_in_pieces_from(c: &reqwest::Client, url: &str, first: usize, reque
 async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
     let Some(s3) = s3_server() else { return };
     let Some(nats) = nats_server() else { return };
-    let Ok(pg) = std::env::var("TARN_TEST_POSTGRES") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "TARN_TEST_POSTGRES is not set (scripts/test sets it)"
-        );
-        return;
-    };
+    let Some(pg) = pg_url() else { return };
     let ns = nats_namespace("s3pgcat");
     let stream = format!("{nats}/{ns}");
     let schema = format!("it_s3pgcat_{}", std::process::id());
@@ -334,8 +328,5 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
     }
     drop((a, b));
     nats_cleanup(&nats, &ns).await;
-    let _ = std::process::Command::new("psql")
-        .args([pg.as_str(), "-qc"])
-        .arg(format!("DROP SCHEMA {schema} CASCADE"))
-        .output();
+    drop_schema(&pg, &schema);
 }

@@ -256,3 +256,26 @@ pub fn s3_server() -> Option<S3> {
         bucket,
     })
 }
+
+/// The PostgreSQL server of the tests (`TARN_TEST_POSTGRES`, set by `scripts/test`), or `None`
+/// with the reason printed outside CI; under CI a missing server fails the test.
+pub fn pg_url() -> Option<String> {
+    match std::env::var("TARN_TEST_POSTGRES") {
+        Ok(u) => Some(u),
+        Err(_) => {
+            let msg = "TARN_TEST_POSTGRES is not set: this test needs PostgreSQL \
+                       (scripts/test sets postgres://postgres@127.0.0.1:5432/test)";
+            assert!(std::env::var("CI").is_err(), "{msg}");
+            eprintln!("skipped: {msg}");
+            None
+        }
+    }
+}
+
+/// Drops a test's metadata schema.
+pub fn drop_schema(pg: &str, schema: &str) {
+    let _ = Command::new("psql")
+        .args([pg, "-qc"])
+        .arg(format!("DROP SCHEMA {schema} CASCADE"))
+        .output();
+}
