@@ -141,7 +141,7 @@ impl Curator {
     /// offset.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = crate::Backoff::new();
-        while let Err(e) = self.run_once(&mut shutdown).await {
+        while let Err(e) = self.run_once(&mut shutdown, &mut backoff).await {
             self.stats.errors.fetch_add(1, Relaxed);
             self.tables.lock().await.clear();
             if !backoff.after(&self.group, &e, &mut shutdown).await {
@@ -150,7 +150,7 @@ impl Curator {
         }
     }
 
-    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>, backoff: &mut crate::Backoff) -> Result<()> {
         let start = self.objects.register_group(&self.group).await?;
         let mut cursor = Some(self.objects.cursor(start));
         loop {
@@ -184,6 +184,7 @@ impl Curator {
             let next = c.next_seq();
             self.objects.commit(&self.group, next).await?;
             self.objects.apply_retention().await?;
+            backoff.reset();
             if self.opts.unit == 0 {
                 self.stats.next_notification.store(next, Relaxed);
             }

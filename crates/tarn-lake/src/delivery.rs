@@ -85,7 +85,7 @@ impl Delivery {
     /// committed offset, so no record is skipped.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = crate::Backoff::new();
-        while let Err(e) = self.run_once(&mut shutdown).await {
+        while let Err(e) = self.run_once(&mut shutdown, &mut backoff).await {
             if !backoff
                 .after(&format!("{}/{}", self.dataset, self.shard), &e, &mut shutdown)
                 .await
@@ -95,7 +95,7 @@ impl Delivery {
         }
     }
 
-    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+    async fn run_once(&self, shutdown: &mut watch::Receiver<bool>, backoff: &mut crate::Backoff) -> Result<()> {
         let start = self.topic.register_group(GROUP).await?;
         let mut cursor = Some(self.topic.cursor(start));
         let mut pending: Option<Pending> = None;
@@ -127,6 +127,7 @@ impl Delivery {
                     .is_some_and(|(held, new)| !same_schema(held, new));
                 if other_schema && let Some(p) = pending.take() {
                     self.flush(p).await?;
+                    backoff.reset();
                 }
                 let p = pending.get_or_insert_with(|| Pending {
                     batches: Vec::new(),
@@ -157,6 +158,7 @@ impl Delivery {
                 Some((full, age_ms)) if full || age_ms >= self.opts.batch_age_ms => {
                     if let Some(p) = pending.take() {
                         self.flush(p).await?;
+                        backoff.reset();
                     }
                 }
                 Some((_, age_ms)) => {

@@ -111,6 +111,13 @@ impl Backoff {
         Self { ms: 100 }
     }
 
+    /// Starts the next failure's wait from the shortest again: called once a round succeeds, so
+    /// that occasional failures spread over a long run (a commit conflict between two writers)
+    /// never grow the wait to its ceiling.
+    pub(crate) fn reset(&mut self) {
+        self.ms = 100;
+    }
+
     /// Logs the failure and waits; false when `shutdown` turned true meanwhile.
     pub(crate) async fn after(
         &mut self,
