@@ -91,7 +91,7 @@ pub async fn apply(
     }
     let mut table = lake.open_table(dataset).await?;
     let files = table_files(&table, spec)?;
-    let restored = tiers.restored(lake, dataset)?;
+    let view = tiers.view_fresh(lake, dataset).await?;
     let mut days: BTreeMap<NaiveDate, (Tier, Option<NaiveDate>)> = BTreeMap::new();
     for f in &files {
         let Some((_, d)) = f.partition.first() else { continue };
@@ -99,7 +99,7 @@ pub async fn apply(
             continue;
         };
         if let std::collections::btree_map::Entry::Vacant(e) = days.entry(day) {
-            e.insert((tiers.tier_of(lake, dataset, d)?, restored.get(d).copied()));
+            e.insert((view.tier(d)?, view.restored().get(d).copied()));
         }
     }
     report.steps = plan(&days, today, &spec.lifecycle);
@@ -110,12 +110,6 @@ pub async fn apply(
         match step {
             Step::Move { day, to, .. } => {
                 let d = day.format("%Y-%m-%d").to_string();
-                if lake.remote().is_some() {
-                    // Tiers in a bucket (storage classes) are not built yet: the day stays, and
-                    // the other steps (expiry) still run.
-                    tracing::warn!(dataset, day = %d, tier = ?to, "moving days between tiers is not available on a lake in a bucket yet; left in place");
-                    continue;
-                }
                 let opts = CompactOptions {
                     day: Some(d.clone()),
                     rules: crate::compaction::CompactionRules::for_spec(spec, 2),
@@ -145,6 +139,24 @@ pub async fn apply(
                     predicate: Some(format!("day = '{d}'")),
                 };
                 commit_actions(&mut table, dataset, actions, op, CommitProperties::default()).await?;
+                tiers.forget_day(lake, dataset, &d).await?;
+            }
+        }
+    }
+    // In a bucket, files that reached a colder day after it moved (late rows, a compaction)
+    // are still in the standard class: move them too.
+    if lake.remote().is_some() {
+        let moved: std::collections::BTreeSet<NaiveDate> = report
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Move { day, .. } | Step::Expire { day } => *day,
+            })
+            .collect();
+        for (day, (tier, _)) in &days {
+            if *tier > Tier::Standard && !moved.contains(day) {
+                let d = day.format("%Y-%m-%d").to_string();
+                report.files_moved += tiers.settle(lake, dataset, &d).await?;
             }
         }
     }
@@ -247,7 +259,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            tiers.tier_of(&lake, "bids", "2026-01-01").expect("tier"),
+            tiers.tier_of(&lake, "bids", "2026-01-01").await.expect("tier"),
             Tier::Standard
         );
 
@@ -259,13 +271,16 @@ mod tests {
         // The merged files move along with the ones they replaced (readers of older versions
         // may still use those until vacuum): 4 + 2 of the archived day, 2 of the other.
         assert_eq!((r.files_moved, r.files_expired), (8, 2));
-        assert_eq!(tiers.tier_of(&lake, "bids", "2026-01-01").expect("tier"), Tier::Archive);
         assert_eq!(
-            tiers.tier_of(&lake, "bids", "2026-06-01").expect("tier"),
+            tiers.tier_of(&lake, "bids", "2026-01-01").await.expect("tier"),
+            Tier::Archive
+        );
+        assert_eq!(
+            tiers.tier_of(&lake, "bids", "2026-06-01").await.expect("tier"),
             Tier::Infrequent
         );
         assert_eq!(
-            tiers.tier_of(&lake, "bids", "2026-11-20").expect("tier"),
+            tiers.tier_of(&lake, "bids", "2026-11-20").await.expect("tier"),
             Tier::Standard
         );
         assert!(
@@ -293,7 +308,7 @@ mod tests {
             6
         );
         assert_eq!(
-            tiers.tier_of(&lake, "bids", "2026-01-01").expect("tier"),
+            tiers.tier_of(&lake, "bids", "2026-01-01").await.expect("tier"),
             Tier::Standard
         );
         assert!(!lake.root().join("tiers/archive/bids/day=2026-01-01").exists());

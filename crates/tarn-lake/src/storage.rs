@@ -33,7 +33,7 @@ impl Default for Prices {
             standard_gb_month: 0.023,
             infrequent_gb_month: 0.0125,
             infrequent_retrieval_gb: 0.01,
-            archive_gb_month: 0.0036,
+            archive_gb_month: 0.004,
             scan_tb: 5.0,
         }
     }
@@ -92,6 +92,10 @@ pub async fn dataset_storage(
     } else {
         Vec::new()
     };
+    let view = match tiers {
+        Some(t) => Some(t.view(lake, dataset).await?),
+        None => None,
+    };
     let mut day_tier: BTreeMap<String, Tier> = BTreeMap::new();
     let mut by_tier: BTreeMap<Tier, Vec<&crate::compaction::FileInfo>> = BTreeMap::new();
     for f in &files {
@@ -99,8 +103,8 @@ pub async fn dataset_storage(
         let tier = match day_tier.get(&day) {
             Some(t) => *t,
             None => {
-                let t = match tiers {
-                    Some(t) => t.tier_of(lake, dataset, &day)?,
+                let t = match &view {
+                    Some(v) => v.tier(&day)?,
                     None => Tier::Standard,
                 };
                 day_tier.insert(day, t);

@@ -17,11 +17,18 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
+use crate::store::Remote;
 use crate::{Error, Lake, Result, io_err, sync_path};
+
+mod classes;
+
+use classes::{Classes, Recorded, TieredDay};
+pub use classes::{DEFAULT_ARCHIVE_CLASS, DEFAULT_INFREQUENT_CLASS};
 
 /// A storage tier, from warmest to coldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -54,11 +61,64 @@ impl Tier {
 /// The file recording restored days of a table: day -> last day of the restore.
 const RESTORED_FILE: &str = "_tarn_restored.json";
 
-/// Where the colder tiers live.
+/// Where the colder tiers live: directories on a local disk, or storage classes in a bucket.
 #[derive(Debug, Clone)]
 pub struct Tiers {
-    infrequent: PathBuf,
-    archive: PathBuf,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    Dirs { infrequent: PathBuf, archive: PathBuf },
+    Classes(Arc<Classes>),
+}
+
+/// The tiers of one dataset's days, as read at one moment.
+#[derive(Debug, Clone)]
+pub struct TierView {
+    days: ViewDays,
+    restored: HashMap<String, NaiveDate>,
+}
+
+#[derive(Debug, Clone)]
+enum ViewDays {
+    /// A day's tier is where the table's `day=` entry links to.
+    Links {
+        table_dir: PathBuf,
+        infrequent: PathBuf,
+        archive: PathBuf,
+    },
+    Recorded(Arc<Recorded>),
+}
+
+impl TierView {
+    /// The tier a day is in.
+    pub fn tier(&self, day: &str) -> Result<Tier> {
+        match &self.days {
+            ViewDays::Recorded(r) => Ok(r.days.get(day).map_or(Tier::Standard, |d| d.tier)),
+            ViewDays::Links {
+                table_dir,
+                infrequent,
+                archive,
+            } => {
+                let entry = table_dir.join(format!("day={day}"));
+                match std::fs::read_link(&entry) {
+                    Ok(target) if target.starts_with(archive) => Ok(Tier::Archive),
+                    Ok(target) if target.starts_with(infrequent) => Ok(Tier::Infrequent),
+                    Ok(target) => Err(Error::Corrupt {
+                        what: entry.display().to_string(),
+                        reason: format!("links to {}, which is no tier directory", target.display()),
+                    }),
+                    Err(_) => Ok(Tier::Standard),
+                }
+            }
+        }
+    }
+
+    /// Restored days and the last day of each restore.
+    pub fn restored(&self) -> &HashMap<String, NaiveDate> {
+        &self.restored
+    }
 }
 
 impl Tiers {
@@ -78,38 +138,103 @@ impl Tiers {
                 archive.display()
             )));
         }
-        Ok(Self { infrequent, archive })
+        Ok(Self {
+            place: Place::Dirs { infrequent, archive },
+        })
     }
 
-    /// The default tier directories under the lake root.
+    /// Tiers of a lake in a bucket: the storage class of each colder tier. Refuses a class
+    /// whose objects cannot be read without a restore.
+    pub fn classes(infrequent: &str, archive: &str) -> Result<Self> {
+        Ok(Self {
+            place: Place::Classes(Arc::new(Classes::new(infrequent, archive)?)),
+        })
+    }
+
+    /// The default tiers of a lake: directories under its root, or the default storage
+    /// classes for a lake in a bucket.
     pub fn under(lake: &Lake) -> Result<Self> {
+        if lake.remote().is_some() {
+            return Self::classes(classes::DEFAULT_INFREQUENT_CLASS, classes::DEFAULT_ARCHIVE_CLASS);
+        }
         Self::new(lake.root().join("tiers/infrequent"), lake.root().join("tiers/archive"))
     }
 
+    /// Where the colder tiers are, for messages.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            Place::Dirs { infrequent, archive } => format!(
+                "infrequent in {}, archive in {}",
+                infrequent.display(),
+                archive.display()
+            ),
+            Place::Classes(c) => format!("infrequent as {}, archive as {}", c.infrequent, c.archive),
+        }
+    }
+
     fn dir(&self, tier: Tier) -> Option<&Path> {
-        match tier {
-            Tier::Standard => None,
-            Tier::Infrequent => Some(&self.infrequent),
-            Tier::Archive => Some(&self.archive),
+        match (&self.place, tier) {
+            (Place::Dirs { infrequent, .. }, Tier::Infrequent) => Some(infrequent),
+            (Place::Dirs { archive, .. }, Tier::Archive) => Some(archive),
+            _ => None,
         }
     }
 
-    /// The tier a day of a dataset is in.
-    pub fn tier_of(&self, lake: &Lake, dataset: &str, day: &str) -> Result<Tier> {
-        let entry = lake.table_dir(dataset).join(format!("day={day}"));
-        match std::fs::read_link(&entry) {
-            Ok(target) if target.starts_with(&self.archive) => Ok(Tier::Archive),
-            Ok(target) if target.starts_with(&self.infrequent) => Ok(Tier::Infrequent),
-            Ok(target) => Err(Error::Corrupt {
-                what: entry.display().to_string(),
-                reason: format!("links to {}, which is no tier directory", target.display()),
-            }),
-            Err(_) => Ok(Tier::Standard),
+    /// The bucket and its classes, when the tiers are storage classes; refused when the
+    /// tiers and the lake disagree.
+    fn bucket<'a>(&'a self, lake: &'a Lake) -> Result<Option<(&'a Remote, &'a Classes)>> {
+        match (&self.place, lake.remote()) {
+            (Place::Classes(c), Some(r)) => Ok(Some((r, c))),
+            (Place::Dirs { .. }, None) => Ok(None),
+            (Place::Classes(_), None) => Err(Error::Refused(format!(
+                "the lake at {} is on a local disk: its tiers are directories, not storage classes",
+                lake.describe()
+            ))),
+            (Place::Dirs { .. }, Some(r)) => Err(Error::Refused(format!(
+                "the lake at {} is in a bucket: its tiers are storage classes, not directories",
+                r.location.url()
+            ))),
         }
     }
 
-    /// Restored days of a dataset and the last day of each restore.
-    pub fn restored(&self, lake: &Lake, dataset: &str) -> Result<HashMap<String, NaiveDate>> {
+    /// The tiers of a dataset's days. In a bucket the record may be a few seconds old (a move
+    /// by another process is seen within that); [`Tiers::view_fresh`] reads it again.
+    pub async fn view(&self, lake: &Lake, dataset: &str) -> Result<TierView> {
+        self.view_of(lake, dataset, false).await
+    }
+
+    /// Like [`Tiers::view`], always read again.
+    pub async fn view_fresh(&self, lake: &Lake, dataset: &str) -> Result<TierView> {
+        self.view_of(lake, dataset, true).await
+    }
+
+    async fn view_of(&self, lake: &Lake, dataset: &str, fresh: bool) -> Result<TierView> {
+        if let Some((r, c)) = self.bucket(lake)? {
+            let rec = c.recorded(r, dataset, fresh).await?;
+            return Ok(TierView {
+                restored: rec.restored.clone(),
+                days: ViewDays::Recorded(rec),
+            });
+        }
+        let Place::Dirs { infrequent, archive } = &self.place else {
+            return Err(Error::Internal("tiers without a place".into()));
+        };
+        Ok(TierView {
+            restored: self.restored_local(lake, dataset)?,
+            days: ViewDays::Links {
+                table_dir: lake.table_dir(dataset),
+                infrequent: infrequent.clone(),
+                archive: archive.clone(),
+            },
+        })
+    }
+
+    /// The tier a day of a dataset is in (read again).
+    pub async fn tier_of(&self, lake: &Lake, dataset: &str, day: &str) -> Result<Tier> {
+        self.view_fresh(lake, dataset).await?.tier(day)
+    }
+
+    fn restored_local(&self, lake: &Lake, dataset: &str) -> Result<HashMap<String, NaiveDate>> {
         let path = lake.table_dir(dataset).join(RESTORED_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Corrupt {
@@ -124,13 +249,19 @@ impl Tiers {
     /// Brings a day back to the standard tier until `until`; lifecycle leaves it there until
     /// then. Returns the files moved.
     pub async fn restore(&self, lake: &Lake, dataset: &str, day: &str, until: NaiveDate) -> Result<usize> {
-        lake.require_local("restoring a day from a colder tier")?;
         if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
-        // Recorded (and synced) first: a crash during the move then leaves a day that lifecycle
-        // will not send back before the restore ends, and the restore can simply be run again.
-        let mut restored = self.restored(lake, dataset)?;
+        // Recorded first: a crash during the move then leaves a day that lifecycle will not
+        // send back before the restore ends, and the restore can simply be run again.
+        if let Some((r, c)) = self.bucket(lake)? {
+            c.update(r, dataset, |rec| {
+                rec.restored.insert(day.to_string(), until);
+            })
+            .await?;
+            return self.move_day(lake, dataset, day, Tier::Standard).await;
+        }
+        let mut restored = self.restored_local(lake, dataset)?;
         restored.insert(day.to_string(), until);
         let path = lake.table_dir(dataset).join(RESTORED_FILE);
         let tmp = path.with_extension("json.tmp");
@@ -143,15 +274,21 @@ impl Tiers {
     }
 
     /// Moves a day of a dataset to `to`; returns the files moved (0 when it is there already or
-    /// the day has no directory). The files are copied once without the lock, then, under the
-    /// dataset's exclusive lock, whatever arrived since is copied and the entry swapped, so
-    /// appends wait only for the last step.
+    /// the day has no files).
+    ///
+    /// On a local disk the files are copied once without the lock, then, under the dataset's
+    /// exclusive lock, whatever arrived since is copied and the entry swapped, so appends wait
+    /// only for the last step. In a bucket each file is written again in the tier's class and
+    /// then the day's tier is recorded; a day already there has its newer files (written in
+    /// the standard class since) moved too.
     pub async fn move_day(&self, lake: &Lake, dataset: &str, day: &str, to: Tier) -> Result<usize> {
-        lake.require_local("moving a day between storage tiers")?;
         if NaiveDate::parse_from_str(day, "%Y-%m-%d").is_err() {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
-        if self.tier_of(lake, dataset, day)? == to {
+        if let Some((r, c)) = self.bucket(lake)? {
+            return move_in_bucket(r, c, dataset, day, to).await;
+        }
+        if self.tier_of(lake, dataset, day).await? == to {
             return Ok(0);
         }
         let table_dir = lake.table_dir(dataset);
@@ -162,7 +299,7 @@ impl Tiers {
             .map_err(|e| Error::Internal(format!("move task: {e}")))??;
         let _exclusive = lake.moving(dataset).await;
         // Checked again under the lock: another move may have come first.
-        if self.tier_of(lake, dataset, day)? == to {
+        if self.tier_of(lake, dataset, day).await? == to {
             return Ok(0);
         }
         let day = day.to_string();
@@ -170,6 +307,73 @@ impl Tiers {
             .await
             .map_err(|e| Error::Internal(format!("move task: {e}")))?
     }
+
+    /// In a bucket: moves the files of a colder day that were written after its move (late
+    /// events, a compaction) to its class. Returns the files moved; 0 on a local disk, where a
+    /// day's new files land in its tier's directory already.
+    pub async fn settle(&self, lake: &Lake, dataset: &str, day: &str) -> Result<usize> {
+        let Some((r, c)) = self.bucket(lake)? else {
+            return Ok(0);
+        };
+        let rec = c.recorded(r, dataset, true).await?;
+        match rec.days.get(day) {
+            Some(d) => move_in_bucket(r, c, dataset, day, d.tier).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Forgets the tier of a day that left the table (expired): new rows of that day would
+    /// start in the standard tier.
+    pub async fn forget_day(&self, lake: &Lake, dataset: &str, day: &str) -> Result<()> {
+        if let Some((r, c)) = self.bucket(lake)? {
+            let known = c.recorded(r, dataset, true).await?;
+            if known.days.contains_key(day) || known.restored.contains_key(day) {
+                c.update(r, dataset, |rec| {
+                    rec.days.remove(day);
+                    rec.restored.remove(day);
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the day's files not yet in `to`'s class again in it, then records the day's tier
+/// with the files now in it.
+async fn move_in_bucket(r: &Remote, c: &Classes, dataset: &str, day: &str, to: Tier) -> Result<usize> {
+    let rec = c.recorded(r, dataset, true).await?;
+    let files = classes::day_files(r, dataset, day).await?;
+    let already: std::collections::BTreeSet<String> = match rec.days.get(day) {
+        Some(d) if d.tier == to => d.files.clone(),
+        None if to == Tier::Standard => files.iter().cloned().collect(),
+        _ => Default::default(),
+    };
+    let pending: Vec<String> = files.iter().filter(|f| !already.contains(*f)).cloned().collect();
+    // Nothing to write, and the record already says where the day is.
+    let recorded_right = (to == Tier::Standard) != rec.days.contains_key(day);
+    if pending.is_empty() && recorded_right {
+        return Ok(0);
+    }
+    let moved = classes::rewrite(r, dataset, &pending, c.class_of(to)).await?;
+    let listed: std::collections::BTreeSet<String> = files.into_iter().collect();
+    let mut now_in: std::collections::BTreeSet<String> = already.intersection(&listed).cloned().collect();
+    now_in.extend(moved.iter().cloned());
+    c.update(r, dataset, |rec| {
+        if to == Tier::Standard {
+            rec.days.remove(day);
+        } else {
+            rec.days.insert(
+                day.to_string(),
+                TieredDay {
+                    tier: to,
+                    files: now_in.clone(),
+                },
+            );
+        }
+    })
+    .await?;
+    Ok(moved.len())
 }
 
 impl Tiers {
@@ -179,6 +383,12 @@ impl Tiers {
     /// holds every writer of both names off.
     pub fn rename_table(&self, lake: &Lake, from: &str, to: &str) -> Result<()> {
         lake.require_local("a new major version (it keeps the table under another name)")?;
+        let Place::Dirs { infrequent, archive } = &self.place else {
+            return Err(Error::Refused(
+                "a new major version keeps the table under another name, which tiers as storage classes cannot follow"
+                    .into(),
+            ));
+        };
         let (src, dst) = (lake.table_dir(from), lake.table_dir(to));
         // A table without a commit (an empty folder a reader may have made) stays.
         if lake.table_exists(from) {
@@ -191,7 +401,7 @@ impl Tiers {
             std::fs::rename(&src, &dst).map_err(io_err(&src))?;
             sync_parent(&dst)?;
         }
-        for base in [&self.infrequent, &self.archive] {
+        for base in [infrequent, archive] {
             let (a, b) = (base.join(from), base.join(to));
             if a.exists() {
                 if b.exists() {
@@ -214,7 +424,7 @@ impl Tiers {
             let Ok(target) = std::fs::read_link(&entry) else {
                 continue;
             };
-            for base in [&self.infrequent, &self.archive] {
+            for base in [infrequent, archive] {
                 let Ok(rest) = target.strip_prefix(base.join(from)) else {
                     continue;
                 };

@@ -245,7 +245,7 @@ impl QueryEngine {
     /// Fails when the plan would read a day in the archive tier, naming the days and how to
     /// restore them.
     /// Returns the (dataset, day) partitions the plan reads from the infrequent tier.
-    fn check_archive(&self, plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> Result<Infrequent> {
+    async fn check_archive(&self, plan: &Arc<dyn ExecutionPlan>, urls: &HashMap<String, String>) -> Result<Infrequent> {
         let Some(tiers) = &self.tiers else {
             return Ok(Infrequent::default());
         };
@@ -253,11 +253,17 @@ impl QueryEngine {
         stats::scanned_days(plan, urls, &mut days);
         let mut archived = Vec::new();
         let mut infrequent = Infrequent::default();
+        let mut views: HashMap<String, tarn_lake::tiers::TierView> = HashMap::new();
         for (dataset, day) in days {
-            match tiers
-                .tier_of(&self.lake, &dataset, &day)
-                .map_err(|e| Error::Internal(e.to_string()))?
-            {
+            if !views.contains_key(&dataset) {
+                let v = tiers
+                    .view(&self.lake, &dataset)
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                views.insert(dataset.clone(), v);
+            }
+            let Some(view) = views.get(&dataset) else { continue };
+            match view.tier(&day).map_err(|e| Error::Internal(e.to_string()))? {
                 Tier::Archive => archived.push((dataset, day)),
                 Tier::Infrequent => {
                     infrequent.insert((dataset, day));
@@ -597,7 +603,7 @@ impl QueryEngine {
         self.check_partition_filters(&df)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let plan = df.create_physical_plan().await.map_err(classify)?;
-        let infrequent = self.check_archive(&plan, &urls)?;
+        let infrequent = self.check_archive(&plan, &urls).await?;
         Ok(Planned {
             ctx,
             urls,

@@ -139,6 +139,13 @@ pub struct ServeArgs {
     /// Directory of the archive tier (default: <data-dir>/lake/tiers/archive).
     #[arg(long, env = "TARN_TIER_ARCHIVE_DIR")]
     pub tier_archive_dir: Option<PathBuf>,
+    /// S3 storage class of the infrequent tier, for a lake in a bucket (default STANDARD_IA).
+    #[arg(long, env = "TARN_TIER_INFREQUENT_CLASS")]
+    pub tier_infrequent_class: Option<String>,
+    /// S3 storage class of the archive tier, for a lake in a bucket (default GLACIER_IR; a class
+    /// that needs a restore before a read, GLACIER or DEEP_ARCHIVE, is refused).
+    #[arg(long, env = "TARN_TIER_ARCHIVE_CLASS")]
+    pub tier_archive_class: Option<String>,
     /// Vacuum deletes data files unreferenced for longer than this many hours (at least 2).
     #[arg(long, env = "TARN_VACUUM_RETAIN_HOURS", default_value_t = 168)]
     pub vacuum_retain_hours: u64,
@@ -377,15 +384,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .await
             .context("checking which stream feeds the lake")?;
     }
-    let tiers = Tiers::new(
-        args.tier_infrequent_dir
-            .clone()
-            .unwrap_or_else(|| lake.root().join("tiers/infrequent")),
-        args.tier_archive_dir
-            .clone()
-            .unwrap_or_else(|| lake.root().join("tiers/archive")),
-    )
-    .context("opening the tier directories")?;
+    let tiers = open_tiers(&args, &lake)?;
     let catalog_dir = args.data_dir.join("catalog");
     crate::major::recover(&catalog, &lake, &tiers)
         .await
@@ -681,6 +680,43 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// The colder tiers: directories for a lake on the local disk, storage classes for a lake in a
+/// bucket; the flags of the other kind are refused.
+fn open_tiers(args: &ServeArgs, lake: &Lake) -> anyhow::Result<Tiers> {
+    if lake.remote().is_some() {
+        if args.tier_infrequent_dir.is_some() || args.tier_archive_dir.is_some() {
+            anyhow::bail!(
+                "--tier-infrequent-dir and --tier-archive-dir are for a lake on the local disk; in a bucket \
+                 the tiers are storage classes (--tier-infrequent-class, --tier-archive-class)"
+            );
+        }
+        let infrequent = args
+            .tier_infrequent_class
+            .as_deref()
+            .unwrap_or(tarn_lake::tiers::DEFAULT_INFREQUENT_CLASS);
+        let archive = args
+            .tier_archive_class
+            .as_deref()
+            .unwrap_or(tarn_lake::tiers::DEFAULT_ARCHIVE_CLASS);
+        return Tiers::classes(infrequent, archive).context("choosing the storage classes of the tiers");
+    }
+    if args.tier_infrequent_class.is_some() || args.tier_archive_class.is_some() {
+        anyhow::bail!(
+            "--tier-infrequent-class and --tier-archive-class are for a lake in a bucket; on the local disk \
+             the tiers are directories (--tier-infrequent-dir, --tier-archive-dir)"
+        );
+    }
+    Tiers::new(
+        args.tier_infrequent_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/infrequent")),
+        args.tier_archive_dir
+            .clone()
+            .unwrap_or_else(|| lake.root().join("tiers/archive")),
+    )
+    .context("opening the tier directories")
 }
 
 /// Which stream this process reads, as recorded in a lake in a bucket: `embedded:<id>` (an

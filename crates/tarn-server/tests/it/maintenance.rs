@@ -40,17 +40,35 @@ pub async fn scan(c: &reqwest::Client, url: &str) -> (u64, f64, u64) {
 }
 
 pub fn tarn_compact(url: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
-        .arg("compact")
-        .args(["--server", url])
-        .args(args)
-        .output()
-        .expect("run tarn compact");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["compact"];
+    all.extend_from_slice(args);
+    tarn_cli(url, &all)
+}
+
+/// A dataset whose days move to the infrequent tier after 30 days, to the archive after a
+/// year, and expire after 3,000 days.
+pub const CLICKS_WITH_LIFECYCLE: &str = "name: clicks\nfields:\n  - { name: event_id, type: string, required: true }\n  - { name: ts, type: timestamp, required: true }\n  - { name: client_id, type: string, required: true }\nevent_time: ts\nevent_id: event_id\npartitioning: { tenant: client_id }\nlifecycle: { infrequent_after_days: 30, archive_after_days: 365, expire_after_days: 3000 }\n";
+
+/// Days 4,000, 400 and 100 days ago and today: one to expire, one for the archive, one for the
+/// infrequent tier and one that stays.
+pub fn lifecycle_days() -> [chrono::NaiveDate; 4] {
+    let today = chrono::Utc::now().date_naive();
+    [4000, 400, 100, 0].map(|n| today - chrono::Duration::days(n))
+}
+
+/// Posts one `clicks` event on each day and waits until all are queryable.
+pub async fn post_one_click_a_day(c: &reqwest::Client, url: &str, days: &[chrono::NaiveDate]) {
+    let body: Vec<String> = days
+        .iter()
+        .enumerate()
+        .map(|(i, d)| format!(r#"{{"event_id":"e{i}","ts":"{d}T12:00:00Z","client_id":"acme"}}"#))
+        .collect();
+    let (st, v) = post_events(c, url, "clicks", body.join("\n")).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(c, url, "SELECT count(*) FROM clicks", 30, |v| {
+        v["rows"][0][0] == days.len()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,11 +246,7 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ds = dir.path().join("datasets");
     std::fs::create_dir_all(&ds).expect("mkdir");
-    std::fs::write(
-        ds.join("clicks.yaml"),
-        "name: clicks\nfields:\n  - { name: event_id, type: string, required: true }\n  - { name: ts, type: timestamp, required: true }\n  - { name: client_id, type: string, required: true }\nevent_time: ts\nevent_id: event_id\npartitioning: { tenant: client_id }\nlifecycle: { infrequent_after_days: 30, archive_after_days: 365, expire_after_days: 3000 }\n",
-    )
-    .expect("descriptor");
+    std::fs::write(ds.join("clicks.yaml"), CLICKS_WITH_LIFECYCLE).expect("descriptor");
     let cold = dir.path().join("cold-volume");
     let s = Server::start(
         &dir.path().join("data"),
@@ -246,31 +260,9 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
         ],
     );
     let c = client();
-    let today = chrono::Utc::now().date_naive();
-    let days = [
-        today - chrono::Duration::days(4000),
-        today - chrono::Duration::days(400),
-        today - chrono::Duration::days(100),
-        today,
-    ];
-    let body: Vec<String> = days
-        .iter()
-        .enumerate()
-        .map(|(i, d)| format!(r#"{{"event_id":"e{i}","ts":"{d}T12:00:00Z","client_id":"acme"}}"#))
-        .collect();
-    let (st, v) = post_events(&c, &s.url, "clicks", body.join("\n")).await;
-    assert_eq!(st, 200, "{v}");
-    wait_for(&c, &s.url, "SELECT count(*) FROM clicks", 30, |v| v["rows"][0][0] == 4).await;
-
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
-            .args(args)
-            .args(["--server", &s.url])
-            .output()
-            .expect("run tarn");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let days = lifecycle_days();
+    post_one_click_a_day(&c, &s.url, &days).await;
+    let run = |args: &[&str]| tarn_ok(&s.url, args);
     let plan = run(&["lifecycle", "--dry-run"]);
     assert!(plan.contains("clicks: 3 step(s) planned"), "{plan}");
     assert!(plan.contains(&format!("day={} expire", days[0])), "{plan}");

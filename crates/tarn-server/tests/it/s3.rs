@@ -330,3 +330,146 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
     nats_cleanup(&nats, &ns).await;
     drop_schema(&pg, &schema);
 }
+
+/// Tiers in a bucket are storage classes: a move writes each file of the day again with its
+/// tier's class, so a server that does not know the class refuses the move (s3s-fs takes only
+/// STANDARD and REDUCED_REDUNDANCY, which shows that the class reaches it) and the day stays
+/// where it was; with classes the server takes, days move, an archived day refuses queries
+/// until it is restored, a late file of a colder day follows it at the next run, and old days
+/// expire. A class that needs a restore before each read, and tier directories, are refused at
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiers_in_a_bucket_are_storage_classes() {
+    use crate::maintenance::{CLICKS_WITH_LIFECYCLE, lifecycle_days, post_one_click_a_day};
+    let Some(s3) = s3_server() else { return };
+    let env = s3.env();
+    let lake = s3.lake("tiers");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ds = dir.path().join("datasets");
+    std::fs::create_dir_all(&ds).expect("mkdir");
+    std::fs::write(ds.join("clicks.yaml"), CLICKS_WITH_LIFECYCLE).expect("descriptor");
+    let data = dir.path().join("data");
+    let base = [
+        "--lake",
+        lake.as_str(),
+        "--datasets",
+        ds.to_str().expect("utf8"),
+        "--batch-age-ms",
+        "50",
+    ];
+
+    // Refused at start: a class read only after a restore, and tier directories.
+    for (flag, value, says) in [
+        ("--tier-archive-class", "GLACIER", "restored object by object"),
+        ("--tier-infrequent-dir", "/tmp", "in a bucket"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tarn"))
+            .args(["serve", "--http", "127.0.0.1:0", "--pg", "off"])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(base)
+            .args([flag, value])
+            .env("TARN_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("run tarn");
+        let msg = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && msg.contains(says), "{flag} {value}: {msg}");
+    }
+
+    // The default classes (STANDARD_IA, GLACIER_IR) reach the server, which refuses them.
+    let s = Server::start_env(&data, &base, &env);
+    let c = client();
+    let days = lifecycle_days();
+    post_one_click_a_day(&c, &s.url, &days).await;
+    let (ok, _, err) = tarn_cli(&s.url, &["lifecycle"]);
+    assert!(!ok, "the server took a class it does not know");
+    assert!(
+        err.contains("in the storage class GLACIER_IR") && err.contains("InvalidStorageClass"),
+        "{err}"
+    );
+    // The oldest day expired first; the day the move failed on is still read.
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
+    assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(3)), "{v}");
+    let plan = tarn_ok(&s.url, &["lifecycle", "--dry-run"]);
+    assert!(plan.contains("clicks: 2 step(s) planned"), "{plan}");
+    drop(s);
+
+    let mut args = base.to_vec();
+    args.extend([
+        "--tier-infrequent-class",
+        "REDUCED_REDUNDANCY",
+        "--tier-archive-class",
+        "REDUCED_REDUNDANCY",
+    ]);
+    let s = Server::start_env(&data, &args, &env);
+    let done = tarn_ok(&s.url, &["lifecycle"]);
+    assert!(
+        done.contains("clicks: 2 step(s); 0 files compacted first, 2 moved, 0 expired"),
+        "{done}"
+    );
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
+    assert_eq!(st, 409, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(&format!("clicks day={}", days[1])) && msg.contains("tarn restore"),
+        "{msg}"
+    );
+    let since = days[2].to_string();
+    let recent = format!("SELECT count(DISTINCT event_id) FROM clicks WHERE day >= '{since}'");
+    let (st, v) = sql(&c, &s.url, &recent).await;
+    assert_eq!(
+        (st, v["rows"][0][0].as_u64()),
+        (200, Some(2)),
+        "the infrequent tier is read: {v}"
+    );
+    let storage: serde_json::Value = serde_json::from_str(&tarn_ok(&s.url, &["storage", "--json"])).expect("json");
+    let tiers: Vec<&str> = storage["datasets"][0]["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .map(|t| t["tier"].as_str().expect("tier"))
+        .collect();
+    assert_eq!(tiers, ["standard", "infrequent", "archive"], "{storage}");
+
+    // A late event for the infrequent day is a new file in the standard class: the next run
+    // moves it and nothing else.
+    let late = format!(r#"{{"event_id":"late","ts":"{since}T13:00:00Z","client_id":"beta"}}"#);
+    let (st, v) = post_events(&c, &s.url, "clicks", late).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(&c, &s.url, &recent, 30, |v| v["rows"][0][0] == 3).await;
+    let again = tarn_ok(&s.url, &["lifecycle"]);
+    assert!(
+        again.contains("clicks: 0 step(s); 0 files compacted first, 1 moved, 0 expired"),
+        "{again}"
+    );
+    let settled = tarn_ok(&s.url, &["lifecycle"]);
+    assert!(
+        settled.contains("0 step(s); 0 files compacted first, 0 moved"),
+        "{settled}"
+    );
+
+    let restored = tarn_ok(
+        &s.url,
+        &[
+            "restore",
+            "--dataset",
+            "clicks",
+            "--day",
+            &days[1].to_string(),
+            "--days",
+            "3",
+        ],
+    );
+    assert!(
+        restored.contains("1 files back in the standard tier for 3 days"),
+        "{restored}"
+    );
+    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
+    assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(4)), "restored: {v}");
+    let plan = tarn_ok(&s.url, &["lifecycle", "--dry-run"]);
+    assert!(
+        plan.contains("clicks: 0 step(s) planned"),
+        "a restored day stays: {plan}"
+    );
+}

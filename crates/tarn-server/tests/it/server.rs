@@ -279,3 +279,24 @@ pub fn drop_schema(pg: &str, schema: &str) {
         .arg(format!("DROP SCHEMA {schema} CASCADE"))
         .output();
 }
+
+/// Runs a `tarn` command against the server at `url`: (success, stdout, stderr).
+pub fn tarn_cli(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tarn"))
+        .args(args)
+        .args(["--server", url])
+        .output()
+        .expect("run tarn");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs a `tarn` command against the server at `url` that must succeed; returns its stdout.
+pub fn tarn_ok(url: &str, args: &[&str]) -> String {
+    let (ok, out, err) = tarn_cli(url, args);
+    assert!(ok, "tarn {args:?}: {err}");
+    out
+}
