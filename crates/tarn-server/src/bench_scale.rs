@@ -71,11 +71,17 @@ async fn measure(ingest: &str, query: &str, bodies: Arc<Vec<(usize, bytes::Bytes
     })
 }
 
-/// A data directory of its own for one process of a setup, with the benchmark's descriptor.
+/// A data directory of its own for one process of a setup, with the benchmark's descriptor
+/// in size class L: four shards on a shared stream, so that every unit of work has a shard and
+/// two workers share them (the embedded log keeps one shard whatever the class).
 fn process_dir(root: &Path, name: &str) -> Result<std::path::PathBuf> {
     let dir = root.join(name);
     std::fs::create_dir_all(dir.join("datasets"))?;
-    std::fs::write(dir.join("datasets/auctions.yaml"), crate::bench::DESCRIPTOR)?;
+    let descriptor = crate::bench::DESCRIPTOR.replacen("name: auctions\n", "name: auctions\nsize: L\n", 1);
+    if descriptor == crate::bench::DESCRIPTOR {
+        bail!("the benchmark's descriptor has no `name: auctions` line to add the size class after");
+    }
+    std::fs::write(dir.join("datasets/auctions.yaml"), descriptor)?;
     Ok(dir)
 }
 
