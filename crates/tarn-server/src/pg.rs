@@ -8,7 +8,8 @@
 //! run as `anonymous`; with one, the user is a `*` key's name and the password its secret
 //! (cleartext, so use TLS or loopback), and queries run under that key's name and budget.
 //! Session statements clients send on their own (`BEGIN`, `COMMIT`, `SET`, `SHOW`,
-//! `DISCARD`) are answered without touching data: tarn has no transactions to keep.
+//! `DISCARD`) are answered without touching data: tarn has no transactions to keep. Cursors
+//! (`DECLARE`, `FETCH`, `MOVE`, `CLOSE`) read a result a piece at a time (see [`cursors`]).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ use pgwire::messages::startup::Authentication;
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 
 use crate::serve::App;
+
+mod cursors;
+
+use cursors::{Cursor, CursorOp, Cursors};
 
 /// The default listener: loopback, next to the HTTP port; never PostgreSQL's own 5432.
 pub const DEFAULT_PG: &str = "127.0.0.1:7412";
@@ -75,13 +80,7 @@ pub async fn serve(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
-    let handlers = Arc::new(Handlers {
-        handler: Arc::new(Handler {
-            app,
-            parser: Arc::new(Parser),
-            tls_required: tls.is_some(),
-        }),
-    });
+    let parser = Arc::new(Parser);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -95,7 +94,15 @@ pub async fn serve(
                     drop(socket);
                     continue;
                 };
-                let h = handlers.clone();
+                // A handler per connection: it holds the connection's cursors.
+                let h = Arc::new(Handlers {
+                    handler: Arc::new(Handler {
+                        app: app.clone(),
+                        parser: parser.clone(),
+                        tls_required: tls.is_some(),
+                        cursors: Cursors::default(),
+                    }),
+                });
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -134,6 +141,7 @@ struct Handler {
     app: Arc<App>,
     parser: Arc<Parser>,
     tls_required: bool,
+    cursors: Cursors,
 }
 
 fn parameters() -> DefaultServerParameterProvider {
@@ -228,11 +236,31 @@ fn kind(sql: &str) -> Kind {
         "RESET" => Kind::Set("RESET"),
         "DISCARD" => Kind::Set("DISCARD ALL"),
         "DEALLOCATE" => Kind::Set("DEALLOCATE"),
-        "CLOSE" => Kind::Set("CLOSE CURSOR"),
         "UNLISTEN" => Kind::Set("UNLISTEN"),
         "SHOW" => Kind::Show(words.collect::<Vec<_>>().join(" ").to_ascii_lowercase()),
         w if w.starts_with('(') => Kind::Query,
         other => Kind::Refused(other.to_string()),
+    }
+}
+
+/// A cursor statement (comments and a trailing semicolon aside); `None` for any other.
+fn cursor_statement(sql: &str) -> Option<PgWireResult<CursorOp>> {
+    let text = strip_comments(sql);
+    cursors::parse(text.trim().trim_end_matches(';').trim())
+}
+
+/// The PostgreSQL-compatibility rewrite of a statement before its values are bound: a query
+/// whole, the query of a `DECLARE` alone, any other cursor statement unchanged.
+fn rewrite_statement(sql: &str) -> String {
+    match cursor_statement(sql) {
+        Some(Ok(CursorOp::Declare { name, hold, query })) => format!(
+            "DECLARE \"{}\" CURSOR {} FOR {}",
+            name.replace('"', "\"\""),
+            if hold { "WITH HOLD" } else { "WITHOUT HOLD" },
+            tarn_query::postgres_statement(&query)
+        ),
+        Some(_) => sql.to_string(),
+        None => tarn_query::postgres_statement(sql),
     }
 }
 
@@ -369,11 +397,22 @@ impl Handler {
         format: &Format,
         rewrite: bool,
     ) -> PgWireResult<Response> {
+        if let Some(op) = cursor_statement(sql) {
+            return self.cursor(who, key_budget, op?, format, rewrite).await;
+        }
         match kind(sql) {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
-            Kind::End(tag) => Ok(Response::TransactionEnd(Tag::new(tag))),
-            Kind::Set(tag) => Ok(Response::Execution(Tag::new(tag))),
+            Kind::End(tag) => {
+                self.cursors.end_transaction();
+                Ok(Response::TransactionEnd(Tag::new(tag)))
+            }
+            Kind::Set(tag) => {
+                if tag == "DISCARD ALL" {
+                    self.cursors.close(None)?;
+                }
+                Ok(Response::Execution(Tag::new(tag)))
+            }
             Kind::Show(name) => match show(&name) {
                 Some((col, v)) => Ok(one_value(col, v)),
                 None => Err(user_error(
@@ -392,6 +431,47 @@ impl Handler {
                 self.query(who, key_budget, &sql, format).await
             }
             Kind::Query => self.query(who, key_budget, sql, format).await,
+        }
+    }
+
+    /// Declares, fetches from, moves or closes a cursor of this connection. A declared query
+    /// runs at once, so its errors and its budget come with DECLARE, as its rows come with
+    /// FETCH.
+    async fn cursor(
+        &self,
+        who: &str,
+        key_budget: Option<u64>,
+        op: CursorOp,
+        format: &Format,
+        rewrite: bool,
+    ) -> PgWireResult<Response> {
+        match op {
+            CursorOp::Declare { name, hold, query } => {
+                if kind(&query) != Kind::Query {
+                    return Err(user_error(
+                        "42601",
+                        "a cursor is declared FOR a query (SELECT, WITH, VALUES or TABLE)",
+                    ));
+                }
+                self.cursors.check_room(&name)?;
+                let sql = if rewrite {
+                    tarn_query::postgres_statement(&query)
+                } else {
+                    query
+                };
+                let timeout = std::time::Duration::from_millis(crate::http::QUERY_TIMEOUT_MAX_MS);
+                let budget = key_budget.or(self.app.query_bytes_max);
+                let q = self
+                    .app
+                    .query
+                    .stream_within(who, &sql, budget, true, timeout)
+                    .await
+                    .map_err(engine_error)?;
+                self.cursors
+                    .add(name, Cursor::new(q, tokio::time::Instant::now() + timeout, hold))
+            }
+            CursorOp::Fetch { name, count, skip } => self.cursors.fetch(&name, count, skip, format).await,
+            CursorOp::Close { name } => self.cursors.close(name.as_deref()),
         }
     }
 
@@ -431,6 +511,11 @@ impl Handler {
 
     /// The columns a statement answers with, for Describe (`sql` already rewritten).
     async fn fields(&self, sql: &str, format: &Format) -> PgWireResult<Vec<FieldInfo>> {
+        match cursor_statement(sql) {
+            Some(Ok(CursorOp::Fetch { name, skip: false, .. })) => return self.cursors.fields(&name, format).await,
+            Some(_) => return Ok(Vec::new()),
+            None => {}
+        }
         match kind(sql) {
             Kind::Query => {
                 let schema = self.app.query.describe(sql, true).await.map_err(engine_error)?;
@@ -539,7 +624,7 @@ fn placeholders(sql: &str) -> usize {
 /// parameter as a SQL literal of the engine's dialect (quotes doubled; a backslash is a
 /// backslash).
 fn bind(portal: &Portal<String>) -> PgWireResult<String> {
-    let rewritten = tarn_query::postgres_statement(&portal.statement.statement);
+    let rewritten = rewrite_statement(&portal.statement.statement);
     let sql = &rewritten;
     let types = &portal.statement.parameter_types;
     let mut literals = Vec::with_capacity(portal.parameter_len());
@@ -610,7 +695,7 @@ impl ExtendedQueryHandler for Handler {
             .collect();
         // Columns need the parameters' values only when there are none to bind.
         let fields = if n == 0 {
-            let sql = tarn_query::postgres_statement(&target.statement);
+            let sql = rewrite_statement(&target.statement);
             self.fields(&sql, &Format::UnifiedText).await?
         } else {
             Vec::new()
@@ -644,8 +729,27 @@ impl ExtendedQueryHandler for Handler {
     {
         let (who, budget) = Self::who(client);
         let sql = bind(portal)?;
-        self.answer(&who, budget, &sql, &portal.result_column_format, false)
-            .await
+        let declared = match cursor_statement(&sql) {
+            Some(Ok(CursorOp::Declare { name, .. })) => Some(name),
+            _ => None,
+        };
+        let r = self
+            .answer(&who, budget, &sql, &portal.result_column_format, false)
+            .await?;
+        if let Some(name) = declared {
+            // In PostgreSQL a cursor is also a portal of the protocol: psycopg describes it
+            // by name to learn its columns. The portal stands for a FETCH from the cursor.
+            let mut p: Portal<String> = Portal::default();
+            p.statement = Arc::new(StoredStatement::new(
+                String::new(),
+                format!("FETCH ALL FROM \"{}\"", name.replace('"', "\"\"")),
+                Vec::new(),
+            ));
+            p.result_column_format = portal.result_column_format.clone();
+            p.name = name;
+            client.portal_store().put_portal(Arc::new(p));
+        }
+        Ok(r)
     }
 }
 

@@ -157,6 +157,57 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
         assert!(out.contains(want), "{q}: {out}");
     }
 
+    // Cursors: psql with FETCH_COUNT reads a result through DECLARE and FETCH, seven rows at
+    // a time; by hand, FETCH and MOVE go forward, COMMIT closes a cursor without HOLD, one
+    // WITH HOLD stays, and backward moves are refused.
+    let all = "SELECT event_id FROM auctions ORDER BY event_id";
+    let (code, whole, err) = run_psql("analyst", "analyst-secret", all);
+    assert_eq!(code, 0, "{err}");
+    let out = Command::new(&psql)
+        .args(["-h", host, "-p", port, "-U", "analyst", "-d", "tarn", "-X", "-A", "-t"])
+        .args(["-v", "ON_ERROR_STOP=1", "-v", "FETCH_COUNT=7", "-c", all])
+        .env("PGPASSWORD", "analyst-secret")
+        .output()
+        .expect("run psql");
+    let paged = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(paged, whole);
+    assert_eq!(paged.lines().count(), 40);
+    let (code, out, err) = run_psql(
+        "analyst",
+        "analyst-secret",
+        &format!(
+            "BEGIN; DECLARE c NO SCROLL CURSOR FOR {all}; FETCH 3 FROM c; MOVE 2 IN c; FETCH FORWARD 2 FROM c; \
+             CLOSE c; DECLARE h CURSOR WITH HOLD FOR SELECT 42; COMMIT; FETCH ALL h"
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = out.lines().filter(|l| l.starts_with('e') || *l == "42").collect();
+    assert_eq!(rows, ["e0", "e1", "e10", "e13", "e14", "42"], "{out}");
+    for (q, want) in [
+        (
+            "BEGIN; DECLARE gone CURSOR FOR SELECT 1; COMMIT; FETCH 1 FROM gone",
+            "cursor \"gone\" does not exist",
+        ),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT 1; FETCH PRIOR FROM c",
+            "forward only",
+        ),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT 1; DECLARE c CURSOR FOR SELECT 2",
+            "cursor \"c\" already exists",
+        ),
+        ("DECLARE d CURSOR FOR DELETE FROM auctions", "declared FOR a query"),
+        (
+            "BEGIN; DECLARE c CURSOR FOR SELECT 1; FETCH ALL c; FETCH 1 c",
+            "still sending the rows of an earlier FETCH",
+        ),
+    ] {
+        let (code, _, err) = run_psql("analyst", "analyst-secret", q);
+        assert_ne!(code, 0, "{q}");
+        assert!(err.contains(want), "{q}: {err}");
+    }
+
     // Errors are errors, with PostgreSQL's codes: a bad password, a tenant's key, a write,
     // a query over the key's budget.
     let (code, _, err) = run_psql("analyst", "wrong", "SELECT 1");
@@ -216,6 +267,19 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     );
     assert_eq!(v["insert_error"], "25006");
     assert_eq!(v["count"], 40);
+    let (_, ids) = sql(&c, &s.url, "SELECT event_id FROM auctions ORDER BY event_id").await;
+    let ids: Vec<&serde_json::Value> = ids["rows"].as_array().expect("rows").iter().map(|r| &r[0]).collect();
+    assert_eq!(v["cursor"]["columns"], serde_json::json!(["event_id", "cpm"]), "{v}");
+    assert_eq!(
+        (v["cursor"]["first"].as_u64(), v["cursor"]["rest"].as_u64()),
+        (Some(5), Some(35)),
+        "{v}"
+    );
+    assert_eq!(
+        v["cursor"]["ids"].as_array().expect("ids").iter().collect::<Vec<_>>(),
+        ids,
+        "{v}"
+    );
     assert_eq!(v["simple"], 2);
     // The history names the key.
     let (_, h) = sql(&c, &s.url, "SELECT count(*) FROM system.queries WHERE who = 'analyst'").await;

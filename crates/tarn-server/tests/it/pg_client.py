@@ -46,6 +46,20 @@ with psycopg.connect(host=host, port=port, user=user, password=password, dbname=
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM auctions")
         out["count"] = cur.fetchone()[0]
+    # A named cursor is a server-side cursor (DECLARE, then FETCH FORWARD itersize at a time),
+    # as applications and BI tools read a large result.
+    with conn.cursor(name="pages") as cur:
+        cur.itersize = 7
+        cur.execute("SELECT event_id, cpm FROM auctions WHERE cpm >= %s ORDER BY event_id", (0.0,))
+        first = cur.fetchmany(5)
+        rest = [r for r in cur]
+        out["cursor"] = {
+            "columns": [d.name for d in cur.description],
+            "first": len(first),
+            "rest": len(rest),
+            "ids": [r[0] for r in first + rest],
+        }
+    conn.commit()
 # The simple protocol too (autocommit, no parameters).
 with psycopg.connect(host=host, port=port, user=user, password=password, autocommit=True) as conn:
     out["simple"] = conn.execute("SELECT 1 + 1").fetchone()[0]
