@@ -24,6 +24,10 @@ use deltalake::logstore::object_store::{self, ObjectStore, ObjectStoreExt as _, 
 use deltalake::logstore::{LogStore, LogStoreFactory, ObjectStoreFactory, ObjectStoreRef, StorageConfig};
 use url::Url;
 
+mod serial;
+
+pub use serial::{CommitLock, LeaseLock, share_commit_lock};
+
 use crate::{Error, Result};
 
 /// How long one request to the store may take, retries included.
@@ -348,12 +352,9 @@ impl LogStoreFactory for S3Factory {
         location: &Url,
         options: &StorageConfig,
     ) -> DeltaResult<Arc<dyn LogStore>> {
-        Ok(deltalake::logstore::default_logstore(
-            prefixed_store,
-            root_store,
-            location,
-            options,
-        ))
+        Ok(Arc::new(serial::SerialCommits {
+            inner: deltalake::logstore::default_logstore(prefixed_store, root_store, location, options),
+        }))
     }
 }
 

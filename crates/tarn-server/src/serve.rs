@@ -383,6 +383,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         lake.claim_stream(&stream_identity(&args)?)
             .await
             .context("checking which stream feeds the lake")?;
+        if log.shared() {
+            // Processes on one NATS namespace share the lake: their commit entries go one at a
+            // time, through a lease on the stream's server (see tarn_lake::store::serial).
+            let holder = format!("{}-{}", process_id(&args)?, std::process::id());
+            tarn_lake::store::share_commit_lock(Arc::new(tarn_lake::store::LeaseLock::new(log.clone(), &holder)));
+        }
     }
     let tiers = open_tiers(&args, &lake)?;
     let catalog_dir = args.data_dir.join("catalog");
