@@ -338,7 +338,7 @@ impl Lake {
         Ok(())
     }
 
-    async fn list_remote(&self, r: &Remote, rel_prefix: &str) -> Result<Vec<deltalake::ObjectMeta>> {
+    pub(crate) async fn list_remote(&self, r: &Remote, rel_prefix: &str) -> Result<Vec<deltalake::ObjectMeta>> {
         use futures::TryStreamExt as _;
         let prefix = r.key(rel_prefix);
         r.store

@@ -286,7 +286,7 @@ impl Tiers {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
         if let Some((r, c)) = self.bucket(lake)? {
-            return move_in_bucket(r, c, dataset, day, to).await;
+            return move_in_bucket(lake, r, c, dataset, day, to).await;
         }
         if self.tier_of(lake, dataset, day).await? == to {
             return Ok(0);
@@ -317,7 +317,7 @@ impl Tiers {
         };
         let rec = c.recorded(r, dataset, true).await?;
         match rec.days.get(day) {
-            Some(d) => move_in_bucket(r, c, dataset, day, d.tier).await,
+            Some(d) => move_in_bucket(lake, r, c, dataset, day, d.tier).await,
             None => Ok(0),
         }
     }
@@ -341,9 +341,9 @@ impl Tiers {
 
 /// Writes the day's files not yet in `to`'s class again in it, then records the day's tier
 /// with the files now in it.
-async fn move_in_bucket(r: &Remote, c: &Classes, dataset: &str, day: &str, to: Tier) -> Result<usize> {
+async fn move_in_bucket(lake: &Lake, r: &Remote, c: &Classes, dataset: &str, day: &str, to: Tier) -> Result<usize> {
     let rec = c.recorded(r, dataset, true).await?;
-    let files = classes::day_files(r, dataset, day).await?;
+    let files = classes::day_files(lake, r, dataset, day).await?;
     let already: std::collections::BTreeSet<String> = match rec.days.get(day) {
         Some(d) if d.tier == to => d.files.clone(),
         None if to == Tier::Standard => files.iter().cloned().collect(),

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Tier;
 use crate::store::Remote;
-use crate::{Error, Result};
+use crate::{Error, Lake, Result};
 
 /// The record of a table's tiers, beside its Delta log.
 pub(super) const TIERS_FILE: &str = "_tarn_tiers.json";
@@ -215,19 +215,11 @@ async fn read(remote: &Remote, dataset: &str) -> Result<(Recorded, Option<Update
 
 /// The data files of a day of a dataset's table in the bucket, relative to the table, with
 /// tarn's own `_`/`.` names left out.
-pub(super) async fn day_files(remote: &Remote, dataset: &str, day: &str) -> Result<Vec<String>> {
+pub(super) async fn day_files(lake: &Lake, remote: &Remote, dataset: &str, day: &str) -> Result<Vec<String>> {
     let table = remote.key(&format!("tables/{dataset}/")).to_string();
-    let prefix = remote.key(&format!("tables/{dataset}/day={day}/"));
-    let metas: Vec<object_store::ObjectMeta> =
-        remote
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| Error::Store {
-                what: format!("listing {prefix}"),
-                source: e,
-            })?;
+    let metas = lake
+        .list_remote(remote, &format!("tables/{dataset}/day={day}/"))
+        .await?;
     let mut out: Vec<String> = metas
         .into_iter()
         .filter_map(|m| {

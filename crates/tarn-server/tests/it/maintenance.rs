@@ -56,6 +56,29 @@ pub fn lifecycle_days() -> [chrono::NaiveDate; 4] {
     [4000, 400, 100, 0].map(|n| today - chrono::Duration::days(n))
 }
 
+/// `tarn restore` of one day of `clicks` (one file) for three days.
+pub fn restore_for_three_days(url: &str, day: chrono::NaiveDate) {
+    let day = day.to_string();
+    let restored = tarn_ok(url, &["restore", "--dataset", "clicks", "--day", &day, "--days", "3"]);
+    assert!(
+        restored.contains("1 files back in the standard tier for 3 days"),
+        "{restored}"
+    );
+}
+
+/// `tarn storage --json`, whose first dataset has days in every tier, warmest first.
+pub fn storage_with_every_tier(url: &str) -> serde_json::Value {
+    let r: serde_json::Value = serde_json::from_str(&tarn_ok(url, &["storage", "--json"])).expect("json");
+    let tiers: Vec<&str> = r["datasets"][0]["tiers"]
+        .as_array()
+        .expect("tiers")
+        .iter()
+        .map(|t| t["tier"].as_str().expect("tier"))
+        .collect();
+    assert_eq!(tiers, ["standard", "infrequent", "archive"], "{r}");
+    r
+}
+
 /// Posts one `clicks` event on each day and waits until all are queryable.
 pub async fn post_one_click_a_day(c: &reqwest::Client, url: &str, days: &[chrono::NaiveDate]) {
     let body: Vec<String> = days
@@ -304,15 +327,7 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
         "the infrequent tier is read: {v}"
     );
 
-    let storage = run(&["storage", "--json"]);
-    let r: serde_json::Value = serde_json::from_str(&storage).expect("json");
-    let tiers: Vec<&str> = r["datasets"][0]["tiers"]
-        .as_array()
-        .expect("tiers")
-        .iter()
-        .map(|t| t["tier"].as_str().expect("tier"))
-        .collect();
-    assert_eq!(tiers, ["standard", "infrequent", "archive"]);
+    let r = storage_with_every_tier(&s.url);
     let d = &r["datasets"][0];
     let cold = d["retrieved_bytes_month"].as_u64().expect("retrieved");
     assert!(
@@ -325,19 +340,7 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
         "{d}"
     );
 
-    let restored = run(&[
-        "restore",
-        "--dataset",
-        "clicks",
-        "--day",
-        &days[1].to_string(),
-        "--days",
-        "3",
-    ]);
-    assert!(
-        restored.contains("1 files back in the standard tier for 3 days"),
-        "{restored}"
-    );
+    restore_for_three_days(&s.url, days[1]);
     let (st, v) = sql(&c, &s.url, "SELECT count(*) FROM clicks").await;
     assert_eq!(
         (st, v["rows"][0][0].as_u64()),

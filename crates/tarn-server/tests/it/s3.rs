@@ -340,7 +340,9 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
 /// start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiers_in_a_bucket_are_storage_classes() {
-    use crate::maintenance::{CLICKS_WITH_LIFECYCLE, lifecycle_days, post_one_click_a_day};
+    use crate::maintenance::{
+        CLICKS_WITH_LIFECYCLE, lifecycle_days, post_one_click_a_day, restore_for_three_days, storage_with_every_tier,
+    };
     let Some(s3) = s3_server() else { return };
     let env = s3.env();
     let lake = s3.lake("tiers");
@@ -423,14 +425,7 @@ async fn tiers_in_a_bucket_are_storage_classes() {
         (200, Some(2)),
         "the infrequent tier is read: {v}"
     );
-    let storage: serde_json::Value = serde_json::from_str(&tarn_ok(&s.url, &["storage", "--json"])).expect("json");
-    let tiers: Vec<&str> = storage["datasets"][0]["tiers"]
-        .as_array()
-        .expect("tiers")
-        .iter()
-        .map(|t| t["tier"].as_str().expect("tier"))
-        .collect();
-    assert_eq!(tiers, ["standard", "infrequent", "archive"], "{storage}");
+    storage_with_every_tier(&s.url);
 
     // A late event for the infrequent day is a new file in the standard class: the next run
     // moves it and nothing else.
@@ -449,22 +444,7 @@ async fn tiers_in_a_bucket_are_storage_classes() {
         "{settled}"
     );
 
-    let restored = tarn_ok(
-        &s.url,
-        &[
-            "restore",
-            "--dataset",
-            "clicks",
-            "--day",
-            &days[1].to_string(),
-            "--days",
-            "3",
-        ],
-    );
-    assert!(
-        restored.contains("1 files back in the standard tier for 3 days"),
-        "{restored}"
-    );
+    restore_for_three_days(&s.url, days[1]);
     let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
     assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(4)), "restored: {v}");
     let plan = tarn_ok(&s.url, &["lifecycle", "--dry-run"]);
