@@ -386,7 +386,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         if log.shared() {
             // Processes on one NATS namespace share the lake: their commit entries go one at a
             // time, through a lease on the stream's server (see tarn_lake::store::serial).
-            let holder = format!("{}-{}", process_id(&args)?, std::process::id());
+            let holder = process_id(&args)?;
             tarn_lake::store::share_commit_lock(Arc::new(tarn_lake::store::LeaseLock::new(log.clone(), &holder)));
         }
     }

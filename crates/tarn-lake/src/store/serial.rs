@@ -24,8 +24,11 @@ use url::Url;
 /// A lock shared by the processes of one lake, taken around each commit entry.
 #[async_trait::async_trait]
 pub trait CommitLock: Send + Sync {
-    /// Waits until this process holds `name`; the lock is given back when the guard drops.
-    async fn acquire(&self, name: &str) -> Result<Box<dyn Send + Sync>, String>;
+    /// Waits until this process holds `name`.
+    async fn acquire(&self, name: &str) -> Result<(), String>;
+
+    /// Gives `name` back (a failure is logged: the lock then expires on its own).
+    async fn release(&self, name: &str);
 }
 
 static SHARED: RwLock<Option<Arc<dyn CommitLock>>> = RwLock::new(None);
@@ -63,18 +66,21 @@ impl SerialCommits {
             .clone();
         let _here = local.lock().await;
         let shared = SHARED.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let _everywhere = match shared {
-            Some(lock) => Some(
-                lock.acquire(&name)
-                    .await
-                    .map_err(|msg| TransactionError::LogStoreError {
-                        msg: format!("taking the commit lock {name}: {msg}"),
-                        source: msg.into(),
-                    })?,
-            ),
-            None => None,
+        let Some(lock) = shared else {
+            return write.await;
         };
-        write.await
+        lock.acquire(&name)
+            .await
+            .map_err(|msg| TransactionError::LogStoreError {
+                msg: format!("taking the commit lock {name}: {msg}"),
+                source: msg.into(),
+            })?;
+        // Given back before the in-process lock is, so that this process's next writer of the
+        // table takes it afresh rather than finding it released under its feet. (A write cut
+        // short leaves it to expire.)
+        let written = write.await;
+        lock.release(&name).await;
+        written
     }
 }
 
@@ -150,8 +156,9 @@ impl LogStore for SerialCommits {
     }
 }
 
-/// How long a commit lock lives if its holder dies while holding it.
-const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a commit lock lives if its holder dies while holding it (the holder's next start
+/// takes it back at once: the holder is the data directory's process id).
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 /// How long a commit waits for the lock before it fails (and is retried from the committed
 /// offset like any failed commit).
 const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
@@ -183,40 +190,15 @@ fn lease_key(name: &str) -> String {
     format!("commit.{h:016x}")
 }
 
-struct Lease {
-    log: tarn_log::Log,
-    key: String,
-    holder: String,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let (log, key, holder) = (self.log.clone(), self.key.clone(), self.holder.clone());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = log.release(&key, &holder).await {
-                    tracing::warn!(key, error = %e, "giving back a commit lock; it expires on its own");
-                }
-            });
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl CommitLock for LeaseLock {
-    async fn acquire(&self, name: &str) -> Result<Box<dyn Send + Sync>, String> {
+    async fn acquire(&self, name: &str) -> Result<(), String> {
         let key = lease_key(name);
         let started = std::time::Instant::now();
         let mut wait_ms = 2;
         loop {
             match self.log.lease(&key, &self.holder, LEASE_TTL).await {
-                Ok(true) => {
-                    return Ok(Box::new(Lease {
-                        log: self.log.clone(),
-                        key,
-                        holder: self.holder.clone(),
-                    }));
-                }
+                Ok(true) => return Ok(()),
                 Ok(false) => {}
                 Err(e) => return Err(e.to_string()),
             }
@@ -228,6 +210,13 @@ impl CommitLock for LeaseLock {
             }
             tokio::time::sleep(std::time::Duration::from_millis(wait_ms)).await;
             wait_ms = (wait_ms * 2).min(50);
+        }
+    }
+
+    async fn release(&self, name: &str) {
+        let key = lease_key(name);
+        if let Err(e) = self.log.release(&key, &self.holder).await {
+            tracing::warn!(key, error = %e, "giving back a commit lock; it expires on its own");
         }
     }
 }
