@@ -257,6 +257,7 @@ impl Tiers {
         if let Some((r, c)) = self.bucket(lake)? {
             c.update(r, dataset, |rec| {
                 rec.restored.insert(day.to_string(), until);
+                Ok(())
             })
             .await?;
             return self.move_day(lake, dataset, day, Tier::Standard).await;
@@ -331,6 +332,7 @@ impl Tiers {
                 c.update(r, dataset, |rec| {
                     rec.days.remove(day);
                     rec.restored.remove(day);
+                    Ok(())
                 })
                 .await?;
             }
@@ -359,7 +361,15 @@ async fn move_in_bucket(lake: &Lake, r: &Remote, c: &Classes, dataset: &str, day
     let listed: std::collections::BTreeSet<String> = files.into_iter().collect();
     let mut now_in: std::collections::BTreeSet<String> = already.intersection(&listed).cloned().collect();
     now_in.extend(moved.iter().cloned());
+    let read = rec.days.get(day).cloned();
     c.update(r, dataset, |rec| {
+        // Another move of this day (a restore, another process's lifecycle) came in between:
+        // its record stands, and this move is tried again at the next run.
+        if rec.days.get(day) != read.as_ref() {
+            return Err(Error::Conflict(format!(
+                "the tier of {dataset} day={day} changed while it moved; tried again at the next run"
+            )));
+        }
         if to == Tier::Standard {
             rec.days.remove(day);
         } else {
@@ -371,6 +381,7 @@ async fn move_in_bucket(lake: &Lake, r: &Remote, c: &Classes, dataset: &str, day
                 },
             );
         }
+        Ok(())
     })
     .await?;
     Ok(moved.len())

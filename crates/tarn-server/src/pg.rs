@@ -101,6 +101,7 @@ pub async fn serve(
                         parser: parser.clone(),
                         tls_required: tls.is_some(),
                         cursors: Cursors::default(),
+                        portals: Default::default(),
                     }),
                 });
                 let tls = tls.clone();
@@ -142,6 +143,8 @@ struct Handler {
     parser: Arc<Parser>,
     tls_required: bool,
     cursors: Cursors,
+    /// Protocol portals standing for this connection's cursors (see `ExtendedQueryHandler`).
+    portals: std::sync::Mutex<Vec<String>>,
 }
 
 fn parameters() -> DefaultServerParameterProvider {
@@ -234,7 +237,10 @@ fn kind(sql: &str) -> Kind {
         "ROLLBACK" | "ABORT" => Kind::End("ROLLBACK"),
         "SET" => Kind::Set("SET"),
         "RESET" => Kind::Set("RESET"),
-        "DISCARD" => Kind::Set("DISCARD ALL"),
+        "DISCARD" => match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("ALL") => Kind::Set("DISCARD ALL"),
+            _ => Kind::Set("DISCARD"),
+        },
         "DEALLOCATE" => Kind::Set("DEALLOCATE"),
         "UNLISTEN" => Kind::Set("UNLISTEN"),
         "SHOW" => Kind::Show(words.collect::<Vec<_>>().join(" ").to_ascii_lowercase()),
@@ -379,6 +385,18 @@ fn engine_error(e: tarn_query::Error) -> PgWireError {
 }
 
 impl Handler {
+    /// Drops the protocol portals of cursors closed since (CLOSE, a transaction's end).
+    fn drop_closed_portals<P: PortalStore + ?Sized>(&self, store: &P) {
+        let mut portals = self.portals.lock().unwrap_or_else(|e| e.into_inner());
+        portals.retain(|name| {
+            let open = self.cursors.is_open(name);
+            if !open {
+                store.rm_portal(name);
+            }
+            open
+        });
+    }
+
     fn who<C: ClientInfo>(client: &C) -> (String, Option<u64>) {
         let m = client.metadata();
         let who = m.get(WHO).cloned().unwrap_or_else(|| tarn_query::ANONYMOUS.into());
@@ -551,6 +569,7 @@ impl SimpleQueryHandler for Handler {
                 Err(e) => return Err(e),
             }
         }
+        self.drop_closed_portals(client.portal_store());
         Ok(out)
     }
 }
@@ -735,7 +754,9 @@ impl ExtendedQueryHandler for Handler {
         };
         let r = self
             .answer(&who, budget, &sql, &portal.result_column_format, false)
-            .await?;
+            .await;
+        self.drop_closed_portals(client.portal_store());
+        let r = r?;
         if let Some(name) = declared {
             // In PostgreSQL a cursor is also a portal of the protocol: psycopg describes it
             // by name to learn its columns. The portal stands for a FETCH from the cursor.
@@ -746,8 +767,9 @@ impl ExtendedQueryHandler for Handler {
                 Vec::new(),
             ));
             p.result_column_format = portal.result_column_format.clone();
-            p.name = name;
+            p.name = name.clone();
             client.portal_store().put_portal(Arc::new(p));
+            self.portals.lock().unwrap_or_else(|e| e.into_inner()).push(name);
         }
         Ok(r)
     }

@@ -78,7 +78,18 @@ impl SerialCommits {
         // Given back before the in-process lock is, so that this process's next writer of the
         // table takes it afresh rather than finding it released under its feet. (A write cut
         // short leaves it to expire.)
-        let written = write.await;
+        // The write must end well within the lease's life, or another process could take the
+        // lock while this entry is still on its way.
+        let written = match tokio::time::timeout(WRITE_MAX, write).await {
+            Ok(w) => w,
+            Err(_) => Err(TransactionError::LogStoreError {
+                msg: format!(
+                    "writing a commit entry under the lock {name} took over {} s",
+                    WRITE_MAX.as_secs()
+                ),
+                source: "timed out".into(),
+            }),
+        };
         lock.release(&name).await;
         written
     }
@@ -157,8 +168,11 @@ impl LogStore for SerialCommits {
 }
 
 /// How long a commit lock lives if its holder dies while holding it (the holder's next start
-/// takes it back at once: the holder is the data directory's process id).
-const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+/// takes it back at once: the holder is the data directory's process id). It is never renewed:
+/// a write under it is cut off at [`WRITE_MAX`], well within it.
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest a commit entry's write may take under the shared lock.
+const WRITE_MAX: std::time::Duration = std::time::Duration::from_secs(40);
 /// How long a commit waits for the lock before it fails (and is retried from the committed
 /// offset like any failed commit).
 const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);

@@ -151,11 +151,17 @@ impl Classes {
 
     /// Changes the record of a dataset with `change`, read and written again until no other
     /// writer came in between.
-    pub async fn update(&self, remote: &Remote, dataset: &str, change: impl Fn(&mut Recorded)) -> Result<()> {
+    /// `change` may refuse (an error) when the record is no longer what its caller read.
+    pub async fn update(
+        &self,
+        remote: &Remote,
+        dataset: &str,
+        change: impl Fn(&mut Recorded) -> Result<()>,
+    ) -> Result<()> {
         let key = record_key(remote, dataset);
         for _ in 0..UPDATE_ATTEMPTS {
             let (mut r, version) = read(remote, dataset).await?;
-            change(&mut r);
+            change(&mut r)?;
             let body = serde_json::to_vec_pretty(&r).map_err(|e| Error::Internal(e.to_string()))?;
             let mode = match version {
                 Some(v) => PutMode::Update(v),
@@ -271,13 +277,23 @@ async fn rewrite_one(
     };
     let attributes = Attributes::from_iter([(Attribute::StorageClass, class.to_string())]);
     if got.meta.size <= PART_BYTES as u64 {
+        // Only over the bytes just read: a file deleted (vacuum) or written again meanwhile is
+        // left as it is.
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
         let body = got.bytes().await?;
         let opts = PutOptions {
+            mode: PutMode::Update(version),
             attributes,
             ..Default::default()
         };
-        store.put_opts(key, body.into(), opts).await?;
-        return Ok(true);
+        return match store.put_opts(key, body.into(), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. } | object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e),
+        };
     }
     let opts = PutMultipartOptions {
         attributes,

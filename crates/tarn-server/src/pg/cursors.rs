@@ -161,11 +161,11 @@ fn parse_declare(sql: &str, w: &[(String, usize)], upper: &[String]) -> PgWireRe
     if query.is_empty() {
         return Err(syntax("DECLARE ... FOR needs a query"));
     }
-    Ok(CursorOp::Declare {
-        name: ident(name),
-        hold,
-        query,
-    })
+    let name = ident(name);
+    if name.is_empty() {
+        return Err(user_error("42602", "a cursor needs a name"));
+    }
+    Ok(CursorOp::Declare { name, hold, query })
 }
 
 fn parse_fetch(w: &[(String, usize)], upper: &[String], skip: bool) -> PgWireResult<CursorOp> {
@@ -303,6 +303,10 @@ impl Cursors {
             .get(name)
             .cloned()
             .ok_or_else(|| user_error("34000", format!("cursor \"{name}\" does not exist")))
+    }
+
+    pub fn is_open(&self, name: &str) -> bool {
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).contains_key(name)
     }
 
     /// Refuses a name in use, or one cursor too many.
@@ -483,5 +487,6 @@ mod tests {
         assert!(refused("DECLARE c CURSOR SELECT 1").starts_with("42601"));
         assert!(refused("DECLARE c CURSOR FOR").starts_with("42601"));
         assert!(refused("FETCH 1 FROM a b").starts_with("42601"));
+        assert!(refused("DECLARE \"\" CURSOR FOR SELECT 1").starts_with("42602"));
     }
 }
