@@ -56,6 +56,18 @@ pub fn lifecycle_days() -> [chrono::NaiveDate; 4] {
     [4000, 400, 100, 0].map(|n| today - chrono::Duration::days(n))
 }
 
+/// A scan over every day of `clicks` is refused with 409, naming the archived `day` and how to
+/// restore it.
+pub async fn archived_day_is_refused(c: &reqwest::Client, url: &str, day: chrono::NaiveDate) {
+    let (st, v) = sql(c, url, "SELECT count(DISTINCT event_id) FROM clicks").await;
+    assert_eq!(st, 409, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(
+        msg.contains(&format!("clicks day={day}")) && msg.contains("tarn restore"),
+        "{msg}"
+    );
+}
+
 /// `tarn restore` of one day of `clicks` (one file) for three days.
 pub fn restore_for_three_days(url: &str, day: chrono::NaiveDate) {
     let day = day.to_string();
@@ -307,13 +319,7 @@ async fn archived_days_refuse_queries_until_restored_and_old_days_expire() {
     // count(*) alone is answered from the log's statistics and reads no file, archived or not.
     let (st, v) = sql(&c, &s.url, "SELECT count(*) FROM clicks").await;
     assert_eq!((st, v["rows"][0][0].as_u64()), (200, Some(3)), "{v}");
-    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
-    assert_eq!(st, 409, "{v}");
-    let msg = v["error"]["message"].as_str().expect("message");
-    assert!(
-        msg.contains(&format!("clicks day={}", days[1])) && msg.contains("tarn restore"),
-        "{msg}"
-    );
+    archived_day_is_refused(&c, &s.url, days[1]).await;
     let since = days[2].to_string();
     let (st, v) = sql(
         &c,

@@ -341,7 +341,8 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiers_in_a_bucket_are_storage_classes() {
     use crate::maintenance::{
-        CLICKS_WITH_LIFECYCLE, lifecycle_days, post_one_click_a_day, restore_for_three_days, storage_with_every_tier,
+        CLICKS_WITH_LIFECYCLE, archived_day_is_refused, lifecycle_days, post_one_click_a_day, restore_for_three_days,
+        storage_with_every_tier,
     };
     let Some(s3) = s3_server() else { return };
     let env = s3.env();
@@ -410,13 +411,7 @@ async fn tiers_in_a_bucket_are_storage_classes() {
         done.contains("clicks: 2 step(s); 0 files compacted first, 2 moved, 0 expired"),
         "{done}"
     );
-    let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM clicks").await;
-    assert_eq!(st, 409, "{v}");
-    let msg = v["error"]["message"].as_str().expect("message");
-    assert!(
-        msg.contains(&format!("clicks day={}", days[1])) && msg.contains("tarn restore"),
-        "{msg}"
-    );
+    archived_day_is_refused(&c, &s.url, days[1]).await;
     let since = days[2].to_string();
     let recent = format!("SELECT count(DISTINCT event_id) FROM clicks WHERE day >= '{since}'");
     let (st, v) = sql(&c, &s.url, &recent).await;
