@@ -77,7 +77,6 @@ enum Place {
 #[derive(Debug, Clone)]
 pub struct TierView {
     days: ViewDays,
-    restored: HashMap<String, NaiveDate>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +86,7 @@ enum ViewDays {
         table_dir: PathBuf,
         infrequent: PathBuf,
         archive: PathBuf,
+        restored: HashMap<String, NaiveDate>,
     },
     Recorded(Arc<Recorded>),
 }
@@ -100,6 +100,7 @@ impl TierView {
                 table_dir,
                 infrequent,
                 archive,
+                ..
             } => {
                 let entry = table_dir.join(format!("day={day}"));
                 match std::fs::read_link(&entry) {
@@ -117,7 +118,10 @@ impl TierView {
 
     /// Restored days and the last day of each restore.
     pub fn restored(&self) -> &HashMap<String, NaiveDate> {
-        &self.restored
+        match &self.days {
+            ViewDays::Links { restored, .. } => restored,
+            ViewDays::Recorded(r) => &r.restored,
+        }
     }
 }
 
@@ -160,18 +164,6 @@ impl Tiers {
         Self::new(lake.root().join("tiers/infrequent"), lake.root().join("tiers/archive"))
     }
 
-    /// Where the colder tiers are, for messages.
-    pub fn describe(&self) -> String {
-        match &self.place {
-            Place::Dirs { infrequent, archive } => format!(
-                "infrequent in {}, archive in {}",
-                infrequent.display(),
-                archive.display()
-            ),
-            Place::Classes(c) => format!("infrequent as {}, archive as {}", c.infrequent, c.archive),
-        }
-    }
-
     fn dir(&self, tier: Tier) -> Option<&Path> {
         match (&self.place, tier) {
             (Place::Dirs { infrequent, .. }, Tier::Infrequent) => Some(infrequent),
@@ -212,7 +204,6 @@ impl Tiers {
         if let Some((r, c)) = self.bucket(lake)? {
             let rec = c.recorded(r, dataset, fresh).await?;
             return Ok(TierView {
-                restored: rec.restored.clone(),
                 days: ViewDays::Recorded(rec),
             });
         }
@@ -220,11 +211,11 @@ impl Tiers {
             return Err(Error::Internal("tiers without a place".into()));
         };
         Ok(TierView {
-            restored: self.restored_local(lake, dataset)?,
             days: ViewDays::Links {
                 table_dir: lake.table_dir(dataset),
                 infrequent: infrequent.clone(),
                 archive: archive.clone(),
+                restored: self.restored_local(lake, dataset)?,
             },
         })
     }
@@ -287,7 +278,7 @@ impl Tiers {
             return Err(Error::Refused(format!("{day:?} is not a day (YYYY-MM-DD)")));
         }
         if let Some((r, c)) = self.bucket(lake)? {
-            return move_in_bucket(lake, r, c, dataset, day, to).await;
+            return move_in_bucket(lake, r, c, dataset, day, Some(to)).await;
         }
         if self.tier_of(lake, dataset, day).await? == to {
             return Ok(0);
@@ -316,11 +307,7 @@ impl Tiers {
         let Some((r, c)) = self.bucket(lake)? else {
             return Ok(0);
         };
-        let rec = c.recorded(r, dataset, true).await?;
-        match rec.days.get(day) {
-            Some(d) => move_in_bucket(lake, r, c, dataset, day, d.tier).await,
-            None => Ok(0),
-        }
+        move_in_bucket(lake, r, c, dataset, day, None).await
     }
 
     /// Forgets the tier of a day that left the table (expired): new rows of that day would
@@ -342,9 +329,21 @@ impl Tiers {
 }
 
 /// Writes the day's files not yet in `to`'s class again in it, then records the day's tier
-/// with the files now in it.
-async fn move_in_bucket(lake: &Lake, r: &Remote, c: &Classes, dataset: &str, day: &str, to: Tier) -> Result<usize> {
+/// with the files now in it. Without `to`, the tier is the one the day is recorded in, read in
+/// the same read of the record.
+async fn move_in_bucket(
+    lake: &Lake,
+    r: &Remote,
+    c: &Classes,
+    dataset: &str,
+    day: &str,
+    to: Option<Tier>,
+) -> Result<usize> {
     let rec = c.recorded(r, dataset, true).await?;
+    // No tier given: the one the day is recorded in (none: it is in the standard tier).
+    let Some(to) = to.or_else(|| rec.days.get(day).map(|d| d.tier)) else {
+        return Ok(0);
+    };
     let files = classes::day_files(lake, r, dataset, day).await?;
     let already: std::collections::BTreeSet<String> = match rec.days.get(day) {
         Some(d) if d.tier == to => d.files.clone(),

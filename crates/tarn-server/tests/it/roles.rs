@@ -78,24 +78,9 @@ async fn wait_split(c: &reqwest::Client, a: &str, b: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_through_kill9() {
-    let Some(s3) = s3_server() else { return };
-    let Some(nats) = nats_server() else { return };
-    let Some(pg) = pg_url() else { return };
-    let ns = nats_namespace("roles");
-    let stream = format!("{nats}/{ns}");
-    let schema = format!("it_roles_{}", std::process::id());
-    let lake = s3.lake("roles");
-    let env = s3.env();
-    let shared = [
-        "--lake",
-        lake.as_str(),
-        "--stream",
-        stream.as_str(),
-        "--meta",
-        pg.as_str(),
-        "--meta-schema",
-        schema.as_str(),
-    ];
+    let Some(services) = Shared::new("roles") else { return };
+    let env = &services.env;
+    let shared = services.args();
     let with = |role: &'static str| {
         let mut a = shared.to_vec();
         a.extend(["--roles", role]);
@@ -108,16 +93,16 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
     let d = |name: &str| dir.path().join(name);
     // The query process applies the descriptor (size M: two shards); the others find it in
     // the metadata store.
-    let query = start_auctions_env(&d("q"), &with("query"), &env);
+    let query = start_auctions_env(&d("q"), &with("query"), env);
     let w_args = {
         let mut a = with("worker");
         a.extend(["--batch-age-ms", "100"]);
         a
     };
-    let mut w1 = Server::start_env(&d("w1"), &w_args, &env);
-    let w2 = Server::start_env(&d("w2"), &w_args, &env);
-    let mut c1 = Server::start_env(&d("c1"), &with("collector"), &env);
-    let c2 = Server::start_env(&d("c2"), &with("collector"), &env);
+    let mut w1 = Server::start_env(&d("w1"), &w_args, env);
+    let w2 = Server::start_env(&d("w2"), &w_args, env);
+    let mut c1 = Server::start_env(&d("c1"), &with("collector"), env);
+    let c2 = Server::start_env(&d("c2"), &with("collector"), env);
     let c = client();
 
     // Each role answers only its own endpoints.
@@ -190,8 +175,8 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
     c1.kill9();
     w1.kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let w1 = Server::start_env(&d("w1"), &w_args, &env);
-    let c1 = Server::start_env(&d("c1"), &with("collector"), &env);
+    let w1 = Server::start_env(&d("w1"), &w_args, env);
+    let c1 = Server::start_env(&d("c1"), &with("collector"), env);
     urls.lock().expect("urls").push(c1.url.clone());
     // The restarted worker takes its units back (same process id, so no lease to wait for).
     wait_split(&c, &w1.url, &w2.url).await;
@@ -263,8 +248,7 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
         stored.len()
     );
     drop((query, w1, w2, c1, c2));
-    nats_cleanup(&nats, &ns).await;
-    drop_schema(&pg, &schema);
+    services.cleanup().await;
 }
 
 /// Runs `tarn serve` expecting a refusal at start; returns what it printed.

@@ -268,26 +268,10 @@ async fn post_in_pieces_from(c: &reqwest::Client, url: &str, first: usize, reque
 /// not ask the bucket) lists it within seconds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
-    let Some(s3) = s3_server() else { return };
-    let Some(nats) = nats_server() else { return };
-    let Some(pg) = pg_url() else { return };
-    let ns = nats_namespace("s3pgcat");
-    let stream = format!("{nats}/{ns}");
-    let schema = format!("it_s3pgcat_{}", std::process::id());
-    let lake = s3.lake("pgcatalog");
-    let env = s3.env();
-    let args = [
-        "--lake",
-        lake.as_str(),
-        "--stream",
-        stream.as_str(),
-        "--meta",
-        pg.as_str(),
-        "--meta-schema",
-        schema.as_str(),
-    ];
+    let Some(services) = Shared::new("s3pgcat") else { return };
+    let (env, args) = (&services.env, services.args());
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = start_auctions_env(dir.path(), &args, &env);
+    let a = start_auctions_env(dir.path(), &args, env);
     let c = client();
     let (status, v) = post_events(
         &c,
@@ -303,7 +287,7 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
     .await;
 
     // B has no descriptor: it knows auctions from the store, and its table from the bucket.
-    let b = Server::start_env(&dir.path().join("b/data"), &args, &env);
+    let b = Server::start_env(&dir.path().join("b/data"), &args, env);
     let addr = b.pg.clone().expect("postgres listener");
     let (host, port) = addr.rsplit_once(':').expect("host:port");
     let start = std::time::Instant::now();
@@ -327,8 +311,7 @@ async fn a_table_made_by_another_process_shows_in_the_postgres_catalog() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     drop((a, b));
-    nats_cleanup(&nats, &ns).await;
-    drop_schema(&pg, &schema);
+    services.cleanup().await;
 }
 
 /// Tiers in a bucket are storage classes: a move writes each file of the day again with its

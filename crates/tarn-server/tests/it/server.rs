@@ -300,3 +300,55 @@ pub fn tarn_ok(url: &str, args: &[&str]) -> String {
     assert!(ok, "tarn {args:?}: {err}");
     out
 }
+
+/// A NATS namespace, a lake in the S3-compatible server and a PostgreSQL schema of one test's
+/// own, for processes that share all three.
+pub struct Shared {
+    nats: String,
+    ns: String,
+    pg: String,
+    pub lake: String,
+    pub stream: String,
+    pub schema: String,
+    /// The AWS variables that reach the S3-compatible server.
+    pub env: Vec<(String, String)>,
+}
+
+impl Shared {
+    /// `None` (with the reason; a failure under CI) when a service is missing.
+    pub fn new(test: &str) -> Option<Self> {
+        let s3 = s3_server()?;
+        let nats = nats_server()?;
+        let pg = pg_url()?;
+        let ns = nats_namespace(test);
+        Some(Self {
+            stream: format!("{nats}/{ns}"),
+            schema: format!("it_{test}_{}", std::process::id()),
+            lake: s3.lake(test),
+            env: s3.env(),
+            nats,
+            ns,
+            pg,
+        })
+    }
+
+    /// The `tarn serve` arguments naming the three.
+    pub fn args(&self) -> [&str; 8] {
+        [
+            "--lake",
+            &self.lake,
+            "--stream",
+            &self.stream,
+            "--meta",
+            &self.pg,
+            "--meta-schema",
+            &self.schema,
+        ]
+    }
+
+    /// Removes the namespace's streams and the schema.
+    pub async fn cleanup(&self) {
+        nats_cleanup(&self.nats, &self.ns).await;
+        drop_schema(&self.pg, &self.schema);
+    }
+}
