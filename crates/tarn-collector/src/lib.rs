@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use decode::Encoding;
 pub use encode::{MAJOR_KEY, PAYLOAD_VERSION, arrow_schema, decode_payload, major_of};
-pub use metrics::{IngestMetrics, LATENCY_BUCKETS_MS};
+pub use metrics::{Histogram, IngestMetrics, LATENCY_BUCKETS_MS};
 pub use validate::Rejection;
 
 /// Errors of an ingest request, by what the caller can do.
@@ -200,9 +200,11 @@ impl Collector {
         // answer is sent only after the last is durable.
         let mut sequence = None;
         let shard = self.shard_of(dataset, turn);
+        let appending = std::time::Instant::now();
         for payload in p.payloads {
             sequence = Some(self.append(dataset, shard, payload).await?);
         }
+        self.metrics.append.record(appending.elapsed());
         let mut errors = p.rejections;
         let rejected = errors.len();
         errors.truncate(self.opts.limits.rejections_reported_max);

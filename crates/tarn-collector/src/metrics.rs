@@ -8,6 +8,45 @@ pub const LATENCY_BUCKETS_MS: [f64; 12] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 
+/// A latency histogram over [`LATENCY_BUCKETS_MS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Cumulative counts per bucket, plus +Inf at the end.
+    pub buckets: [AtomicU64; 13],
+    pub sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, took: Duration) {
+        let ms = took.as_secs_f64() * 1000.0;
+        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.buckets[LATENCY_BUCKETS_MS.len()].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// The histogram in Prometheus text format, in seconds, as `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {}",
+                b / 1000.0,
+                self.buckets[i].load(Relaxed)
+            );
+        }
+        let total = self.buckets[LATENCY_BUCKETS_MS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct IngestMetrics {
     pub requests_ok: AtomicU64,
@@ -16,9 +55,11 @@ pub struct IngestMetrics {
     pub events_accepted: AtomicU64,
     pub events_rejected: AtomicU64,
     pub body_bytes: AtomicU64,
-    /// Cumulative counts per bucket, plus +Inf at the end.
-    pub latency_buckets: [AtomicU64; 13],
-    pub latency_sum_us: AtomicU64,
+    /// Whole requests: decoding, checking, encoding and the durable append.
+    pub latency: Histogram,
+    /// The durable appends of a request's records alone (the wait for a turn in a group
+    /// commit, the write and the sync).
+    pub append: Histogram,
 }
 
 impl IngestMetrics {
@@ -27,14 +68,7 @@ impl IngestMetrics {
         self.body_bytes.fetch_add(bytes as u64, Relaxed);
         self.events_accepted.fetch_add(accepted as u64, Relaxed);
         self.events_rejected.fetch_add(rejected as u64, Relaxed);
-        let ms = took.as_secs_f64() * 1000.0;
-        for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_buckets[12].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(took.as_micros() as u64, Relaxed);
+        self.latency.record(took);
     }
 
     pub(crate) fn count_failed(&self) {

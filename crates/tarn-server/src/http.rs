@@ -31,7 +31,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
-use tarn_collector::{Encoding, LATENCY_BUCKETS_MS};
+use tarn_collector::Encoding;
 
 use crate::serve::App;
 
@@ -760,27 +760,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             let _ = writeln!(out, "tarn_worker_unit_held{{unit=\"{k}\"}} 1");
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP tarn_ingest_latency_seconds Time from request decoded to durable append."
+    m.latency.render(
+        &mut out,
+        "tarn_ingest_latency_seconds",
+        "Time from request received to its events durable: decoding, checks, encoding and append.",
     );
-    let _ = writeln!(out, "# TYPE tarn_ingest_latency_seconds histogram");
-    for (i, b) in LATENCY_BUCKETS_MS.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "tarn_ingest_latency_seconds_bucket{{le=\"{}\"}} {}",
-            b / 1000.0,
-            m.latency_buckets[i].load(Relaxed)
-        );
-    }
-    let total = m.latency_buckets[LATENCY_BUCKETS_MS.len()].load(Relaxed);
-    let _ = writeln!(out, "tarn_ingest_latency_seconds_bucket{{le=\"+Inf\"}} {total}");
-    let _ = writeln!(
-        out,
-        "tarn_ingest_latency_seconds_sum {}",
-        m.latency_sum_us.load(Relaxed) as f64 / 1e6
+    m.append.render(
+        &mut out,
+        "tarn_ingest_append_seconds",
+        "Time of a request's durable append alone: its turn in a group commit, the write and the sync.",
     );
-    let _ = writeln!(out, "tarn_ingest_latency_seconds_count {total}");
     let _ = writeln!(
         out,
         "# HELP tarn_log_bytes Bytes in log segments per topic.\n# TYPE tarn_log_bytes gauge"

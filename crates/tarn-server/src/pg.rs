@@ -77,6 +77,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Option<pgwire::tokio::TlsAcceptor>,
     connections_max: usize,
+    cursor_idle: std::time::Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let open = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
@@ -100,7 +101,7 @@ pub async fn serve(
                         app: app.clone(),
                         parser: parser.clone(),
                         tls_required: tls.is_some(),
-                        cursors: Cursors::default(),
+                        cursors: Cursors::new(cursor_idle),
                         portals: Default::default(),
                     }),
                 });
@@ -406,7 +407,8 @@ impl Handler {
     /// Answers one statement. `rewrite` asks for the PostgreSQL-compatibility rewrite, which
     /// must never see bound values: its tokenizer reads string literals differently from the
     /// engine's, so a value could end its literal there (a bound statement is rewritten
-    /// before its values go in).
+    /// before its values go in). `in_string`: the statement is one of a simple-protocol string
+    /// of several, which runs as one transaction.
     async fn answer(
         &self,
         who: &str,
@@ -414,15 +416,19 @@ impl Handler {
         sql: &str,
         format: &Format,
         rewrite: bool,
+        in_string: bool,
     ) -> PgWireResult<Response> {
         if let Some(op) = cursor_statement(sql) {
-            return self.cursor(who, key_budget, op?, format, rewrite).await;
+            return self.cursor(who, key_budget, op?, format, rewrite, in_string).await;
         }
         match kind(sql) {
             Kind::Empty => Ok(Response::EmptyQuery),
-            Kind::Begin => Ok(Response::TransactionStart(Tag::new("BEGIN"))),
+            Kind::Begin => {
+                self.cursors.begin();
+                Ok(Response::TransactionStart(Tag::new("BEGIN")))
+            }
             Kind::End(tag) => {
-                self.cursors.end_transaction();
+                self.cursors.end_transaction(tag == "ROLLBACK");
                 Ok(Response::TransactionEnd(Tag::new(tag)))
             }
             Kind::Set(tag) => {
@@ -462,6 +468,7 @@ impl Handler {
         op: CursorOp,
         format: &Format,
         rewrite: bool,
+        in_string: bool,
     ) -> PgWireResult<Response> {
         match op {
             CursorOp::Declare { name, hold, query } => {
@@ -471,6 +478,7 @@ impl Handler {
                         "a cursor is declared FOR a query (SELECT, WITH, VALUES or TABLE)",
                     ));
                 }
+                self.cursors.check_block(hold, in_string)?;
                 self.cursors.check_room(&name)?;
                 let sql = if rewrite {
                     tarn_query::postgres_statement(&query)
@@ -558,8 +566,13 @@ impl SimpleQueryHandler for Handler {
     {
         let (who, budget) = Self::who(client);
         let mut out = Vec::new();
-        for stmt in split_statements(query) {
-            match self.answer(&who, budget, &stmt, &Format::UnifiedText, true).await {
+        let statements = split_statements(query);
+        let in_string = statements.len() > 1;
+        for stmt in statements {
+            match self
+                .answer(&who, budget, &stmt, &Format::UnifiedText, true, in_string)
+                .await
+            {
                 Ok(r) => out.push(r),
                 Err(PgWireError::UserError(info)) => {
                     // A failed statement ends the batch, as PostgreSQL does.
@@ -569,6 +582,7 @@ impl SimpleQueryHandler for Handler {
                 Err(e) => return Err(e),
             }
         }
+        self.cursors.end_string();
         self.drop_closed_portals(client.portal_store());
         Ok(out)
     }
@@ -753,7 +767,7 @@ impl ExtendedQueryHandler for Handler {
             _ => None,
         };
         let r = self
-            .answer(&who, budget, &sql, &portal.result_column_format, false)
+            .answer(&who, budget, &sql, &portal.result_column_format, false, false)
             .await;
         self.drop_closed_portals(client.portal_store());
         let r = r?;

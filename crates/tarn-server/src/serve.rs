@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Most PostgreSQL connections open at once; past it a new one is closed at once.
     #[arg(long, env = "TARN_PG_CONNECTIONS_MAX", default_value_t = 256)]
     pub pg_connections_max: usize,
+    /// Seconds a PostgreSQL cursor may go without a FETCH or MOVE; then its query is stopped,
+    /// giving back its turn among the queries at once (a later FETCH from it is an error).
+    #[arg(long, env = "TARN_PG_CURSOR_IDLE_S", default_value_t = 300)]
+    pub pg_cursor_idle_s: u64,
     /// TLS certificate chain (PEM) for the PostgreSQL listener; with it, clients must use TLS.
     #[arg(long, env = "TARN_PG_TLS_CERT", requires = "pg_tls_key")]
     pub pg_tls_cert: Option<PathBuf>,
@@ -573,6 +577,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             l,
             pg_tls,
             args.pg_connections_max,
+            std::time::Duration::from_secs(args.pg_cursor_idle_s.max(1)),
             app.shutdown_watch(),
         ));
     }

@@ -6,9 +6,15 @@
 //! its budget checked at DECLARE, its time limit counted from DECLARE) and at most one batch
 //! of rows read but not yet fetched, so a cursor over a huge result holds one batch, never the
 //! result (a FETCH of up to [`FETCH_AT_ONCE_MAX`] rows holds those rows until they are sent).
-//! Cursors move forward only. One declared without `WITH HOLD` closes when its
-//! transaction ends, as in PostgreSQL; every cursor closes with its connection. A connection
-//! holds at most [`CURSORS_MAX`] at once.
+//! Cursors move forward only. As in PostgreSQL, one declared without `WITH HOLD` lives in a
+//! transaction block: outside one it is refused (`25P01`), except in a string of several
+//! statements, which is a transaction of its own, and it closes when its transaction ends.
+//! `ROLLBACK` also closes the `WITH HOLD` cursors declared in the transaction it rolls back.
+//! Every cursor closes with its connection. A cursor left without a FETCH or MOVE for the
+//! server's idle limit (`--pg-cursor-idle-s`), or whose query reaches its time limit (counted
+//! from DECLARE), stops its query, giving back its turn among the queries at once, even if no
+//! statement comes; a later FETCH from it is answered `57014`. A connection holds at most
+//! [`CURSORS_MAX`] at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -230,7 +236,21 @@ pub struct Cursor {
     /// Rows read from the query and not fetched yet.
     held: Option<RecordBatch>,
     deadline: tokio::time::Instant,
+    /// The last DECLARE, FETCH or MOVE of it.
+    used: tokio::time::Instant,
     hold: bool,
+    /// The query was stopped, idle or at its time limit.
+    expired: bool,
+    /// The task that stops the query at its time limit; stopped with the cursor.
+    reaper: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Cursor {
+    fn drop(&mut self) {
+        if let Some(r) = self.reaper.take() {
+            r.abort();
+        }
+    }
 }
 
 impl Cursor {
@@ -240,15 +260,39 @@ impl Cursor {
             query: Some(query),
             held: None,
             deadline,
+            used: tokio::time::Instant::now(),
             hold,
+            expired: false,
+            reaper: None,
         }
+    }
+
+    /// Stops the query, idle or at its time limit: its turn among the queries and its rows go
+    /// now.
+    fn expire(&mut self) {
+        if self.query.is_some() || self.held.is_some() {
+            self.expired = true;
+        }
+        self.query = None;
+        self.held = None;
+    }
+
+    fn expired_error() -> PgWireError {
+        user_error(
+            "57014",
+            "the cursor's query was stopped: it was left without a FETCH past the idle limit, or ran past its time limit; CLOSE it and declare it again",
+        )
     }
 
     /// Up to `max` more rows (`None`: all that are left); `None` at the end.
     async fn next_rows(&mut self, max: Option<u64>) -> Option<PgWireResult<RecordBatch>> {
+        self.used = tokio::time::Instant::now();
         loop {
             if max == Some(0) {
                 return None;
+            }
+            if self.expired {
+                return Some(Err(Self::expired_error()));
             }
             if let Some(b) = self.held.take() {
                 let n = b.num_rows();
@@ -264,8 +308,8 @@ impl Cursor {
             let q = self.query.as_mut()?;
             match tokio::time::timeout_at(self.deadline, q.next()).await {
                 Err(_) => {
-                    self.query = None;
-                    return Some(Err(user_error("57014", "the query ran past its time limit")));
+                    self.expire();
+                    return Some(Err(Self::expired_error()));
                 }
                 Ok(None) => {
                     self.query = None;
@@ -286,16 +330,36 @@ impl Cursor {
 struct Open {
     schema: SchemaRef,
     hold: bool,
+    /// The explicit transaction block it was declared in, if any.
+    declared_in: Option<u64>,
     cursor: Arc<tokio::sync::Mutex<Cursor>>,
 }
 
-/// The cursors of one connection.
+/// The connection's transaction block, as far as cursors care: whether one is open (from
+/// `BEGIN` to `COMMIT` or `ROLLBACK`), and its number.
 #[derive(Default)]
+struct Block {
+    open: bool,
+    number: u64,
+}
+
+/// The cursors of one connection.
 pub struct Cursors {
     open: Mutex<HashMap<String, Open>>,
+    block: Mutex<Block>,
+    /// How long a cursor may go without a FETCH or MOVE before its query is stopped.
+    idle: std::time::Duration,
 }
 
 impl Cursors {
+    pub fn new(idle: std::time::Duration) -> Self {
+        Self {
+            open: Mutex::default(),
+            block: Mutex::default(),
+            idle,
+        }
+    }
+
     fn get(&self, name: &str) -> PgWireResult<Open> {
         self.open
             .lock()
@@ -324,16 +388,50 @@ impl Cursors {
         Ok(())
     }
 
-    pub fn add(&self, name: String, cursor: Cursor) -> PgWireResult<Response> {
+    /// Refuses a cursor without `WITH HOLD` outside a transaction block, unless the statement
+    /// is one of a string of several (`in_string`), which PostgreSQL runs as one transaction.
+    pub fn check_block(&self, hold: bool, in_string: bool) -> PgWireResult<()> {
+        if hold || in_string || self.block.lock().unwrap_or_else(|e| e.into_inner()).open {
+            return Ok(());
+        }
+        Err(user_error(
+            "25P01",
+            "DECLARE CURSOR can only be used in transaction blocks: BEGIN first, or declare it WITH HOLD",
+        ))
+    }
+
+    pub fn add(&self, name: String, mut cursor: Cursor) -> PgWireResult<Response> {
         self.check_room(&name)?;
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            name,
-            Open {
-                schema: cursor.schema.clone(),
-                hold: cursor.hold,
-                cursor: Arc::new(tokio::sync::Mutex::new(cursor)),
-            },
-        );
+        let declared_in = {
+            let b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+            b.open.then_some(b.number)
+        };
+        let (deadline, idle) = (cursor.deadline, self.idle);
+        let open = Open {
+            schema: cursor.schema.clone(),
+            hold: cursor.hold,
+            declared_in,
+            cursor: Arc::new_cyclic(|me: &std::sync::Weak<tokio::sync::Mutex<Cursor>>| {
+                let me = me.clone();
+                let reaper = tokio::spawn(async move {
+                    let mut wake = deadline.min(tokio::time::Instant::now() + idle);
+                    loop {
+                        tokio::time::sleep_until(wake).await;
+                        let Some(c) = me.upgrade() else { return };
+                        let mut c = c.lock().await;
+                        let now = tokio::time::Instant::now();
+                        if now >= deadline || now >= c.used + idle {
+                            c.expire();
+                            return;
+                        }
+                        wake = deadline.min(c.used + idle);
+                    }
+                });
+                cursor.reaper = Some(reaper.abort_handle());
+                tokio::sync::Mutex::new(cursor)
+            }),
+        };
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).insert(name, open);
         Ok(Response::Execution(Tag::new("DECLARE CURSOR")))
     }
 
@@ -419,10 +517,34 @@ impl Cursors {
         Ok(Response::Execution(Tag::new("CLOSE CURSOR")))
     }
 
-    /// A transaction ended: cursors declared without `WITH HOLD` close.
-    pub fn end_transaction(&self) {
+    /// `BEGIN`: a transaction block opens (one already open stays the same block).
+    pub fn begin(&self) {
+        let mut b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+        if !b.open {
+            b.open = true;
+            b.number += 1;
+        }
+    }
+
+    /// A transaction ended: cursors declared without `WITH HOLD` close, and on a `ROLLBACK` so
+    /// do those declared `WITH HOLD` in the block rolled back.
+    pub fn end_transaction(&self, rollback: bool) {
+        let block = {
+            let mut b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+            let open = std::mem::take(&mut b.open);
+            open.then_some(b.number)
+        };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        open.retain(|_, c| c.hold);
+        open.retain(|_, c| c.hold && !(rollback && block.is_some() && c.declared_in == block));
+    }
+
+    /// A string of statements ended: outside a transaction block it was a transaction of its
+    /// own, so the cursors it declared without `WITH HOLD` close.
+    pub fn end_string(&self) {
+        if !self.block.lock().unwrap_or_else(|e| e.into_inner()).open {
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.retain(|_, c| c.hold);
+        }
     }
 }
 

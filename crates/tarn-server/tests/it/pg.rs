@@ -419,3 +419,125 @@ async fn connections_past_the_cap_are_closed() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Cursors keep PostgreSQL's transaction rules, and an idle one gives its query's turn back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_follow_transactions_and_idle_ones_are_stopped() {
+    let Some(psql) = client_program(None, "psql") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Two queries at a time, so two cursors left open hold every turn.
+    let s = start_auctions(dir.path(), &["--pg-cursor-idle-s", "2", "--query-concurrency", "2"]);
+    let pg = s.pg.clone().expect("the postgres listener is on");
+    let (host, port) = pg.rsplit_once(':').expect("host:port");
+    let c = client();
+    let body: Vec<String> = (0..30)
+        .map(|i| format!(r#"{{"event_id":"e{i:02}","ts":"2026-11-20T10:00:00Z","client_id":"acme"}}"#))
+        .collect();
+    let (st, v) = post_events(&c, &s.url, "auctions", body.join("\n")).await;
+    assert_eq!(st, 200, "{v}");
+    wait_for(&c, &s.url, "SELECT count(*) FROM auctions", 30, |v| {
+        v["rows"][0][0] == 30
+    })
+    .await;
+    let psql_cmd = || {
+        let mut cmd = Command::new(&psql);
+        cmd.args(["-h", host, "-p", port, "-U", "x", "-d", "tarn", "-X", "-A", "-t"])
+            .args(["-v", "ON_ERROR_STOP=1"])
+            .env("PGCONNECT_TIMEOUT", "10");
+        cmd
+    };
+    // Each -c is its own simple query on one connection.
+    let run = |statements: &[&str]| {
+        let mut cmd = psql_cmd();
+        for s in statements {
+            cmd.args(["-c", s]);
+        }
+        let out = cmd.output().expect("run psql");
+        // Rows only: psql also prints the command tags (BEGIN, DECLARE CURSOR, ...).
+        let rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with(|c: char| c.is_ascii_uppercase()))
+            .map(str::to_string)
+            .collect();
+        (
+            out.status.code().unwrap_or(-1),
+            rows.join("\n"),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let first = "SELECT event_id FROM auctions ORDER BY event_id";
+
+    // A cursor without HOLD outside a transaction block is refused, as in PostgreSQL ...
+    let (code, _, err) = run(&[&format!("DECLARE c CURSOR FOR {first}")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("can only be used in transaction blocks"), "{err}");
+    // ... but a string of several statements is a transaction of its own: the cursor works in
+    // it and is gone after it.
+    let (code, out, err) = run(&[
+        &format!("DECLARE c CURSOR FOR {first}; FETCH 2 FROM c"),
+        "FETCH 1 FROM c",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(out, "e00\ne01");
+    assert!(err.contains("cursor \"c\" does not exist"), "{err}");
+    // ROLLBACK closes a WITH HOLD cursor declared in the block it rolls back, and keeps one
+    // declared before it.
+    let (code, out, err) = run(&[
+        "DECLARE kept CURSOR WITH HOLD FOR SELECT 7",
+        "BEGIN",
+        "DECLARE undone CURSOR WITH HOLD FOR SELECT 8",
+        "ROLLBACK",
+        "FETCH 1 FROM kept",
+        "FETCH 1 FROM undone",
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(out, "7", "{err}");
+    assert!(err.contains("cursor \"undone\" does not exist"), "{err}");
+    // COMMIT keeps it.
+    let (code, out, err) = run(&[
+        "BEGIN",
+        "DECLARE h CURSOR WITH HOLD FOR SELECT 9",
+        "COMMIT",
+        "FETCH 1 FROM h",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "9"), "{err}");
+
+    // Idle cursors: psql declares two over a result, fetches a row from each, then waits 10 s.
+    // Past the 2 s idle limit their queries are stopped, so a turn is free for another query
+    // long before psql's connection ends; the cursor's next FETCH is an error.
+    let script = dir.path().join("idle.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "DECLARE idle CURSOR WITH HOLD FOR {first};\nDECLARE other CURSOR WITH HOLD FOR {first};\n\
+             FETCH 1 FROM idle;\nFETCH 1 FROM other;\n\\! sleep 10\nFETCH 1 FROM idle;\n"
+        ),
+    )
+    .expect("script");
+    let idle = psql_cmd()
+        .args(["-q", "-f", script.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let t0 = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let (st, v) = sql(&c, &s.url, "SELECT count(*) FROM auctions").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["rows"][0][0], 30);
+    let waited = t0.elapsed();
+    let out = idle.wait_with_output().expect("psql ends");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(
+        waited < std::time::Duration::from_secs(8),
+        "the query waited {waited:?}, until the idle cursor's connection ended: {stderr}"
+    );
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), ["e00", "e00"], "{stdout}");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr.contains("idle limit"), "{stderr}");
+}
