@@ -303,6 +303,47 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The disk's own durable-append latency, the reference for tarn's ack latency: the requests'
+/// bytes appended to one file at the pace `rate` (events/s) and made durable with `fdatasync`
+/// by one writer that gathers every request due by the time it is free into one write and one
+/// sync (a group commit with no decoding, checking or encoding). Returns per-request latencies
+/// in ms, from when the request was due to when its sync returned.
+pub fn disk_appends(dir: &Path, bodies: &[(usize, bytes::Bytes)], rate: f64) -> Result<Vec<f64>> {
+    let path = dir.join("disk-reference.seg");
+    let mut f = std::fs::File::create(&path)?;
+    let mut due = Vec::with_capacity(bodies.len());
+    let mut events = 0usize;
+    for (n, _) in bodies {
+        due.push(Duration::from_secs_f64(events as f64 / rate));
+        events += n;
+    }
+    let started = Instant::now();
+    let mut lat = Vec::with_capacity(bodies.len());
+    let mut i = 0;
+    let mut buf = Vec::new();
+    while i < bodies.len() {
+        let now = started.elapsed();
+        if due[i] > now {
+            std::thread::sleep(due[i] - now);
+        }
+        let now = started.elapsed();
+        let first = i;
+        buf.clear();
+        while i < bodies.len() && due[i] <= now {
+            buf.extend_from_slice(&bodies[i].1);
+            i += 1;
+        }
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        let done = started.elapsed();
+        lat.extend(due[first..i].iter().map(|d| (done - *d).as_secs_f64() * 1000.0));
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(lat)
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -503,6 +544,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         while count(&url, "auctions_paced").await? < a.events as u64 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The reference for the ack latency: the disk alone, same bytes, same pace.
+        let (disk_dir, disk_bodies) = (data.clone(), bodies.clone());
+        let disk = tokio::task::spawn_blocking(move || disk_appends(&disk_dir, &disk_bodies, rate / 2.0)).await??;
         if a.queries && a.duckdb {
             let first_id = std::fs::read_to_string(&ndjson)?
                 .lines()
@@ -561,6 +605,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             "  ack latency at half peak   p50 {:.1} ms  p99 {:.1} ms",
             percentile(&paced, 0.5),
             percentile(&paced, 0.99)
+        );
+        println!(
+            "  the disk alone at half peak p50 {:.1} ms  p99 {:.1} ms (the same bytes appended and fdatasynced at the same pace, one group-commit writer); tarn/disk p99 {:.2}x",
+            percentile(&disk, 0.5),
+            percentile(&disk, 0.99),
+            percentile(&paced, 0.99) / percentile(&disk, 0.99)
         );
         println!(
             "  in the server at half peak: whole request p99 <= {request_p99}, of which the log append (group commit turn, write, fsync) p99 <= {append_p99}"
