@@ -204,7 +204,9 @@ impl Collector {
         for payload in p.payloads {
             sequence = Some(self.append(dataset, shard, payload).await?);
         }
-        self.metrics.append.record(appending.elapsed());
+        if sequence.is_some() {
+            self.metrics.append.record(appending.elapsed());
+        }
         let mut errors = p.rejections;
         let rejected = errors.len();
         errors.truncate(self.opts.limits.rejections_reported_max);

@@ -234,8 +234,14 @@ fn kind(sql: &str) -> Kind {
         "" => Kind::Empty,
         "SELECT" | "WITH" | "VALUES" | "EXPLAIN" | "TABLE" | "(" => Kind::Query,
         "BEGIN" | "START" => Kind::Begin,
-        "COMMIT" | "END" => Kind::End("COMMIT"),
-        "ROLLBACK" | "ABORT" => Kind::End("ROLLBACK"),
+        // `ROLLBACK TO SAVEPOINT`, `COMMIT PREPARED`, `COMMIT AND CHAIN` and the like do not
+        // end the block as a plain COMMIT or ROLLBACK does; tarn has no savepoints or prepared
+        // transactions, so they are refused.
+        "COMMIT" | "END" | "ROLLBACK" | "ABORT" => match words.next().map(str::to_ascii_uppercase) {
+            Some(w) if w != "WORK" && w != "TRANSACTION" => Kind::Refused(format!("{first} {w}")),
+            _ if matches!(first.as_str(), "COMMIT" | "END") => Kind::End("COMMIT"),
+            _ => Kind::End("ROLLBACK"),
+        },
         "SET" => Kind::Set("SET"),
         "RESET" => Kind::Set("RESET"),
         "DISCARD" => match words.next().map(str::to_ascii_uppercase).as_deref() {
@@ -579,7 +585,11 @@ impl SimpleQueryHandler for Handler {
                     out.push(Response::Error(info));
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.cursors.end_string();
+                    self.drop_closed_portals(client.portal_store());
+                    return Err(e);
+                }
             }
         }
         self.cursors.end_string();
@@ -800,6 +810,9 @@ mod tests {
         assert_eq!(kind("/* x */ with a as (select 1) select * from a"), Kind::Query);
         assert_eq!(kind("BEGIN"), Kind::Begin);
         assert_eq!(kind("commit;"), Kind::End("COMMIT"));
+        assert_eq!(kind("ROLLBACK WORK"), Kind::End("ROLLBACK"));
+        assert_eq!(kind("rollback to savepoint a"), Kind::Refused("ROLLBACK TO".into()));
+        assert_eq!(kind("COMMIT AND CHAIN"), Kind::Refused("COMMIT AND".into()));
         assert_eq!(kind("SET extra_float_digits = 3"), Kind::Set("SET"));
         assert_eq!(
             kind("SHOW TRANSACTION ISOLATION LEVEL"),

@@ -577,7 +577,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             l,
             pg_tls,
             args.pg_connections_max,
-            std::time::Duration::from_secs(args.pg_cursor_idle_s.max(1)),
+            // Past the query time limit, which stops a cursor anyway, the idle limit means nothing.
+            std::time::Duration::from_secs(args.pg_cursor_idle_s.clamp(1, crate::http::QUERY_TIMEOUT_MAX_MS / 1000)),
             app.shutdown_watch(),
         ));
     }

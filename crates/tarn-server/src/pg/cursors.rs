@@ -287,6 +287,13 @@ impl Cursor {
     /// Up to `max` more rows (`None`: all that are left); `None` at the end.
     async fn next_rows(&mut self, max: Option<u64>) -> Option<PgWireResult<RecordBatch>> {
         self.used = tokio::time::Instant::now();
+        let r = self.read_rows(max).await;
+        // A read that took long (a big sort's first batch) is use too, not idleness.
+        self.used = tokio::time::Instant::now();
+        r
+    }
+
+    async fn read_rows(&mut self, max: Option<u64>) -> Option<PgWireResult<RecordBatch>> {
         loop {
             if max == Some(0) {
                 return None;
@@ -418,7 +425,13 @@ impl Cursors {
                     loop {
                         tokio::time::sleep_until(wake).await;
                         let Some(c) = me.upgrade() else { return };
-                        let mut c = c.lock().await;
+                        // A FETCH holding the cursor is reading or sending its rows: not idle
+                        // (its own reads stop at the time limit). Look again later, without
+                        // waiting for the lock, so that the next FETCH never finds it taken.
+                        let Ok(mut c) = c.try_lock() else {
+                            wake = deadline.min(tokio::time::Instant::now() + idle);
+                            continue;
+                        };
                         let now = tokio::time::Instant::now();
                         if now >= deadline || now >= c.used + idle {
                             c.expire();
