@@ -574,6 +574,7 @@ impl SimpleQueryHandler for Handler {
         let mut out = Vec::new();
         let statements = split_statements(query);
         let in_string = statements.len() > 1;
+        let mut failed = None;
         for stmt in statements {
             match self
                 .answer(&who, budget, &stmt, &Format::UnifiedText, true, in_string)
@@ -586,15 +587,17 @@ impl SimpleQueryHandler for Handler {
                     break;
                 }
                 Err(e) => {
-                    self.cursors.end_string();
-                    self.drop_closed_portals(client.portal_store());
-                    return Err(e);
+                    failed = Some(e);
+                    break;
                 }
             }
         }
         self.cursors.end_string();
         self.drop_closed_portals(client.portal_store());
-        Ok(out)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 }
 

@@ -332,6 +332,33 @@ impl Cursor {
     }
 }
 
+/// Stops a cursor's query once it has gone `idle` without a FETCH or MOVE, or at `deadline`;
+/// ends with the cursor.
+async fn reap(
+    me: std::sync::Weak<tokio::sync::Mutex<Cursor>>,
+    deadline: tokio::time::Instant,
+    idle: std::time::Duration,
+) {
+    let mut wake = deadline.min(tokio::time::Instant::now() + idle);
+    loop {
+        tokio::time::sleep_until(wake).await;
+        let Some(c) = me.upgrade() else { return };
+        // A FETCH holding the cursor is reading or sending its rows: not idle (its own reads
+        // stop at the time limit). Look again later, without waiting for the lock, so that the
+        // next FETCH never finds it taken.
+        let Ok(mut c) = c.try_lock() else {
+            wake = deadline.min(tokio::time::Instant::now() + idle);
+            continue;
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline || now >= c.used + idle {
+            c.expire();
+            return;
+        }
+        wake = deadline.min(c.used + idle);
+    }
+}
+
 /// An open cursor: what is known without waiting for it, and the cursor.
 #[derive(Clone)]
 struct Open {
@@ -418,28 +445,8 @@ impl Cursors {
             schema: cursor.schema.clone(),
             hold: cursor.hold,
             declared_in,
-            cursor: Arc::new_cyclic(|me: &std::sync::Weak<tokio::sync::Mutex<Cursor>>| {
-                let me = me.clone();
-                let reaper = tokio::spawn(async move {
-                    let mut wake = deadline.min(tokio::time::Instant::now() + idle);
-                    loop {
-                        tokio::time::sleep_until(wake).await;
-                        let Some(c) = me.upgrade() else { return };
-                        // A FETCH holding the cursor is reading or sending its rows: not idle
-                        // (its own reads stop at the time limit). Look again later, without
-                        // waiting for the lock, so that the next FETCH never finds it taken.
-                        let Ok(mut c) = c.try_lock() else {
-                            wake = deadline.min(tokio::time::Instant::now() + idle);
-                            continue;
-                        };
-                        let now = tokio::time::Instant::now();
-                        if now >= deadline || now >= c.used + idle {
-                            c.expire();
-                            return;
-                        }
-                        wake = deadline.min(c.used + idle);
-                    }
-                });
+            cursor: Arc::new_cyclic(|me| {
+                let reaper = tokio::spawn(reap(me.clone(), deadline, idle));
                 cursor.reaper = Some(reaper.abort_handle());
                 tokio::sync::Mutex::new(cursor)
             }),
