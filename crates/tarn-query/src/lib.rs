@@ -413,6 +413,7 @@ impl QueryEngine {
             if let Some(catalog) = ctx.catalog("datafusion") {
                 catalog.register_schema("pg_catalog", provider).map_err(classify)?;
             }
+            ctx.register_udf(pg_catalog::size_pretty_udf());
             // Clients read the server's kind and version from version().
             let text = format!(
                 "PostgreSQL 16.0 (tarn {}, Apache DataFusion)",
@@ -815,7 +816,6 @@ fn narrows_partition(e: &deltalake::datafusion::logical_expr::Expr, parts: &[Str
     }
 }
 
-/// Who ran a query, until tarn has credentials.
 /// A statement from a PostgreSQL client in the form the engine reads: PostgreSQL-only syntax
 /// that BI tools and `psql` send (`::regclass` casts, `pg_catalog` idioms) rewritten to what
 /// DataFusion plans. The text comes back unchanged when it does not parse as one statement.
@@ -851,7 +851,13 @@ pub fn postgres_statement(sql: &str) -> String {
     }
     let parser = datafusion_pg_catalog::sql::PostgresCompatibilityParser::new();
     let rewritten = match parser.parse(&text) {
-        Ok(mut v) if v.len() == 1 => v.pop().map(|s| s.to_string()).unwrap_or(text),
+        Ok(mut v) if v.len() == 1 => v
+            .pop()
+            .map(|mut s| {
+                pg_catalog::catalog_rewrites(&mut s);
+                s.to_string()
+            })
+            .unwrap_or(text),
         _ => return sql.to_string(),
     };
     if lifted.is_empty() {

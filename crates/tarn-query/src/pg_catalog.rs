@@ -3,16 +3,29 @@
 //! same tables in its next (each statement runs in a session of its own). Tables and columns
 //! come from the catalog's contracts, without opening any table.
 
+use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion_pg_catalog::pg_catalog::catalog_info::CatalogInfo;
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_pg_catalog::pg_catalog::{PgCatalogSchemaProvider, PgCatalogStaticTables};
-use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::array::{
+    ArrayRef, AsArray as _, Int32Array, Int64Array, RecordBatch, StringArray, new_null_array,
+};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use deltalake::datafusion::catalog::SchemaProvider;
-use deltalake::datafusion::datasource::TableType;
+use deltalake::datafusion::catalog::TableProvider;
+use deltalake::datafusion::datasource::{MemTable, TableType};
 use deltalake::datafusion::error::DataFusionError;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::datafusion::sql::sqlparser::ast::{
+    Expr, FunctionArguments, Query, SetExpr, Statement, TableFactor, Value, Visit, VisitMut, Visitor, VisitorMut,
+};
+use deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use deltalake::datafusion::sql::sqlparser::parser::Parser;
 use tarn_catalog::Catalog;
 use tarn_core::{DatasetSpec, FieldType};
 use tarn_lake::Lake;
@@ -118,9 +131,474 @@ impl CatalogInfo for Tables {
 /// The engine's `pg_catalog` schema.
 pub(crate) fn provider(catalog: Arc<Catalog>, lake: Lake) -> Result<Arc<dyn SchemaProvider>, DataFusionError> {
     let statics = Arc::new(PgCatalogStaticTables::try_new()?);
-    Ok(Arc::new(PgCatalogSchemaProvider::try_new(
-        Tables { catalog, lake },
-        statics,
-        EmptyContextProvider,
-    )?))
+    let tables = Tables { catalog, lake };
+    Ok(Arc::new(PgCatalog {
+        inner: Arc::new(PgCatalogSchemaProvider::try_new(
+            tables.clone(),
+            statics,
+            EmptyContextProvider,
+        )?),
+        tables,
+    }))
+}
+
+/// The table of dataset sizes behind `pg_table_size` (not one of PostgreSQL's).
+const RELATION_SIZE: &str = "tarn_relation_size";
+
+/// The OID of `pg_class` itself, the class of a table's (and its columns') descriptions.
+const PG_CLASS_OID: i32 = 1259;
+
+/// The compatibility layer's `pg_catalog` with what tarn adds to two of its tables:
+/// `pg_class.reloptions` (NULL: no table of tarn's has storage options), which `psql`'s `\d+`
+/// reads, and in `pg_description` the descriptions of datasets and their fields from their
+/// contracts, which `\d+`, `\dt+` and BI tools show beside tables and columns.
+#[derive(Debug)]
+struct PgCatalog {
+    inner: Arc<dyn SchemaProvider>,
+    tables: Tables,
+}
+
+#[async_trait]
+impl SchemaProvider for PgCatalog {
+    fn table_names(&self) -> Vec<String> {
+        self.inner.table_names()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>, DataFusionError> {
+        if name.eq_ignore_ascii_case(RELATION_SIZE) {
+            return Ok(Some(self.relation_sizes().await?));
+        }
+        let Some(table) = self.inner.table(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(match name.to_ascii_lowercase().as_str() {
+            "pg_class" => with_reloptions(table).await?,
+            "pg_description" => self.with_descriptions(table).await?,
+            _ => table,
+        }))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.inner.table_exist(name)
+    }
+}
+
+/// Every row of a catalog table (they are small: one row per table, column or built-in).
+async fn rows(table: Arc<dyn TableProvider>) -> Result<Vec<RecordBatch>, DataFusionError> {
+    SessionContext::new().read_table(table)?.collect().await
+}
+
+/// A column of catalog rows, cast to `ty`.
+fn column(batch: &RecordBatch, name: &str, ty: &DataType) -> Result<ArrayRef, DataFusionError> {
+    let c = batch
+        .column_by_name(name)
+        .ok_or_else(|| DataFusionError::Internal(format!("pg_catalog has no column {name}")))?;
+    Ok(cast(c, ty)?)
+}
+
+/// `pg_class` with a `reloptions` column of NULLs.
+async fn with_reloptions(table: Arc<dyn TableProvider>) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+    let ty = DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+    let mut fields: Vec<Field> = table.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("reloptions", ty.clone(), true));
+    let schema = Arc::new(Schema::new(fields));
+    let batches = rows(table)
+        .await?
+        .into_iter()
+        .map(|b| {
+            let mut columns = b.columns().to_vec();
+            columns.push(new_null_array(&ty, b.num_rows()));
+            RecordBatch::try_new(schema.clone(), columns)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+}
+
+impl PgCatalog {
+    /// `pg_description` with a row for each dataset and each field that has a description,
+    /// under the OIDs `pg_class` and `pg_attribute` give them.
+    async fn with_descriptions(
+        &self,
+        table: Arc<dyn TableProvider>,
+    ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+        let schema = table.schema();
+        let mut batches = rows(table).await?;
+        let specs = self.tables.public();
+        if !specs
+            .iter()
+            .any(|s| s.description.is_some() || s.fields.iter().any(|f| f.description.is_some()))
+        {
+            return Ok(Arc::new(MemTable::try_new(schema, vec![batches])?));
+        }
+        let (int, text) = (DataType::Int32, DataType::Utf8);
+        let mut namespaces = HashMap::new();
+        for b in rows(self.need("pg_namespace").await?).await? {
+            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "nspname", &text)?);
+            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
+            for i in 0..b.num_rows() {
+                namespaces.insert(oid.value(i), name.value(i).to_string());
+            }
+        }
+        let mut relations = HashMap::new();
+        for b in rows(self.need("pg_class").await?).await? {
+            let (oid, name, ns) = (
+                column(&b, "oid", &int)?,
+                column(&b, "relname", &text)?,
+                column(&b, "relnamespace", &int)?,
+            );
+            let (oid, name, ns) = (
+                oid.as_primitive::<Int32Type>(),
+                name.as_string::<i32>(),
+                ns.as_primitive::<Int32Type>(),
+            );
+            for i in 0..b.num_rows() {
+                if namespaces.get(&ns.value(i)).is_some_and(|n| n == "public") {
+                    relations.insert(name.value(i).to_string(), oid.value(i));
+                }
+            }
+        }
+        let mut attributes = HashMap::new();
+        for b in rows(self.need("pg_attribute").await?).await? {
+            let (rel, name, num) = (
+                column(&b, "attrelid", &int)?,
+                column(&b, "attname", &text)?,
+                column(&b, "attnum", &int)?,
+            );
+            let (rel, name, num) = (
+                rel.as_primitive::<Int32Type>(),
+                name.as_string::<i32>(),
+                num.as_primitive::<Int32Type>(),
+            );
+            for i in 0..b.num_rows() {
+                attributes.insert((rel.value(i), name.value(i).to_string()), num.value(i));
+            }
+        }
+        let (mut objoid, mut objsubid, mut description) = (Vec::new(), Vec::new(), Vec::new());
+        for spec in &specs {
+            let Some(&oid) = relations.get(&spec.name) else {
+                continue;
+            };
+            let described = spec.fields.iter().filter_map(|f| {
+                let d = f.description.as_ref()?;
+                Some((*attributes.get(&(oid, f.name.clone()))?, d))
+            });
+            for (sub, d) in spec.description.as_ref().map(|d| (0, d)).into_iter().chain(described) {
+                objoid.push(oid);
+                objsubid.push(sub);
+                description.push(d.clone());
+            }
+        }
+        let classoid = vec![PG_CLASS_OID; objoid.len()];
+        let ours: HashMap<&str, ArrayRef> = HashMap::from([
+            ("objoid", Arc::new(Int32Array::from(objoid)) as ArrayRef),
+            ("classoid", Arc::new(Int32Array::from(classoid)) as ArrayRef),
+            ("objsubid", Arc::new(Int32Array::from(objsubid)) as ArrayRef),
+            ("description", Arc::new(StringArray::from(description)) as ArrayRef),
+        ]);
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| match ours.get(f.name().as_str()) {
+                Some(a) => Ok(cast(a, f.data_type())?),
+                None => Ok(new_null_array(f.data_type(), ours["objoid"].len())),
+            })
+            .collect::<Result<Vec<_>, DataFusionError>>()?;
+        batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+        Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+    }
+
+    /// The bytes of each dataset's live files, by the OID `pg_class` gives its table
+    /// (`pg_table_size` and its kin read it; a table is opened only when they are asked for).
+    async fn relation_sizes(&self) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+        let (int, text) = (DataType::Int32, DataType::Utf8);
+        let mut oids = HashMap::new();
+        for b in rows(self.need("pg_class").await?).await? {
+            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "relname", &text)?);
+            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
+            for i in 0..b.num_rows() {
+                oids.insert(name.value(i).to_string(), oid.value(i));
+            }
+        }
+        let (mut oid, mut bytes) = (Vec::new(), Vec::new());
+        for spec in self.tables.public() {
+            let Some(&o) = oids.get(&spec.name) else { continue };
+            if spec.external.is_some() {
+                continue;
+            }
+            let table = self
+                .tables
+                .lake
+                .open_table(&spec.name)
+                .await
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            oid.push(o);
+            bytes.push(
+                tarn_lake::compact::live_bytes(&table, &spec.name)
+                    .map_err(|e| DataFusionError::External(Box::new(e)))? as i64,
+            );
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("oid", DataType::Int32, false),
+            Field::new("bytes", DataType::Int64, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int32Array::from(oid)), Arc::new(Int64Array::from(bytes))],
+        )?;
+        Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+    }
+
+    async fn need(&self, name: &str) -> Result<Arc<dyn TableProvider>, DataFusionError> {
+        self.inner
+            .table(name)
+            .await?
+            .ok_or_else(|| DataFusionError::Internal(format!("pg_catalog has no {name}")))
+    }
+}
+
+/// Rewrites what the engine cannot plan in the catalog queries of PostgreSQL clients:
+/// - `ARRAY(subquery)` that refers to its outer query becomes NULL. `psql`'s `\d+` turns a
+///   table's storage options into text this way (`c.reloptions || array(select 'toast.' || x
+///   from unnest(tc.reloptions) x)`), and no table of tarn's has such options, so NULL is their
+///   true value here; the compatibility layer treats other correlated subqueries of the catalog
+///   queries the same way. One that stands alone is left for the engine, which refuses it.
+/// - `pg_table_size(oid)`, `pg_total_relation_size(oid)` and `pg_relation_size(oid)` become
+///   the bytes of the dataset's live files (a table's files are its whole size: it has no
+///   indexes or TOAST).
+/// - `col_description(table, column)` and `obj_description(oid[, catalog])` become the lookup
+///   in `pg_description` that PostgreSQL defines them as (a subquery the engine joins).
+pub(crate) fn catalog_rewrites(statement: &mut Statement) {
+    let _ = statement.visit(&mut CatalogRewrites);
+}
+
+struct CatalogRewrites;
+
+impl VisitorMut for CatalogRewrites {
+    type Break = ();
+
+    fn post_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<()> {
+        let Expr::Function(f) = expr else {
+            return ControlFlow::Continue(());
+        };
+        let name = f
+            .name
+            .0
+            .last()
+            .map(|p| p.to_string().to_ascii_lowercase())
+            .unwrap_or_default();
+        let args: Vec<String> = match &f.args {
+            FunctionArguments::Subquery(q) => {
+                if name == "array" && refers_outside(q) {
+                    *expr = Expr::Value(Value::Null.with_empty_span());
+                }
+                return ControlFlow::Continue(());
+            }
+            FunctionArguments::List(l) => l.args.iter().map(|a| a.to_string()).collect(),
+            FunctionArguments::None => return ControlFlow::Continue(()),
+        };
+        let lookup = match (name.as_str(), args.as_slice()) {
+            ("col_description", [table, column]) => description_lookup(table, Some(PG_CLASS_OID), column),
+            ("pg_table_size" | "pg_total_relation_size" | "pg_relation_size", [oid]) => {
+                format!("(SELECT max(tarn_s.bytes) FROM pg_catalog.{RELATION_SIZE} tarn_s WHERE tarn_s.oid = {oid})")
+            }
+            ("obj_description", [oid]) => description_lookup(oid, None, "0"),
+            ("obj_description", [oid, catalog]) => {
+                let class = match catalog.trim_matches('\'').to_ascii_lowercase().as_str() {
+                    "pg_class" => Some(PG_CLASS_OID),
+                    "pg_namespace" => Some(2615),
+                    "pg_proc" => Some(1255),
+                    "pg_type" => Some(1247),
+                    _ => return ControlFlow::Continue(()),
+                };
+                description_lookup(oid, class, "0")
+            }
+            _ => return ControlFlow::Continue(()),
+        };
+        if let Ok(e) = Parser::new(&PostgreSqlDialect {})
+            .try_with_sql(&lookup)
+            .and_then(|mut p| p.parse_expr())
+        {
+            *expr = e;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// The description of object `oid` (of the catalog whose OID is `class`), or of its column
+/// number `sub` (0: the object itself), as a scalar subquery over `pg_description`.
+fn description_lookup(oid: &str, class: Option<i32>, sub: &str) -> String {
+    let class = class.map(|c| format!(" AND tarn_d.classoid = {c}")).unwrap_or_default();
+    format!(
+        "(SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d \
+         WHERE tarn_d.objoid = {oid}{class} AND tarn_d.objsubid = {sub})"
+    )
+}
+
+/// Whether a query names a table alias (`t.col`) that its own FROM does not define.
+fn refers_outside(query: &Query) -> bool {
+    let SetExpr::Select(select) = &*query.body else {
+        return false;
+    };
+    let mut own = std::collections::HashSet::new();
+    for from in &select.from {
+        for factor in std::iter::once(&from.relation).chain(from.joins.iter().map(|j| &j.relation)) {
+            match factor {
+                TableFactor::Table { name, alias, .. } => {
+                    own.insert(alias.as_ref().map_or_else(
+                        || name.0.last().map(|p| p.to_string()).unwrap_or_default(),
+                        |a| a.name.value.clone(),
+                    ));
+                }
+                TableFactor::Derived { alias: Some(a), .. } | TableFactor::Function { alias: Some(a), .. } => {
+                    own.insert(a.name.value.clone());
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut outside = false;
+    let _ = query.visit(&mut OuterNames {
+        own: &own,
+        found: &mut outside,
+    });
+    outside
+}
+
+struct OuterNames<'a> {
+    own: &'a std::collections::HashSet<String>,
+    found: &'a mut bool,
+}
+
+impl Visitor for OuterNames<'_> {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::CompoundIdentifier(parts) = expr
+            && parts.len() >= 2
+            && !self.own.contains(&parts[0].value)
+        {
+            *self.found = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// `pg_size_pretty(bytes)`: a size as PostgreSQL prints it. Below 10 kB in bytes; then in the
+/// first unit (kB, MB, GB, TB, PB) in which the size, counted in half units, is under 20,479
+/// (PB has no limit), rounded half away from zero.
+pub(crate) fn size_pretty(bytes: i64) -> String {
+    if bytes.unsigned_abs() < 10 * 1024 {
+        return format!("{bytes} bytes");
+    }
+    // Half kilobytes: the extra bit is rounded off when the unit is chosen.
+    let mut size = bytes >> 9;
+    for unit in ["kB", "MB", "GB", "TB"] {
+        if size.unsigned_abs() < 20 * 1024 - 1 {
+            return format!("{} {unit}", half_rounded(size));
+        }
+        size >>= 10;
+    }
+    format!("{} PB", half_rounded(size))
+}
+
+fn half_rounded(x: i64) -> i64 {
+    (x + if x < 0 { -1 } else { 1 }) / 2
+}
+
+/// `pg_size_pretty` as a function of the engine.
+pub(crate) fn size_pretty_udf() -> deltalake::datafusion::logical_expr::ScalarUDF {
+    use deltalake::datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    use deltalake::datafusion::scalar::ScalarValue;
+    create_udf(
+        "pg_size_pretty",
+        vec![DataType::Int64],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(|args: &[ColumnarValue]| match &args[0] {
+            ColumnarValue::Scalar(v) => {
+                let ScalarValue::Int64(v) = v.cast_to(&DataType::Int64)? else {
+                    return Ok(ColumnarValue::Scalar(ScalarValue::Utf8(None)));
+                };
+                Ok(ColumnarValue::Scalar(ScalarValue::Utf8(v.map(size_pretty))))
+            }
+            ColumnarValue::Array(a) => {
+                let a = cast(a, &DataType::Int64)?;
+                let out: StringArray = a
+                    .as_primitive::<deltalake::arrow::datatypes::Int64Type>()
+                    .iter()
+                    .map(|v| v.map(size_pretty))
+                    .collect();
+                Ok(ColumnarValue::Array(Arc::new(out)))
+            }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewritten(sql: &str) -> String {
+        let mut s = deltalake::datafusion::sql::sqlparser::parser::Parser::parse_sql(
+            &deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect {},
+            sql,
+        )
+        .expect("parses");
+        catalog_rewrites(&mut s[0]);
+        s[0].to_string()
+    }
+
+    #[test]
+    fn only_an_array_of_a_subquery_over_the_outer_query_becomes_null() {
+        let psql = "SELECT array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ') FROM pg_class c LEFT JOIN pg_class tc ON c.reltoastrelid = tc.oid";
+        assert_eq!(
+            rewritten(psql),
+            "SELECT array_to_string(c.reloptions || NULL, ', ') FROM pg_class c LEFT JOIN pg_class tc ON c.reltoastrelid = tc.oid"
+        );
+        // Standing alone, or over its own FROM only, it is left as it is.
+        for sql in [
+            "SELECT ARRAY(SELECT relname FROM pg_class)",
+            "SELECT ARRAY(SELECT p.relname FROM pg_class p WHERE p.oid > 1)",
+        ] {
+            assert_eq!(rewritten(sql), sql);
+        }
+    }
+
+    #[test]
+    fn sizes_print_as_postgresql_prints_them() {
+        // Figures from PostgreSQL 15's pg_size_pretty.
+        for (bytes, text) in [
+            (0, "0 bytes"),
+            (10239, "10239 bytes"),
+            (10240, "10 kB"),
+            (10752, "11 kB"),
+            (21503, "21 kB"),
+            (10_484_224, "10239 kB"),
+            (10_484_735, "10239 kB"),
+            (10_485_759, "10 MB"),
+            (20 * 1024 * 1024 - 1, "20 MB"),
+            (20 * 1024 * 1024, "20 MB"),
+            (123_456_789_012, "115 GB"),
+            (-10240, "-10 kB"),
+            (i64::MAX, "8192 PB"),
+        ] {
+            assert_eq!(size_pretty(bytes), text, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn descriptions_are_looked_up_in_pg_description() {
+        assert_eq!(
+            rewritten("SELECT pg_catalog.col_description(a.attrelid, a.attnum) FROM pg_attribute a"),
+            "SELECT (SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d WHERE tarn_d.objoid = a.attrelid AND tarn_d.classoid = 1259 AND tarn_d.objsubid = a.attnum) FROM pg_attribute a"
+        );
+        assert_eq!(
+            rewritten("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c"),
+            "SELECT (SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d WHERE tarn_d.objoid = c.oid AND tarn_d.classoid = 1259 AND tarn_d.objsubid = 0) FROM pg_class c"
+        );
+        // A catalog it does not know is left for the engine.
+        let other = "SELECT obj_description(c.oid, 'pg_am') FROM pg_class c";
+        assert_eq!(rewritten(other), other);
+    }
 }

@@ -404,6 +404,14 @@ impl Handler {
         });
     }
 
+    /// A statement whose error the engine's rows carried (after its response began) aborts
+    /// the block too: the protocol layer marks the connection, and the next statement sees it.
+    fn note_failure<C: ClientInfo>(&self, client: &C) {
+        if client.transaction_status() == pgwire::messages::response::TransactionStatus::Error {
+            self.cursors.fail();
+        }
+    }
+
     fn who<C: ClientInfo>(client: &C) -> (String, Option<u64>) {
         let m = client.metadata();
         let who = m.get(WHO).cloned().unwrap_or_else(|| tarn_query::ANONYMOUS.into());
@@ -424,16 +432,45 @@ impl Handler {
         rewrite: bool,
         in_string: bool,
     ) -> PgWireResult<Response> {
+        let kind = kind(sql);
+        if self.cursors.aborted() && !matches!(kind, Kind::End(_)) {
+            return Err(user_error(
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ));
+        }
+        let r = self
+            .answer_statement(who, key_budget, sql, kind, format, rewrite, in_string)
+            .await;
+        if r.is_err() {
+            self.cursors.fail();
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_statement(
+        &self,
+        who: &str,
+        key_budget: Option<u64>,
+        sql: &str,
+        kind: Kind,
+        format: &Format,
+        rewrite: bool,
+        in_string: bool,
+    ) -> PgWireResult<Response> {
         if let Some(op) = cursor_statement(sql) {
             return self.cursor(who, key_budget, op?, format, rewrite, in_string).await;
         }
-        match kind(sql) {
+        match kind {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Begin => {
                 self.cursors.begin();
                 Ok(Response::TransactionStart(Tag::new("BEGIN")))
             }
             Kind::End(tag) => {
+                // A COMMIT of an aborted block rolls it back, and says so.
+                let tag = if self.cursors.aborted() { "ROLLBACK" } else { tag };
                 self.cursors.end_transaction(tag == "ROLLBACK");
                 Ok(Response::TransactionEnd(Tag::new(tag)))
             }
@@ -499,8 +536,11 @@ impl Handler {
                     .stream_within(who, &sql, budget, true, timeout)
                     .await
                     .map_err(engine_error)?;
-                self.cursors
-                    .add(name, Cursor::new(q, tokio::time::Instant::now() + timeout, hold))
+                self.cursors.add(
+                    name,
+                    Cursor::new(q, tokio::time::Instant::now() + timeout, hold),
+                    in_string,
+                )
             }
             CursorOp::Fetch { name, count, skip } => self.cursors.fetch(&name, count, skip, format).await,
             CursorOp::Close { name } => self.cursors.close(name.as_deref()),
@@ -571,6 +611,7 @@ impl SimpleQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let (who, budget) = Self::who(client);
+        self.note_failure(client);
         let mut out = Vec::new();
         let statements = split_statements(query);
         let in_string = statements.len() > 1;
@@ -592,7 +633,8 @@ impl SimpleQueryHandler for Handler {
                 }
             }
         }
-        self.cursors.end_string();
+        self.cursors
+            .end_string(failed.is_some() || matches!(out.last(), Some(Response::Error(_))));
         self.drop_closed_portals(client.portal_store());
         match failed {
             Some(e) => Err(e),
@@ -774,6 +816,7 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let (who, budget) = Self::who(client);
+        self.note_failure(client);
         let sql = bind(portal)?;
         let declared = match cursor_statement(&sql) {
             Some(Ok(CursorOp::Declare { name, .. })) => Some(name),

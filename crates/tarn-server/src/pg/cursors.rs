@@ -366,15 +366,21 @@ struct Open {
     hold: bool,
     /// The explicit transaction block it was declared in, if any.
     declared_in: Option<u64>,
+    /// The simple-query string of several statements it was declared in, if any.
+    string: Option<u64>,
     cursor: Arc<tokio::sync::Mutex<Cursor>>,
 }
 
-/// The connection's transaction block, as far as cursors care: whether one is open (from
-/// `BEGIN` to `COMMIT` or `ROLLBACK`), and its number.
+/// The connection's transaction block: whether one is open (from `BEGIN` to `COMMIT` or
+/// `ROLLBACK`), its number, whether a statement in it failed (then, as in PostgreSQL, every
+/// statement until its end is refused and a `COMMIT` rolls it back), and the number of the
+/// current simple-query string.
 #[derive(Default)]
 struct Block {
     open: bool,
     number: u64,
+    failed: bool,
+    string: u64,
 }
 
 /// The cursors of one connection.
@@ -434,17 +440,20 @@ impl Cursors {
         ))
     }
 
-    pub fn add(&self, name: String, mut cursor: Cursor) -> PgWireResult<Response> {
+    /// Opens a cursor; `in_string`: declared by a statement of a simple-query string of several.
+    pub fn add(&self, name: String, mut cursor: Cursor, in_string: bool) -> PgWireResult<Response> {
         self.check_room(&name)?;
         let declared_in = {
             let b = self.block.lock().unwrap_or_else(|e| e.into_inner());
-            b.open.then_some(b.number)
+            (b.open.then_some(b.number), in_string.then_some(b.string))
         };
+        let (declared_in, string) = declared_in;
         let (deadline, idle) = (cursor.deadline, self.idle);
         let open = Open {
             schema: cursor.schema.clone(),
             hold: cursor.hold,
             declared_in,
+            string,
             cursor: Arc::new_cyclic(|me| {
                 let reaper = tokio::spawn(reap(me.clone(), deadline, idle));
                 cursor.reaper = Some(reaper.abort_handle());
@@ -542,8 +551,23 @@ impl Cursors {
         let mut b = self.block.lock().unwrap_or_else(|e| e.into_inner());
         if !b.open {
             b.open = true;
+            b.failed = false;
             b.number += 1;
         }
+    }
+
+    /// A statement failed: an open transaction block is aborted until it ends.
+    pub fn fail(&self) {
+        let mut b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+        if b.open {
+            b.failed = true;
+        }
+    }
+
+    /// Whether the open transaction block is aborted (a statement in it failed).
+    pub fn aborted(&self) -> bool {
+        let b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+        b.open && b.failed
     }
 
     /// A transaction ended: cursors declared without `WITH HOLD` close, and on a `ROLLBACK` so
@@ -559,11 +583,17 @@ impl Cursors {
     }
 
     /// A string of statements ended: outside a transaction block it was a transaction of its
-    /// own, so the cursors it declared without `WITH HOLD` close.
-    pub fn end_string(&self) {
-        if !self.block.lock().unwrap_or_else(|e| e.into_inner()).open {
+    /// own, so the cursors it declared without `WITH HOLD` close, and if it `failed` it is
+    /// rolled back, so do those it declared outside a block `WITH HOLD`.
+    pub fn end_string(&self, failed: bool) {
+        let (in_block, string) = {
+            let mut b = self.block.lock().unwrap_or_else(|e| e.into_inner());
+            b.string += 1;
+            (b.open, b.string - 1)
+        };
+        if !in_block {
             let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-            open.retain(|_, c| c.hold);
+            open.retain(|_, c| c.hold && !(failed && c.declared_in.is_none() && c.string == Some(string)));
         }
     }
 }

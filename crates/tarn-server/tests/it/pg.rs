@@ -23,6 +23,20 @@ fn client_program(var: Option<&str>, default: &str) -> Option<String> {
     None
 }
 
+/// The bytes of the Parquet files under `dir`.
+fn parquet_bytes(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            total += parquet_bytes(&p);
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            total += e.metadata().expect("metadata").len();
+        }
+    }
+    total
+}
+
 fn sha(s: &str) -> String {
     use sha2::Digest as _;
     sha2::Sha256::digest(s.as_bytes())
@@ -131,6 +145,29 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
             && out.contains("cpm|double precision")
             && out.contains("ts|timestamp with time zone"),
         "{out}"
+    );
+    // \d+ adds storage and the descriptions of the contract; \dt+ the size of the live files
+    // and the dataset's description.
+    let (code, out, err) = run_psql("analyst", "analyst-secret", "\\d+ auctions");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("cpm|double precision||||plain|||price per thousand impressions")
+            && out.contains("event_id|text||not null||extended|||\n"),
+        "{out}"
+    );
+    let (code, out, err) = run_psql("analyst", "analyst-secret", "\\dt+ auctions");
+    assert_eq!(code, 0, "{err}");
+    let size = out.split('|').nth(6).unwrap_or_default();
+    // Nothing was compacted, so every data file is live.
+    let live = parquet_bytes(&dir.path().join("data/lake/tables/auctions"));
+    let printed = if live < 10 * 1024 {
+        format!("{live} bytes")
+    } else {
+        format!("{} kB", (live / 512 + 1) / 2)
+    };
+    assert!(
+        out.starts_with("public|auctions|table|") && out.ends_with("|ad auctions") && size == printed,
+        "{out}: the live files hold {live} bytes"
     );
     let bi = [
         // JDBC's getTables (Metabase, DBeaver, Tableau through JDBC).
@@ -503,6 +540,58 @@ async fn cursors_follow_transactions_and_idle_ones_are_stopped() {
         "FETCH 1 FROM h",
     ]);
     assert_eq!((code, out.as_str()), (0, "9"), "{err}");
+
+    // A failed statement aborts its block: later statements are refused until it ends, and
+    // its COMMIT is a ROLLBACK (which closes the hold cursor declared in it). An error that
+    // comes with the rows, after the answer began, aborts it too. A string of several that
+    // fails is rolled back, with the hold cursor it declared.
+    let out = psql_cmd()
+        .args(["-v", "ON_ERROR_STOP=0"])
+        .args(["-c", "BEGIN"])
+        .args(["-c", "DECLARE inblock CURSOR WITH HOLD FOR SELECT 2"])
+        .args(["-c", "SELECT no_such_column FROM auctions"])
+        .args(["-c", "SELECT 1"])
+        .args(["-c", "COMMIT"])
+        .args(["-c", "FETCH 1 FROM inblock"])
+        .args([
+            "-c",
+            "DECLARE s CURSOR WITH HOLD FOR SELECT 3; SELECT no_such_column FROM auctions",
+        ])
+        .args(["-c", "FETCH 1 FROM s"])
+        .args(["-c", "BEGIN"])
+        .args(["-c", "SELECT CAST(event_id AS BIGINT) FROM auctions"])
+        .args(["-c", "SELECT 5"])
+        .args(["-c", "COMMIT"])
+        .args(["-c", "SELECT 4"])
+        .output()
+        .expect("run psql");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "BEGIN",
+            "DECLARE CURSOR",
+            "ROLLBACK",
+            "DECLARE CURSOR",
+            "BEGIN",
+            "ROLLBACK",
+            "4"
+        ],
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("ERROR")).collect();
+    let aborted = "current transaction is aborted, commands ignored until end of transaction block";
+    assert_eq!(errors.len(), 7, "{stderr}");
+    assert!(errors[0].contains("no_such_column"), "{stderr}");
+    assert!(errors[1].contains(aborted), "{stderr}");
+    assert!(errors[2].contains("cursor \"inblock\" does not exist"), "{stderr}");
+    assert!(errors[3].contains("no_such_column"), "{stderr}");
+    assert!(errors[4].contains("cursor \"s\" does not exist"), "{stderr}");
+    assert!(errors[5].contains("e0"), "the cast fails on a value: {stderr}");
+    assert!(errors[6].contains(aborted), "{stderr}");
 
     // Idle cursors: psql declares two over a result, fetches a row from each, then waits 10 s.
     // Past the 2 s idle limit their queries are stopped, so a turn is free for another query

@@ -164,7 +164,7 @@ fields:
   - { name: ts, type: timestamp, required: true }
   - { name: client_id, type: string, required: true }
   - { name: bidder, type: string }
-  - { name: cpm, type: float64 }
+  - { name: cpm, type: float64, description: price per thousand impressions }
 event_time: ts
 event_id: event_id
 partitioning: { tenant: client_id }
