@@ -163,7 +163,7 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
     let printed = if live < 10 * 1024 {
         format!("{live} bytes")
     } else {
-        format!("{} kB", (live / 512 + 1) / 2)
+        format!("{} kB", (live / 512).div_ceil(2))
     };
     assert!(
         out.starts_with("public|auctions|table|") && out.ends_with("|ad auctions") && size == printed,
