@@ -830,6 +830,7 @@ pub fn postgres_statement(sql: &str) -> String {
     let Ok(tokens) = Tokenizer::new(&GenericDialect {}, sql).with_unescape(false).tokenize() else {
         return sql.to_string();
     };
+    let tokens = pg_catalog::builtin_regclass(tokens);
     let highest = tokens
         .iter()
         .filter_map(|t| match t {

@@ -26,6 +26,7 @@ use deltalake::datafusion::sql::sqlparser::ast::{
 };
 use deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use deltalake::datafusion::sql::sqlparser::parser::Parser;
+use deltalake::datafusion::sql::sqlparser::tokenizer::Token;
 use tarn_catalog::Catalog;
 use tarn_core::{DatasetSpec, FieldType};
 use tarn_lake::Lake;
@@ -140,6 +141,68 @@ pub(crate) fn provider(catalog: Arc<Catalog>, lake: Lake) -> Result<Arc<dyn Sche
         )?),
         tables,
     }))
+}
+
+/// PostgreSQL's own catalog tables and their fixed OIDs, which clients name as
+/// `'pg_class'::regclass` (JDBC's `getTables` joins `pg_description` on it).
+const BUILTIN_OIDS: &[(&str, u32)] = &[
+    ("pg_tablespace", 1213),
+    ("pg_type", 1247),
+    ("pg_attribute", 1249),
+    ("pg_proc", 1255),
+    ("pg_class", 1259),
+    ("pg_authid", 1260),
+    ("pg_database", 1262),
+    ("pg_am", 2601),
+    ("pg_attrdef", 2604),
+    ("pg_constraint", 2606),
+    ("pg_depend", 2608),
+    ("pg_description", 2609),
+    ("pg_index", 2610),
+    ("pg_inherits", 2611),
+    ("pg_namespace", 2615),
+    ("pg_operator", 2617),
+    ("pg_rewrite", 2618),
+    ("pg_trigger", 2620),
+    ("pg_extension", 3079),
+    ("pg_collation", 3456),
+];
+
+/// Replaces `'<catalog>'::regclass` (or `::pg_catalog.regclass`) naming one of PostgreSQL's
+/// own catalog tables with its fixed OID, before the compatibility layer would look it up
+/// in `pg_class`, whose rows are tarn's tables only.
+pub(crate) fn builtin_regclass(tokens: Vec<Token>) -> Vec<Token> {
+    let significant = |i: usize| (i..tokens.len()).find(|&j| !matches!(tokens[j], Token::Whitespace(_)));
+    let is_word = |i: Option<usize>, w: &str| {
+        i.is_some_and(|i| matches!(&tokens[i], Token::Word(x) if x.value.eq_ignore_ascii_case(w)))
+    };
+    let mut out = Vec::with_capacity(tokens.len());
+    let mut i = 0;
+    while i < tokens.len() {
+        if let Token::SingleQuotedString(name) = &tokens[i] {
+            let table = name.strip_prefix("pg_catalog.").unwrap_or(name);
+            let oid = BUILTIN_OIDS.iter().find(|(n, _)| *n == table).map(|(_, o)| *o);
+            let colons = significant(i + 1).filter(|&j| tokens[j] == Token::DoubleColon);
+            let mut ty = colons.and_then(|j| significant(j + 1));
+            if is_word(ty, "pg_catalog")
+                && let Some(dot) = ty
+                    .and_then(|j| significant(j + 1))
+                    .filter(|&j| tokens[j] == Token::Period)
+            {
+                ty = significant(dot + 1);
+            }
+            if let Some(oid) = oid
+                && is_word(ty, "regclass")
+            {
+                out.push(Token::Number(oid.to_string(), false));
+                i = ty.map_or(i, |t| t + 1);
+                continue;
+            }
+        }
+        out.push(tokens[i].clone());
+        i += 1;
+    }
+    out
 }
 
 /// The table of dataset sizes behind `pg_table_size` (not one of PostgreSQL's).
@@ -562,6 +625,27 @@ mod tests {
             "SELECT ARRAY(SELECT p.relname FROM pg_class p WHERE p.oid > 1)",
         ] {
             assert_eq!(rewritten(sql), sql);
+        }
+    }
+
+    #[test]
+    fn builtin_catalogs_cast_to_regclass_are_their_oids() {
+        for (sql, want) in [
+            ("SELECT 'pg_class'::regclass", "SELECT 1259"),
+            ("SELECT 'pg_namespace' :: pg_catalog.regclass, 1", "SELECT 2615, 1"),
+            ("SELECT 'pg_catalog.pg_proc'::REGCLASS", "SELECT 1255"),
+            // tarn's own tables and other casts are left to the compatibility layer.
+            ("SELECT 'auctions'::regclass", "SELECT 'auctions'::regclass"),
+            ("SELECT 'pg_class'::text", "SELECT 'pg_class'::text"),
+        ] {
+            let tokens = deltalake::datafusion::sql::sqlparser::tokenizer::Tokenizer::new(
+                &deltalake::datafusion::sql::sqlparser::dialect::GenericDialect {},
+                sql,
+            )
+            .tokenize()
+            .expect("tokens");
+            let out: String = builtin_regclass(tokens).iter().map(|t| t.to_string()).collect();
+            assert_eq!(out, want, "{sql}");
         }
     }
 

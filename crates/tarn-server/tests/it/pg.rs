@@ -173,7 +173,7 @@ async fn psql_and_psycopg_query_over_the_postgres_protocol() {
         // JDBC's getTables (Metabase, DBeaver, Tableau through JDBC).
         (
             "SELECT NULL AS TABLE_CAT, n.nspname AS TABLE_SCHEM, c.relname AS TABLE_NAME, CASE c.relkind WHEN 'r' THEN 'TABLE' WHEN 'v' THEN 'VIEW' ELSE NULL END AS TABLE_TYPE, d.description AS REMARKS FROM pg_catalog.pg_namespace n, pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_description d ON (c.oid = d.objoid AND d.objsubid = 0 AND d.classoid = 'pg_class'::regclass) WHERE c.relnamespace = n.oid AND c.relkind IN ('r','p','v','m','f') ORDER BY TABLE_TYPE, TABLE_SCHEM, TABLE_NAME",
-            "|public|auctions|TABLE|",
+            "|public|auctions|TABLE|ad auctions",
         ),
         // Redash's schema browser.
         (
