@@ -45,6 +45,21 @@ async fn dry_runs_budgets_and_required_partition_filters() {
     let day = "SELECT count(DISTINCT event_id) FROM guarded WHERE day = '2026-11-20'";
     wait_for(&c, &s.url, day, 30, |v| v["rows"][0][0] == 20).await;
 
+    // A filter reaches the Parquet scan once (the engine pushes it down a second time beside
+    // the table's own copy; the scan keeps one), and the lookup still finds its row.
+    let lookup = "SELECT cpm FROM guarded WHERE client_id = 'c1' AND event_id = 'e5'";
+    let (st, v) = sql(&c, &s.url, &format!("EXPLAIN {lookup}")).await;
+    assert_eq!(st, 200, "{v}");
+    let plan = v["rows"].to_string();
+    let predicate = plan
+        .split("predicate=")
+        .nth(1)
+        .and_then(|p| p.split(", pruning_predicate").next())
+        .expect("the scan has a predicate");
+    assert_eq!(predicate.matches("event_id@").count(), 1, "{plan}");
+    let (st, v) = sql(&c, &s.url, lookup).await;
+    assert_eq!((st, v["rows"].clone()), (200, serde_json::json!([[5.0]])), "{v}");
+
     // No partition filter: refused, naming the dataset and its partition columns.
     let (st, v) = sql(&c, &s.url, "SELECT count(DISTINCT event_id) FROM guarded").await;
     assert_eq!(st, 403, "{v}");
