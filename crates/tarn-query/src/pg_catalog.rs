@@ -284,15 +284,15 @@ impl PgCatalog {
         &self,
         table: Arc<dyn TableProvider>,
     ) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-        let schema = table.schema();
-        let mut batches = rows(table).await?;
         let specs = self.tables.public();
         if !specs
             .iter()
             .any(|s| s.description.is_some() || s.fields.iter().any(|f| f.description.is_some()))
         {
-            return Ok(Arc::new(MemTable::try_new(schema, vec![batches])?));
+            return Ok(table);
         }
+        let schema = table.schema();
+        let mut batches = rows(table).await?;
         let (int, text) = (DataType::Int32, DataType::Utf8);
         let mut namespaces = HashMap::new();
         for b in rows(self.need("pg_namespace").await?).await? {
@@ -388,17 +388,20 @@ impl PgCatalog {
             if spec.external.is_some() {
                 continue;
             }
-            let table = self
-                .tables
-                .lake
-                .open_table(&spec.name)
-                .await
-                .map_err(|e| DataFusionError::External(Box::new(e)))?;
-            oid.push(o);
-            bytes.push(
-                tarn_lake::compact::live_bytes(&table, &spec.name)
-                    .map_err(|e| DataFusionError::External(Box::new(e)))? as i64,
-            );
+            // A table that cannot be read has no size (NULL) rather than failing the listing.
+            let size = match self.tables.lake.open_table(&spec.name).await {
+                Ok(table) => tarn_lake::compact::live_bytes(&table, &spec.name),
+                Err(e) => Err(e),
+            };
+            match size {
+                Ok(size) => {
+                    oid.push(o);
+                    bytes.push(i64::try_from(size).unwrap_or(i64::MAX));
+                }
+                Err(e) => {
+                    tracing::warn!(dataset = %spec.name, error = %e, "table size unknown: its table cannot be read")
+                }
+            }
         }
         let schema = Arc::new(Schema::new(vec![
             Field::new("oid", DataType::Int32, false),
