@@ -535,8 +535,10 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 }
 
 /// Parquet settings of curated files: zstd (level 1 for `small` files, which compaction
-/// rewrites at level 3 later; level 3 otherwise); statistics per column chunk (what pruning uses;
-/// page-level indexes only make small files bigger); a dictionary only for the columns whose
+/// rewrites at level 3 later; level 3 otherwise); statistics per column chunk, except in `small`
+/// files, which are one row group each whose bounds the Delta log's statistics already hold
+/// (files are pruned on those), so Parquet's copy in every footer only made them bigger
+/// (page-level indexes too); a dictionary only for the columns whose
 /// values repeat (a string column when, in a sample of the rows, fewer than half of its values
 /// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
 /// that suits the type: delta encoding for timestamps (rows are sorted by event time, so the
@@ -550,7 +552,11 @@ pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: boo
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(if small { 1 } else { 3 }).unwrap_or_default(),
         ))
-        .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_statistics_enabled(if small {
+            EnabledStatistics::None
+        } else {
+            EnabledStatistics::Chunk
+        })
         .set_offset_index_disabled(small)
         .set_max_row_group_row_count(Some(128 * 1024));
     for f in &spec.fields {
