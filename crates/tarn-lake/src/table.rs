@@ -534,11 +534,14 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
     Ok(v.unwrap_or(-1))
 }
 
+/// Rows in one Parquet row group at most.
+const ROW_GROUP_ROWS_MAX: usize = 128 * 1024;
+
 /// Parquet settings of curated files: zstd (level 1 for `small` files, which compaction
 /// rewrites at level 3 later; level 3 otherwise); statistics per column chunk, except in `small`
-/// files, which are one row group each whose bounds the Delta log's statistics already hold
-/// (files are pruned on those), so Parquet's copy in every footer only made them bigger
-/// (page-level indexes too); a dictionary only for the columns whose
+/// files of one row group (all of `batches` fit in one), whose bounds the Delta log's statistics
+/// already hold (files are pruned on those), so Parquet's copy in every footer only made them
+/// bigger (page-level indexes too); a dictionary only for the columns whose
 /// values repeat (a string column when, in a sample of the rows, fewer than half of its values
 /// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
 /// that suits the type: delta encoding for timestamps (rows are sorted by event time, so the
@@ -548,17 +551,18 @@ pub async fn app_version(table: &DeltaTable, dataset: &str, app_id: &str) -> Res
 /// they prune. `small` files (curate's, one per partition and commit) also skip the offset
 /// index, which only helps files of many pages.
 pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: bool) -> WriterProperties {
+    let one_group = batches.iter().map(RecordBatch::num_rows).sum::<usize>() <= ROW_GROUP_ROWS_MAX;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(if small { 1 } else { 3 }).unwrap_or_default(),
         ))
-        .set_statistics_enabled(if small {
+        .set_statistics_enabled(if small && one_group {
             EnabledStatistics::None
         } else {
             EnabledStatistics::Chunk
         })
         .set_offset_index_disabled(small)
-        .set_max_row_group_row_count(Some(128 * 1024));
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS_MAX));
     for f in &spec.fields {
         let path = || ColumnPath::from(f.name.clone());
         let encoding = match f.ty {

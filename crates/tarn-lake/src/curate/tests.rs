@@ -193,3 +193,26 @@ async fn rows_go_to_the_table_of_their_major_version() {
     let err = cur.apply(&[object(9, 9, &v3)]).await.expect_err("from the future");
     assert!(err.to_string().contains("major version 3"), "{err}");
 }
+
+#[test]
+fn curated_files_of_one_row_group_carry_no_parquet_statistics() {
+    use deltalake::arrow::array::{Float64Array, RecordBatch};
+    use deltalake::arrow::datatypes::{DataType, Field, Schema};
+    use deltalake::parquet::file::properties::EnabledStatistics;
+    use deltalake::parquet::schema::types::ColumnPath;
+    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
+    let schema = Arc::new(Schema::new(vec![Field::new("cpm", DataType::Float64, true)]));
+    let rows = |n: usize| {
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Float64Array::from(vec![1.0; n]))]).expect("batch")
+    };
+    let cpm = ColumnPath::from("cpm");
+    let stats = |batches: &[RecordBatch], small: bool| {
+        crate::table::writer_properties(&spec, batches, small).statistics_enabled(&cpm)
+    };
+    // A curated file is one row group: the Delta log holds its bounds.
+    assert_eq!(stats(&[rows(1000)], true), EnabledStatistics::None);
+    // Rows for more than one row group keep Parquet's statistics, which prune within the file,
+    // as compaction's files do.
+    assert_eq!(stats(&[rows(100_000), rows(40_000)], true), EnabledStatistics::Chunk);
+    assert_eq!(stats(&[rows(1000)], false), EnabledStatistics::Chunk);
+}
