@@ -22,7 +22,8 @@ use deltalake::datafusion::datasource::{MemTable, TableType};
 use deltalake::datafusion::error::DataFusionError;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::datafusion::sql::sqlparser::ast::{
-    Expr, FunctionArguments, Query, SetExpr, Statement, TableFactor, Value, Visit, VisitMut, Visitor, VisitorMut,
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Query, SetExpr, Statement, TableFactor, Value, VisitMut,
+    VisitorMut,
 };
 use deltalake::datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use deltalake::datafusion::sql::sqlparser::parser::Parser;
@@ -294,32 +295,7 @@ impl PgCatalog {
         let schema = table.schema();
         let mut batches = rows(table).await?;
         let (int, text) = (DataType::Int32, DataType::Utf8);
-        let mut namespaces = HashMap::new();
-        for b in rows(self.need("pg_namespace").await?).await? {
-            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "nspname", &text)?);
-            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
-            for i in 0..b.num_rows() {
-                namespaces.insert(oid.value(i), name.value(i).to_string());
-            }
-        }
-        let mut relations = HashMap::new();
-        for b in rows(self.need("pg_class").await?).await? {
-            let (oid, name, ns) = (
-                column(&b, "oid", &int)?,
-                column(&b, "relname", &text)?,
-                column(&b, "relnamespace", &int)?,
-            );
-            let (oid, name, ns) = (
-                oid.as_primitive::<Int32Type>(),
-                name.as_string::<i32>(),
-                ns.as_primitive::<Int32Type>(),
-            );
-            for i in 0..b.num_rows() {
-                if namespaces.get(&ns.value(i)).is_some_and(|n| n == "public") {
-                    relations.insert(name.value(i).to_string(), oid.value(i));
-                }
-            }
-        }
+        let relations = self.public_relations().await?;
         let mut attributes = HashMap::new();
         for b in rows(self.need("pg_attribute").await?).await? {
             let (rel, name, num) = (
@@ -370,18 +346,44 @@ impl PgCatalog {
         Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
     }
 
+    /// The OID `pg_class` gives each table of the `public` schema (the datasets), by name.
+    async fn public_relations(&self) -> Result<HashMap<String, i32>, DataFusionError> {
+        let (int, text) = (DataType::Int32, DataType::Utf8);
+        let mut public = None;
+        for b in rows(self.need("pg_namespace").await?).await? {
+            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "nspname", &text)?);
+            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
+            for i in 0..b.num_rows() {
+                if name.value(i) == "public" {
+                    public = Some(oid.value(i));
+                }
+            }
+        }
+        let mut relations = HashMap::new();
+        for b in rows(self.need("pg_class").await?).await? {
+            let (oid, name, ns) = (
+                column(&b, "oid", &int)?,
+                column(&b, "relname", &text)?,
+                column(&b, "relnamespace", &int)?,
+            );
+            let (oid, name, ns) = (
+                oid.as_primitive::<Int32Type>(),
+                name.as_string::<i32>(),
+                ns.as_primitive::<Int32Type>(),
+            );
+            for i in 0..b.num_rows() {
+                if Some(ns.value(i)) == public {
+                    relations.insert(name.value(i).to_string(), oid.value(i));
+                }
+            }
+        }
+        Ok(relations)
+    }
+
     /// The bytes of each dataset's live files, by the OID `pg_class` gives its table
     /// (`pg_table_size` and its kin read it; a table is opened only when they are asked for).
     async fn relation_sizes(&self) -> Result<Arc<dyn TableProvider>, DataFusionError> {
-        let (int, text) = (DataType::Int32, DataType::Utf8);
-        let mut oids = HashMap::new();
-        for b in rows(self.need("pg_class").await?).await? {
-            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "relname", &text)?);
-            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
-            for i in 0..b.num_rows() {
-                oids.insert(name.value(i).to_string(), oid.value(i));
-            }
-        }
+        let oids = self.public_relations().await?;
         let (mut oid, mut bytes) = (Vec::new(), Vec::new());
         for spec in self.tables.public() {
             let Some(&o) = oids.get(&spec.name) else { continue };
@@ -404,8 +406,8 @@ impl PgCatalog {
             }
         }
         let schema = Arc::new(Schema::new(vec![
-            Field::new("oid", DataType::Int32, false),
-            Field::new("bytes", DataType::Int64, false),
+            Field::new("tarn_size_oid", DataType::Int32, false),
+            Field::new("tarn_size_bytes", DataType::Int64, false),
         ]));
         let batch = RecordBatch::try_new(
             schema.clone(),
@@ -454,7 +456,7 @@ impl VisitorMut for CatalogRewrites {
             .unwrap_or_default();
         let args: Vec<String> = match &f.args {
             FunctionArguments::Subquery(q) => {
-                if name == "array" && refers_outside(q) {
+                if name == "array" && over_reloptions(q) {
                     *expr = Expr::Value(Value::Null.with_empty_span());
                 }
                 return ControlFlow::Continue(());
@@ -464,9 +466,12 @@ impl VisitorMut for CatalogRewrites {
         };
         let lookup = match (name.as_str(), args.as_slice()) {
             ("col_description", [table, column]) => description_lookup(table, Some(PG_CLASS_OID), column),
-            ("pg_table_size" | "pg_total_relation_size" | "pg_relation_size", [oid]) => {
-                format!("(SELECT max(tarn_s.bytes) FROM pg_catalog.{RELATION_SIZE} tarn_s WHERE tarn_s.oid = {oid})")
-            }
+            // Column names no client query uses: an unqualified argument (`oid`) must resolve in
+            // the outer query, not to a column of the lookup.
+            ("pg_table_size" | "pg_total_relation_size" | "pg_relation_size", [oid]) => format!(
+                "(SELECT max(tarn_s.tarn_size_bytes) FROM pg_catalog.{RELATION_SIZE} tarn_s \
+                 WHERE tarn_s.tarn_size_oid = ({oid}))"
+            ),
             ("obj_description", [oid]) => description_lookup(oid, None, "0"),
             ("obj_description", [oid, catalog]) => {
                 let class = match catalog.trim_matches('\'').to_ascii_lowercase().as_str() {
@@ -492,62 +497,45 @@ impl VisitorMut for CatalogRewrites {
 
 /// The description of object `oid` (of the catalog whose OID is `class`), or of its column
 /// number `sub` (0: the object itself), as a scalar subquery over `pg_description`.
+/// `pg_description`'s columns are renamed to names no client query uses, so that an
+/// unqualified argument (`oid`) resolves in the outer query.
 fn description_lookup(oid: &str, class: Option<i32>, sub: &str) -> String {
-    let class = class.map(|c| format!(" AND tarn_d.classoid = {c}")).unwrap_or_default();
+    let class = class
+        .map(|c| format!(" AND tarn_d.tarn_class = {c}"))
+        .unwrap_or_default();
     format!(
-        "(SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d \
-         WHERE tarn_d.objoid = {oid}{class} AND tarn_d.objsubid = {sub})"
+        "(SELECT max(tarn_d.tarn_text) FROM (SELECT objoid AS tarn_oid, classoid AS tarn_class, \
+         objsubid AS tarn_sub, description AS tarn_text FROM pg_catalog.pg_description) tarn_d \
+         WHERE tarn_d.tarn_oid = ({oid}){class} AND tarn_d.tarn_sub = ({sub}))"
     )
 }
 
-/// Whether a query names a table alias (`t.col`) that its own FROM does not define.
-fn refers_outside(query: &Query) -> bool {
+/// Whether a query is `SELECT ... FROM unnest(<alias>.reloptions) [x]`: the shape in which
+/// `psql`'s `\d+` reads a table's storage options (of its TOAST table, from the outer query).
+fn over_reloptions(query: &Query) -> bool {
     let SetExpr::Select(select) = &*query.body else {
         return false;
     };
-    let mut own = std::collections::HashSet::new();
-    for from in &select.from {
-        for factor in std::iter::once(&from.relation).chain(from.joins.iter().map(|j| &j.relation)) {
-            match factor {
-                TableFactor::Table { name, alias, .. } => {
-                    own.insert(alias.as_ref().map_or_else(
-                        || name.0.last().map(|p| p.to_string()).unwrap_or_default(),
-                        |a| a.name.value.clone(),
-                    ));
-                }
-                TableFactor::Derived { alias: Some(a), .. } | TableFactor::Function { alias: Some(a), .. } => {
-                    own.insert(a.name.value.clone());
-                }
-                _ => {}
-            }
+    let [from] = select.from.as_slice() else {
+        return false;
+    };
+    let TableFactor::Table {
+        name, args: Some(args), ..
+    } = &from.relation
+    else {
+        return false;
+    };
+    let unnest = name
+        .0
+        .last()
+        .is_some_and(|p| p.to_string().eq_ignore_ascii_case("unnest"));
+    let reloptions = match args.args.as_slice() {
+        [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::CompoundIdentifier(parts)))] => {
+            parts.len() == 2 && parts[1].value.eq_ignore_ascii_case("reloptions")
         }
-    }
-    let mut outside = false;
-    let _ = query.visit(&mut OuterNames {
-        own: &own,
-        found: &mut outside,
-    });
-    outside
-}
-
-struct OuterNames<'a> {
-    own: &'a std::collections::HashSet<String>,
-    found: &'a mut bool,
-}
-
-impl Visitor for OuterNames<'_> {
-    type Break = ();
-
-    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::CompoundIdentifier(parts) = expr
-            && parts.len() >= 2
-            && !self.own.contains(&parts[0].value)
-        {
-            *self.found = true;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    }
+        _ => false,
+    };
+    from.joins.is_empty() && unnest && reloptions
 }
 
 /// `pg_size_pretty(bytes)`: a size as PostgreSQL prints it. Below 10 kB in bytes; then in the
@@ -558,12 +546,12 @@ pub(crate) fn size_pretty(bytes: i64) -> String {
         return format!("{bytes} bytes");
     }
     // Half kilobytes: the extra bit is rounded off when the unit is chosen.
-    let mut size = bytes >> 9;
+    let mut size = bytes / 512;
     for unit in ["kB", "MB", "GB", "TB"] {
         if size.unsigned_abs() < 20 * 1024 - 1 {
             return format!("{} {unit}", half_rounded(size));
         }
-        size >>= 10;
+        size /= 1024;
     }
     format!("{} PB", half_rounded(size))
 }
@@ -616,16 +604,18 @@ mod tests {
     }
 
     #[test]
-    fn only_an_array_of_a_subquery_over_the_outer_query_becomes_null() {
+    fn only_psqls_array_over_reloptions_becomes_null() {
         let psql = "SELECT array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ') FROM pg_class c LEFT JOIN pg_class tc ON c.reltoastrelid = tc.oid";
         assert_eq!(
             rewritten(psql),
             "SELECT array_to_string(c.reloptions || NULL, ', ') FROM pg_class c LEFT JOIN pg_class tc ON c.reltoastrelid = tc.oid"
         );
-        // Standing alone, or over its own FROM only, it is left as it is.
+        // Any other shape is left as it is, even one over the outer query.
         for sql in [
             "SELECT ARRAY(SELECT relname FROM pg_class)",
             "SELECT ARRAY(SELECT p.relname FROM pg_class p WHERE p.oid > 1)",
+            "SELECT * FROM t o WHERE o.x = ANY(ARRAY(SELECT u.x FROM u WHERE u.id = o.id))",
+            "SELECT ARRAY(SELECT x FROM pg_catalog.unnest(t.other) x) FROM t",
         ] {
             assert_eq!(rewritten(sql), sql);
         }
@@ -668,6 +658,9 @@ mod tests {
             (20 * 1024 * 1024, "20 MB"),
             (123_456_789_012, "115 GB"),
             (-10240, "-10 kB"),
+            (-10241, "-10 kB"),
+            (-10753, "-11 kB"),
+            (-20_971_519, "-20 MB"),
             (i64::MAX, "8192 PB"),
         ] {
             assert_eq!(size_pretty(bytes), text, "{bytes}");
@@ -678,11 +671,11 @@ mod tests {
     fn descriptions_are_looked_up_in_pg_description() {
         assert_eq!(
             rewritten("SELECT pg_catalog.col_description(a.attrelid, a.attnum) FROM pg_attribute a"),
-            "SELECT (SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d WHERE tarn_d.objoid = a.attrelid AND tarn_d.classoid = 1259 AND tarn_d.objsubid = a.attnum) FROM pg_attribute a"
+            "SELECT (SELECT max(tarn_d.tarn_text) FROM (SELECT objoid AS tarn_oid, classoid AS tarn_class, objsubid AS tarn_sub, description AS tarn_text FROM pg_catalog.pg_description) tarn_d WHERE tarn_d.tarn_oid = (a.attrelid) AND tarn_d.tarn_class = 1259 AND tarn_d.tarn_sub = (a.attnum)) FROM pg_attribute a"
         );
         assert_eq!(
             rewritten("SELECT obj_description(c.oid, 'pg_class') FROM pg_class c"),
-            "SELECT (SELECT max(tarn_d.description) FROM pg_catalog.pg_description tarn_d WHERE tarn_d.objoid = c.oid AND tarn_d.classoid = 1259 AND tarn_d.objsubid = 0) FROM pg_class c"
+            "SELECT (SELECT max(tarn_d.tarn_text) FROM (SELECT objoid AS tarn_oid, classoid AS tarn_class, objsubid AS tarn_sub, description AS tarn_text FROM pg_catalog.pg_description) tarn_d WHERE tarn_d.tarn_oid = (c.oid) AND tarn_d.tarn_class = 1259 AND tarn_d.tarn_sub = (0)) FROM pg_class c"
         );
         // A catalog it does not know is left for the engine.
         let other = "SELECT obj_description(c.oid, 'pg_am') FROM pg_class c";

@@ -615,31 +615,28 @@ impl SimpleQueryHandler for Handler {
         let mut out = Vec::new();
         let statements = split_statements(query);
         let in_string = statements.len() > 1;
-        let mut failed = None;
         for stmt in statements {
             match self
                 .answer(&who, budget, &stmt, &Format::UnifiedText, true, in_string)
                 .await
             {
                 Ok(r) => out.push(r),
-                Err(PgWireError::UserError(info)) => {
-                    // A failed statement ends the batch, as PostgreSQL does.
-                    out.push(Response::Error(info));
-                    break;
-                }
                 Err(e) => {
-                    failed = Some(e);
+                    // A failed statement ends the batch, as PostgreSQL does. Any error is
+                    // answered in place, so that the responses before it (a BEGIN) still
+                    // reach the protocol layer and its view of the transaction stays ours.
+                    let info = match e {
+                        PgWireError::UserError(info) => info,
+                        other => Box::new(ErrorInfo::from(other)),
+                    };
+                    out.push(Response::Error(info));
                     break;
                 }
             }
         }
-        self.cursors
-            .end_string(failed.is_some() || matches!(out.last(), Some(Response::Error(_))));
+        self.cursors.end_string(matches!(out.last(), Some(Response::Error(_))));
         self.drop_closed_portals(client.portal_store());
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(out)
     }
 }
 
