@@ -132,19 +132,6 @@ pub fn table_files(table: &DeltaTable, spec: &DatasetSpec) -> Result<Vec<FileInf
     Ok(out)
 }
 
-/// The bytes of a table's live files.
-pub fn live_bytes(table: &DeltaTable, name: &str) -> Result<u64> {
-    if table.version().is_none() {
-        return Ok(0);
-    }
-    let snap = table.snapshot().map_err(delta_err(name))?;
-    Ok(snap
-        .log_data()
-        .iter()
-        .map(|f| u64::try_from(f.size()).unwrap_or(0))
-        .sum())
-}
-
 /// A path from the Delta log, checked to stay inside the table directory.
 fn data_path(table_dir: &Path, rel: &str) -> Result<PathBuf> {
     let p = Path::new(rel);

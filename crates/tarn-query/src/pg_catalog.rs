@@ -294,24 +294,13 @@ impl PgCatalog {
         }
         let schema = table.schema();
         let mut batches = rows(table).await?;
-        let (int, text) = (DataType::Int32, DataType::Utf8);
         let relations = self.public_relations().await?;
-        let mut attributes = HashMap::new();
-        for b in rows(self.need("pg_attribute").await?).await? {
-            let (rel, name, num) = (
-                column(&b, "attrelid", &int)?,
-                column(&b, "attname", &text)?,
-                column(&b, "attnum", &int)?,
-            );
-            let (rel, name, num) = (
-                rel.as_primitive::<Int32Type>(),
-                name.as_string::<i32>(),
-                num.as_primitive::<Int32Type>(),
-            );
-            for i in 0..b.num_rows() {
-                attributes.insert((rel.value(i), name.value(i).to_string()), num.value(i));
-            }
-        }
+        let attributes: HashMap<(i32, String), i32> = self
+            .catalog_rows("pg_attribute", ["attrelid", "attname", "attnum"])
+            .await?
+            .into_iter()
+            .map(|(rel, name, num)| ((rel, name), num))
+            .collect();
         let (mut objoid, mut objsubid, mut description) = (Vec::new(), Vec::new(), Vec::new());
         for spec in &specs {
             let Some(&oid) = relations.get(&spec.name) else {
@@ -348,36 +337,40 @@ impl PgCatalog {
 
     /// The OID `pg_class` gives each table of the `public` schema (the datasets), by name.
     async fn public_relations(&self) -> Result<HashMap<String, i32>, DataFusionError> {
+        let public = self
+            .catalog_rows("pg_namespace", ["oid", "nspname", "oid"])
+            .await?
+            .into_iter()
+            .find(|(_, name, _)| name == "public")
+            .map(|(oid, _, _)| oid);
+        Ok(self
+            .catalog_rows("pg_class", ["oid", "relname", "relnamespace"])
+            .await?
+            .into_iter()
+            .filter(|(_, _, ns)| Some(*ns) == public)
+            .map(|(oid, name, _)| (name, oid))
+            .collect())
+    }
+
+    /// Every row of the catalog table `table` as (integer, text, integer) from its columns
+    /// `columns`, in that order.
+    async fn catalog_rows(&self, table: &str, columns: [&str; 3]) -> Result<Vec<(i32, String, i32)>, DataFusionError> {
         let (int, text) = (DataType::Int32, DataType::Utf8);
-        let mut public = None;
-        for b in rows(self.need("pg_namespace").await?).await? {
-            let (oid, name) = (column(&b, "oid", &int)?, column(&b, "nspname", &text)?);
-            let (oid, name) = (oid.as_primitive::<Int32Type>(), name.as_string::<i32>());
-            for i in 0..b.num_rows() {
-                if name.value(i) == "public" {
-                    public = Some(oid.value(i));
-                }
-            }
-        }
-        let mut relations = HashMap::new();
-        for b in rows(self.need("pg_class").await?).await? {
-            let (oid, name, ns) = (
-                column(&b, "oid", &int)?,
-                column(&b, "relname", &text)?,
-                column(&b, "relnamespace", &int)?,
+        let mut out = Vec::new();
+        for b in rows(self.need(table).await?).await? {
+            let (a, name, c) = (
+                column(&b, columns[0], &int)?,
+                column(&b, columns[1], &text)?,
+                column(&b, columns[2], &int)?,
             );
-            let (oid, name, ns) = (
-                oid.as_primitive::<Int32Type>(),
+            let (a, name, c) = (
+                a.as_primitive::<Int32Type>(),
                 name.as_string::<i32>(),
-                ns.as_primitive::<Int32Type>(),
+                c.as_primitive::<Int32Type>(),
             );
-            for i in 0..b.num_rows() {
-                if Some(ns.value(i)) == public {
-                    relations.insert(name.value(i).to_string(), oid.value(i));
-                }
-            }
+            out.extend((0..b.num_rows()).map(|i| (a.value(i), name.value(i).to_string(), c.value(i))));
         }
-        Ok(relations)
+        Ok(out)
     }
 
     /// The bytes of each dataset's live files, by the OID `pg_class` gives its table
@@ -392,7 +385,8 @@ impl PgCatalog {
             }
             // A table that cannot be read has no size (NULL) rather than failing the listing.
             let size = match self.tables.lake.open_table(&spec.name).await {
-                Ok(table) => tarn_lake::compact::live_bytes(&table, &spec.name),
+                Ok(table) => tarn_lake::compact::table_files(&table, &spec)
+                    .map(|files| files.iter().map(|f| f.size_bytes).sum::<u64>()),
                 Err(e) => Err(e),
             };
             match size {

@@ -432,15 +432,14 @@ impl Handler {
         rewrite: bool,
         in_string: bool,
     ) -> PgWireResult<Response> {
-        let kind = kind(sql);
-        if self.cursors.aborted() && !matches!(kind, Kind::End(_)) {
+        if self.cursors.aborted() && !matches!(kind(sql), Kind::End(_)) {
             return Err(user_error(
                 "25P02",
                 "current transaction is aborted, commands ignored until end of transaction block",
             ));
         }
         let r = self
-            .answer_statement(who, key_budget, sql, kind, format, rewrite, in_string)
+            .answer_statement(who, key_budget, sql, format, rewrite, in_string)
             .await;
         if r.is_err() {
             self.cursors.fail();
@@ -448,13 +447,11 @@ impl Handler {
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn answer_statement(
         &self,
         who: &str,
         key_budget: Option<u64>,
         sql: &str,
-        kind: Kind,
         format: &Format,
         rewrite: bool,
         in_string: bool,
@@ -462,7 +459,7 @@ impl Handler {
         if let Some(op) = cursor_statement(sql) {
             return self.cursor(who, key_budget, op?, format, rewrite, in_string).await;
         }
-        match kind {
+        match kind(sql) {
             Kind::Empty => Ok(Response::EmptyQuery),
             Kind::Begin => {
                 self.cursors.begin();

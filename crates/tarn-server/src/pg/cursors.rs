@@ -443,11 +443,10 @@ impl Cursors {
     /// Opens a cursor; `in_string`: declared by a statement of a simple-query string of several.
     pub fn add(&self, name: String, mut cursor: Cursor, in_string: bool) -> PgWireResult<Response> {
         self.check_room(&name)?;
-        let declared_in = {
+        let (declared_in, string) = {
             let b = self.block.lock().unwrap_or_else(|e| e.into_inner());
             (b.open.then_some(b.number), in_string.then_some(b.string))
         };
-        let (declared_in, string) = declared_in;
         let (deadline, idle) = (cursor.deadline, self.idle);
         let open = Open {
             schema: cursor.schema.clone(),
