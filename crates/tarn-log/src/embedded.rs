@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::segment::{self, HEADER_LEN, SegmentReader};
+use crate::segment::{self, Header, SegmentReader};
 use crate::{Error, Result, io_err, sync_dir};
 
 /// Limits of the log.
@@ -23,6 +24,11 @@ pub struct LogOptions {
     pub queue_max: usize,
     /// Most bytes written in one group commit round.
     pub group_bytes_max: usize,
+    /// Consumed segment files kept for reuse by any topic (in `<root>/.spare`), instead of
+    /// deleted: a new segment then overwrites blocks the file system has already allocated, so
+    /// the sync of an append writes the data alone and never waits for a journal commit (which
+    /// is shared with every other file being written). Each holds up to `segment_bytes_max`.
+    pub spare_segments: usize,
 }
 
 impl Default for LogOptions {
@@ -32,6 +38,7 @@ impl Default for LogOptions {
             record_bytes_max: 256 << 20,
             queue_max: 4096,
             group_bytes_max: 64 << 20,
+            spare_segments: 4,
         }
     }
 }
@@ -50,6 +57,9 @@ pub struct TopicStats {
     pub next_seq: u64,
     pub segments: usize,
     pub bytes: u64,
+    /// Segments of this topic started since the process began in a reused file (embedded
+    /// log only).
+    pub segments_reused: u64,
 }
 
 struct AppendReq {
@@ -69,6 +79,64 @@ struct LogInner {
     opts: LogOptions,
     topics: Mutex<HashMap<String, Arc<TopicInner>>>,
     tx: mpsc::Sender<AppendReq>,
+    spares: Arc<Spares>,
+}
+
+/// Consumed segment files waiting to be reused, in one folder of the log's root.
+struct Spares {
+    dir: PathBuf,
+    files: Mutex<Vec<PathBuf>>,
+    next: AtomicU64,
+    max: usize,
+}
+
+impl Spares {
+    fn open(root: &Path, max: usize) -> Result<Self> {
+        let dir = root.join(".spare");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let mut files = Vec::new();
+        let mut next = 0;
+        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let name = e.file_name();
+            let Some(n) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".spare")?.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            next = next.max(n + 1);
+            files.push(e.path());
+        }
+        Ok(Self {
+            dir,
+            files: Mutex::new(files),
+            next: AtomicU64::new(next),
+            max,
+        })
+    }
+
+    fn take(&self) -> Option<PathBuf> {
+        lock(&self.files).pop()
+    }
+
+    /// Moves a consumed segment into the pool if it has room, or deletes it. Returns whether
+    /// it was kept (then the pool's folder needs a sync too).
+    fn give(&self, path: &Path) -> Result<bool> {
+        let mut files = lock(&self.files);
+        if files.len() < self.max {
+            let to = self
+                .dir
+                .join(format!("{:020}.spare", self.next.fetch_add(1, Ordering::Relaxed)));
+            if std::fs::rename(path, &to).is_ok() {
+                files.push(to);
+                return Ok(true);
+            }
+        }
+        drop(files);
+        std::fs::remove_file(path).map_err(io_err(path))?;
+        Ok(false)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +149,8 @@ struct SegInfo {
 struct Active {
     file: File,
     base: u64,
+    /// The segment's salt (`None`: a segment of the first format, recovered at open).
+    salt: Option<u64>,
     len: u64,
     next_seq: u64,
     buf: Vec<u8>,
@@ -90,11 +160,14 @@ struct TopicInner {
     name: String,
     dir: PathBuf,
     opts: LogOptions,
+    spares: Arc<Spares>,
     segments: Mutex<Vec<SegInfo>>,
     active: Mutex<Active>,
     durable: watch::Sender<u64>,
     offsets: Mutex<HashMap<String, u64>>,
     poisoned: AtomicBool,
+    /// Segments started in a reused file.
+    reused: AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +197,7 @@ impl Log {
         std::fs::create_dir_all(&root).map_err(io_err(&root))?;
         let (tx, rx) = mpsc::channel(opts.queue_max.max(1));
         let group_bytes_max = opts.group_bytes_max;
+        let spares = Arc::new(Spares::open(&root, opts.spare_segments)?);
         std::thread::Builder::new()
             .name("tarn-log-writer".into())
             .spawn(move || writer_loop(rx, group_bytes_max))
@@ -134,6 +208,7 @@ impl Log {
                 opts,
                 topics: Mutex::new(HashMap::new()),
                 tx,
+                spares,
             }),
         })
     }
@@ -148,7 +223,12 @@ impl Log {
                 tx: self.inner.tx.clone(),
             });
         }
-        let t = Arc::new(open_topic(&self.inner.root, name, &self.inner.opts)?);
+        let t = Arc::new(open_topic(
+            &self.inner.root,
+            name,
+            &self.inner.opts,
+            &self.inner.spares,
+        )?);
         topics.insert(name.to_string(), t.clone());
         Ok(Topic {
             inner: t,
@@ -197,28 +277,62 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(bases)
 }
 
-fn create_segment(dir: &Path, base: u64) -> Result<File> {
+/// Creates the segment starting at `base`: a spare file when the pool has one (its header
+/// rewritten and synced before it takes the segment's name), else a new file. Says whether
+/// the file was a spare.
+fn create_segment(dir: &Path, base: u64, spares: &Spares) -> Result<(File, Header, bool)> {
     let path = segment::segment_path(dir, base);
-    let mut f = OpenOptions::new()
+    let header = Header::new(base);
+    let bytes = segment::encode_header(&header);
+    if let Some(spare) = spares.take() {
+        let reuse = || -> std::io::Result<File> {
+            let f = OpenOptions::new().read(true).write(true).open(&spare)?;
+            f.write_all_at(&bytes, 0)?;
+            f.sync_data()?;
+            std::fs::rename(&spare, &path)?;
+            Ok(f)
+        };
+        match reuse() {
+            Ok(f) => {
+                sync_dir(dir)?;
+                return Ok((f, header, true));
+            }
+            Err(e) => {
+                tracing::warn!(spare = %spare.display(), error = %e, "could not reuse a spare log segment; creating a new one");
+                let _ = std::fs::remove_file(&spare);
+            }
+        }
+    }
+    let f = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .read(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    f.write_all(&segment::encode_header(base)).map_err(io_err(&path))?;
+    f.write_all_at(&bytes, 0).map_err(io_err(&path))?;
     f.sync_all().map_err(io_err(&path))?;
     sync_dir(dir)?;
-    Ok(f)
+    Ok((f, header, false))
 }
 
-fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> {
+fn open_topic(root: &Path, name: &str, opts: &LogOptions, spares: &Arc<Spares>) -> Result<TopicInner> {
     let dir = root.join(name);
     let offsets_dir = dir.join("offsets");
     std::fs::create_dir_all(&offsets_dir).map_err(io_err(&offsets_dir))?;
     let mut bases = list_segments(&dir)?;
+    // A new topic's first segment holds no record: it is not recovered (which would cut a
+    // reused file's old bytes, and with them the blocks already allocated).
+    let mut fresh = None;
+    let mut reused = 0;
     if bases.is_empty() {
-        create_segment(&dir, 0)?;
+        let (_, header, spare) = create_segment(&dir, 0, spares)?;
+        reused += u64::from(spare);
+        fresh = Some(segment::Recovered {
+            header,
+            valid_len: header.len,
+            next_seq: 0,
+        });
         bases.push(0);
     }
     let mut segments = Vec::with_capacity(bases.len());
@@ -232,18 +346,24 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
     }
     let last = *bases.last().unwrap_or(&0);
     let last_path = segment::segment_path(&dir, last);
-    let rec = match segment::recover(&last_path, opts.record_bytes_max) {
+    let recovered = match fresh {
+        Some(r) => Ok(r),
+        None => segment::recover(&last_path, opts.record_bytes_max),
+    };
+    let rec = match recovered {
         Ok(r) => r,
         Err(Error::Corrupt { offset: 0, .. })
-            if std::fs::metadata(&last_path).map_err(io_err(&last_path))?.len() < HEADER_LEN =>
+            if std::fs::metadata(&last_path).map_err(io_err(&last_path))?.len() < segment::HEADER_LEN =>
         {
             // The header itself is short: the segment was being created when the process died,
             // so it holds no record. Start it again. A full-length header that fails its check
             // is real damage and stays an error.
             tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
-            create_segment(&dir, last)?;
+            let (_, header, spare) = create_segment(&dir, last, spares)?;
+            reused += u64::from(spare);
             segment::Recovered {
-                valid_len: HEADER_LEN,
+                header,
+                valid_len: header.len,
                 next_seq: last,
             }
         }
@@ -253,8 +373,9 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
         base: last,
         len: rec.valid_len,
     });
+    // Written at explicit offsets: a reused file holds older bytes past the records.
     let file = OpenOptions::new()
-        .append(true)
+        .write(true)
         .open(&last_path)
         .map_err(io_err(&last_path))?;
     let mut offsets = HashMap::new();
@@ -273,10 +394,12 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
         name: name.to_string(),
         dir,
         opts: opts.clone(),
+        spares: spares.clone(),
         segments: Mutex::new(segments),
         active: Mutex::new(Active {
             file,
             base: last,
+            salt: rec.header.salt,
             len: rec.valid_len,
             next_seq: rec.next_seq,
             buf: Vec::new(),
@@ -284,6 +407,7 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions) -> Result<TopicInner> 
         durable,
         offsets: Mutex::new(offsets),
         poisoned: AtomicBool::new(false),
+        reused: AtomicU64::new(reused),
     })
 }
 
@@ -356,8 +480,8 @@ fn commit_round(batch: Vec<AppendReq>) {
         }
         let mut a = lock(&t.active);
         let pending = a.buf.len() as u64;
-        let full =
-            a.len + pending > HEADER_LEN && a.len + pending + req.payload.len() as u64 > t.opts.segment_bytes_max;
+        let full = a.len + pending > segment::HEADER_LEN
+            && a.len + pending + req.payload.len() as u64 > t.opts.segment_bytes_max;
         if full && let Err(e) = roll(t, &mut a) {
             t.poisoned.store(true, Ordering::SeqCst);
             results.push(Err(e));
@@ -365,7 +489,7 @@ fn commit_round(batch: Vec<AppendReq>) {
         }
         let seq = a.next_seq;
         a.next_seq += 1;
-        let h = segment::encode_record_header(seq, &req.payload);
+        let h = segment::encode_record_header(a.salt, seq, &req.payload);
         a.buf.extend_from_slice(&h);
         a.buf.extend_from_slice(&req.payload);
         results.push(Ok(seq));
@@ -373,24 +497,37 @@ fn commit_round(batch: Vec<AppendReq>) {
             touched.push(t.clone());
         }
     }
-    // Write and sync each touched topic once.
-    let mut failed: Vec<String> = Vec::new();
-    for t in &touched {
-        let mut a = lock(&t.active);
-        if let Err(e) = flush_active(t, &mut a) {
-            tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
-            t.poisoned.store(true, Ordering::SeqCst);
-            failed.push(t.name.clone());
+    // Answer what needs no sync (appends refused above) at once.
+    let mut waiting: Vec<(AppendReq, u64)> = Vec::with_capacity(batch.len());
+    for (req, res) in batch.into_iter().zip(results) {
+        match res {
+            Ok(seq) => waiting.push((req, seq)),
+            Err(e) => {
+                let _ = req.reply.send(Err(e));
+            }
         }
     }
-    for (req, res) in batch.into_iter().zip(results) {
-        let res = match res {
-            Ok(_) if failed.contains(&req.topic.name) => {
-                Err(Error::Closed(format!("write to topic {} failed", req.topic.name)))
-            }
-            r => r,
+    // Write and sync each touched topic once, the topic with the most appends waiting first,
+    // and answer a topic's appends as soon as its own sync is done: a round that also carries
+    // a notification of delivery's does not make the producers wait for that second sync.
+    touched.sort_by_key(|t| std::cmp::Reverse(waiting.iter().filter(|(r, _)| Arc::ptr_eq(&r.topic, t)).count()));
+    for t in &touched {
+        let res = {
+            let mut a = lock(&t.active);
+            flush_active(t, &mut a)
         };
-        let _ = req.reply.send(res);
+        if let Err(e) = &res {
+            tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
+            t.poisoned.store(true, Ordering::SeqCst);
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(r, _)| Arc::ptr_eq(&r.topic, t));
+        waiting = rest;
+        for (req, seq) in mine {
+            let _ = req.reply.send(match &res {
+                Ok(()) => Ok(seq),
+                Err(_) => Err(Error::Closed(format!("write to topic {} failed", t.name))),
+            });
+        }
     }
 }
 
@@ -401,7 +538,7 @@ fn flush_active(t: &TopicInner, a: &mut Active) -> Result<()> {
     }
     let path = segment::segment_path(&t.dir, a.base);
     let buf = std::mem::take(&mut a.buf);
-    a.file.write_all(&buf).map_err(io_err(&path))?;
+    a.file.write_all_at(&buf, a.len).map_err(io_err(&path))?;
     a.file.sync_data().map_err(io_err(&path))?;
     a.len += buf.len() as u64;
     {
@@ -426,13 +563,21 @@ fn flush_active(t: &TopicInner, a: &mut Active) -> Result<()> {
 /// Closes the active segment and starts a new one at the next sequence.
 fn roll(t: &TopicInner, a: &mut Active) -> Result<()> {
     flush_active(t, a)?;
+    // A closed segment ends at its last record (its length is read back as such after a
+    // restart): cut a reused file's older bytes before the next segment exists.
+    let path = segment::segment_path(&t.dir, a.base);
+    if a.file.metadata().map_err(io_err(&path))?.len() > a.len {
+        a.file.set_len(a.len).map_err(io_err(&path))?;
+        a.file.sync_all().map_err(io_err(&path))?;
+    }
     let base = a.next_seq;
-    create_segment(&t.dir, base)?;
-    let path = segment::segment_path(&t.dir, base);
-    a.file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
+    let (file, header, spare) = create_segment(&t.dir, base, &t.spares)?;
+    t.reused.fetch_add(u64::from(spare), Ordering::Relaxed);
+    a.file = file;
     a.base = base;
-    a.len = HEADER_LEN;
-    lock(&t.segments).push(SegInfo { base, len: HEADER_LEN });
+    a.salt = header.salt;
+    a.len = header.len;
+    lock(&t.segments).push(SegInfo { base, len: header.len });
     Ok(())
 }
 
@@ -533,12 +678,16 @@ impl Topic {
             }
             out
         };
+        let mut kept = false;
         for base in &doomed {
             let path = segment::segment_path(&self.inner.dir, *base);
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
+            kept |= self.inner.spares.give(&path)?;
         }
         if !doomed.is_empty() {
             sync_dir(&self.inner.dir)?;
+        }
+        if kept {
+            sync_dir(&self.inner.spares.dir)?;
         }
         Ok(doomed.len())
     }
@@ -550,6 +699,7 @@ impl Topic {
             next_seq: self.durable_end(),
             segments: segs.len(),
             bytes: segs.iter().map(|s| s.len).sum(),
+            segments_reused: self.inner.reused.load(Ordering::Relaxed),
         }
     }
 }
@@ -584,7 +734,7 @@ impl Cursor {
             }
             let idx = segs.partition_point(|s| s.base <= self.next_seq) - 1;
             let seg = &segs[idx];
-            let need_open = self.reader.as_ref().is_none_or(|r| r.base != seg.base);
+            let need_open = self.reader.as_ref().is_none_or(|r| r.base() != seg.base);
             if need_open {
                 let path = segment::segment_path(&self.topic.dir, seg.base);
                 self.reader = Some(SegmentReader::open(&path)?);

@@ -14,9 +14,15 @@
 //! - Consumer offsets are written to a temporary file, synced and renamed, then the directory
 //!   is synced: after a crash an offset is either the old or the new value.
 //! - A segment is deleted only when every consumer group has committed past its last record.
+//!   Up to `spare_segments` such files are kept in `<root>/.spare` instead, and the next new
+//!   segment of any topic reuses one: its header (with a new salt, which every record's CRC
+//!   covers) is synced before the file takes the segment's name, and the old bytes past the
+//!   new records fail their checks, so recovery stops at the last record written under the
+//!   new header. A segment that rolls is first cut at its last record.
 //!
 //! # Layout
-//! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/offsets/<group>` offsets.
+//! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/offsets/<group>` offsets,
+//! `<root>/.spare/<n:020>.spare` consumed segment files kept for reuse.
 //! This crate knows nothing about what the payloads hold.
 
 mod embedded;

@@ -581,6 +581,7 @@ impl NatsTopic {
             next_seq: state.last_sequence,
             segments: 0,
             bytes: state.bytes,
+            segments_reused: 0,
         })
     }
 }

@@ -785,5 +785,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     for (topic, s) in &stats {
         let _ = writeln!(out, "tarn_log_next_sequence{{topic=\"{topic}\"}} {}", s.next_seq);
     }
+    let _ = writeln!(
+        out,
+        "# HELP tarn_log_segments_reused_total Log segments started in a consumed segment's file (embedded log).\n# TYPE tarn_log_segments_reused_total counter"
+    );
+    for (topic, s) in &stats {
+        let _ = writeln!(
+            out,
+            "tarn_log_segments_reused_total{{topic=\"{topic}\"}} {}",
+            s.segments_reused
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

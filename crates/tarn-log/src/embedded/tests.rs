@@ -2,6 +2,7 @@
 //! offsets and retention.
 
 use super::*;
+use crate::segment::HEADER_LEN;
 
 fn opts(segment_bytes_max: u64) -> LogOptions {
     LogOptions {
@@ -175,7 +176,7 @@ fn a_torn_segment_header_is_restarted_but_a_damaged_one_is_an_error() {
         .expect("base");
     // A crash while creating the next segment leaves a short header.
     let next = segment::segment_path(&dir.path().join("t"), 6);
-    std::fs::write(&next, &segment::encode_header(6)[..7]).expect("write");
+    std::fs::write(&next, &segment::encode_header(&segment::Header::new(6))[..7]).expect("write");
     {
         let log = Log::open(dir.path(), opts(200)).expect("reopen");
         let t = log.topic("t").expect("topic");
@@ -212,6 +213,131 @@ fn corruption_in_a_closed_segment_is_an_error_not_a_skip() {
         Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("checksum"), "{reason}"),
         other => panic!("expected a corruption error, got {other:?}"),
     }
+}
+
+/// A consumed segment of one topic becomes the first segment of another, with the same
+/// record sizes and sequences: its old records line up exactly with where the new ones end, so
+/// only the salt in the checksum tells them apart after a restart.
+#[test]
+fn reused_segments_never_yield_their_old_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let spare_dir = dir.path().join(".spare");
+    let spares = || std::fs::read_dir(&spare_dir).expect("spares").count();
+    {
+        let log = Log::open(dir.path(), opts(400)).expect("open");
+        let a = log.topic("a").expect("topic");
+        a.register_group("g").expect("group");
+        rt.block_on(async {
+            for i in 0..8u8 {
+                a.append(vec![i; 50]).await.expect("append");
+            }
+        });
+        a.commit("g", 8).expect("commit");
+        assert_eq!(a.apply_retention().expect("retention"), 1);
+        assert_eq!(spares(), 1, "the consumed segment is kept for reuse");
+        let b = log.topic("b").expect("topic");
+        assert_eq!(spares(), 0, "the new topic's first segment is the spare");
+        let seg = last_segment(&dir.path().join("b"));
+        assert!(
+            std::fs::metadata(&seg).expect("meta").len() > 300,
+            "the reused file still holds the old records"
+        );
+        rt.block_on(async {
+            for i in 0..2u8 {
+                b.append(vec![100 + i; 50]).await.expect("append");
+            }
+        });
+    }
+    let log = Log::open(dir.path(), opts(400)).expect("reopen");
+    let b = log.topic("b").expect("topic");
+    assert_eq!(
+        b.durable_end(),
+        2,
+        "the old records 2..5 of topic a are not taken for b's"
+    );
+    let recs = read_all(&b, 0);
+    assert_eq!(recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(), [100, 101]);
+    // Appends go on where the records end.
+    rt.block_on(async {
+        for i in 2..12u8 {
+            b.append(vec![100 + i; 50]).await.expect("append");
+        }
+    });
+    let recs = read_all(&b, 0);
+    assert_eq!(recs.len(), 12);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.payload, vec![100 + i as u8; 50]);
+    }
+    // A reused file that rolls before its records reach its old length is cut at its last
+    // record, so that a closed segment's length is where its records end.
+    let a = log.topic("a").expect("topic");
+    rt.block_on(async {
+        for i in 8..16u8 {
+            a.append(vec![i; 50]).await.expect("append");
+        }
+    });
+    a.commit("g", 16).expect("commit");
+    assert!(a.apply_retention().expect("retention") >= 1);
+    let c = log.topic("c").expect("topic");
+    rt.block_on(async {
+        c.append(vec![1; 10]).await.expect("append");
+        c.append(vec![2; 360]).await.expect("append");
+    });
+    let first = segment::segment_path(&dir.path().join("c"), 0);
+    assert_eq!(std::fs::metadata(&first).expect("meta").len(), HEADER_LEN + 16 + 10);
+    drop(log);
+    let log = Log::open(dir.path(), opts(400)).expect("reopen");
+    let c = log.topic("c").expect("topic");
+    let recs = read_all(&c, 0);
+    assert_eq!(
+        recs.iter().map(|r| (r.payload[0], r.payload.len())).collect::<Vec<_>>(),
+        [(1, 10), (2, 360)]
+    );
+    let topics = log.topic_names().expect("names");
+    assert_eq!(topics, ["a", "b", "c"], "the spare folder is not a topic");
+}
+
+/// A log written before segments carried a salt is read, recovered and appended to.
+#[test]
+fn segments_of_the_first_format_are_still_read_and_appended_to() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let t_dir = dir.path().join("t");
+    std::fs::create_dir_all(&t_dir).expect("mkdir");
+    // Header: magic, base, CRC-32C of both; records: length, CRC over (seq, payload), seq.
+    let mut bytes = b"TARNLOG1".to_vec();
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+    let crc = crc32c::crc32c(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    for seq in 0..3u64 {
+        let payload = vec![seq as u8 + 7; 20];
+        bytes.extend_from_slice(&20u32.to_le_bytes());
+        let c = crc32c::crc32c_append(crc32c::crc32c(&seq.to_le_bytes()), &payload);
+        bytes.extend_from_slice(&c.to_le_bytes());
+        bytes.extend_from_slice(&seq.to_le_bytes());
+        bytes.extend_from_slice(&payload);
+    }
+    // And half of a fourth record, torn.
+    bytes.extend_from_slice(&20u32.to_le_bytes());
+    std::fs::write(segment::segment_path(&t_dir, 0), &bytes).expect("write");
+    let log = Log::open(dir.path(), opts(200)).expect("open");
+    let t = log.topic("t").expect("topic");
+    assert_eq!(t.durable_end(), 3);
+    rt.block_on(async {
+        for i in 3..12u8 {
+            t.append(vec![i + 7; 20]).await.expect("append");
+        }
+    });
+    drop(log);
+    let log = Log::open(dir.path(), opts(200)).expect("reopen");
+    let t = log.topic("t").expect("topic");
+    let recs = read_all(&t, 0);
+    assert_eq!(recs.len(), 12);
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r.payload, vec![i as u8 + 7; 20]);
+    }
+    assert!(t.stats().segments > 1, "{:?}", t.stats());
 }
 
 #[test]

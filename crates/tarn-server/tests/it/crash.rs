@@ -32,13 +32,29 @@ async fn acknowledged_events_survive_kill_9_exactly_once_on_nats() {
     nats_cleanup(&nats, &ns).await;
 }
 
+/// `tarn_log_segments_reused_total` summed over topics (since the server started).
+async fn segments_reused(c: &reqwest::Client, url: &str) -> u64 {
+    let Ok(r) = c.get(format!("{url}/metrics")).send().await else {
+        return 0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("tarn_log_segments_reused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
     let ds = dir.join("datasets");
     write_descriptor(&ds);
     let data = dir.join("data");
-    // Small batches close by size as well as by age, so both paths are cut by the kills; and
-    // compaction runs whenever a partition holds three small files, so the kills cut it too.
+    // Small batches close by size as well as by age, so both paths are cut by the kills;
+    // compaction runs whenever a partition holds three small files, so the kills cut it too; and
+    // log segments roll every 64 KB, so that segments are consumed, kept and reused as new ones
+    // (their old bytes past the new records) while the kills come.
     let mut args = vec![
+        "--log-segment-bytes",
+        "65536",
         "--datasets",
         ds.to_str().expect("utf8"),
         "--batch-age-ms",
@@ -57,6 +73,7 @@ async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
     let producers = 4;
     let mut rng = rand::rng();
     let mut server = Server::start(&data, &args);
+    let mut reused = 0;
     for round in 0..=kills {
         let url = server.url.clone();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -103,6 +120,7 @@ async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
         }
         let run_ms = rng.random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
+        reused += segments_reused(&c, &server.url).await;
         if round < kills {
             server.kill9();
         }
@@ -142,6 +160,12 @@ async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
     );
     let doubled: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(doubled.is_empty(), "events stored more than once: {doubled:?}");
+    if !extra.contains(&"--stream") {
+        assert!(
+            reused > 0,
+            "no log segment was started in a reused file, so reuse went untested"
+        );
+    }
     fn compacted(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir)
             .into_iter()
