@@ -127,6 +127,7 @@ pub fn table_files(table: &DeltaTable, spec: &DatasetSpec) -> Result<Vec<FileInf
             partition,
             size_bytes: u64::try_from(f.size()).unwrap_or(0),
             rows: f.num_records().unwrap_or(0) as u64,
+            modified_ms: f.modification_time(),
         });
     }
     Ok(out)

@@ -20,6 +20,9 @@ pub struct FileInfo {
     pub partition: Partition,
     pub size_bytes: u64,
     pub rows: u64,
+    /// When the file was written, in milliseconds since the epoch (the Delta log's
+    /// `modificationTime`).
+    pub modified_ms: i64,
 }
 
 /// Compaction rules of a dataset.
@@ -35,6 +38,14 @@ pub struct CompactionRules {
     /// than 2). Runs by hand and on the schedule use 2; the automatic trigger uses more, so
     /// that a partition still being written is not rewritten after every append.
     pub min_small_files: usize,
+    /// A partition with no file written after this time (milliseconds since the epoch) has gone
+    /// quiet: below `min_small_files`, its small files are merged by size tier. Taken from the
+    /// smallest up, a file joins the merge while it is at most four times the files before it
+    /// together; the merge happens when two or more joined. So a file is only ever merged into
+    /// one at least a quarter larger, which bounds how often a byte is rewritten: a partition
+    /// that gets a few rows every couple of minutes is not rewritten whole after each write.
+    /// `None`: no partition counts as quiet.
+    pub quiet_before_ms: Option<i64>,
 }
 
 impl CompactionRules {
@@ -58,6 +69,7 @@ impl Default for CompactionRules {
             small_file_bytes: 96 << 20,
             bins_max: 1_000,
             min_small_files: 2,
+            quiet_before_ms: None,
         }
     }
 }
@@ -75,17 +87,39 @@ pub struct Bin {
 /// first; the result is the same for the same input in any order.
 pub fn plan(files: &[FileInfo], rules: &CompactionRules) -> Vec<Bin> {
     let mut by_partition: BTreeMap<&[(String, String)], Vec<&FileInfo>> = BTreeMap::new();
+    let mut newest: BTreeMap<&[(String, String)], i64> = BTreeMap::new();
     for f in files {
+        let n = newest.entry(f.partition.as_slice()).or_insert(i64::MIN);
+        *n = (*n).max(f.modified_ms);
         if f.size_bytes < rules.small_file_bytes && f.size_bytes < rules.target_bytes {
             by_partition.entry(f.partition.as_slice()).or_default().push(f);
         }
     }
     let mut out = Vec::new();
     for (partition, mut small) in by_partition {
-        if small.len() < rules.min_small_files.max(2) {
-            continue;
-        }
         small.sort_by(|a, b| b.size_bytes.cmp(&a.size_bytes).then_with(|| a.path.cmp(&b.path)));
+        if small.len() < rules.min_small_files.max(2) {
+            let quiet = rules
+                .quiet_before_ms
+                .is_some_and(|q| newest.get(partition).is_some_and(|&n| n <= q));
+            if !quiet {
+                continue;
+            }
+            let mut below = 0u64;
+            let tier = small
+                .iter()
+                .rev()
+                .take_while(|f| {
+                    let joins = below == 0 || f.size_bytes <= below.saturating_mul(4);
+                    below += f.size_bytes;
+                    joins
+                })
+                .count();
+            if tier < 2 {
+                continue;
+            }
+            small.drain(..small.len() - tier);
+        }
         let mut bins: Vec<Bin> = Vec::new();
         for f in small {
             match bins.iter_mut().find(|b| b.bytes + f.size_bytes <= rules.target_bytes) {
@@ -125,6 +159,7 @@ mod tests {
             partition: vec![("day".into(), day.into())],
             size_bytes: size,
             rows: size / 10,
+            modified_ms: 1_000,
         }
     }
 
@@ -134,6 +169,7 @@ mod tests {
             small_file_bytes: target * 3 / 4,
             bins_max: 1000,
             min_small_files: 2,
+            quiet_before_ms: None,
         }
     }
 
@@ -218,6 +254,66 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_quiet_partition_is_merged_by_size_tier() {
+        let r = CompactionRules {
+            min_small_files: 32,
+            ..rules(100)
+        };
+        let at = |mut f: FileInfo, ms: i64| {
+            f.modified_ms = ms;
+            f
+        };
+        // Two days of three small files each; d1 last written at 1,000 ms, d2 at 5,000 ms.
+        let files = vec![
+            at(file("a", "d1", 10), 900),
+            at(file("b", "d1", 8), 1_000),
+            at(file("c", "d1", 6), 800),
+            at(file("x", "d2", 10), 900),
+            at(file("y", "d2", 8), 5_000),
+            at(file("z", "d2", 6), 800),
+        ];
+        assert!(plan(&files, &r).is_empty(), "below the trigger and not quiet");
+        let quiet = |q| CompactionRules {
+            quiet_before_ms: Some(q),
+            ..r.clone()
+        };
+        let got = plan(&files, &quiet(2_000));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].files, vec!["a", "b", "c"]);
+        assert_eq!(plan(&files, &quiet(5_000)).len(), 2, "both days quiet");
+        assert!(plan(&files, &quiet(999)).is_empty(), "d1 was written after 999 ms");
+        // A large file (not small) still counts as a write: the partition is not quiet.
+        let mut with_big = files.clone();
+        with_big.push(at(file("big", "d1", 90), 3_000));
+        assert_eq!(plan(&with_big, &quiet(2_000)).len(), 0);
+        // Size tiers: a file joins while it is at most four times the smaller ones together.
+        let shaped = |sizes: &[u64]| -> Vec<FileInfo> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| at(file(&format!("s{i}"), "d3", n), 100))
+                .collect()
+        };
+        let merged = |sizes: &[u64]| -> Vec<Vec<String>> {
+            plan(&shaped(sizes), &quiet(1_000))
+                .into_iter()
+                .map(|b| b.files)
+                .collect()
+        };
+        // 60 is over four times 14: a small file beside a compacted one is left alone, and so
+        // is one much larger than the smaller ones together...
+        assert!(merged(&[60, 14]).is_empty());
+        assert!(merged(&[60, 14, 1]).is_empty());
+        // ...until enough small files have come that each tier is at most four times the rest.
+        assert_eq!(merged(&[60, 14, 1, 1, 1, 1]), [["s0", "s1", "s2", "s3", "s4", "s5"]]);
+        // A partition whose last commit dominates keeps it and merges the rest.
+        assert_eq!(merged(&[2, 3, 5, 60]), [["s2", "s1", "s0"]]);
+        assert_eq!(merged(&[5, 15, 30, 50]), [["s3", "s2", "s1", "s0"]]);
+        // A lone small file is never rewritten.
+        assert!(plan(&[at(file("p", "d4", 5), 1)], &quiet(1_000)).is_empty());
+    }
+
     fn files_strategy() -> impl Strategy<Value = Vec<FileInfo>> {
         proptest::collection::vec((0u8..4, 1u64..200), 0..60).prop_map(|v| {
             v.into_iter()
@@ -233,8 +329,12 @@ mod tests {
         /// Every bin: at least two small files of one partition, at most the target in all; no
         /// file in two bins; and merging the bins, then planning again, ends within a few rounds.
         #[test]
-        fn plans_are_sound_and_converge(files in files_strategy(), target in 50u64..400) {
-            let r = rules(target);
+        fn plans_are_sound_and_converge(
+            files in files_strategy(),
+            target in 50u64..400,
+            quiet in proptest::option::of(0i64..3_000),
+        ) {
+            let r = CompactionRules { quiet_before_ms: quiet, ..rules(target) };
             let mut current = files;
             for round in 0..20 {
                 let bins = plan(&current, &r);
@@ -261,7 +361,7 @@ mod tests {
                 let total_before: u64 = current.iter().map(|f| f.size_bytes).sum();
                 current.retain(|f| !seen.contains(&f.path));
                 for (i, b) in bins.iter().enumerate() {
-                    current.push(FileInfo { path: format!("r{round}-{i}"), partition: b.partition.clone(), size_bytes: b.bytes, rows: b.rows });
+                    current.push(FileInfo { path: format!("r{round}-{i}"), partition: b.partition.clone(), size_bytes: b.bytes, rows: b.rows, modified_ms: 2_000 });
                 }
                 let total_after: u64 = current.iter().map(|f| f.size_bytes).sum();
                 prop_assert_eq!(total_before, total_after, "bytes are conserved");

@@ -25,6 +25,10 @@ pub struct AutoCompaction {
     pub check_every: Duration,
     /// A partition with this many small files is compacted at the next check (0: never).
     pub trigger_files: usize,
+    /// A partition that no file has been written to for this long has gone quiet: it is
+    /// compacted at the next check by size tier (`CompactionRules::quiet_before_ms`; zero:
+    /// never).
+    pub quiet: Duration,
     /// Every partition with two or more small files is compacted this often, and then every
     /// table vacuumed (zero: never).
     pub every: Duration,
@@ -281,14 +285,17 @@ impl Maintenance {
     }
 
     /// One automatic pass over every dataset; skipped while another run is going.
-    async fn auto_pass(&self, min_small_files: usize) -> Vec<CompactReport> {
+    async fn auto_pass(&self, min_small_files: usize, quiet_before_ms: Option<i64>) -> Vec<CompactReport> {
         let Ok(_one) = self.running.try_lock() else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for spec in self.owned() {
             let opts = CompactOptions {
-                rules: CompactionRules::for_spec(&spec, min_small_files),
+                rules: CompactionRules {
+                    quiet_before_ms,
+                    ..CompactionRules::for_spec(&spec, min_small_files)
+                },
                 ..CompactOptions::default()
             };
             match compact_dataset(&self.lake, &spec, &opts, &|_| {}).await {
@@ -301,7 +308,7 @@ impl Maintenance {
 
     /// Runs automatic compaction until `shutdown` turns true.
     pub async fn run_auto(self: Arc<Self>, auto: AutoCompaction, mut shutdown: watch::Receiver<bool>) {
-        if auto.trigger_files == 0 && auto.every.is_zero() {
+        if auto.trigger_files == 0 && auto.every.is_zero() && auto.quiet.is_zero() {
             return;
         }
         let started = tokio::time::Instant::now();
@@ -318,11 +325,19 @@ impl Maintenance {
                 continue;
             }
             let full = !auto.every.is_zero() && last_full.elapsed() >= auto.every;
-            let min = if full { 2 } else { auto.trigger_files };
-            if min == 0 {
+            let min = match (full, auto.trigger_files) {
+                (true, _) => 2,
+                (false, 0) => usize::MAX,
+                (false, n) => n,
+            };
+            let quiet_ms = i64::try_from(auto.quiet.as_millis()).unwrap_or(i64::MAX);
+            // Against the wall clock, as the Delta log's modification times are.
+            let quiet_before = (!full && quiet_ms > 0)
+                .then(|| tarn_core::Clock::now_millis(&tarn_core::SystemClock).saturating_sub(quiet_ms));
+            if min == usize::MAX && quiet_before.is_none() {
                 continue;
             }
-            for r in self.auto_pass(min).await {
+            for r in self.auto_pass(min, quiet_before).await {
                 if r.commits > 0 {
                     tracing::info!(dataset = %r.dataset, files_removed = r.files_removed, files_added = r.files_added,
                         scheduled = full, "automatic compaction");

@@ -109,7 +109,17 @@ pub async fn post_one_click_a_day(c: &reqwest::Client, url: &str, days: &[chrono
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = start_auctions(dir.path(), &["--compact-trigger-files", "0", "--compact-every-s", "0"]);
+    let s = start_auctions(
+        dir.path(),
+        &[
+            "--compact-trigger-files",
+            "0",
+            "--compact-every-s",
+            "0",
+            "--compact-quiet-s",
+            "0",
+        ],
+    );
     let c = client();
     post_in_pieces(&c, &s.url, 6).await;
     let before = scan(&c, &s.url).await;
@@ -194,6 +204,8 @@ async fn partitions_with_enough_small_files_are_compacted_on_their_own() {
             "200",
             "--compact-every-s",
             "0",
+            "--compact-quiet-s",
+            "0",
         ],
     );
     let c = client();
@@ -204,6 +216,38 @@ async fn partitions_with_enough_small_files_are_compacted_on_their_own() {
         let (rows, _, files) = scan(&c, &s.url).await;
         assert_eq!(rows, 40, "no row lost or doubled while compacting");
         if files <= 2 {
+            break;
+        }
+        assert!(start.elapsed().as_secs() < 30, "still {files} files after 30 s");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_gone_quiet_are_compacted_on_their_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Neither the small-file trigger nor the schedule runs: only the quiet rule can compact.
+    let s = start_auctions(
+        dir.path(),
+        &[
+            "--compact-trigger-files",
+            "0",
+            "--compact-every-s",
+            "0",
+            "--compact-quiet-s",
+            "2",
+            "--compact-check-ms",
+            "200",
+        ],
+    );
+    let c = client();
+    post_in_pieces(&c, &s.url, 3).await;
+    let start = std::time::Instant::now();
+    loop {
+        let (rows, sum, files) = scan(&c, &s.url).await;
+        assert_eq!(rows, 30, "no row lost or doubled while compacting");
+        assert_eq!(sum, (0..30).map(|i| i as f64 / 4.0).sum::<f64>());
+        if files == 2 {
             break;
         }
         assert!(start.elapsed().as_secs() < 30, "still {files} files after 30 s");
@@ -254,6 +298,8 @@ async fn vacuum_keeps_recently_removed_files_and_refuses_short_retention() {
             "--batch-age-ms",
             "50",
             "--compact-trigger-files",
+            "0",
+            "--compact-quiet-s",
             "0",
         ],
     );

@@ -182,6 +182,8 @@ async fn a_lake_in_a_bucket_is_compacted_vacuumed_and_reported() {
         "0",
         "--compact-every-s",
         "0",
+        "--compact-quiet-s",
+        "0",
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     let s = start_auctions_env(dir.path(), &manual, &env);
