@@ -2,7 +2,8 @@
 //! starts a fresh `tarn serve` (this same binary) on a scratch data directory, posts the events
 //! from concurrent keep-alive clients, and reports throughput to durable ack, ack latency at
 //! half the peak rate, time from the last ack until every row is queryable, the server's peak
-//! RSS and bytes on disk. With `--duckdb` it runs `bench/duckdb_convert.py` on the same events
+//! RSS, bytes on disk, and the table at rest once the server's own compaction has merged its
+//! partitions. With `--duckdb` it runs `bench/duckdb_convert.py` on the same events
 //! and prints the ratios.
 
 use std::io::{BufRead, BufReader, Write};
@@ -532,6 +533,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         }
         let queryable_s = last_ack.elapsed().as_secs_f64();
         let rate = a.events as f64 / ack_s;
+        // The table as curated, right after ingestion.
+        let table_dir = data.join("lake/tables/auctions");
+        let table_bytes = du(&table_dir, None);
+        let parquet_bytes = du(&table_dir, Some(".parquet"));
+        let files = walk_count(&table_dir, ".parquet");
         // Phase 2: half the peak rate, for ack latency.
         let before = (
             histogram(&url, "tarn_ingest_latency_seconds").await?,
@@ -554,34 +560,33 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                 .and_then(|v| v["event_id"].as_str().map(str::to_string))
                 .unwrap_or_default();
-            compare_queries(&url, &data.join("lake/tables/auctions"), &first_id).await?;
+            compare_queries(&url, &table_dir, &first_id).await?;
+            if walk_count(&table_dir, ".parquet") != files {
+                bail!(
+                    "the server's own compaction of auctions began before the query comparison ended, so \
+                     tarn and DuckDB may not have read the same files: run again"
+                );
+            }
         }
-        let table_bytes = du(&data.join("lake/tables/auctions"), None);
-        let parquet_bytes = du(&data.join("lake/tables/auctions"), Some(".parquet"));
-        let files = walk_count(&data.join("lake/tables/auctions"), ".parquet");
-        // Steady state: the same table after compaction (only the files its version lists).
-        let client = reqwest::Client::new();
-        let t = Instant::now();
-        let compact = client
-            .post(format!("{url}/v1/compact"))
-            .json(&serde_json::json!({"dataset": "auctions"}))
-            .send()
-            .await?
-            .text()
-            .await?;
-        if !compact.contains("\"done\"") {
-            bail!("compaction did not finish: {compact}");
-        }
-        let compact_s = t.elapsed().as_secs_f64();
-        let storage: serde_json::Value = client
-            .get(format!("{url}/v1/storage?dataset=auctions"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        let tier = &storage["datasets"][0]["tiers"][0];
-        let compacted_bytes = tier["bytes"].as_u64().unwrap_or(0);
-        let compacted_files = tier["files"].as_u64().unwrap_or(0);
+        // At rest: no command is run; the server's own compaction merges each partition's files
+        // by size tier once nothing has been written to it for `--compact-quiet-s` (60 s by
+        // default, checked every 30 s). At rest means one file per partition, or no change for
+        // 35 s (longer than a check) once the first check after the quiet time has passed.
+        let partitions = partition_dirs(&table_dir);
+        let mut seen = (0, files, Instant::now());
+        let (rest_bytes, rest_files, at_rest) = loop {
+            let (bytes, n) = live_files(&url, "auctions").await?;
+            if n != seen.1 {
+                seen = (bytes, n, Instant::now());
+            }
+            let settled = last_ack.elapsed() > Duration::from_secs(100) && seen.2.elapsed() > Duration::from_secs(35);
+            if n <= partitions || settled || last_ack.elapsed() > Duration::from_secs(600) {
+                break (bytes, n, n <= partitions || settled);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let rest_s = seen.2.duration_since(last_ack).as_secs_f64();
+        let rest_disk = du(&table_dir, Some(".parquet"));
         println!(
             "tarn bench: {} events ({:.1} MB NDJSON), {} per request, {} clients, stream {}",
             a.events,
@@ -628,9 +633,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             parquet_bytes as f64 / 1e6
         );
         println!(
-            "  after compaction           {:.1} MB parquet in {} files ({compact_s:.1} s)",
-            compacted_bytes as f64 / 1e6,
-            compacted_files
+            "  at rest                    {:.1} MB parquet in {rest_files} files for {partitions} partitions, since {rest_s:.0} s after the last ack{} (the server's own compaction; {:.1} MB of parquet on disk until vacuum deletes the files it replaced)",
+            rest_bytes as f64 / 1e6,
+            if at_rest { "" } else { ": NOT at rest after 600 s" },
+            rest_disk as f64 / 1e6
         );
         if let Some(nats) = &a.stream {
             let secs = crate::bench_stream::raw_publish(nats, bodies.clone(), a.clients).await?;
@@ -673,8 +679,8 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 parquet_bytes as f64 / bytes
             );
             println!(
-                "  ratio tarn/duckdb size after compaction    {:.2}x",
-                compacted_bytes as f64 / bytes
+                "  ratio tarn/duckdb output size at rest      {:.2}x",
+                rest_bytes as f64 / bytes
             );
         }
         Ok(())
@@ -716,6 +722,36 @@ fn bucket_p99(before: &[(String, u64)], after: &[(String, u64)]) -> String {
             Err(_) => le.clone(),
         },
     )
+}
+
+/// The bytes and number of the files a dataset's current version lists (`/v1/storage`).
+async fn live_files(url: &str, dataset: &str) -> Result<(u64, u64)> {
+    let storage: serde_json::Value = reqwest::get(format!("{url}/v1/storage?dataset={dataset}"))
+        .await?
+        .json()
+        .await?;
+    let tiers = storage["datasets"][0]["tiers"].as_array().context("storage tiers")?;
+    Ok(tiers.iter().fold((0, 0), |(b, n), t| {
+        (
+            b + t["bytes"].as_u64().unwrap_or(0),
+            n + t["files"].as_u64().unwrap_or(0),
+        )
+    }))
+}
+
+/// Folders under `path` that hold Parquet files, but for `_delta_log`: a table's partitions.
+fn partition_dirs(path: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(path) else { return 0 };
+    let (mut dirs, mut here) = (0, false);
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() && !e.file_name().to_string_lossy().starts_with('_') {
+            dirs += partition_dirs(&p);
+        } else if p.to_string_lossy().ends_with(".parquet") {
+            here = true;
+        }
+    }
+    dirs + u64::from(here)
 }
 
 fn walk_count(path: &Path, suffix: &str) -> u64 {

@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Delivery closes a batch at this many bytes of encoded events.
     #[arg(long, env = "TARN_BATCH_BYTES", default_value_t = Limits::default().delivery_batch_bytes)]
     pub batch_bytes: usize,
+    /// The embedded log's segments roll at this many bytes (consumed ones are kept for reuse,
+    /// up to four).
+    #[arg(long, env = "TARN_LOG_SEGMENT_BYTES", default_value_t = Limits::default().segment_bytes_max)]
+    pub log_segment_bytes: u64,
     /// Largest request body in bytes.
     #[arg(long, env = "TARN_BODY_BYTES_MAX", default_value_t = Limits::default().body_bytes_max)]
     pub body_bytes_max: usize,
@@ -104,7 +108,11 @@ pub struct ServeArgs {
     /// Compact a partition on its own once it holds this many small files (0: never).
     #[arg(long, env = "TARN_COMPACT_TRIGGER_FILES", default_value_t = 32)]
     pub compact_trigger_files: usize,
-    /// How often partitions are checked against the compaction trigger, in milliseconds.
+    /// Compact a partition on its own, by size tier, once nothing has been written to it for
+    /// this many seconds (0: never).
+    #[arg(long, env = "TARN_COMPACT_QUIET_S", default_value_t = 60)]
+    pub compact_quiet_s: u64,
+    /// How often partitions are checked against the compaction triggers, in milliseconds.
     #[arg(long, env = "TARN_COMPACT_CHECK_MS", default_value_t = 30_000)]
     pub compact_check_ms: u64,
     /// Compact every partition with two or more small files this often, then vacuum, in
@@ -352,6 +360,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         delivery_batch_bytes: args.batch_bytes,
         body_bytes_max: args.body_bytes_max,
         ingest_inflight_bytes_max: args.inflight_bytes_max,
+        segment_bytes_max: args.log_segment_bytes.max(4096),
         ..Limits::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -498,6 +507,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         AutoCompaction {
             check_every: std::time::Duration::from_millis(args.compact_check_ms.max(10)),
             trigger_files: args.compact_trigger_files,
+            quiet: std::time::Duration::from_secs(args.compact_quiet_s),
             every: std::time::Duration::from_secs(args.compact_every_s),
             turn: maintenance_turn,
         },
