@@ -105,13 +105,17 @@ pub fn plan(files: &[FileInfo], rules: &CompactionRules) -> Vec<Bin> {
             if !quiet {
                 continue;
             }
-            let mut below = 0u64;
+            // The tier fits one new file, so that every file in it is merged into one file.
+            let mut below: Option<u64> = None;
             let tier = small
                 .iter()
                 .rev()
                 .take_while(|f| {
-                    let joins = below == 0 || f.size_bytes <= below.saturating_mul(4);
-                    below += f.size_bytes;
+                    let joins = match below {
+                        None => true,
+                        Some(b) => f.size_bytes <= b.saturating_mul(4) && b + f.size_bytes <= rules.target_bytes,
+                    };
+                    below = Some(below.unwrap_or(0) + f.size_bytes);
                     joins
                 })
                 .count();
@@ -310,6 +314,12 @@ mod tests {
         // A partition whose last commit dominates keeps it and merges the rest.
         assert_eq!(merged(&[2, 3, 5, 60]), [["s2", "s1", "s0"]]);
         assert_eq!(merged(&[5, 15, 30, 50]), [["s3", "s2", "s1", "s0"]]);
+        // A tier never spills over the target into a second bin: with a target of 100, 70 would
+        // join 2+2+3+5+40 by size but not fit with them, so it stays and the rest become one
+        // file (packed together, 70 would take in only 5+3+2+2 and 40 would be left alone).
+        assert_eq!(merged(&[70, 40, 5, 3, 2, 2]), [["s1", "s2", "s3", "s4", "s5"]]);
+        // A file of no bytes does not let any file join after it.
+        assert!(merged(&[0, 50]).is_empty());
         // A lone small file is never rewritten.
         assert!(plan(&[at(file("p", "d4", 5), 1)], &quiet(1_000)).is_empty());
     }

@@ -520,12 +520,17 @@ fn commit_round(batch: Vec<AppendReq>) {
             tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
             t.poisoned.store(true, Ordering::SeqCst);
         }
+        // Only what the syncs made durable is acknowledged: a record buffered before a roll
+        // whose own flush failed is not in the file, even when this last flush had nothing
+        // left to write.
+        let durable = *t.durable.borrow();
         let (mine, rest): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|(r, _)| Arc::ptr_eq(&r.topic, t));
         waiting = rest;
         for (req, seq) in mine {
-            let _ = req.reply.send(match &res {
-                Ok(()) => Ok(seq),
-                Err(_) => Err(Error::Closed(format!("write to topic {} failed", t.name))),
+            let _ = req.reply.send(if res.is_ok() && seq < durable {
+                Ok(seq)
+            } else {
+                Err(Error::Closed(format!("write to topic {} failed", t.name)))
             });
         }
     }
@@ -737,13 +742,33 @@ impl Cursor {
             let need_open = self.reader.as_ref().is_none_or(|r| r.base() != seg.base);
             if need_open {
                 let path = segment::segment_path(&self.topic.dir, seg.base);
-                self.reader = Some(SegmentReader::open(&path)?);
+                let r = SegmentReader::open(&path)?;
+                if r.base() != seg.base {
+                    return Err(Error::Corrupt {
+                        path,
+                        offset: 0,
+                        reason: format!("the header says the segment starts at {}", r.base()),
+                    });
+                }
+                self.reader = Some(r);
             }
             let Some(r) = self.reader.as_mut() else { break };
-            if r.next_seq != self.next_seq {
-                r.seek_to(self.next_seq, seg.len, record_max)?;
-            }
-            match r.next(seg.len, record_max)? {
+            let step = match r.next_seq != self.next_seq {
+                true => r
+                    .seek_to(self.next_seq, seg.len, record_max)
+                    .and_then(|()| r.next(seg.len, record_max)),
+                false => r.next(seg.len, record_max),
+            };
+            // A segment consumed by every group while this cursor (behind them all) was in
+            // it may since have been reused: its file no longer holds these records.
+            let step = match step {
+                Err(Error::Corrupt { .. }) if lock(&self.topic.segments).first().is_none_or(|f| f.base > seg.base) => {
+                    self.reader = None;
+                    return Err(Error::Truncated(self.next_seq));
+                }
+                s => s?,
+            };
+            match step {
                 Some((seq, payload)) => {
                     bytes += payload.len();
                     self.next_seq = seq + 1;

@@ -543,7 +543,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             histogram(&url, "tarn_ingest_latency_seconds").await?,
             histogram(&url, "tarn_ingest_append_seconds").await?,
         );
+        let reused_before = log_counter(&url, "tarn_log_segments_reused_total").await?;
         let paced = post_all(&url, "auctions_paced", bodies.clone(), a.clients, Some(rate / 2.0)).await?;
+        let reused = log_counter(&url, "tarn_log_segments_reused_total").await? - reused_before;
         let rss_kib = peak_rss_kib(pid);
         let request_p99 = bucket_p99(&before.0, &histogram(&url, "tarn_ingest_latency_seconds").await?);
         let append_p99 = bucket_p99(&before.1, &histogram(&url, "tarn_ingest_append_seconds").await?);
@@ -618,7 +620,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             percentile(&paced, 0.99) / percentile(&disk, 0.99)
         );
         println!(
-            "  in the server at half peak: whole request p99 <= {request_p99}, of which the log append (group commit turn, write, fsync) p99 <= {append_p99}"
+            "  in the server at half peak: whole request p99 <= {request_p99}, of which the log append (group commit turn, write, fsync) p99 <= {append_p99}; {reused} log segments started in reused files"
         );
         println!("  last ack -> all queryable  {queryable_s:.2} s");
         println!(
@@ -722,6 +724,17 @@ fn bucket_p99(before: &[(String, u64)], after: &[(String, u64)]) -> String {
             Err(_) => le.clone(),
         },
     )
+}
+
+/// A per-topic counter of the server's, summed over topics.
+async fn log_counter(url: &str, name: &str) -> Result<u64> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let prefix = format!("{name}{{");
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// The bytes and number of the files a dataset's current version lists (`/v1/storage`).
