@@ -250,11 +250,41 @@ pub(crate) fn recover(path: &Path, record_bytes_max: usize) -> Result<Recovered>
     })
 }
 
+/// A file read no further than `end`. The buffered reader over it never reads ahead past the
+/// durable end it was given: in a reused file, the bytes beyond are an older segment's until
+/// the writer overwrites them, and a buffer holding them would go stale.
+struct Bounded {
+    file: File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = usize::try_from(self.end.saturating_sub(self.pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read(&mut buf[..n])?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Bounded {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.file.seek(to)?;
+        Ok(self.pos)
+    }
+}
+
 /// A sequential reader over one segment, bounded by a byte limit (the durable end).
 pub(crate) struct SegmentReader {
     pub path: PathBuf,
     header: Header,
-    reader: BufReader<File>,
+    reader: BufReader<Bounded>,
     pub pos: u64,
     pub next_seq: u64,
 }
@@ -262,7 +292,14 @@ pub(crate) struct SegmentReader {
 impl SegmentReader {
     pub fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).map_err(io_err(path))?;
-        let mut reader = BufReader::with_capacity(256 << 10, f);
+        // The header is durable before the file takes its name; a header of the first format
+        // is shorter, and its file was never reused.
+        let bounded = Bounded {
+            file: f,
+            pos: 0,
+            end: HEADER_LEN,
+        };
+        let mut reader = BufReader::with_capacity(256 << 10, bounded);
         let header = read_header(path, &mut reader)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -282,6 +319,7 @@ impl SegmentReader {
         if self.pos >= end {
             return Ok(None);
         }
+        self.reader.get_mut().end = end;
         match read_record(&mut self.reader, end - self.pos, record_bytes_max, self.header.salt)
             .map_err(io_err(&self.path))?
         {

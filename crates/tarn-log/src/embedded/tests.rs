@@ -298,6 +298,33 @@ fn reused_segments_never_yield_their_old_records() {
     assert_eq!(topics, ["a", "b", "c"], "the spare folder is not a topic");
 }
 
+/// A cursor that reads a reused segment while it is being written never reads ahead into the
+/// old bytes past the durable end (they would be stale once the writer overwrites them).
+#[test]
+fn a_cursor_in_a_reused_segment_reads_each_new_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let log = Log::open(dir.path(), opts(4000)).expect("open");
+    let a = log.topic("a").expect("topic");
+    a.register_group("g").expect("group");
+    rt.block_on(async {
+        for i in 0..80u8 {
+            a.append(vec![i; 100]).await.expect("append");
+        }
+    });
+    a.commit("g", 80).expect("commit");
+    assert!(a.apply_retention().expect("retention") >= 1);
+    let b = log.topic("b").expect("topic");
+    assert_eq!(b.stats().segments_reused, 1);
+    let mut cursor = b.cursor(0);
+    for i in 0..20u8 {
+        let seq = rt.block_on(b.append(vec![200 - i; 30])).expect("append");
+        let recs = cursor.read(1 << 20).expect("a new record, not an old one's bytes");
+        assert_eq!(recs.len(), 1, "record {seq}");
+        assert_eq!((recs[0].seq, recs[0].payload.clone()), (seq, vec![200 - i; 30]));
+    }
+}
+
 /// A log written before segments carried a salt is read, recovered and appended to.
 #[test]
 fn segments_of_the_first_format_are_still_read_and_appended_to() {
