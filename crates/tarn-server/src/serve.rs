@@ -93,10 +93,12 @@ pub struct ServeArgs {
     /// Delivery closes a batch at this many bytes of encoded events.
     #[arg(long, env = "TARN_BATCH_BYTES", default_value_t = Limits::default().delivery_batch_bytes)]
     pub batch_bytes: usize,
-    /// The embedded log's segments roll at this many bytes (consumed ones are kept for reuse,
-    /// up to four).
+    /// The embedded log's segments roll at this many bytes.
     #[arg(long, env = "TARN_LOG_SEGMENT_BYTES", default_value_t = Limits::default().segment_bytes_max)]
     pub log_segment_bytes: u64,
+    /// Consumed log segment files kept for reuse by new segments (0: deleted at once).
+    #[arg(long, env = "TARN_LOG_SPARE_SEGMENTS", default_value_t = LogOptions::default().spare_segments)]
+    pub log_spare_segments: usize,
     /// Largest request body in bytes.
     #[arg(long, env = "TARN_BODY_BYTES_MAX", default_value_t = Limits::default().body_bytes_max)]
     pub body_bytes_max: usize,
@@ -887,6 +889,7 @@ async fn open_stream(args: &ServeArgs, limits: &Limits) -> Result<Log> {
             args.data_dir.join("log"),
             LogOptions {
                 segment_bytes_max: limits.segment_bytes_max,
+                spare_segments: args.log_spare_segments,
                 ..LogOptions::default()
             },
         )
