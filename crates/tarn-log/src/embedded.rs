@@ -85,8 +85,8 @@ struct LogInner {
 /// Consumed segment files waiting to be reused, in one folder of the log's root.
 struct Spares {
     dir: PathBuf,
-    files: Mutex<Vec<PathBuf>>,
-    next: AtomicU64,
+    /// The files, and the number the next one is named by.
+    pool: Mutex<(Vec<PathBuf>, u64)>,
     max: usize,
 }
 
@@ -110,30 +110,29 @@ impl Spares {
         }
         Ok(Self {
             dir,
-            files: Mutex::new(files),
-            next: AtomicU64::new(next),
+            pool: Mutex::new((files, next)),
             max,
         })
     }
 
     fn take(&self) -> Option<PathBuf> {
-        lock(&self.files).pop()
+        lock(&self.pool).0.pop()
     }
 
     /// Moves a consumed segment into the pool if it has room, or deletes it. Returns whether
     /// it was kept (then the pool's folder needs a sync too).
     fn give(&self, path: &Path) -> Result<bool> {
-        let mut files = lock(&self.files);
+        let mut pool = lock(&self.pool);
+        let (files, next) = &mut *pool;
         if files.len() < self.max {
-            let to = self
-                .dir
-                .join(format!("{:020}.spare", self.next.fetch_add(1, Ordering::Relaxed)));
+            let to = self.dir.join(format!("{next:020}.spare"));
+            *next += 1;
             if std::fs::rename(path, &to).is_ok() {
                 files.push(to);
                 return Ok(true);
             }
         }
-        drop(files);
+        drop(pool);
         std::fs::remove_file(path).map_err(io_err(path))?;
         Ok(false)
     }
@@ -321,20 +320,22 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions, spares: &Arc<Spares>) 
     let offsets_dir = dir.join("offsets");
     std::fs::create_dir_all(&offsets_dir).map_err(io_err(&offsets_dir))?;
     let mut bases = list_segments(&dir)?;
-    // A new topic's first segment holds no record: it is not recovered (which would cut a
-    // reused file's old bytes, and with them the blocks already allocated).
-    let mut fresh = None;
-    let mut reused = 0;
-    if bases.is_empty() {
-        let (_, header, spare) = create_segment(&dir, 0, spares)?;
-        reused += u64::from(spare);
-        fresh = Some(segment::Recovered {
-            header,
-            valid_len: header.len,
-            next_seq: 0,
-        });
+    let fresh = bases.is_empty();
+    if fresh {
         bases.push(0);
     }
+    // A new segment holds no record, so it is not recovered (which would cut a reused file's
+    // old bytes, and with them the blocks already allocated).
+    let mut reused = 0;
+    let mut start = |base: u64| -> Result<segment::Recovered> {
+        let (_, header, spare) = create_segment(&dir, base, spares)?;
+        reused += u64::from(spare);
+        Ok(segment::Recovered {
+            header,
+            valid_len: header.len,
+            next_seq: base,
+        })
+    };
     let mut segments = Vec::with_capacity(bases.len());
     for (i, base) in bases.iter().enumerate() {
         let path = segment::segment_path(&dir, *base);
@@ -346,9 +347,10 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions, spares: &Arc<Spares>) 
     }
     let last = *bases.last().unwrap_or(&0);
     let last_path = segment::segment_path(&dir, last);
-    let recovered = match fresh {
-        Some(r) => Ok(r),
-        None => segment::recover(&last_path, opts.record_bytes_max),
+    let recovered = if fresh {
+        start(0)
+    } else {
+        segment::recover(&last_path, opts.record_bytes_max)
     };
     let rec = match recovered {
         Ok(r) => r,
@@ -359,13 +361,7 @@ fn open_topic(root: &Path, name: &str, opts: &LogOptions, spares: &Arc<Spares>) 
             // so it holds no record. Start it again. A full-length header that fails its check
             // is real damage and stays an error.
             tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
-            let (_, header, spare) = create_segment(&dir, last, spares)?;
-            reused += u64::from(spare);
-            segment::Recovered {
-                header,
-                valid_len: header.len,
-                next_seq: last,
-            }
+            start(last)?
         }
         Err(e) => return Err(e),
     };
@@ -742,22 +738,14 @@ impl Cursor {
             let need_open = self.reader.as_ref().is_none_or(|r| r.base() != seg.base);
             if need_open {
                 let path = segment::segment_path(&self.topic.dir, seg.base);
-                let r = SegmentReader::open(&path)?;
-                if r.base() != seg.base {
-                    return Err(Error::Corrupt {
-                        path,
-                        offset: 0,
-                        reason: format!("the header says the segment starts at {}", r.base()),
-                    });
-                }
-                self.reader = Some(r);
+                self.reader = Some(SegmentReader::open(&path, seg.base)?);
             }
             let Some(r) = self.reader.as_mut() else { break };
-            let step = match r.next_seq != self.next_seq {
-                true => r
-                    .seek_to(self.next_seq, seg.len, record_max)
-                    .and_then(|()| r.next(seg.len, record_max)),
-                false => r.next(seg.len, record_max),
+            let step = if r.next_seq != self.next_seq {
+                r.seek_to(self.next_seq, seg.len, record_max)
+                    .and_then(|()| r.next(seg.len, record_max))
+            } else {
+                r.next(seg.len, record_max)
             };
             // A segment consumed by every group while this cursor (behind them all) was in
             // it may since have been reused: its file no longer holds these records.

@@ -290,7 +290,8 @@ pub(crate) struct SegmentReader {
 }
 
 impl SegmentReader {
-    pub fn open(path: &Path) -> Result<Self> {
+    /// Opens the segment that starts at `base` (which its header must say).
+    pub fn open(path: &Path, base: u64) -> Result<Self> {
         let f = File::open(path).map_err(io_err(path))?;
         // The header is durable before the file takes its name; a header of the first format
         // is shorter, and its file was never reused.
@@ -301,6 +302,13 @@ impl SegmentReader {
         };
         let mut reader = BufReader::with_capacity(256 << 10, bounded);
         let header = read_header(path, &mut reader)?;
+        if header.base != base {
+            return Err(corrupt(
+                path,
+                0,
+                format!("the header says the segment starts at {}", header.base),
+            ));
+        }
         Ok(Self {
             path: path.to_path_buf(),
             header,

@@ -32,18 +32,6 @@ async fn acknowledged_events_survive_kill_9_exactly_once_on_nats() {
     nats_cleanup(&nats, &ns).await;
 }
 
-/// `tarn_log_segments_reused_total` summed over topics (since the server started).
-async fn segments_reused(c: &reqwest::Client, url: &str) -> u64 {
-    let Ok(r) = c.get(format!("{url}/metrics")).send().await else {
-        return 0;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with("tarn_log_segments_reused_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
     let ds = dir.join("datasets");
     write_descriptor(&ds);
@@ -120,7 +108,7 @@ async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
         }
         let run_ms = rng.random_range(300..1500);
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
-        reused += segments_reused(&c, &server.url).await;
+        reused += metric_total(&c, &server.url, "tarn_log_segments_reused_total").await;
         if round < kills {
             server.kill9();
         }

@@ -109,17 +109,7 @@ pub async fn post_one_click_a_day(c: &reqwest::Client, url: &str, days: &[chrono
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compact_by_hand_keeps_every_row_and_cuts_the_files() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let s = start_auctions(
-        dir.path(),
-        &[
-            "--compact-trigger-files",
-            "0",
-            "--compact-every-s",
-            "0",
-            "--compact-quiet-s",
-            "0",
-        ],
-    );
+    let s = start_auctions(dir.path(), &AUTO_COMPACTION_OFF);
     let c = client();
     post_in_pieces(&c, &s.url, 6).await;
     let before = scan(&c, &s.url).await;

@@ -44,22 +44,6 @@ async fn units_held(c: &reqwest::Client, url: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A counter of `/metrics`.
-async fn counter(c: &reqwest::Client, url: &str, name: &str) -> u64 {
-    let text = c
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits until the two workers split the units, two each.
 async fn wait_split(c: &reqwest::Client, a: &str, b: &str) {
     let start = Instant::now();
@@ -158,8 +142,8 @@ async fn two_collectors_and_two_workers_keep_every_acknowledged_event_once_throu
     let acked = |sent: &Arc<Mutex<Sent>>| sent.lock().expect("sent").acked.len();
     // Both workers deliver and curate a part.
     let start = Instant::now();
-    while counter(&c, &w1.url, "tarn_curate_rows_total").await == 0
-        || counter(&c, &w2.url, "tarn_curate_rows_total").await == 0
+    while metric_total(&c, &w1.url, "tarn_curate_rows_total").await == 0
+        || metric_total(&c, &w2.url, "tarn_curate_rows_total").await == 0
     {
         assert!(
             start.elapsed() < Duration::from_secs(60),

@@ -173,18 +173,8 @@ async fn a_lake_in_a_bucket_is_compacted_vacuumed_and_reported() {
     let stream = format!("{nats}/{ns}");
     let lake = s3.lake("maintenance");
     let env = s3.env();
-    let manual = [
-        "--lake",
-        lake.as_str(),
-        "--stream",
-        stream.as_str(),
-        "--compact-trigger-files",
-        "0",
-        "--compact-every-s",
-        "0",
-        "--compact-quiet-s",
-        "0",
-    ];
+    let mut manual = vec!["--lake", lake.as_str(), "--stream", stream.as_str()];
+    manual.extend(AUTO_COMPACTION_OFF);
     let dir = tempfile::tempdir().expect("tempdir");
     let s = start_auctions_env(dir.path(), &manual, &env);
     let c = client();

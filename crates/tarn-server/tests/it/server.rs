@@ -81,6 +81,33 @@ impl Drop for Server {
     }
 }
 
+/// The flags that turn every kind of automatic compaction off.
+pub const AUTO_COMPACTION_OFF: [&str; 6] = [
+    "--compact-trigger-files",
+    "0",
+    "--compact-every-s",
+    "0",
+    "--compact-quiet-s",
+    "0",
+];
+
+/// A metric of `/metrics`, summed over its labelled series (0 when it has none).
+pub async fn metric_total(c: &reqwest::Client, url: &str, name: &str) -> u64 {
+    let text = c
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|r| r.starts_with(' ') || r.starts_with('{'))
+        .filter_map(|r| r.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
