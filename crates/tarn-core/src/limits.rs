@@ -21,6 +21,10 @@ pub struct Limits {
     pub delivery_batch_bytes: usize,
     /// Delivery closes a batch once its oldest event waited this long.
     pub delivery_batch_age_ms: u64,
+    /// Curate commits the rows it gathered once they take this much memory: when it is behind,
+    /// a round over many raw objects holds at most this much, and its commits (one file per
+    /// partition each) are as large as this allows.
+    pub curate_commit_bytes: usize,
     /// Log segments roll at this size.
     pub segment_bytes_max: u64,
     /// Most rejected events described individually in one response.
@@ -37,6 +41,7 @@ impl Default for Limits {
             ingest_inflight_bytes_max: 512 << 20,
             delivery_batch_bytes: 64 << 20,
             delivery_batch_age_ms: 500,
+            curate_commit_bytes: 256 << 20,
             segment_bytes_max: 128 << 20,
             rejections_reported_max: 1_000,
         }

@@ -39,7 +39,7 @@ impl Default for CurateOptions {
     fn default() -> Self {
         Self {
             read_bytes_max: 1 << 20,
-            commit_bytes_max: 128 << 20,
+            commit_bytes_max: tarn_core::Limits::default().curate_commit_bytes,
             unit: 0,
             units: 1,
         }

@@ -18,7 +18,7 @@ use deltalake::arrow::datatypes::{DataType, Schema, SchemaRef, TimeUnit};
 use deltalake::kernel::Add;
 use deltalake::parquet::arrow::ArrowWriter;
 use deltalake::parquet::arrow::arrow_writer::ArrowWriterOptions;
-use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use serde_json::{Map, Value};
 use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
@@ -135,7 +135,23 @@ impl FileSet<'_> {
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let rows = interleave_record_batch(&refs, &part.rows)?;
         let rows = without_partition_columns(self.spec, &rows)?;
-        let rows = sorted_by_event_time(self.spec, rows)?;
+        // A file of several row groups is sorted by event time and keeps Parquet's statistics,
+        // which then prune within it; one of a single group needs neither (see `writer_properties`).
+        let groups = self
+            .props
+            .max_row_group_row_count()
+            .is_some_and(|max| rows.num_rows() > max);
+        let (rows, props) = if groups {
+            let props = self
+                .props
+                .clone()
+                .into_builder()
+                .set_statistics_enabled(EnabledStatistics::Chunk)
+                .build();
+            (sorted_by_event_time(self.spec, rows)?, props)
+        } else {
+            (rows, self.props.clone())
+        };
         let dir = partition_dir(self.spec, &part.day, part.tenant.as_deref())?;
         let rel = match self.writer {
             None => format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version),
@@ -145,11 +161,11 @@ impl FileSet<'_> {
         let rows = std::iter::once(Ok(rows));
         let (size, stats, body) = match self.table_dir {
             Some(dir) => {
-                let (size, stats) = write_parquet(dir, &rel, schema, &self.props, rows)?;
+                let (size, stats) = write_parquet(dir, &rel, schema, &props, rows)?;
                 (size, stats, None)
             }
             None => {
-                let (body, stats) = encode_parquet(Vec::new(), &rel, schema, &self.props, rows)?;
+                let (body, stats) = encode_parquet(Vec::new(), &rel, schema, &props, rows)?;
                 (body.len() as u64, stats, Some(body))
             }
         };
@@ -162,8 +178,11 @@ impl FileSet<'_> {
     }
 }
 
-/// The rows ordered by event time: timestamps then delta-encode into little, and the file's
-/// row groups carry tight ranges.
+/// The rows ordered by event time, for a file of several row groups: each group then carries a
+/// tight range of times to prune on. A file of one row group keeps the rows in the order they
+/// arrived (the log's): its bounds are the same either way, and arrival order compresses
+/// better, since `_received_at` is then a non-decreasing run that delta-encodes to almost
+/// nothing, and event times mostly follow arrival.
 fn sorted_by_event_time(spec: &DatasetSpec, rows: RecordBatch) -> Result<RecordBatch> {
     let Some(col) = spec.event_time.as_deref().and_then(|t| rows.column_by_name(t)) else {
         return Ok(rows);

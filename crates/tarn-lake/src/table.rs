@@ -17,7 +17,7 @@ use deltalake::parquet::file::properties::EnabledStatistics;
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
-use tarn_core::contract::DAY;
+use tarn_core::contract::{DAY, RECEIVED_AT};
 use tarn_core::{DatasetSpec, FieldType};
 
 use crate::datafile::{FileSet, group_by_partition, sync_files};
@@ -539,30 +539,33 @@ const ROW_GROUP_ROWS_MAX: usize = 128 * 1024;
 
 /// Parquet settings of curated files: zstd (level 1 for `small` files, which compaction
 /// rewrites at level 3 later; level 3 otherwise); statistics per column chunk, except in `small`
-/// files of one row group (all of `batches` fit in one), whose bounds the Delta log's statistics
-/// already hold (files are pruned on those), so Parquet's copy in every footer only made them
-/// bigger (page-level indexes too); a dictionary only for the columns whose
+/// files, whose bounds the Delta log's statistics already hold (files are pruned on those), so
+/// Parquet's copy in every footer only made them bigger (page-level indexes too): a `small` file
+/// that spans several row groups turns them back on (`FileSet::write`); a dictionary only for the columns whose
 /// values repeat (a string column when, in a sample of the rows, fewer than half of its values
 /// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
-/// that suits the type: delta encoding for timestamps (rows are sorted by event time, so the
-/// deltas are small) and for integers, plain values for floats and strings. Event ids never get
+/// that suits the type: delta encoding for timestamps and integers (rows are in event time or
+/// arrival order, so the deltas are small; `_received_at` too), plain values for floats and
+/// strings. Event ids never get
 /// a dictionary. Strings without one (ids, URLs) get no Parquet statistics: their bounds are in
 /// the Delta log already, and in a footer repeated in every small file they cost more than
 /// they prune. `small` files (curate's, one per partition and commit) also skip the offset
 /// index, which only helps files of many pages.
 pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: bool) -> WriterProperties {
-    let one_group = batches.iter().map(RecordBatch::num_rows).sum::<usize>() <= ROW_GROUP_ROWS_MAX;
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(if small { 1 } else { 3 }).unwrap_or_default(),
         ))
-        .set_statistics_enabled(if small && one_group {
+        .set_statistics_enabled(if small {
             EnabledStatistics::None
         } else {
             EnabledStatistics::Chunk
         })
         .set_offset_index_disabled(small)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS_MAX));
+    b = b
+        .set_column_dictionary_enabled(ColumnPath::from(RECEIVED_AT), false)
+        .set_column_encoding(ColumnPath::from(RECEIVED_AT), Encoding::DELTA_BINARY_PACKED);
     for f in &spec.fields {
         let path = || ColumnPath::from(f.name.clone());
         let encoding = match f.ty {

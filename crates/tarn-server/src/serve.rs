@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Delivery closes a batch at this many bytes of encoded events.
     #[arg(long, env = "TARN_BATCH_BYTES", default_value_t = Limits::default().delivery_batch_bytes)]
     pub batch_bytes: usize,
+    /// Curate commits the rows it gathered once they take this much memory (when it is behind,
+    /// fewer and larger commits: fewer files per partition, more memory held).
+    #[arg(long, env = "TARN_CURATE_COMMIT_BYTES", default_value_t = Limits::default().curate_commit_bytes)]
+    pub curate_commit_bytes: usize,
     /// The embedded log's segments roll at this many bytes.
     #[arg(long, env = "TARN_LOG_SEGMENT_BYTES", default_value_t = Limits::default().segment_bytes_max)]
     pub log_segment_bytes: u64,
@@ -360,6 +364,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let limits = Limits {
         delivery_batch_age_ms: args.batch_age_ms,
         delivery_batch_bytes: args.batch_bytes,
+        curate_commit_bytes: args.curate_commit_bytes,
         body_bytes_max: args.body_bytes_max,
         ingest_inflight_bytes_max: args.inflight_bytes_max,
         segment_bytes_max: args.log_segment_bytes.max(4096),
@@ -444,6 +449,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 holder: id.clone(),
                 batch_bytes: limits.delivery_batch_bytes,
                 batch_age_ms: limits.delivery_batch_age_ms,
+                curate_commit_bytes: limits.curate_commit_bytes,
                 maintenance_turn: maintenance_turn.clone(),
             },
             background.clone(),

@@ -108,6 +108,8 @@ pub struct WorkerOptions {
     /// Delivery's batch size for size class M (`--batch-bytes`) and batch age.
     pub batch_bytes: usize,
     pub batch_age_ms: u64,
+    /// Memory of rows a curate commit gathers at most (`--curate-commit-bytes`).
+    pub curate_commit_bytes: usize,
     /// Turns true while this process holds the maintenance lease.
     pub maintenance_turn: Arc<AtomicBool>,
 }
@@ -259,6 +261,7 @@ impl Worker {
             CurateOptions {
                 unit: k,
                 units: self.units,
+                commit_bytes_max: self.opts.curate_commit_bytes,
                 ..CurateOptions::default()
             },
         )

@@ -209,10 +209,78 @@ fn curated_files_of_one_row_group_carry_no_parquet_statistics() {
     let stats = |batches: &[RecordBatch], small: bool| {
         crate::table::writer_properties(&spec, batches, small).statistics_enabled(&cpm)
     };
-    // A curated file is one row group: the Delta log holds its bounds.
+    // A curated file's bounds are in the Delta log, however many rows the commit holds (one
+    // that spans several row groups turns statistics back on: see the test below).
     assert_eq!(stats(&[rows(1000)], true), EnabledStatistics::None);
-    // Rows for more than one row group keep Parquet's statistics, which prune within the file,
-    // as compaction's files do.
-    assert_eq!(stats(&[rows(100_000), rows(40_000)], true), EnabledStatistics::Chunk);
+    assert_eq!(stats(&[rows(100_000), rows(40_000)], true), EnabledStatistics::None);
+    // Compaction's files keep Parquet's statistics, which prune within the file.
     assert_eq!(stats(&[rows(1000)], false), EnabledStatistics::Chunk);
+}
+
+/// A curated file of one row group keeps the rows in arrival order, with `_received_at`
+/// delta-encoded (a non-decreasing run costs almost nothing); rows for several row groups are
+/// sorted by event time, so that each group's statistics prune.
+#[test]
+fn curated_files_keep_arrival_order_unless_they_span_row_groups() {
+    use deltalake::arrow::array::{Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use deltalake::parquet::basic::Encoding;
+    let spec = DatasetSpec::from_yaml(
+        "name: ev\nfields:\n  - { name: event_id, type: string }\n  - { name: ts, type: timestamp, required: true }\nevent_id: event_id\nevent_time: ts\n",
+    )
+    .expect("spec");
+    // Arrival order runs against event time: the last to arrive happened first.
+    let n = 6i64;
+    let ts = |v: Vec<i64>| Arc::new(TimestampMicrosecondArray::from(v).with_timezone("UTC"));
+    let batch = RecordBatch::try_new(
+        tarn_collector::arrow_schema(&spec),
+        vec![
+            Arc::new(StringArray::from((0..n).map(|i| format!("e{i}")).collect::<Vec<_>>())),
+            ts((0..n).map(|i| 1_000_000 * (n - i)).collect()),
+            ts((0..n).map(|i| 10 * i).collect()),
+            Arc::new(StringArray::from(vec!["1970-01-01"; n as usize])),
+        ],
+    )
+    .expect("batch");
+    let batches = vec![batch];
+    let parts = crate::datafile::group_by_partition(&spec, &batches).expect("group");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |props: deltalake::parquet::file::properties::WriterProperties, version: i64| {
+        let files = crate::datafile::FileSet {
+            table_dir: Some(dir.path()),
+            writer: None,
+            spec: &spec,
+            props,
+            shard: 0,
+            version,
+        };
+        let (add, _) = files.write(&batches, &parts[0]).expect("write");
+        let file = std::fs::File::open(dir.path().join(&add.path)).expect("open");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).expect("reader");
+        let received = reader.metadata().row_group(0).column(2);
+        let received_encodings = received.encodings().collect::<Vec<_>>();
+        let with_stats = received.statistics().is_some();
+        let ids: Vec<String> = reader
+            .build()
+            .expect("build")
+            .flat_map(|b| {
+                let b = b.expect("batch");
+                let ids = b.column(0).as_any().downcast_ref::<StringArray>().expect("ids").clone();
+                (0..ids.len()).map(move |i| ids.value(i).to_string())
+            })
+            .collect();
+        (ids, received_encodings, with_stats)
+    };
+    let arrival: Vec<String> = (0..n).map(|i| format!("e{i}")).collect();
+    let props = crate::table::writer_properties(&spec, &batches, true);
+    let (ids, received, with_stats) = write(props.clone(), 1);
+    assert_eq!(ids, arrival, "one row group: arrival order");
+    assert!(received.contains(&Encoding::DELTA_BINARY_PACKED), "{received:?}");
+    assert!(!received.contains(&Encoding::RLE_DICTIONARY), "{received:?}");
+    assert!(!with_stats, "one row group: the bounds are in the Delta log only");
+    let groups_of_two = props.into_builder().set_max_row_group_row_count(Some(2)).build();
+    let (ids, _, with_stats) = write(groups_of_two, 2);
+    let by_time: Vec<String> = arrival.iter().rev().cloned().collect();
+    assert_eq!(ids, by_time, "several row groups: event-time order");
+    assert!(with_stats, "several row groups: statistics to prune within the file");
 }
