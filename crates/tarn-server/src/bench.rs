@@ -677,11 +677,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             );
             println!("  ratio tarn/duckdb throughput (to ack)      {:.2}x", rate / duck_rate);
             println!(
-                "  ratio tarn/duckdb output size (parquet)    {:.2}x",
+                "  ratio tarn/duckdb output size (parquet)    {:.3}x",
                 parquet_bytes as f64 / bytes
             );
             println!(
-                "  ratio tarn/duckdb output size at rest      {:.2}x",
+                "  ratio tarn/duckdb output size at rest      {:.3}x",
                 rest_bytes as f64 / bytes
             );
         }
