@@ -179,9 +179,11 @@ impl Collector {
             dataset: dataset.to_string(),
             received_at: self.clock.now_micros(),
         };
+        let preparing = std::time::Instant::now();
         let p = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
             .await
             .map_err(|e| Error::Internal(format!("decoder task: {e}")))??;
+        self.metrics.prepare.record(preparing.elapsed());
         // One request goes to one shard, its records in order; the next request to the next.
         let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Dead letters are durable before the answer too: a rejected event is never only in a

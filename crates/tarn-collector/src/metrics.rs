@@ -4,15 +4,15 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 /// Upper bounds (milliseconds) of the ingest latency histogram buckets.
-pub const LATENCY_BUCKETS_MS: [f64; 12] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+pub const LATENCY_BUCKETS_MS: [f64; 16] = [
+    1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
 ];
 
 /// A latency histogram over [`LATENCY_BUCKETS_MS`].
 #[derive(Debug, Default)]
 pub struct Histogram {
     /// Cumulative counts per bucket, plus +Inf at the end.
-    pub buckets: [AtomicU64; 13],
+    pub buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     pub sum_us: AtomicU64,
 }
 
@@ -57,6 +57,9 @@ pub struct IngestMetrics {
     pub body_bytes: AtomicU64,
     /// Whole requests: decoding, checking, encoding and the durable append.
     pub latency: Histogram,
+    /// Decoding, checking and encoding a request's events on a blocking thread, from the
+    /// hand-off (so a wait for a free thread counts) to the encoded records.
+    pub prepare: Histogram,
     /// The durable appends of a request's records alone (the wait for a turn in a group
     /// commit, the write and the sync).
     pub append: Histogram,

@@ -765,6 +765,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "tarn_ingest_latency_seconds",
         "Time from request received to its events durable: decoding, checks, encoding and append.",
     );
+    m.prepare.render(
+        &mut out,
+        "tarn_ingest_prepare_seconds",
+        "Time of a request's decoding, checks and encoding on a blocking thread, waiting for one included.",
+    );
     m.append.render(
         &mut out,
         "tarn_ingest_append_seconds",

@@ -294,7 +294,7 @@ async fn bad_input_gets_clear_errors() {
         .expect("text");
     assert!(m.contains("tarn_ingest_events_accepted_total 1"), "{m}");
     assert!(m.contains("tarn_ingest_events_rejected_total 3"), "{m}");
-    // Both requests that were read are in the whole-request histogram; only the one that
+    // Both requests that were read are in the whole-request and prepare histograms; only the one that
     // appended events (not the one whose every event was rejected) is in the append histogram.
     let count = |name: &str| {
         m.lines()
@@ -303,6 +303,7 @@ async fn bad_input_gets_clear_errors() {
             .unwrap_or_else(|| panic!("{name} in {m}"))
     };
     assert_eq!(count("tarn_ingest_latency_seconds"), 2, "{m}");
+    assert_eq!(count("tarn_ingest_prepare_seconds"), 2, "{m}");
     assert_eq!(count("tarn_ingest_append_seconds"), 1, "{m}");
     let h = c.get(format!("{}/healthz", s.url)).send().await.expect("healthz");
     assert_eq!(h.status().as_u16(), 200);
