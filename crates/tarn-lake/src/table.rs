@@ -540,17 +540,16 @@ const ROW_GROUP_ROWS_MAX: usize = 128 * 1024;
 /// Parquet settings of curated files: zstd (level 1 for `small` files, which compaction
 /// rewrites at level 3 later; level 3 otherwise); statistics per column chunk, except in `small`
 /// files, whose bounds the Delta log's statistics already hold (files are pruned on those), so
-/// Parquet's copy in every footer only made them bigger (page-level indexes too): a `small` file
-/// that spans several row groups turns them back on (`FileSet::write`); a dictionary only for the columns whose
-/// values repeat (a string column when, in a sample of the rows, fewer than half of its values
-/// are distinct; an integer column when fewer than a tenth are); and for the rest an encoding
-/// that suits the type: delta encoding for timestamps and integers (rows are in event time or
-/// arrival order, so the deltas are small; `_received_at` too), plain values for floats and
-/// strings. Event ids never get
-/// a dictionary. Strings without one (ids, URLs) get no Parquet statistics: their bounds are in
-/// the Delta log already, and in a footer repeated in every small file they cost more than
-/// they prune. `small` files (curate's, one per partition and commit) also skip the offset
-/// index, which only helps files of many pages.
+/// Parquet's copy in every footer only made them bigger (page-level indexes too); a `small` file
+/// that spans several row groups turns them back on (`FileSet::write`). A dictionary only for
+/// the columns whose values repeat (a string column when, in a sample of the rows, fewer than
+/// half of its values are distinct; an integer column when fewer than a tenth are); and for the
+/// rest an encoding that suits the type: delta encoding for timestamps and integers (rows are in
+/// event-time or arrival order, so the deltas are small; `_received_at` too), plain values for
+/// floats and strings. Event ids never get a dictionary. Strings without one (ids, URLs) get no
+/// Parquet statistics: their bounds are in the Delta log already, and in a footer repeated in
+/// every small file they cost more than they prune. `small` files (curate's, one per partition
+/// and commit) also skip the offset index, which only helps files of many pages.
 pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: bool) -> WriterProperties {
     let mut b = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
