@@ -141,17 +141,19 @@ impl FileSet<'_> {
             .props
             .max_row_group_row_count()
             .is_some_and(|max| rows.num_rows() > max);
-        let (rows, props) = if groups {
-            let props = self
-                .props
+        let rows = if groups {
+            sorted_by_event_time(self.spec, rows)?
+        } else {
+            rows
+        };
+        let with_stats = groups.then(|| {
+            self.props
                 .clone()
                 .into_builder()
                 .set_statistics_enabled(EnabledStatistics::Chunk)
-                .build();
-            (sorted_by_event_time(self.spec, rows)?, props)
-        } else {
-            (rows, self.props.clone())
-        };
+                .build()
+        });
+        let props = with_stats.as_ref().unwrap_or(&self.props);
         let dir = partition_dir(self.spec, &part.day, part.tenant.as_deref())?;
         let rel = match self.writer {
             None => format!("{dir}/part-{:03}-{:020}.zstd.parquet", self.shard, self.version),
@@ -161,11 +163,11 @@ impl FileSet<'_> {
         let rows = std::iter::once(Ok(rows));
         let (size, stats, body) = match self.table_dir {
             Some(dir) => {
-                let (size, stats) = write_parquet(dir, &rel, schema, &props, rows)?;
+                let (size, stats) = write_parquet(dir, &rel, schema, props, rows)?;
                 (size, stats, None)
             }
             None => {
-                let (body, stats) = encode_parquet(Vec::new(), &rel, schema, &props, rows)?;
+                let (body, stats) = encode_parquet(Vec::new(), &rel, schema, props, rows)?;
                 (body.len() as u64, stats, Some(body))
             }
         };

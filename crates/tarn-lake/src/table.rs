@@ -561,8 +561,7 @@ pub fn writer_properties(spec: &DatasetSpec, batches: &[RecordBatch], small: boo
             EnabledStatistics::Chunk
         })
         .set_offset_index_disabled(small)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS_MAX));
-    b = b
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS_MAX))
         .set_column_dictionary_enabled(ColumnPath::from(RECEIVED_AT), false)
         .set_column_encoding(ColumnPath::from(RECEIVED_AT), Encoding::DELTA_BINARY_PACKED);
     for f in &spec.fields {

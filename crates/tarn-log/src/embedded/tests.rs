@@ -91,6 +91,15 @@ fn concurrent_appends_get_distinct_sequences() {
     assert_eq!(read_all(&t, 0).len(), 200);
 }
 
+/// Appends `payloads` to `t` in order, each one durable before the next.
+fn append_each(rt: &tokio::runtime::Runtime, t: &Topic, payloads: impl IntoIterator<Item = Vec<u8>>) {
+    rt.block_on(async {
+        for p in payloads {
+            t.append(p).await.expect("append");
+        }
+    });
+}
+
 fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .expect("read_dir")
@@ -105,11 +114,7 @@ fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
 fn fill(dir: &std::path::Path, opts: LogOptions, n: u8, size: usize) {
     let log = Log::open(dir, opts).expect("open");
     let t = log.topic("t").expect("topic");
-    rt().block_on(async {
-        for i in 0..n {
-            t.append(vec![i; size]).await.expect("append");
-        }
-    });
+    append_each(&rt(), &t, (0..n).map(|i| vec![i; size]));
 }
 
 #[test]
@@ -198,11 +203,7 @@ fn corruption_in_a_closed_segment_is_an_error_not_a_skip() {
     let rt = rt();
     let log = Log::open(dir.path(), opts(200)).expect("open");
     let t = log.topic("t").expect("topic");
-    rt.block_on(async {
-        for i in 0..6u8 {
-            t.append(vec![i; 64]).await.expect("append");
-        }
-    });
+    append_each(&rt, &t, (0..6u8).map(|i| vec![i; 64]));
     let first = segment::segment_path(&dir.path().join("t"), 0);
     let mut bytes = std::fs::read(&first).expect("read");
     let at = HEADER_LEN as usize + 16 + 5;
@@ -228,11 +229,7 @@ fn reused_segments_never_yield_their_old_records() {
         let log = Log::open(dir.path(), opts(400)).expect("open");
         let a = log.topic("a").expect("topic");
         a.register_group("g").expect("group");
-        rt.block_on(async {
-            for i in 0..8u8 {
-                a.append(vec![i; 50]).await.expect("append");
-            }
-        });
+        append_each(&rt, &a, (0..8u8).map(|i| vec![i; 50]));
         a.commit("g", 8).expect("commit");
         assert_eq!(a.apply_retention().expect("retention"), 1);
         assert_eq!(spares(), 1, "the consumed segment is kept for reuse");
@@ -243,11 +240,7 @@ fn reused_segments_never_yield_their_old_records() {
             std::fs::metadata(&seg).expect("meta").len() > 300,
             "the reused file still holds the old records"
         );
-        rt.block_on(async {
-            for i in 0..2u8 {
-                b.append(vec![100 + i; 50]).await.expect("append");
-            }
-        });
+        append_each(&rt, &b, (0..2u8).map(|i| vec![100 + i; 50]));
     }
     let log = Log::open(dir.path(), opts(400)).expect("reopen");
     let b = log.topic("b").expect("topic");
@@ -259,11 +252,7 @@ fn reused_segments_never_yield_their_old_records() {
     let recs = read_all(&b, 0);
     assert_eq!(recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(), [100, 101]);
     // Appends go on where the records end.
-    rt.block_on(async {
-        for i in 2..12u8 {
-            b.append(vec![100 + i; 50]).await.expect("append");
-        }
-    });
+    append_each(&rt, &b, (2..12u8).map(|i| vec![100 + i; 50]));
     let recs = read_all(&b, 0);
     assert_eq!(recs.len(), 12);
     for (i, r) in recs.iter().enumerate() {
@@ -272,11 +261,7 @@ fn reused_segments_never_yield_their_old_records() {
     // A reused file that rolls before its records reach its old length is cut at its last
     // record, so that a closed segment's length is where its records end.
     let a = log.topic("a").expect("topic");
-    rt.block_on(async {
-        for i in 8..16u8 {
-            a.append(vec![i; 50]).await.expect("append");
-        }
-    });
+    append_each(&rt, &a, (8..16u8).map(|i| vec![i; 50]));
     a.commit("g", 16).expect("commit");
     assert!(a.apply_retention().expect("retention") >= 1);
     let c = log.topic("c").expect("topic");
@@ -307,11 +292,7 @@ fn a_cursor_in_a_reused_segment_reads_each_new_record() {
     let log = Log::open(dir.path(), opts(4000)).expect("open");
     let a = log.topic("a").expect("topic");
     a.register_group("g").expect("group");
-    rt.block_on(async {
-        for i in 0..80u8 {
-            a.append(vec![i; 100]).await.expect("append");
-        }
-    });
+    append_each(&rt, &a, (0..80u8).map(|i| vec![i; 100]));
     a.commit("g", 80).expect("commit");
     assert!(a.apply_retention().expect("retention") >= 1);
     let b = log.topic("b").expect("topic");
@@ -351,11 +332,7 @@ fn segments_of_the_first_format_are_still_read_and_appended_to() {
     let log = Log::open(dir.path(), opts(200)).expect("open");
     let t = log.topic("t").expect("topic");
     assert_eq!(t.durable_end(), 3);
-    rt.block_on(async {
-        for i in 3..12u8 {
-            t.append(vec![i + 7; 20]).await.expect("append");
-        }
-    });
+    append_each(&rt, &t, (3..12u8).map(|i| vec![i + 7; 20]));
     drop(log);
     let log = Log::open(dir.path(), opts(200)).expect("reopen");
     let t = log.topic("t").expect("topic");
@@ -376,11 +353,7 @@ fn offsets_survive_reopen_and_retention_removes_consumed_segments() {
         let t = log.topic("t").expect("topic");
         assert_eq!(t.register_group("a").expect("group"), 0);
         assert_eq!(t.register_group("b").expect("group"), 0);
-        rt.block_on(async {
-            for i in 0..40u8 {
-                t.append(vec![i; 50]).await.expect("append");
-            }
-        });
+        append_each(&rt, &t, (0..40u8).map(|i| vec![i; 50]));
         let before = t.stats().segments;
         assert!(before > 4);
         t.commit("a", 30).expect("commit");
