@@ -6,6 +6,7 @@
 
 mod decode;
 mod encode;
+mod flat;
 mod metrics;
 mod parse;
 mod validate;

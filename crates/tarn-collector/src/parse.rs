@@ -10,11 +10,14 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use tarn_core::FieldType;
 use tarn_core::contract::parse_rfc3339_micros;
 
-/// A value converted to its field's type.
+use crate::flat::parse_flat;
+
+/// A value converted to its field's type; a string borrows the request's text unless it held
+/// escapes.
 #[derive(Debug, PartialEq)]
-pub(crate) enum Cell {
+pub(crate) enum Cell<'a> {
     Null,
-    Str(String),
+    Str(Cow<'a, str>),
     I64(i64),
     F64(f64),
     Bool(bool),
@@ -23,12 +26,12 @@ pub(crate) enum Cell {
 
 /// Per-event parse output: for each declared field, nothing (absent), a cell, or why the value
 /// does not fit its type; and the first undeclared key.
-pub(crate) struct Slots {
-    pub cells: Vec<Option<Result<Cell, String>>>,
+pub(crate) struct Slots<'a> {
+    pub cells: Vec<Option<Result<Cell<'a>, String>>>,
     pub unknown: Option<String>,
 }
 
-impl Slots {
+impl Slots<'_> {
     pub fn new(fields: usize) -> Self {
         Self {
             cells: (0..fields).map(|_| None).collect(),
@@ -47,12 +50,35 @@ impl Slots {
 /// The contract as the parser needs it.
 pub(crate) struct Shape<'a> {
     pub types: Vec<FieldType>,
+    /// The fields' names, in the contract's order.
+    pub names: Vec<&'a str>,
     pub index: HashMap<&'a str, usize>,
     pub track_unknown: bool,
 }
 
+impl<'a> Shape<'a> {
+    /// The position of field `key`; `next` is tried first, as producers mostly write the
+    /// fields in the contract's order, and a comparison is cheaper than hashing the key.
+    pub fn position(&self, key: &str, next: usize) -> Option<usize> {
+        match self.names.get(next) {
+            Some(name) if *name == key => Some(next),
+            _ => self.index.get(key).copied(),
+        }
+    }
+}
+
 /// Parses one event's JSON text into `slots`. An error means the text is not a JSON object.
-pub(crate) fn parse_event(text: &str, shape: &Shape<'_>, slots: &mut Slots) -> Result<(), String> {
+/// The common event takes [`parse_flat`]; the rest, and every error, serde_json.
+pub(crate) fn parse_event<'a>(text: &'a str, shape: &Shape<'_>, slots: &mut Slots<'a>) -> Result<(), String> {
+    slots.clear();
+    if parse_flat(text, shape, slots) {
+        return Ok(());
+    }
+    parse_event_serde(text, shape, slots)
+}
+
+/// Parses one event with serde_json alone.
+pub(crate) fn parse_event_serde<'a>(text: &'a str, shape: &Shape<'_>, slots: &mut Slots<'a>) -> Result<(), String> {
     slots.clear();
     let mut de = serde_json::Deserializer::from_str(text);
     EventSeed { shape, slots }
@@ -61,19 +87,19 @@ pub(crate) fn parse_event(text: &str, shape: &Shape<'_>, slots: &mut Slots) -> R
         .map_err(|e| e.to_string())
 }
 
-struct EventSeed<'s, 'a> {
+struct EventSeed<'s, 'a, 'de> {
     shape: &'s Shape<'a>,
-    slots: &'s mut Slots,
+    slots: &'s mut Slots<'de>,
 }
 
-impl<'de> DeserializeSeed<'de> for EventSeed<'_, '_> {
+impl<'de> DeserializeSeed<'de> for EventSeed<'_, '_, 'de> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for EventSeed<'_, '_> {
+impl<'de> Visitor<'de> for EventSeed<'_, '_, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -81,11 +107,13 @@ impl<'de> Visitor<'de> for EventSeed<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut next = 0;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            match self.shape.index.get(key.as_ref()) {
-                Some(&i) => {
+            match self.shape.position(&key, next) {
+                Some(i) => {
                     let cell = map.next_value_seed(CellSeed(self.shape.types[i]))?;
                     self.slots.cells[i] = Some(cell);
+                    next = i + 1;
                 }
                 None => {
                     if self.shape.track_unknown && self.slots.unknown.is_none() {
@@ -126,7 +154,7 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 struct CellSeed(FieldType);
 
 impl<'de> DeserializeSeed<'de> for CellSeed {
-    type Value = Result<Cell, String>;
+    type Value = Result<Cell<'de>, String>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         if self.0 == FieldType::Json {
             let raw: &'de serde_json::value::RawValue = de::Deserialize::deserialize(d)?;
@@ -134,7 +162,7 @@ impl<'de> DeserializeSeed<'de> for CellSeed {
             return Ok(Ok(if text == "null" {
                 Cell::Null
             } else {
-                Cell::Str(text.to_string())
+                Cell::Str(Cow::Borrowed(text))
             }));
         }
         d.deserialize_any(CellVisitor(self.0))
@@ -144,13 +172,13 @@ impl<'de> DeserializeSeed<'de> for CellSeed {
 struct CellVisitor(FieldType);
 
 impl CellVisitor {
-    fn wrong(&self, got: &str) -> Result<Cell, String> {
+    fn wrong<'de>(&self, got: &str) -> Result<Cell<'de>, String> {
         Err(format!("expected {}, got {got}", self.0.as_str()))
     }
 }
 
 impl<'de> Visitor<'de> for CellVisitor {
-    type Value = Result<Cell, String>;
+    type Value = Result<Cell<'de>, String>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON value")
@@ -196,9 +224,16 @@ impl<'de> Visitor<'de> for CellVisitor {
         })
     }
 
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        match self.0 {
+            FieldType::String => Ok(Ok(Cell::Str(Cow::Borrowed(v)))),
+            _ => self.visit_str(v),
+        }
+    }
+
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(match self.0 {
-            FieldType::String => Ok(Cell::Str(v.to_string())),
+            FieldType::String => Ok(Cell::Str(Cow::Owned(v.to_string()))),
             FieldType::Timestamp => match parse_rfc3339_micros(v) {
                 Some(t) => Ok(Cell::Ts(t)),
                 None => Err(format!("expected an RFC 3339 timestamp, got {v:?}")),
@@ -209,7 +244,7 @@ impl<'de> Visitor<'de> for CellVisitor {
 
     fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
         match self.0 {
-            FieldType::String => Ok(Ok(Cell::Str(v))),
+            FieldType::String => Ok(Ok(Cell::Str(Cow::Owned(v)))),
             _ => self.visit_str(&v),
         }
     }
@@ -249,6 +284,7 @@ mod tests {
         ];
         Shape {
             types,
+            names: names.to_vec(),
             index: names.iter().enumerate().map(|(i, n)| (*n, i)).collect(),
             track_unknown: true,
         }

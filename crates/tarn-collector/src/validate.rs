@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
-use tarn_core::contract::{DAY, RECEIVED_AT, day_of_micros};
+use tarn_core::contract::{DAY, DayOf, RECEIVED_AT, day_of_micros};
 use tarn_core::{DatasetSpec, FieldType, Limits, UnknownFields};
 
 use crate::decode::RawEvent;
@@ -84,6 +84,7 @@ pub(crate) fn check_and_build(
     let mut cols: Vec<Col> = spec.fields.iter().map(|f| Col::new(f.ty, n)).collect();
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut days = StringBuilder::with_capacity(n, n * 10);
+    let mut day_of = DayOf::default();
     let mut errors = Vec::new();
     let mut accepted = 0usize;
     let time_idx = spec
@@ -95,6 +96,7 @@ pub(crate) fn check_and_build(
     let mut cells: Vec<Cell> = Vec::with_capacity(spec.fields.len());
     let shape = Shape {
         types: spec.fields.iter().map(|f| f.ty).collect(),
+        names: spec.fields.iter().map(|f| f.name.as_str()).collect(),
         index: spec
             .fields
             .iter()
@@ -136,7 +138,7 @@ pub(crate) fn check_and_build(
                     Some(Err(r)) => return Err(reject(Some(&f.name), r)),
                 };
                 let cell = match cell {
-                    Cell::Null if Some(i) == id_idx => Cell::Str(new_event_id()),
+                    Cell::Null if Some(i) == id_idx => Cell::Str(new_event_id().into()),
                     Cell::Null if f.required => {
                         return Err(reject(Some(&f.name), "required field is missing or null".into()));
                     }
@@ -164,7 +166,7 @@ pub(crate) fn check_and_build(
             Some(Cell::Ts(t)) => *t,
             _ => received_at,
         };
-        days.append_value(day_of_micros(time));
+        days.append_value(day_of.of(time));
         received.append_value(received_at);
         for (col, cell) in cols.iter_mut().zip(cells.drain(..)) {
             col.push(cell);

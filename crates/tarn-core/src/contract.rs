@@ -958,10 +958,61 @@ pub fn parse_rfc3339_micros(s: &str) -> Option<i64> {
 
 /// The UTC day (`YYYY-MM-DD`) of a timestamp in microseconds.
 pub fn day_of_micros(micros: i64) -> String {
-    let secs = micros.div_euclid(1_000_000);
-    match chrono::DateTime::from_timestamp(secs, 0) {
-        Some(t) => t.format("%Y-%m-%d").to_string(),
-        None => "1970-01-01".to_string(),
+    let mut text = String::with_capacity(10);
+    push_day(micros, &mut text);
+    text
+}
+
+/// Appends the UTC day of `micros` to `out`. Years 0 to 9999 are written digit by digit (a
+/// request's events each need theirs); others go through chrono's formatting.
+fn push_day(micros: i64, out: &mut String) {
+    use chrono::Datelike;
+    let Some(t) = chrono::DateTime::from_timestamp(micros.div_euclid(1_000_000), 0) else {
+        out.push_str("1970-01-01");
+        return;
+    };
+    let (y, m, d) = (t.year(), t.month(), t.day());
+    if !(0..=9999).contains(&y) {
+        use std::fmt::Write;
+        let _ = write!(out, "{}", t.format("%Y-%m-%d"));
+        return;
+    }
+    let y = y as u32;
+    let digits = [
+        y / 1000,
+        y / 100 % 10,
+        y / 10 % 10,
+        y % 10,
+        m / 10,
+        m % 10,
+        d / 10,
+        d % 10,
+    ];
+    for (i, v) in digits.into_iter().enumerate() {
+        if i == 4 || i == 6 {
+            out.push('-');
+        }
+        out.push(char::from(b'0' + v as u8));
+    }
+}
+
+/// The UTC day of each of many timestamps, reusing the last day's text while they fall on it.
+#[derive(Debug, Default)]
+pub struct DayOf {
+    day: Option<i64>,
+    text: String,
+}
+
+impl DayOf {
+    /// The day (`YYYY-MM-DD`) of `micros`, as [`day_of_micros`] gives it.
+    pub fn of(&mut self, micros: i64) -> &str {
+        let day = micros.div_euclid(86_400_000_000);
+        if self.day != Some(day) {
+            self.text.clear();
+            push_day(micros, &mut self.text);
+            self.day = Some(day);
+        }
+        &self.text
     }
 }
 
@@ -1256,5 +1307,35 @@ partitioning: { tenant: client_id }
         assert_eq!(day_of_micros(-1), "1969-12-31");
         let t = parse_rfc3339_micros("2026-11-22T23:59:59.999999-01:00").expect("parses");
         assert_eq!(day_of_micros(t), "2026-11-23");
+    }
+
+    /// The digit-by-digit days agree with chrono's formatting: on every day of 1900 to 2200
+    /// and around the years 0 and 10000 (where the digits end), at both ends of each day, and
+    /// at the ends of the range.
+    #[test]
+    fn days_match_chrono_formatting() {
+        let chrono_day = |micros: i64| match chrono::DateTime::from_timestamp(micros.div_euclid(1_000_000), 0) {
+            Some(t) => t.format("%Y-%m-%d").to_string(),
+            None => "1970-01-01".to_string(),
+        };
+        let day_us = 86_400_000_000_i64;
+        // 365.2425 days a year.
+        let day_of_year = |y: i64| (y - 1970) * 3_652_425 / 10_000 * day_us;
+        let mut days = DayOf::default();
+        for (from, to) in [(-2, 2), (1900, 2200), (9998, 10_002)] {
+            let mut t = day_of_year(from);
+            while t < day_of_year(to) {
+                for m in [t, t + day_us - 1] {
+                    assert_eq!(day_of_micros(m), chrono_day(m), "{m}");
+                    assert_eq!(days.of(m), chrono_day(m), "{m}");
+                }
+                t += day_us;
+            }
+        }
+        for m in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX - 1, i64::MAX] {
+            assert_eq!(day_of_micros(m), chrono_day(m), "{m}");
+            assert_eq!(days.of(m), chrono_day(m), "{m}");
+        }
+        assert_eq!(day_of_micros(253_402_300_800_000_000), "+10000-01-01");
     }
 }

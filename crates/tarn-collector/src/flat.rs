@@ -1,0 +1,380 @@
+//! The common event without serde: one flat JSON object whose strings hold no escapes and
+//! whose values are the scalars their fields' types take. Anything else (an escape, a nested
+//! value, a value its field's type refuses, malformed text) makes [`parse_flat`] give up, and
+//! the caller parses the event again with serde_json, which gives the same cells or the error.
+//! So this parser never decides that an event is wrong; it only makes the right ones cheaper.
+
+use std::borrow::Cow;
+
+use tarn_core::FieldType;
+use tarn_core::contract::parse_rfc3339_micros;
+
+use crate::parse::{Cell, Shape, Slots};
+
+/// Fills `slots` from `text` when it is the common case; false when it is not (with `slots`
+/// partly filled, for the caller to clear).
+pub(crate) fn parse_flat<'a>(text: &'a str, shape: &Shape<'_>, slots: &mut Slots<'a>) -> bool {
+    let mut s = Scan { text, i: 0 };
+    s.object(shape, slots).is_some()
+}
+
+struct Scan<'a> {
+    text: &'a str,
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn bytes(&self) -> &'a [u8] {
+        self.text.as_bytes()
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.bytes().get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, b: u8) -> Option<()> {
+        (self.peek()? == b).then(|| self.i += 1)
+    }
+
+    fn literal(&mut self, word: &str) -> Option<()> {
+        self.bytes()[self.i..]
+            .starts_with(word.as_bytes())
+            .then(|| self.i += word.len())
+    }
+
+    fn object(&mut self, shape: &Shape<'_>, slots: &mut Slots<'a>) -> Option<()> {
+        self.ws();
+        self.eat(b'{')?;
+        self.ws();
+        if self.eat(b'}').is_none() {
+            let mut next = 0;
+            loop {
+                self.eat(b'"')?;
+                let key = self.string()?;
+                self.ws();
+                self.eat(b':')?;
+                self.ws();
+                match shape.position(key, next) {
+                    Some(i) => {
+                        slots.cells[i] = Some(Ok(self.value(shape.types[i])?));
+                        next = i + 1;
+                    }
+                    None => {
+                        if shape.track_unknown && slots.unknown.is_none() {
+                            slots.unknown = Some(key.to_string());
+                        }
+                        self.value(FieldType::Json)?;
+                    }
+                }
+                self.ws();
+                match self.peek()? {
+                    b',' => {
+                        self.i += 1;
+                        self.ws();
+                    }
+                    b'}' => {
+                        self.i += 1;
+                        break;
+                    }
+                    _ => return None,
+                }
+            }
+        }
+        self.ws();
+        (self.i == self.text.len()).then_some(())
+    }
+
+    /// A string's text, after its opening quote; none when it holds an escape or a control
+    /// character (which JSON forbids raw), or is not closed.
+    fn string(&mut self) -> Option<&'a str> {
+        let start = self.i;
+        let rest = &self.bytes()[start..];
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest[end] != b'"' || rest[..end].iter().fold(false, |c, b| c | (*b < 0x20)) {
+            return None;
+        }
+        self.i = start + end + 1;
+        // Both ends are ASCII quotes, so this is on character boundaries.
+        self.text.get(start..start + end)
+    }
+
+    /// A number's text, and whether it is an integer, when it is one of the JSON grammar.
+    fn number(&mut self) -> Option<(&'a str, bool)> {
+        let start = self.i;
+        let b = self.bytes();
+        let digits = |mut i: usize| {
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            i
+        };
+        let mut i = start + usize::from(b[start] == b'-');
+        let int_end = digits(i);
+        // One digit, or several without a leading zero.
+        if int_end == i || (b[i] == b'0' && int_end > i + 1) {
+            return None;
+        }
+        i = int_end;
+        let mut integer = true;
+        if b.get(i) == Some(&b'.') {
+            let frac_end = digits(i + 1);
+            if frac_end == i + 1 {
+                return None;
+            }
+            i = frac_end;
+            integer = false;
+        }
+        if let Some(b'e' | b'E') = b.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = b.get(i) {
+                i += 1;
+            }
+            let exp_end = digits(i);
+            if exp_end == i {
+                return None;
+            }
+            i = exp_end;
+            integer = false;
+        }
+        self.i = i;
+        Some((&self.text[start..i], integer))
+    }
+
+    /// A value converted to `ty`, as `parse::CellVisitor` converts it; `Json` takes any scalar
+    /// as its text (and skips an undeclared field's value).
+    fn value(&mut self, ty: FieldType) -> Option<Cell<'a>> {
+        let start = self.i;
+        match self.peek()? {
+            b'"' => {
+                self.i += 1;
+                let s = self.string()?;
+                match ty {
+                    FieldType::String => Some(Cell::Str(Cow::Borrowed(s))),
+                    FieldType::Timestamp => parse_rfc3339_micros(s).map(Cell::Ts),
+                    FieldType::Json => Some(Cell::Str(Cow::Borrowed(&self.text[start..self.i]))),
+                    _ => None,
+                }
+            }
+            b'n' => {
+                self.literal("null")?;
+                Some(Cell::Null)
+            }
+            c @ (b't' | b'f') => {
+                let v = c == b't';
+                self.literal(if v { "true" } else { "false" })?;
+                match ty {
+                    FieldType::Bool => Some(Cell::Bool(v)),
+                    FieldType::Json => Some(Cell::Str(Cow::Borrowed(&self.text[start..self.i]))),
+                    _ => None,
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let (n, integer) = self.number()?;
+                // serde_json reads `-0` as a float (-0.0), which an int64 field refuses.
+                if n == "-0" {
+                    return None;
+                }
+                match ty {
+                    FieldType::Int64 if integer => n.parse().ok().map(Cell::I64),
+                    FieldType::Timestamp if integer => n.parse::<i64>().ok()?.checked_mul(1000).map(Cell::Ts),
+                    FieldType::Float64 if integer => n.parse::<i64>().ok().map(|v| Cell::F64(v as f64)),
+                    // Up to 15 digits and no exponent, serde_json's result is exact, as is
+                    // Rust's; past that they may round differently, so serde_json decides.
+                    FieldType::Float64
+                        if !n.contains(['e', 'E']) && n.bytes().filter(u8::is_ascii_digit).count() <= 15 =>
+                    {
+                        n.parse().ok().map(Cell::F64)
+                    }
+                    FieldType::Json => Some(Cell::Str(Cow::Borrowed(n))),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::parse::parse_event_serde;
+
+    const NAMES: [&str; 6] = ["s", "i", "f", "b", "t", "j"];
+    const TYPES: [FieldType; 6] = [
+        FieldType::String,
+        FieldType::Int64,
+        FieldType::Float64,
+        FieldType::Bool,
+        FieldType::Timestamp,
+        FieldType::Json,
+    ];
+
+    fn shape(track_unknown: bool) -> Shape<'static> {
+        Shape {
+            types: TYPES.to_vec(),
+            names: NAMES.to_vec(),
+            index: NAMES
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (*n, i))
+                .collect::<HashMap<_, _>>(),
+            track_unknown,
+        }
+    }
+
+    /// What a parse gave: the outcome and every slot, owned, to compare two parses.
+    fn outcome(text: &str, shape: &Shape<'_>, serde_only: bool) -> String {
+        let mut slots = Slots::new(NAMES.len());
+        let res = if serde_only {
+            parse_event_serde(text, shape, &mut slots)
+        } else {
+            crate::parse::parse_event(text, shape, &mut slots)
+        };
+        // Debug output shows a float's sign and every digit needed to tell two apart.
+        format!("{:?} {:?} {:?}", res.is_ok(), slots.cells, slots.unknown)
+    }
+
+    #[test]
+    fn takes_the_common_event() {
+        let sh = shape(true);
+        let mut slots = Slots::new(NAMES.len());
+        let text = r#" {"s":"plain text","i":-42,"f":16.2933,"b":false,"t":"2025-11-22T10:00:00.250Z","j":7} "#;
+        assert!(parse_flat(text, &sh, &mut slots));
+        assert_eq!(slots.cells[0], Some(Ok(Cell::Str(Cow::Borrowed("plain text")))));
+        assert_eq!(slots.cells[1], Some(Ok(Cell::I64(-42))));
+        assert_eq!(slots.cells[2], Some(Ok(Cell::F64(16.2933))));
+        assert_eq!(slots.cells[3], Some(Ok(Cell::Bool(false))));
+        assert_eq!(slots.cells[4], Some(Ok(Cell::Ts(1_763_805_600_250_000))));
+        assert_eq!(slots.cells[5], Some(Ok(Cell::Str(Cow::Borrowed("7")))));
+        assert_eq!(slots.unknown, None);
+        // Out of order, with an undeclared scalar and epoch milliseconds.
+        let mut slots = Slots::new(NAMES.len());
+        let text = r#"{"t":1763805600250,"zz":null,"s":null,"j":"x","f":3}"#;
+        assert!(parse_flat(text, &sh, &mut slots));
+        assert_eq!(slots.cells[4], Some(Ok(Cell::Ts(1_763_805_600_250_000))));
+        assert_eq!(slots.cells[0], Some(Ok(Cell::Null)));
+        assert_eq!(slots.cells[5], Some(Ok(Cell::Str(Cow::Borrowed("\"x\"")))));
+        assert_eq!(slots.cells[2], Some(Ok(Cell::F64(3.0))));
+        assert_eq!(slots.unknown.as_deref(), Some("zz"));
+    }
+
+    #[test]
+    fn leaves_the_rest_to_serde() {
+        let sh = shape(true);
+        for text in [
+            r#"{"s":"a\"b"}"#,
+            r#"{"s\u0061":"x"}"#,
+            "{\"s\":\"tab\there\"}",
+            "{\"zz\":\"\u{1}\"}",
+            r#"{"i":-0}"#,
+            r#"{"f":-0}"#,
+            r#"{"i":1.0}"#,
+            r#"{"i":9223372036854775808}"#,
+            r#"{"f":1e3}"#,
+            r#"{"f":0.1234567890123456}"#,
+            r#"{"i":01}"#,
+            r#"{"i":1.}"#,
+            r#"{"s":1}"#,
+            r#"{"b":"true"}"#,
+            r#"{"t":"yesterday"}"#,
+            r#"{"t":1.5}"#,
+            r#"{"j":{"a":1}}"#,
+            r#"{"zz":[1]}"#,
+            r#"{"s":"a",}"#,
+            r#"{"s":"a"} x"#,
+            r#"{"s":"a""#,
+            r#"{"s" "a"}"#,
+            "[1]",
+            "",
+        ] {
+            let mut slots = Slots::new(NAMES.len());
+            assert!(!parse_flat(text, &sh, &mut slots), "{text}");
+            assert_eq!(outcome(text, &sh, false), outcome(text, &sh, true), "{text}");
+        }
+    }
+
+    /// Pieces of events, valid and not, that the two parsers must agree on.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("tru".to_string()),
+            any::<i64>().prop_map(|v| v.to_string()),
+            any::<u64>().prop_map(|v| v.to_string()),
+            any::<f64>().prop_map(|v| v.to_string()),
+            (any::<i32>(), 0u32..100_000_000).prop_map(|(a, b)| format!("{a}.{b}")),
+            (-30i32..30, 0u32..1000).prop_map(|(e, m)| format!("{m}e{e}")),
+            prop::sample::select(vec![
+                "-0",
+                "0",
+                "-",
+                "01",
+                "1.",
+                ".5",
+                "1e",
+                "-0.0",
+                "1E+2",
+                "12345678901234567890123"
+            ])
+            .prop_map(str::to_string),
+            "[a-z \\\\\"\u{1}\u{e9}]{0,12}".prop_map(|s| format!("\"{s}\"")),
+            (0i64..4_000_000_000, 0u32..1000).prop_map(|(s, ms)| {
+                let t = chrono::DateTime::from_timestamp(s, ms * 1_000_000).unwrap_or_default();
+                format!("\"{}\"", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+            }),
+            Just("{\"a\":[1,{}]}".to_string()),
+            Just("[]".to_string()),
+        ]
+    }
+
+    fn event() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            prop::sample::select(NAMES.to_vec()).prop_map(|k| format!("\"{k}\"")),
+            Just("\"zz\"".to_string()),
+            Just("\"\\u0073\"".to_string()),
+        ];
+        let ws = prop::sample::select(vec!["", " ", "\n", "\t ", "\r\n"]);
+        (
+            prop::collection::vec((key, value(), ws.clone(), ws.clone()), 0..8),
+            ws,
+            prop::sample::select(vec!["", "", "", "x", ",", "}"]),
+            0usize..3,
+        )
+            .prop_map(|(members, pad, tail, cut)| {
+                let body: Vec<String> = members
+                    .into_iter()
+                    .map(|(k, v, a, b)| format!("{a}{k}{b}:{a}{v}{b}"))
+                    .collect();
+                let text = format!("{pad}{{{}}}{pad}{tail}", body.join(","));
+                // Sometimes cut short, anywhere.
+                let keep = text.len().saturating_sub(cut * 3);
+                let mut end = keep;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text[..end].to_string()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        /// The parser in front of serde_json never changes what an event becomes: the same
+        /// outcome, the same cells and the same undeclared key as serde_json alone.
+        #[test]
+        fn agrees_with_serde_json(text in event(), track in any::<bool>()) {
+            let sh = shape(track);
+            prop_assert_eq!(outcome(&text, &sh, false), outcome(&text, &sh, true), "{}", text);
+        }
+    }
+}
