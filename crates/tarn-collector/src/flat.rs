@@ -202,34 +202,16 @@ impl<'a> Scan<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use proptest::prelude::*;
 
     use super::*;
     use crate::parse::parse_event_serde;
 
+    /// The fields of `parse::test_shape`, in order.
     const NAMES: [&str; 6] = ["s", "i", "f", "b", "t", "j"];
-    const TYPES: [FieldType; 6] = [
-        FieldType::String,
-        FieldType::Int64,
-        FieldType::Float64,
-        FieldType::Bool,
-        FieldType::Timestamp,
-        FieldType::Json,
-    ];
 
     fn shape(track_unknown: bool) -> Shape<'static> {
-        Shape {
-            types: TYPES.to_vec(),
-            names: NAMES.to_vec(),
-            index: NAMES
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (*n, i))
-                .collect::<HashMap<_, _>>(),
-            track_unknown,
-        }
+        crate::parse::test_shape(track_unknown)
     }
 
     /// What a parse gave: the outcome and every slot, owned, to compare two parses.

@@ -51,12 +51,24 @@ impl Slots<'_> {
 pub(crate) struct Shape<'a> {
     pub types: Vec<FieldType>,
     /// The fields' names, in the contract's order.
-    pub names: Vec<&'a str>,
-    pub index: HashMap<&'a str, usize>,
+    names: Vec<&'a str>,
+    index: HashMap<&'a str, usize>,
     pub track_unknown: bool,
 }
 
 impl<'a> Shape<'a> {
+    /// The shape of fields given by name and type, in the contract's order.
+    pub fn new(fields: impl IntoIterator<Item = (&'a str, FieldType)>, track_unknown: bool) -> Self {
+        let (names, types): (Vec<&'a str>, Vec<FieldType>) = fields.into_iter().unzip();
+        let index = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        Self {
+            types,
+            names,
+            index,
+            track_unknown,
+        }
+    }
+
     /// The position of field `key`; `next` is tried first, as producers mostly write the
     /// fields in the contract's order, and a comparison is cheaper than hashing the key.
     pub fn position(&self, key: &str, next: usize) -> Option<usize> {
@@ -268,26 +280,26 @@ impl<'de> Visitor<'de> for CellVisitor {
     }
 }
 
+/// The test contract of the parsers: one field of each type, `s i f b t j`.
+#[cfg(test)]
+pub(crate) fn test_shape(track_unknown: bool) -> Shape<'static> {
+    let fields = [
+        ("s", FieldType::String),
+        ("i", FieldType::Int64),
+        ("f", FieldType::Float64),
+        ("b", FieldType::Bool),
+        ("t", FieldType::Timestamp),
+        ("j", FieldType::Json),
+    ];
+    Shape::new(fields, track_unknown)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn shape() -> Shape<'static> {
-        let names = ["s", "i", "f", "b", "t", "j"];
-        let types = vec![
-            FieldType::String,
-            FieldType::Int64,
-            FieldType::Float64,
-            FieldType::Bool,
-            FieldType::Timestamp,
-            FieldType::Json,
-        ];
-        Shape {
-            types,
-            names: names.to_vec(),
-            index: names.iter().enumerate().map(|(i, n)| (*n, i)).collect(),
-            track_unknown: true,
-        }
+        test_shape(true)
     }
 
     #[test]

@@ -94,17 +94,10 @@ pub(crate) fn check_and_build(
     let tenant_idx = spec.tenant().and_then(|t| spec.fields.iter().position(|f| f.name == t));
     let id_idx = spec.fields.iter().position(|f| f.name == spec.event_id);
     let mut cells: Vec<Cell> = Vec::with_capacity(spec.fields.len());
-    let shape = Shape {
-        types: spec.fields.iter().map(|f| f.ty).collect(),
-        names: spec.fields.iter().map(|f| f.name.as_str()).collect(),
-        index: spec
-            .fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.name.as_str(), i))
-            .collect(),
-        track_unknown: spec.unknown_fields == UnknownFields::Reject,
-    };
+    let shape = Shape::new(
+        spec.fields.iter().map(|f| (f.name.as_str(), f.ty)),
+        spec.unknown_fields == UnknownFields::Reject,
+    );
     let mut slots = Slots::new(spec.fields.len());
     for (index, ev) in raw.iter().enumerate() {
         cells.clear();
@@ -217,9 +210,10 @@ pub(crate) fn dead_letters(
     }
     let mut received = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut days = StringBuilder::with_capacity(n, n * 10);
+    let day = day_of_micros(received_at);
     for _ in 0..n {
         received.append_value(received_at);
-        days.append_value(day_of_micros(received_at));
+        days.append_value(&day);
     }
     let arrays: Vec<ArrayRef> = vec![
         Arc::new(ids.finish()),
