@@ -2,6 +2,7 @@
 //! server; `tarn bench` measures ingestion end to end.
 
 mod admin;
+mod alloc;
 mod bench;
 mod bench_compaction;
 mod bench_rollups;
@@ -22,11 +23,6 @@ mod worker;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-
-/// mimalloc returns freed memory to the system more readily than glibc's allocator under the
-/// many-threaded, bursty allocations of encoding batches, which keeps peak RSS down.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Log filter when `TARN_LOG` is unset: tarn at info, the engines' per-scan chatter off.
 const DEFAULT_LOG: &str = "info,buoyant_kernel=warn,delta_kernel=warn,deltalake_core=warn,datafusion=warn";
@@ -111,6 +107,8 @@ enum KeysCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, while this is the only thread.
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TARN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
