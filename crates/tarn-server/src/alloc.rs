@@ -13,7 +13,7 @@
 
 /// How long freed memory stays with the process before mimalloc returns it to the system,
 /// unless `MIMALLOC_PURGE_DELAY` says otherwise.
-pub const PURGE_DELAY_MS: i64 = 10_000;
+const PURGE_DELAY_MS: i64 = 10_000;
 
 /// `mi_option_purge_delay`, the option's number in the mimalloc (v3) that `libmimalloc-sys`
 /// builds (its `mimalloc.h`); the crate names no constant for it. A test checks the number
@@ -26,18 +26,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the environment sets
 /// `MIMALLOC_PURGE_DELAY` (mimalloc reads it itself at load). Call it first in `main`, while no
 /// other thread exists.
-pub fn keep_freed_memory() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        set_purge_delay(PURGE_DELAY_MS);
-    }
-}
-
 #[allow(unsafe_code)]
-fn set_purge_delay(ms: i64) {
+pub fn keep_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
     // SAFETY: `mi_option_set` stores an integer in mimalloc's table of options and takes no
     // pointer. It must not race another thread's use of the option, so it is called once, from
     // `main`, before any other thread starts.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, ms) }
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
 }
 
 #[cfg(test)]
