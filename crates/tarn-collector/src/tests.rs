@@ -384,6 +384,19 @@ fn payloads_split_to_fit_a_record_limit() {
         .expect("ingest");
     let batch = read_batches(&f, "auctions").remove(0);
     let whole = encode::encode_payload(&batch).expect("encode");
+    // The payload is allocated once, at a size that holds it and is not far above it, for the
+    // whole batch and for a slice of it alike.
+    for (at, n) in [(0, batch.num_rows()), (500, 300)] {
+        let part = batch.slice(at, n);
+        let (len, cap) = (
+            encode::encode_payload(&part).expect("encode").len(),
+            encode::payload_capacity(&part),
+        );
+        assert!(
+            len <= cap && cap <= len + 1024 + 512 * batch.num_columns(),
+            "{len} bytes, capacity {cap}"
+        );
+    }
     let limit = whole.len() / 7;
     let parts = encode::encode_payloads(&batch, limit).expect("split");
     assert!(parts.len() >= 7, "{} parts", parts.len());
