@@ -108,7 +108,7 @@ enum KeysCommand {
 
 fn main() -> std::process::ExitCode {
     // First, while this is the only thread.
-    alloc::keep_freed_memory();
+    alloc::configure();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TARN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
