@@ -430,3 +430,30 @@ fn shard_topics_name_their_dataset_and_shard() {
     assert_eq!(parse_shard_topic("events.a.0"), None, "shard 0 has no suffix");
     assert_eq!(parse_shard_topic("events.a.x"), None);
 }
+
+/// Each log record holds exactly one batch, large requests included: curate tags a batch with
+/// its record's sequence and takes each sequence once, so a second batch in a record would be
+/// skipped as a replay.
+#[test]
+fn one_batch_per_log_record() {
+    let f = fixture(false, Limits::default());
+    for n in [1usize, 3000] {
+        let body: String = (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"event_id":"e{i}","ts":"2026-11-22T10:00:00Z","client_id":"c{}","extra":{{"pad":"{}"}}}}"#,
+                    i % 7,
+                    "x".repeat(520)
+                ) + "\n"
+            })
+            .collect();
+        f.rt.block_on(f.collector.ingest("auctions", Bytes::from(body), Encoding::Identity))
+            .expect("ingest");
+    }
+    let t = f.log.topic(&topic_name("auctions")).expect("topic");
+    let recs = t.cursor(0).read(usize::MAX).expect("read");
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        assert_eq!(decode_payload(&r.payload).expect("decode").len(), 1, "record {}", r.seq);
+    }
+}
