@@ -1,4 +1,5 @@
-//! The process's allocator, mimalloc, and how long it keeps memory that was freed.
+//! The process's allocator, mimalloc: how long it keeps memory that was freed, and the size of
+//! the pages it takes from the kernel.
 //!
 //! mimalloc returns freed memory to the system more readily than glibc's allocator under the
 //! many-threaded, bursty allocations of encoding batches, which keeps peak RSS down. It returns
@@ -70,25 +71,30 @@ fn no_huge_pages() {
 mod tests {
     use super::*;
 
+    /// The values of `options`, which hold their defaults unless the environment sets `env`
+    /// (then `None`: mimalloc read it at load).
+    #[allow(unsafe_code)]
+    fn defaults<const N: usize>(
+        env: &str,
+        options: [libmimalloc_sys::mi_option_t; N],
+    ) -> Option<[std::ffi::c_long; N]> {
+        if std::env::var_os(env).is_some() {
+            eprintln!("{env} is set: the option's default cannot be read");
+            return None;
+        }
+        // SAFETY: reads integers from mimalloc's table of options; no test sets options.
+        Some(options.map(|o| unsafe { libmimalloc_sys::mi_option_get(o) }))
+    }
+
     /// Option 43 allows huge pages: unset, it holds 1, between option 42 (pages reclaimed
     /// across threads, 32) and option 44 (the smallest purge, 0).
     #[test]
-    #[allow(unsafe_code)]
     fn allow_thp_option() {
-        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
-            eprintln!("MIMALLOC_ALLOW_THP is set: the option's default cannot be read");
+        let o = MI_OPTION_ALLOW_THP;
+        let Some(around) = defaults("MIMALLOC_ALLOW_THP", [o - 1, o, o + 1]) else {
             return;
-        }
-        // SAFETY: reads integers from mimalloc's table of options; no test sets options.
-        let around = unsafe {
-            [MI_OPTION_ALLOW_THP - 1, MI_OPTION_ALLOW_THP, MI_OPTION_ALLOW_THP + 1]
-                .map(|o| libmimalloc_sys::mi_option_get(o))
         };
-        assert_eq!(
-            around,
-            [32, 1, 0],
-            "option {MI_OPTION_ALLOW_THP} of mimalloc is not allow_thp"
-        );
+        assert_eq!(around, [32, 1, 0], "option {o} of mimalloc is not allow_thp");
     }
 
     /// The kernel then reports huge pages off for the process (the `THP_enabled` line of its
@@ -98,14 +104,10 @@ mod tests {
     fn huge_pages_off() {
         let flag = || {
             let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-            let line = status
+            status
                 .lines()
-                .find(|l| l.starts_with("THP_enabled:"))
-                .map(str::to_string);
-            line.expect("a THP_enabled line in /proc/self/status")
-                .split_whitespace()
-                .nth(1)
-                .map(str::to_string)
+                .find_map(|l| l.strip_prefix("THP_enabled:"))
+                .map(|v| v.trim().to_string())
         };
         assert_eq!(flag().as_deref(), Some("1"));
         no_huge_pages();
@@ -116,14 +118,10 @@ mod tests {
     /// mimalloc v3, which no other option of v3 has. Fails if an upgrade of the allocator
     /// renumbers its options.
     #[test]
-    #[allow(unsafe_code)]
     fn purge_delay_option() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-            eprintln!("MIMALLOC_PURGE_DELAY is set: the option's default cannot be read");
+        let Some([ms]) = defaults("MIMALLOC_PURGE_DELAY", [MI_OPTION_PURGE_DELAY]) else {
             return;
-        }
-        // SAFETY: reads an integer from mimalloc's table of options; no test sets options.
-        let ms = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        };
         assert_eq!(
             ms, 1000,
             "option {MI_OPTION_PURGE_DELAY} of mimalloc is not the purge delay"
