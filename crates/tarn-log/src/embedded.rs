@@ -137,6 +137,10 @@ impl Spares {
         lock(&self.pool).0.pop()
     }
 
+    fn any(&self) -> bool {
+        !lock(&self.pool).0.is_empty()
+    }
+
     /// Moves a consumed segment into the pool if it has room, or deletes it. Returns whether
     /// it was kept (then the pool's folder needs a sync too).
     fn give(&self, path: &Path) -> Result<bool> {
@@ -171,6 +175,10 @@ struct Active {
     len: u64,
     next_seq: u64,
     buf: Vec<u8>,
+    /// The file was a spare: its blocks are allocated, so a sync of an append writes the data
+    /// alone. A new file grows with each append, and each sync then waits for a journal commit
+    /// shared with every file being written.
+    reused: bool,
 }
 
 struct TopicInner {
@@ -479,6 +487,7 @@ fn open_topic(
             len: rec.valid_len,
             next_seq: rec.next_seq,
             buf: Vec::new(),
+            reused: reused > 0,
         }),
         durable,
         offsets: Mutex::new(offsets),
@@ -618,12 +627,12 @@ fn commit_round(batch: Vec<AppendReq>) {
     // a notification of delivery's does not make the producers wait for that second sync.
     touched.sort_by_key(|t| std::cmp::Reverse(waiting.iter().filter(|(r, _)| Arc::ptr_eq(&r.topic, t)).count()));
     for t in &touched {
-        let (res, len) = {
+        let (res, len, reused) = {
             let mut a = lock(&t.active);
-            (flush_active(t, &mut a), a.len)
+            (flush_active(t, &mut a), a.len, a.reused)
         };
         if res.is_ok() {
-            want_next(t, len);
+            want_next(t, len, reused);
         }
         if let Err(e) = &res {
             tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
@@ -642,6 +651,27 @@ fn commit_round(batch: Vec<AppendReq>) {
                 Err(Error::Closed(format!("write to topic {} failed", t.name)))
             });
         }
+    }
+    for t in &touched {
+        leave_new_file(t);
+    }
+}
+
+/// Rolls a topic whose active segment is a new file as soon as a spare is prepared for it,
+/// once every append of the round is answered: from then on its syncs write the data alone.
+/// (A topic created before any segment was consumed starts in a new file.)
+fn leave_new_file(t: &TopicInner) {
+    if t.poisoned.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut a = lock(&t.active);
+    let spare_ready = lock(&t.next).as_ref().is_some_and(|(_, spare)| *spare);
+    if a.reused || a.next_seq == a.base || !a.buf.is_empty() || !spare_ready {
+        return;
+    }
+    if let Err(e) = roll(t, &mut a) {
+        tracing::error!(topic = %t.name, error = %e, "log roll failed; topic stops accepting appends");
+        t.poisoned.store(true, Ordering::SeqCst);
     }
 }
 
@@ -685,6 +715,7 @@ fn roll(t: &TopicInner, a: &mut Active) -> Result<()> {
         None => create_segment(&t.dir, base, &t.spares)?,
     };
     t.reused.fetch_add(u64::from(spare), Ordering::Relaxed);
+    a.reused = spare;
     a.file = file;
     a.base = base;
     a.salt = header.salt;
@@ -716,9 +747,12 @@ fn start_prepared(t: &TopicInner, base: u64) -> Result<Option<(File, Header, boo
     Ok(Some((file, header, spare)))
 }
 
-/// Asks for the topic's next segment file once its active segment is three quarters full.
-fn want_next(t: &Arc<TopicInner>, len: u64) {
-    if !t.opts.prepare_segments || len < t.opts.segment_bytes_max - t.opts.segment_bytes_max / 4 {
+/// Asks for the topic's next segment file once its active segment is three quarters full,
+/// or at once while its active segment is a new file and a spare is free (see
+/// `leave_new_file`).
+fn want_next(t: &Arc<TopicInner>, len: u64, reused: bool) {
+    let full = len >= t.opts.segment_bytes_max - t.opts.segment_bytes_max / 4;
+    if !t.opts.prepare_segments || !(full || (!reused && t.spares.any())) {
         return;
     }
     if lock(&t.next).is_some() || t.preparing.swap(true, Ordering::SeqCst) {

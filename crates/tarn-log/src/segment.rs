@@ -344,8 +344,9 @@ impl SegmentReader {
     /// Opens the segment that starts at `base` (which its header must say).
     pub fn open(path: &Path, base: u64) -> Result<Self> {
         let f = File::open(path).map_err(io_err(path))?;
-        // The header is durable before the file takes its name; a header of the first format
-        // is shorter, and its file was never reused.
+        // A reader opens a segment only once a record in it is durable, and with it the header
+        // (synced before the file takes its name, or by the same sync as the roll's records);
+        // a header of the first format is shorter, and its file was never reused.
         let bounded = Bounded {
             file: f,
             pos: 0,

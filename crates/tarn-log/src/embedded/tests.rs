@@ -158,6 +158,47 @@ fn a_roll_takes_the_prepared_file_and_reopens_without_cutting_it() {
     );
 }
 
+/// A topic started in a new file (no spare was free) moves to a spare as soon as one is
+/// prepared, without waiting for its segment to fill.
+#[test]
+fn a_topic_in_a_new_file_moves_to_a_spare_once_one_is_free() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let prepared = LogOptions {
+        prepare_segments: true,
+        ..opts(1000)
+    };
+    {
+        let log = Log::open(dir.path(), prepared.clone()).expect("open");
+        let t = log.topic("t").expect("topic");
+        append_each(&rt, &t, (0..3u8).map(|i| vec![i; 50]));
+        assert_eq!((t.stats().segments, t.stats().segments_reused), (1, 0));
+        let a = log.topic("a").expect("topic");
+        a.register_group("g").expect("group");
+        append_each(&rt, &a, (0..20u8).map(|i| vec![i; 100]));
+        a.commit("g", 20).expect("commit");
+        assert!(a.apply_retention().expect("retention") >= 1);
+        // The next round of t asks for a spare; the round after it rolls to it.
+        append_each(&rt, &t, [vec![3; 50]]);
+        wait_prepared(&t);
+        assert!(lock(&t.inner.next).as_ref().is_some_and(|(_, spare)| *spare));
+        append_each(&rt, &t, [vec![4; 50]]);
+        // The roll comes right after the round's answers.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while t.stats().segments < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!((t.stats().segments, t.stats().segments_reused), (2, 1), "{:?}", t.stats());
+        assert_eq!(t.stats().bytes, 2 * HEADER_LEN + 5 * 66, "the new segment holds no record yet");
+        append_each(&rt, &t, [vec![5; 50]]);
+        assert_eq!(t.stats().segments, 2, "a spare is left only for a full segment");
+    }
+    let log = Log::open(dir.path(), prepared).expect("reopen");
+    let t = log.topic("t").expect("topic");
+    let recs = read_all(&t, 0);
+    assert_eq!(recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+}
+
 /// The states a crash can leave a prepared roll in, and what a restart makes of each.
 #[test]
 fn a_prepared_roll_cut_short_by_a_crash_is_recovered() {
