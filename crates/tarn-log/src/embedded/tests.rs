@@ -188,15 +188,27 @@ fn a_topic_in_a_new_file_moves_to_a_spare_once_one_is_free() {
         while t.stats().segments < 2 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!((t.stats().segments, t.stats().segments_reused), (2, 1), "{:?}", t.stats());
-        assert_eq!(t.stats().bytes, 2 * HEADER_LEN + 5 * 66, "the new segment holds no record yet");
+        assert_eq!(
+            (t.stats().segments, t.stats().segments_reused),
+            (2, 1),
+            "{:?}",
+            t.stats()
+        );
+        assert_eq!(
+            t.stats().bytes,
+            2 * HEADER_LEN + 5 * 66,
+            "the new segment holds no record yet"
+        );
         append_each(&rt, &t, [vec![5; 50]]);
         assert_eq!(t.stats().segments, 2, "a spare is left only for a full segment");
     }
     let log = Log::open(dir.path(), prepared).expect("reopen");
     let t = log.topic("t").expect("topic");
     let recs = read_all(&t, 0);
-    assert_eq!(recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5]);
+    assert_eq!(
+        recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4, 5]
+    );
 }
 
 /// The states a crash can leave a prepared roll in, and what a restart makes of each.
