@@ -27,7 +27,9 @@
 //!   `fdatasync` of the records the roll is for makes the header durable with them. On open, a
 //!   `next.ready` with a header is taken as the next segment when it starts where the log
 //!   ends (the rename was lost, the records were not), and is an error otherwise; a segment
-//!   whose header is still blank holds no record and is started again.
+//!   whose header is still blank holds no record and is started again. A topic whose active
+//!   segment is a new file (no spare was free when it started) asks for a spare at once and
+//!   rolls to it right after the round that finds it ready.
 //!
 //! # Layout
 //! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/next.ready` the prepared next
