@@ -29,10 +29,6 @@ pub struct LogOptions {
     /// the sync of an append writes the data alone and never waits for a journal commit (which
     /// is shared with every other file being written). Each holds up to `segment_bytes_max`.
     pub spare_segments: usize,
-    /// Make each topic's next segment file ready on a helper thread once its active segment
-    /// is three quarters full, so that a roll is a rename and a header written with the
-    /// records it is for, instead of several syncs the appends of that round wait for.
-    pub prepare_segments: bool,
 }
 
 impl Default for LogOptions {
@@ -43,7 +39,6 @@ impl Default for LogOptions {
             queue_max: 4096,
             group_bytes_max: 64 << 20,
             spare_segments: 4,
-            prepare_segments: true,
         }
     }
 }
@@ -67,18 +62,6 @@ pub struct TopicStats {
     pub segments_reused: u64,
 }
 
-/// The name of a topic's prepared next segment file, in the topic's folder: blank (a zeroed
-/// header) until a roll writes its header and renames it to `<base:020>.seg`.
-const NEXT: &str = "next.ready";
-
-/// Work for the preparer thread.
-enum PrepJob {
-    /// Make a next segment file ready for this topic.
-    Next(Arc<TopicInner>),
-    /// Sync a folder in which a roll renamed a prepared file.
-    SyncDir(PathBuf),
-}
-
 struct AppendReq {
     topic: Arc<TopicInner>,
     payload: Vec<u8>,
@@ -97,7 +80,6 @@ struct LogInner {
     topics: Mutex<HashMap<String, Arc<TopicInner>>>,
     tx: mpsc::Sender<AppendReq>,
     spares: Arc<Spares>,
-    prep: std::sync::mpsc::Sender<PrepJob>,
 }
 
 /// Consumed segment files waiting to be reused, in one folder of the log's root.
@@ -137,10 +119,6 @@ impl Spares {
         lock(&self.pool).0.pop()
     }
 
-    fn any(&self) -> bool {
-        !lock(&self.pool).0.is_empty()
-    }
-
     /// Moves a consumed segment into the pool if it has room, or deletes it. Returns whether
     /// it was kept (then the pool's folder needs a sync too).
     fn give(&self, path: &Path) -> Result<bool> {
@@ -175,10 +153,6 @@ struct Active {
     len: u64,
     next_seq: u64,
     buf: Vec<u8>,
-    /// The file was a spare: its blocks are allocated, so a sync of an append writes the data
-    /// alone. A new file grows with each append, and each sync then waits for a journal commit
-    /// shared with every file being written.
-    reused: bool,
 }
 
 struct TopicInner {
@@ -193,12 +167,6 @@ struct TopicInner {
     poisoned: AtomicBool,
     /// Segments started in a reused file.
     reused: AtomicU64,
-    /// The prepared next segment file (at `<dir>/next.ready`, blank), and whether it was a
-    /// spare.
-    next: Mutex<Option<(File, bool)>>,
-    /// A `PrepJob::Next` for this topic is queued or running.
-    preparing: AtomicBool,
-    prep: std::sync::mpsc::Sender<PrepJob>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -233,11 +201,6 @@ impl Log {
             .name("tarn-log-writer".into())
             .spawn(move || writer_loop(rx, group_bytes_max))
             .map_err(io_err(&root))?;
-        let (prep, prep_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("tarn-log-prepare".into())
-            .spawn(move || preparer_loop(prep_rx))
-            .map_err(io_err(&root))?;
         Ok(Self {
             inner: Arc::new(LogInner {
                 root,
@@ -245,7 +208,6 @@ impl Log {
                 topics: Mutex::new(HashMap::new()),
                 tx,
                 spares,
-                prep,
             }),
         })
     }
@@ -265,7 +227,6 @@ impl Log {
             name,
             &self.inner.opts,
             &self.inner.spares,
-            &self.inner.prep,
         )?);
         topics.insert(name.to_string(), t.clone());
         Ok(Topic {
@@ -354,13 +315,7 @@ fn create_segment(dir: &Path, base: u64, spares: &Spares) -> Result<(File, Heade
     Ok((f, header, false))
 }
 
-fn open_topic(
-    root: &Path,
-    name: &str,
-    opts: &LogOptions,
-    spares: &Arc<Spares>,
-    prep: &std::sync::mpsc::Sender<PrepJob>,
-) -> Result<TopicInner> {
+fn open_topic(root: &Path, name: &str, opts: &LogOptions, spares: &Arc<Spares>) -> Result<TopicInner> {
     let dir = root.join(name);
     let offsets_dir = dir.join("offsets");
     std::fs::create_dir_all(&offsets_dir).map_err(io_err(&offsets_dir))?;
@@ -381,13 +336,16 @@ fn open_topic(
             next_seq: base,
         })
     };
-    let mut segments = Vec::with_capacity(bases.len() + 1);
-    for pair in bases.windows(2) {
-        let path = segment::segment_path(&dir, pair[0]);
-        let len = closed_len(&path, pair[1] - pair[0], opts.record_bytes_max)?;
-        segments.push(SegInfo { base: pair[0], len });
+    let mut segments = Vec::with_capacity(bases.len());
+    for (i, base) in bases.iter().enumerate() {
+        let path = segment::segment_path(&dir, *base);
+        if i + 1 == bases.len() {
+            continue;
+        }
+        let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+        segments.push(SegInfo { base: *base, len });
     }
-    let mut last = *bases.last().unwrap_or(&0);
+    let last = *bases.last().unwrap_or(&0);
     let last_path = segment::segment_path(&dir, last);
     let recovered = if fresh {
         start(0)
@@ -405,54 +363,8 @@ fn open_topic(
             tracing::warn!(path = %last_path.display(), "rewriting torn segment header");
             start(last)?
         }
-        Err(Error::Corrupt { offset: 0, .. }) if segment::is_blank(&last_path)? => {
-            // A prepared file that took the segment's name, but whose header did not reach
-            // the disk: the roll's records did not either, so none was acknowledged.
-            tracing::warn!(path = %last_path.display(), "writing the header of a segment whose roll was interrupted");
-            restart_blank(&last_path, last)?
-        }
         Err(e) => return Err(e),
     };
-    // A prepared next segment: blank, it waits for the next roll; with a header, a roll wrote
-    // it and its records' sync may have reached the disk when the rename did not.
-    let mut rec = rec;
-    let mut next = None;
-    let next_path = dir.join(NEXT);
-    if next_path.try_exists().map_err(io_err(&next_path))? {
-        if segment::is_blank(&next_path)? {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&next_path)
-                .map_err(io_err(&next_path))?;
-            let spare = f.metadata().map_err(io_err(&next_path))?.len() > segment::HEADER_LEN;
-            next = Some((f, spare));
-        } else {
-            let mut f = File::open(&next_path).map_err(io_err(&next_path))?;
-            let h = segment::read_header(&next_path, &mut f)?;
-            if fresh || h.base != rec.next_seq {
-                return Err(Error::Corrupt {
-                    path: next_path,
-                    offset: 0,
-                    reason: format!(
-                        "a prepared segment starting at {} where the log ends at {}",
-                        h.base, rec.next_seq
-                    ),
-                });
-            }
-            let path = segment::segment_path(&dir, h.base);
-            std::fs::rename(&next_path, &path).map_err(io_err(&path))?;
-            sync_dir(&dir)?;
-            tracing::info!(path = %path.display(), "took a prepared file with a header as the next segment");
-            segments.push(SegInfo {
-                base: last,
-                len: rec.valid_len,
-            });
-            last = h.base;
-            rec = segment::recover(&path, opts.record_bytes_max)?;
-        }
-    }
-    let last_path = segment::segment_path(&dir, last);
     segments.push(SegInfo {
         base: last,
         len: rec.valid_len,
@@ -487,42 +399,11 @@ fn open_topic(
             len: rec.valid_len,
             next_seq: rec.next_seq,
             buf: Vec::new(),
-            reused: reused > 0,
         }),
         durable,
         offsets: Mutex::new(offsets),
         poisoned: AtomicBool::new(false),
         reused: AtomicU64::new(reused),
-        next: Mutex::new(next),
-        preparing: AtomicBool::new(false),
-        prep: prep.clone(),
-    })
-}
-
-/// The end of a closed segment's records. A segment this walk cannot follow keeps its file's
-/// length, and the damage is reported when a reader reaches it.
-fn closed_len(path: &Path, records: u64, record_bytes_max: usize) -> Result<u64> {
-    match segment::closed_end(path, records, record_bytes_max) {
-        Ok(end) => Ok(end),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot find where a closed segment's records end; taking its file's length");
-            Ok(std::fs::metadata(path).map_err(io_err(path))?.len())
-        }
-    }
-}
-
-/// Writes the header of a segment whose file is blank, in place (keeping a reused file's
-/// blocks).
-fn restart_blank(path: &Path, base: u64) -> Result<segment::Recovered> {
-    let header = Header::new(base);
-    let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
-    f.write_all_at(&segment::encode_header(&header), 0)
-        .map_err(io_err(path))?;
-    f.sync_data().map_err(io_err(path))?;
-    Ok(segment::Recovered {
-        header,
-        valid_len: header.len,
-        next_seq: base,
     })
 }
 
@@ -627,13 +508,10 @@ fn commit_round(batch: Vec<AppendReq>) {
     // a notification of delivery's does not make the producers wait for that second sync.
     touched.sort_by_key(|t| std::cmp::Reverse(waiting.iter().filter(|(r, _)| Arc::ptr_eq(&r.topic, t)).count()));
     for t in &touched {
-        let (res, len, reused) = {
+        let res = {
             let mut a = lock(&t.active);
-            (flush_active(t, &mut a), a.len, a.reused)
+            flush_active(t, &mut a)
         };
-        if res.is_ok() {
-            want_next(t, len, reused);
-        }
         if let Err(e) = &res {
             tracing::error!(topic = %t.name, error = %e, "log write failed; topic stops accepting appends");
             t.poisoned.store(true, Ordering::SeqCst);
@@ -651,27 +529,6 @@ fn commit_round(batch: Vec<AppendReq>) {
                 Err(Error::Closed(format!("write to topic {} failed", t.name)))
             });
         }
-    }
-    for t in &touched {
-        leave_new_file(t);
-    }
-}
-
-/// Rolls a topic whose active segment is a new file as soon as a spare is prepared for it,
-/// once every append of the round is answered: from then on its syncs write the data alone.
-/// (A topic created before any segment was consumed starts in a new file.)
-fn leave_new_file(t: &TopicInner) {
-    if t.poisoned.load(Ordering::SeqCst) {
-        return;
-    }
-    let mut a = lock(&t.active);
-    let spare_ready = lock(&t.next).as_ref().is_some_and(|(_, spare)| *spare);
-    if a.reused || a.next_seq == a.base || !a.buf.is_empty() || !spare_ready {
-        return;
-    }
-    if let Err(e) = roll(t, &mut a) {
-        tracing::error!(topic = %t.name, error = %e, "log roll failed; topic stops accepting appends");
-        t.poisoned.store(true, Ordering::SeqCst);
     }
 }
 
@@ -707,116 +564,22 @@ fn flush_active(t: &TopicInner, a: &mut Active) -> Result<()> {
 /// Closes the active segment and starts a new one at the next sequence.
 fn roll(t: &TopicInner, a: &mut Active) -> Result<()> {
     flush_active(t, a)?;
-    // A reused file keeps its older bytes past the closed segment's last record: after a
-    // restart, the segment's end is found by walking its records (`closed_len`).
+    // A closed segment ends at its last record (its length is read back as such after a
+    // restart): cut a reused file's older bytes before the next segment exists.
+    let path = segment::segment_path(&t.dir, a.base);
+    if a.file.metadata().map_err(io_err(&path))?.len() > a.len {
+        a.file.set_len(a.len).map_err(io_err(&path))?;
+        a.file.sync_all().map_err(io_err(&path))?;
+    }
     let base = a.next_seq;
-    let (file, header, spare) = match start_prepared(t, base)? {
-        Some(started) => started,
-        None => create_segment(&t.dir, base, &t.spares)?,
-    };
+    let (file, header, spare) = create_segment(&t.dir, base, &t.spares)?;
     t.reused.fetch_add(u64::from(spare), Ordering::Relaxed);
-    a.reused = spare;
     a.file = file;
     a.base = base;
     a.salt = header.salt;
     a.len = header.len;
     lock(&t.segments).push(SegInfo { base, len: header.len });
     Ok(())
-}
-
-/// Starts segment `base` in the topic's prepared file, if one is ready: the file takes the
-/// segment's name, then its header is written but not synced, as the sync of the records the
-/// roll is for makes it durable with them. Should the rename not reach the disk, recovery
-/// finds the records in `next.ready` by its header. The folder is synced later, off the
-/// appends' path.
-fn start_prepared(t: &TopicInner, base: u64) -> Result<Option<(File, Header, bool)>> {
-    let Some((file, spare)) = lock(&t.next).take() else {
-        return Ok(None);
-    };
-    let from = t.dir.join(NEXT);
-    let path = segment::segment_path(&t.dir, base);
-    if let Err(e) = std::fs::rename(&from, &path) {
-        // Nothing has changed on disk: start the segment the slow way.
-        tracing::warn!(path = %from.display(), error = %e, "cannot use the prepared log segment; creating one");
-        return Ok(None);
-    }
-    let header = Header::new(base);
-    file.write_all_at(&segment::encode_header(&header), 0)
-        .map_err(io_err(&path))?;
-    let _ = t.prep.send(PrepJob::SyncDir(t.dir.clone()));
-    Ok(Some((file, header, spare)))
-}
-
-/// Asks for the topic's next segment file once its active segment is three quarters full,
-/// or at once while its active segment is a new file and a spare is free (see
-/// `leave_new_file`).
-fn want_next(t: &Arc<TopicInner>, len: u64, reused: bool) {
-    let full = len >= t.opts.segment_bytes_max - t.opts.segment_bytes_max / 4;
-    if !t.opts.prepare_segments || !(full || (!reused && t.spares.any())) {
-        return;
-    }
-    if lock(&t.next).is_some() || t.preparing.swap(true, Ordering::SeqCst) {
-        return;
-    }
-    if t.prep.send(PrepJob::Next(t.clone())).is_err() {
-        t.preparing.store(false, Ordering::SeqCst);
-    }
-}
-
-fn preparer_loop(rx: std::sync::mpsc::Receiver<PrepJob>) {
-    while let Ok(job) = rx.recv() {
-        match job {
-            PrepJob::SyncDir(dir) => {
-                if let Err(e) = sync_dir(&dir) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot sync a log folder after a roll");
-                }
-            }
-            PrepJob::Next(t) => {
-                match prepare_next(&t) {
-                    Ok(f) => *lock(&t.next) = Some(f),
-                    Err(e) => tracing::warn!(topic = %t.name, error = %e, "cannot prepare the next log segment"),
-                }
-                t.preparing.store(false, Ordering::SeqCst);
-            }
-        }
-    }
-}
-
-/// Makes a blank file ready at `<dir>/next.ready`: a spare when the pool has one (its header
-/// zeroed and synced before it moves), else a new file; then syncs the folder.
-fn prepare_next(t: &TopicInner) -> Result<(File, bool)> {
-    let path = t.dir.join(NEXT);
-    let blank = [0u8; segment::HEADER_LEN as usize];
-    if let Some(spare) = t.spares.take() {
-        let reuse = || -> std::io::Result<File> {
-            let f = OpenOptions::new().read(true).write(true).open(&spare)?;
-            f.write_all_at(&blank, 0)?;
-            f.sync_data()?;
-            std::fs::rename(&spare, &path)?;
-            Ok(f)
-        };
-        match reuse() {
-            Ok(f) => {
-                sync_dir(&t.dir)?;
-                return Ok((f, true));
-            }
-            Err(e) => {
-                tracing::warn!(spare = %spare.display(), error = %e, "could not prepare a spare log segment; creating a new one");
-                let _ = std::fs::remove_file(&spare);
-            }
-        }
-    }
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .read(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
-    f.write_all_at(&blank, 0).map_err(io_err(&path))?;
-    f.sync_all().map_err(io_err(&path))?;
-    sync_dir(&t.dir)?;
-    Ok((f, false))
 }
 
 /// A handle on one topic.

@@ -18,22 +18,10 @@
 //!   segment of any topic reuses one: its header (with a new salt, which every record's CRC
 //!   covers) is synced before the file takes the segment's name, and the old bytes past the
 //!   new records fail their checks, so recovery stops at the last record written under the
-//!   new header. A closed segment is not cut at its last record (a truncation and its sync
-//!   would cost the appends of that round some 10 ms): on open, its end is found by walking
-//!   the headers of exactly the records it holds (the next segment's base less its own).
-//! - Once a topic's active segment is three quarters full, a helper thread makes its next
-//!   segment file ready as `<topic>/next.ready` (a spare or a new file, its header zeroed and
-//!   synced, the folder synced). The roll then renames it and writes its header unsynced: the
-//!   `fdatasync` of the records the roll is for makes the header durable with them. On open, a
-//!   `next.ready` with a header is taken as the next segment when it starts where the log
-//!   ends (the rename was lost, the records were not), and is an error otherwise; a segment
-//!   whose header is still blank holds no record and is started again. A topic whose active
-//!   segment is a new file (no spare was free when it started) asks for a spare at once and
-//!   rolls to it right after the round that finds it ready.
+//!   new header. A segment that rolls is first cut at its last record.
 //!
 //! # Layout
-//! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/next.ready` the prepared next
-//! segment, `<root>/<topic>/offsets/<group>` offsets,
+//! `<root>/<topic>/<base:020>.seg` segment files, `<root>/<topic>/offsets/<group>` offsets,
 //! `<root>/.spare/<n:020>.spare` consumed segment files kept for reuse.
 //! This crate knows nothing about what the payloads hold.
 

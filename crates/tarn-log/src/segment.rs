@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result, io_err};
@@ -122,56 +121,6 @@ pub(crate) fn read_header(path: &Path, f: &mut impl Read) -> Result<Header> {
         salt: (len == HEADER_LEN).then(|| at(16)),
         len,
     })
-}
-
-/// Whether a file starts with a blank header (zeros, or shorter than a header): a prepared
-/// next segment before a roll writes its real header.
-pub(crate) fn is_blank(path: &Path) -> Result<bool> {
-    let f = File::open(path).map_err(io_err(path))?;
-    let mut h = [0u8; HEADER_LEN as usize];
-    let mut got = 0;
-    while got < h.len() {
-        match f.read_at(&mut h[got..], got as u64).map_err(io_err(path))? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(h[..got].iter().all(|b| *b == 0))
-}
-
-/// Where the records of a closed segment end: after exactly `records` records, found by
-/// walking their headers (each payload is checked when it is read). A closed segment in a
-/// reused file holds an earlier segment's bytes past its records, so its file's length is
-/// not its end.
-pub(crate) fn closed_end(path: &Path, records: u64, record_bytes_max: usize) -> Result<u64> {
-    let mut f = File::open(path).map_err(io_err(path))?;
-    let file_len = f.metadata().map_err(io_err(path))?.len();
-    let header = read_header(path, &mut f)?;
-    let mut pos = header.len;
-    let mut h = [0u8; RECORD_HEADER_LEN];
-    for i in 0..records {
-        f.read_exact_at(&mut h, pos)
-            .map_err(|e| corrupt(path, pos, format!("record header: {e}")))?;
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let mut sb = [0u8; 8];
-        sb.copy_from_slice(&h[8..16]);
-        let (seq, expected) = (u64::from_le_bytes(sb), header.base + i);
-        if seq != expected {
-            return Err(corrupt(path, pos, format!("record {seq} where {expected} belongs")));
-        }
-        if len > record_bytes_max {
-            return Err(corrupt(
-                path,
-                pos,
-                format!("record length {len} exceeds the limit {record_bytes_max}"),
-            ));
-        }
-        pos += (RECORD_HEADER_LEN + len) as u64;
-        if pos > file_len {
-            return Err(corrupt(path, pos, "record runs past the end of the file"));
-        }
-    }
-    Ok(pos)
 }
 
 /// What one step of a scan found.
@@ -344,9 +293,8 @@ impl SegmentReader {
     /// Opens the segment that starts at `base` (which its header must say).
     pub fn open(path: &Path, base: u64) -> Result<Self> {
         let f = File::open(path).map_err(io_err(path))?;
-        // A reader opens a segment only once a record in it is durable, and with it the header
-        // (synced before the file takes its name, or by the same sync as the roll's records);
-        // a header of the first format is shorter, and its file was never reused.
+        // The header is durable before the file takes its name; a header of the first format
+        // is shorter, and its file was never reused.
         let bounded = Bounded {
             file: f,
             pos: 0,

@@ -4,22 +4,10 @@
 use super::*;
 use crate::segment::HEADER_LEN;
 
-/// Options with small segments, each rolled the slow way (no prepared next segment), so that
-/// no helper thread takes a spare at a moment the test does not choose.
 fn opts(segment_bytes_max: u64) -> LogOptions {
     LogOptions {
         segment_bytes_max,
-        prepare_segments: false,
         ..LogOptions::default()
-    }
-}
-
-/// Waits until the topic's prepared next segment is ready.
-fn wait_prepared(t: &Topic) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while lock(&t.inner.next).is_none() {
-        assert!(std::time::Instant::now() < deadline, "no prepared segment after 20 s");
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -71,201 +59,6 @@ fn append_and_read_back_across_segments_and_reopen() {
     assert_eq!(recs.len(), 51);
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r.seq, i as u64);
-    }
-}
-
-/// A segment three quarters full gets its next file prepared (a spare, its header zeroed), and
-/// the roll takes it: the spare's older bytes stay past the closed segment's records, and
-/// after a restart the segment's end is found by walking its records.
-#[test]
-fn a_roll_takes_the_prepared_file_and_reopens_without_cutting_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = rt();
-    let topic_dir = dir.path().join("t");
-    let prepared = LogOptions {
-        prepare_segments: true,
-        ..opts(1000)
-    };
-    {
-        let log = Log::open(dir.path(), prepared.clone()).expect("open");
-        // A consumed topic leaves four spares of 956 bytes (8 records of 116 bytes each).
-        let a = log.topic("a").expect("topic");
-        a.register_group("g").expect("group");
-        append_each(&rt, &a, (0..40u8).map(|i| vec![i; 100]));
-        wait_prepared(&a);
-        a.commit("g", 40).expect("commit");
-        assert_eq!(a.apply_retention().expect("retention"), 4);
-        let spares = std::fs::read_dir(dir.path().join(".spare")).expect("spares").count();
-        assert_eq!(spares, 4, "the consumed segments are kept");
-        let t = log.topic("t").expect("topic");
-        // 12 records of 16 + 50 bytes after a 28-byte header: 820 bytes, past 750.
-        append_each(&rt, &t, (0..12u8).map(|i| vec![i; 50]));
-        wait_prepared(&t);
-        let next = topic_dir.join(NEXT);
-        assert!(segment::is_blank(&next).expect("read"), "the prepared file is blank");
-        assert!(
-            std::fs::metadata(&next).expect("meta").len() > 900,
-            "the prepared file is a spare"
-        );
-        let reused = t.stats().segments_reused;
-        // Three more records of 66 bytes do not fit in the 1,000 bytes: the third rolls.
-        append_each(&rt, &t, (12..15u8).map(|i| vec![i; 50]));
-        assert_eq!(t.stats().segments, 2);
-        assert_eq!(t.stats().segments_reused, reused + 1, "the roll took the spare");
-        assert!(!next.exists(), "the prepared file took the segment's name");
-        let second = segment::segment_path(&topic_dir, 14);
-        assert_eq!(
-            segment::read_header(&second, &mut File::open(&second).expect("open"))
-                .expect("header")
-                .base,
-            14
-        );
-        let first = segment::segment_path(&topic_dir, 0);
-        assert_eq!(
-            std::fs::metadata(&first).expect("meta").len(),
-            956,
-            "the first segment (a spare too) is not cut at its last record"
-        );
-        assert_eq!(read_all(&t, 0).len(), 15);
-        // Fill the second segment (a reused file) until it rolls too: it is not cut.
-        append_each(&rt, &t, (15..40u8).map(|i| vec![i; 50]));
-        assert!(t.stats().segments >= 3);
-        wait_prepared(&t);
-    }
-    let len_14 = std::fs::metadata(segment::segment_path(&topic_dir, 14))
-        .expect("meta")
-        .len();
-    assert!(
-        len_14 > HEADER_LEN + 14 * 66,
-        "the reused closed segment keeps the spare's older bytes: {len_14}"
-    );
-    let log = Log::open(dir.path(), prepared).expect("reopen");
-    let t = log.topic("t").expect("topic");
-    assert_eq!(t.durable_end(), 40);
-    let recs = read_all(&t, 0);
-    assert_eq!(recs.len(), 40);
-    for (i, r) in recs.iter().enumerate() {
-        assert_eq!((r.seq, r.payload.clone()), (i as u64, vec![i as u8; 50]));
-    }
-    assert_eq!(
-        t.stats().bytes,
-        3 * HEADER_LEN + 40 * 66,
-        "closed segments end at their records"
-    );
-    assert!(
-        lock(&t.inner.next).is_some(),
-        "the blank prepared file is kept for the next roll"
-    );
-}
-
-/// A topic started in a new file (no spare was free) moves to a spare as soon as one is
-/// prepared, without waiting for its segment to fill.
-#[test]
-fn a_topic_in_a_new_file_moves_to_a_spare_once_one_is_free() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = rt();
-    let prepared = LogOptions {
-        prepare_segments: true,
-        ..opts(1000)
-    };
-    {
-        let log = Log::open(dir.path(), prepared.clone()).expect("open");
-        let t = log.topic("t").expect("topic");
-        append_each(&rt, &t, (0..3u8).map(|i| vec![i; 50]));
-        assert_eq!((t.stats().segments, t.stats().segments_reused), (1, 0));
-        let a = log.topic("a").expect("topic");
-        a.register_group("g").expect("group");
-        append_each(&rt, &a, (0..20u8).map(|i| vec![i; 100]));
-        a.commit("g", 20).expect("commit");
-        assert!(a.apply_retention().expect("retention") >= 1);
-        // The next round of t asks for a spare; the round after it rolls to it.
-        append_each(&rt, &t, [vec![3; 50]]);
-        wait_prepared(&t);
-        assert!(lock(&t.inner.next).as_ref().is_some_and(|(_, spare)| *spare));
-        append_each(&rt, &t, [vec![4; 50]]);
-        // The roll comes right after the round's answers.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while t.stats().segments < 2 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(
-            (t.stats().segments, t.stats().segments_reused),
-            (2, 1),
-            "{:?}",
-            t.stats()
-        );
-        assert_eq!(
-            t.stats().bytes,
-            2 * HEADER_LEN + 5 * 66,
-            "the new segment holds no record yet"
-        );
-        append_each(&rt, &t, [vec![5; 50]]);
-        assert_eq!(t.stats().segments, 2, "a spare is left only for a full segment");
-    }
-    let log = Log::open(dir.path(), prepared).expect("reopen");
-    let t = log.topic("t").expect("topic");
-    let recs = read_all(&t, 0);
-    assert_eq!(
-        recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(),
-        [0, 1, 2, 3, 4, 5]
-    );
-}
-
-/// The states a crash can leave a prepared roll in, and what a restart makes of each.
-#[test]
-fn a_prepared_roll_cut_short_by_a_crash_is_recovered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rt = rt();
-    let topic_dir = dir.path().join("t");
-    let prepared = LogOptions {
-        prepare_segments: true,
-        ..opts(1000)
-    };
-    {
-        let log = Log::open(dir.path(), prepared.clone()).expect("open");
-        let t = log.topic("t").expect("topic");
-        append_each(&rt, &t, (0..12u8).map(|i| vec![i; 50]));
-        wait_prepared(&t);
-        append_each(&rt, &t, (12..16u8).map(|i| vec![i; 50]));
-        assert_eq!(t.stats().segments, 2);
-    }
-    let second = segment::segment_path(&topic_dir, 14);
-    let next = topic_dir.join(NEXT);
-    // The rename did not reach the disk, the records' sync did: the file is found by its
-    // header.
-    std::fs::rename(&second, &next).expect("undo the rename");
-    {
-        let log = Log::open(dir.path(), prepared.clone()).expect("reopen");
-        let t = log.topic("t").expect("topic");
-        assert!(second.exists() && !next.exists(), "the prepared file took its name");
-        let recs = read_all(&t, 0);
-        assert_eq!(
-            recs.iter().map(|r| r.payload[0]).collect::<Vec<_>>(),
-            (0..16u8).collect::<Vec<_>>()
-        );
-    }
-    // The rename reached the disk, the header and records did not: the segment starts again
-    // empty, at the sequence the first one ends at.
-    std::fs::write(&second, vec![0u8; 300]).expect("blank");
-    {
-        let log = Log::open(dir.path(), prepared.clone()).expect("reopen");
-        let t = log.topic("t").expect("topic");
-        assert_eq!(t.durable_end(), 14);
-        assert_eq!(rt.block_on(t.append(vec![99; 50])).expect("append"), 14);
-        let recs = read_all(&t, 0);
-        assert_eq!(recs.len(), 15);
-        assert_eq!(recs[14].payload, vec![99; 50]);
-    }
-    // A prepared file whose header does not continue the log is damage, not a segment to skip.
-    let h = segment::encode_header(&Header::new(40));
-    let mut bytes = vec![0u8; 100];
-    bytes[..h.len()].copy_from_slice(&h);
-    std::fs::write(&next, bytes).expect("write");
-    let log = Log::open(dir.path(), prepared).expect("reopen");
-    match log.topic("t") {
-        Err(Error::Corrupt { reason, .. }) => assert!(reason.contains("starting at 40"), "{reason}"),
-        Err(e) => panic!("expected a corruption error, got {e}"),
-        Ok(_) => panic!("expected a corruption error, got a topic"),
     }
 }
 
@@ -465,8 +258,8 @@ fn reused_segments_never_yield_their_old_records() {
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r.payload, vec![100 + i as u8; 50]);
     }
-    // A reused file that rolls before its records reach its old length keeps its old bytes;
-    // after a restart, the closed segment still ends at its last record.
+    // A reused file that rolls before its records reach its old length is cut at its last
+    // record, so that a closed segment's length is where its records end.
     let a = log.topic("a").expect("topic");
     append_each(&rt, &a, (8..16u8).map(|i| vec![i; 50]));
     a.commit("g", 16).expect("commit");
@@ -477,11 +270,10 @@ fn reused_segments_never_yield_their_old_records() {
         c.append(vec![2; 360]).await.expect("append");
     });
     let first = segment::segment_path(&dir.path().join("c"), 0);
-    assert!(std::fs::metadata(&first).expect("meta").len() > HEADER_LEN + 16 + 10);
+    assert_eq!(std::fs::metadata(&first).expect("meta").len(), HEADER_LEN + 16 + 10);
     drop(log);
     let log = Log::open(dir.path(), opts(400)).expect("reopen");
     let c = log.topic("c").expect("topic");
-    assert_eq!(c.stats().bytes, 2 * HEADER_LEN + 2 * 16 + 10 + 360);
     let recs = read_all(&c, 0);
     assert_eq!(
         recs.iter().map(|r| (r.payload[0], r.payload.len())).collect::<Vec<_>>(),
