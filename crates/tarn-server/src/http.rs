@@ -203,6 +203,7 @@ async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let _busy = app.ingest_cpus.request();
     // The contract in memory on the hot path; only a dataset unknown here asks the store.
     let known = match app.catalog.get(&name) {
         Some(spec) => Some(spec),
@@ -760,6 +761,22 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             let _ = writeln!(out, "tarn_worker_unit_held{{unit=\"{k}\"}} 1");
         }
     }
+    let cpus = &app.ingest_cpus;
+    let _ = writeln!(
+        out,
+        "# HELP tarn_ingest_cpus_reserved CPUs kept free of delivery and curate while ingest requests arrive.\n# TYPE tarn_ingest_cpus_reserved gauge\ntarn_ingest_cpus_reserved {}",
+        cpus.reserved()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tarn_background_narrowed 1 while delivery and curate keep off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowed gauge\ntarn_background_narrowed {}",
+        u8::from(cpus.narrowed())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tarn_background_narrowings_total Times delivery and curate were moved off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowings_total counter\ntarn_background_narrowings_total {}",
+        cpus.narrowings()
+    );
     m.latency.render(
         &mut out,
         "tarn_ingest_latency_seconds",

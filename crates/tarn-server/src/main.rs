@@ -9,6 +9,7 @@ mod bench_rollups;
 mod bench_scale;
 mod bench_stream;
 mod catalog_api;
+mod cpus;
 mod http;
 mod keys;
 mod maintenance;

@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// Refuse writes to datasets without a descriptor instead of inferring their contract.
     #[arg(long, env = "TARN_NO_INFER")]
     pub no_infer: bool,
+    /// CPUs kept free of delivery and curate while ingest requests arrive (the lowest-numbered
+    /// of those the process may use); by default one in four, at least one, none on a single
+    /// CPU. 0 turns it off.
+    #[arg(long, env = "TARN_INGEST_CPUS")]
+    pub ingest_cpus: Option<usize>,
     /// Delivery closes a batch after this many milliseconds.
     #[arg(long, env = "TARN_BATCH_AGE_MS", default_value_t = Limits::default().delivery_batch_age_ms)]
     pub batch_age_ms: u64,
@@ -214,6 +219,8 @@ pub struct App {
     /// The runtime of delivery and curate, apart from the one answering HTTP, so that long
     /// stretches of Parquet encoding never hold up an ingest request's task.
     background: tokio::runtime::Handle,
+    /// The CPUs the background threads keep off while ingest requests arrive.
+    pub ingest_cpus: Arc<crate::cpus::IngestCpus>,
 }
 
 impl App {
@@ -421,17 +428,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("loading dataset descriptors from {}", dir.display()))?;
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ingest_cpus = Arc::new(crate::cpus::IngestCpus::new(args.ingest_cpus));
+    let (started, stopped) = (ingest_cpus.clone(), ingest_cpus.clone());
     let background_rt = BackgroundRuntime(Some(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("tarn-background")
             // Delivery and curate may use every idle cycle, but an ingest request that needs the
-            // CPU gets it first: the lowest scheduling priority (nice 19 on Linux).
-            .on_thread_start(|| {
-                if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
+            // CPU gets it first: the idle scheduling class on Linux (`SCHED_IDLE`, whose threads
+            // a woken thread of the normal class preempts at once), and off the CPUs reserved
+            // for ingest while requests arrive (`cpus.rs`).
+            .on_thread_start(move || {
+                if let Err(e) = thread_priority::set_thread_priority_and_policy(
+                    thread_priority::thread_native_id(),
+                    thread_priority::ThreadPriority::Min,
+                    thread_priority::ThreadSchedulePolicy::Normal(thread_priority::NormalThreadSchedulePolicy::Idle),
+                ) {
                     tracing::warn!(error = ?e, "cannot lower the priority of a background thread");
                 }
+                started.thread_started();
             })
+            .on_thread_stop(move || stopped.thread_stopped())
             .enable_all()
             .build()
             .context("starting the background runtime")?,
@@ -547,9 +564,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         stream_bytes_max: args.stream_bytes_max,
         stream_limits_set: std::sync::Mutex::new(std::collections::HashMap::new()),
         no_curate: Arc::new(CurateStats::default()),
-        shutdown: shutdown_rx,
+        shutdown: shutdown_rx.clone(),
         background: background.clone(),
+        ingest_cpus: ingest_cpus.clone(),
     });
+    if ingest_cpus.reserved() > 0 {
+        tokio::spawn(release_ingest_cpus(ingest_cpus.clone(), shutdown_rx.clone()));
+    }
     // The table of an earlier major version has no stream of its own.
     for spec in catalog
         .list()
@@ -950,6 +971,18 @@ mod stream_tests {
         assert_eq!(ok("nats://u:p@n1:4333/x"), ("nats://u:p@n1:4333".into(), "x".into()));
         for bad in ["kafka://x:1", "nats://h:1/Bad-Name", "nats://h:1/a/b", "local"] {
             assert!(parse_nats(bad).is_err(), "{bad}");
+        }
+    }
+}
+
+/// Gives the background threads every CPU back once ingest requests stop (see `cpus.rs`).
+async fn release_ingest_cpus(cpus: Arc<crate::cpus::IngestCpus>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => cpus.tick(),
+            _ = shutdown.changed() => return,
         }
     }
 }

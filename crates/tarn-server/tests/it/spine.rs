@@ -432,3 +432,145 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing() {
         "{m}"
     );
 }
+
+/// The CPUs a thread of a process may run on, from `/proc` (`Cpus_allowed_list`, e.g. `0-1`).
+fn cpus_allowed(pid: u32, tid: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:"))?;
+    Some(line.split_whitespace().nth(1)?.to_string())
+}
+
+/// The background threads of a process: id, CPUs allowed, scheduling policy (5 is `SCHED_IDLE`).
+fn background_threads(pid: u32) -> Vec<(String, String, u32)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+    {
+        let tid = t.file_name().to_string_lossy().to_string();
+        let Ok(comm) = std::fs::read_to_string(t.path().join("comm")) else {
+            continue;
+        };
+        if comm.trim() != "tarn-background" {
+            continue;
+        }
+        // The fields after the command's closing parenthesis; `policy` is the 41st of the whole line.
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let policy = rest
+            .split_whitespace()
+            .nth(38)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(u32::MAX);
+        if let Some(cpus) = cpus_allowed(pid, &tid) {
+            out.push((tid, cpus, policy));
+        }
+    }
+    out
+}
+
+/// Delivery and curate run in the idle scheduling class, keep off the CPU reserved for ingest
+/// while requests arrive, and get it back once they stop.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
+    let all = cpus_allowed(std::process::id(), &std::process::id().to_string()).expect("own CPUs");
+    if !all.contains(['-', ',']) {
+        eprintln!("skipped: this test may use only CPU {all}, so none can be reserved for ingest");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Server::start(
+        &dir.path().join("data"),
+        &["--ingest-cpus", "1", "--batch-age-ms", "50"],
+    );
+    let pid = s.child.id();
+    let c = client();
+    assert_eq!(metric_total(&c, &s.url, "tarn_ingest_cpus_reserved").await, 1);
+    let before = background_threads(pid);
+    assert!(!before.is_empty(), "no tarn-background thread found");
+    for (tid, cpus, policy) in &before {
+        assert_eq!(policy, &5, "thread {tid} is not in the idle class");
+        assert_eq!(cpus, &all, "thread {tid} before any request");
+    }
+    assert_eq!(metric_total(&c, &s.url, "tarn_background_narrowings_total").await, 0);
+
+    // One request held open: its head is in, its body half sent. While it is in flight, however
+    // long, every background thread stays off the first CPU.
+    let body = (0..1000)
+        .map(|j| event(&format!("e{j}"), 20 + (j % 3), "acme", 1.0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let addr = s.url.strip_prefix("http://").expect("http url").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "POST /v1/datasets/cpu_test/events HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("head");
+    let half = body.len() / 2;
+    conn.write_all(&body.as_bytes()[..half]).await.expect("first half");
+    conn.flush().await.expect("flush");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while metric_total(&c, &s.url, "tarn_background_narrowed").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background never left the ingest CPU"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for round in 0..3 {
+        // A thread seen between its start and its first step (where it takes its class and
+        // CPUs) is looked at again a moment later.
+        let mut wrong = Vec::new();
+        for _ in 0..3 {
+            let threads = background_threads(pid);
+            assert!(!threads.is_empty());
+            wrong = threads
+                .into_iter()
+                .filter(|(_, cpus, policy)| cpus == &all || *policy != 5)
+                .collect();
+            if wrong.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            wrong.is_empty(),
+            "threads on every CPU or not in the idle class while a request is in flight (round {round}): {wrong:?}"
+        );
+        // Longer than the release delay: an open request keeps the CPU reserved.
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    conn.write_all(&body.as_bytes()[half..]).await.expect("second half");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""accepted":1000"#), "{answer}");
+    assert_eq!(metric_total(&c, &s.url, "tarn_background_narrowings_total").await, 1);
+
+    // Once requests stop, every thread gets every CPU back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let threads = background_threads(pid);
+        if metric_total(&c, &s.url, "tarn_background_narrowed").await == 0
+            && threads.iter().all(|(_, cpus, _)| cpus == &all)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "background still narrowed: {threads:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    wait_for(&c, &s.url, "SELECT count(*) AS n FROM cpu_test", 30, |v| {
+        v["rows"][0][0] == 1000
+    })
+    .await;
+}
