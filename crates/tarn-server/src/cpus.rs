@@ -65,7 +65,7 @@ impl IngestCpus {
         let allowed: Vec<usize> = (0..CpuSet::MAX_CPU).filter(|&c| all.is_set(c)).collect();
         let n = reserved.unwrap_or_else(|| default_reserved(allowed.len()));
         let rest = (n > 0 && n < allowed.len()).then(|| {
-            let mut rest = all.clone();
+            let mut rest = all;
             for &c in &allowed[..n] {
                 rest.unset(c);
             }
@@ -199,7 +199,7 @@ mod tests {
     use super::*;
 
     fn cpus_of_this_thread() -> Vec<usize> {
-        let s = rustix::thread::sched_getaffinity(None).unwrap();
+        let s = rustix::thread::sched_getaffinity(None).expect("this thread's CPUs");
         (0..CpuSet::MAX_CPU).filter(|&c| s.is_set(c)).collect()
     }
 
@@ -230,18 +230,22 @@ mod tests {
             c.thread_started();
             // Report this thread's CPUs each time asked.
             while rx.recv().is_ok() {
-                back.send(cpus_of_this_thread()).unwrap();
+                back.send(cpus_of_this_thread()).expect("test waits");
             }
             c.thread_stopped();
         });
-        tx.send(()).unwrap();
-        assert_eq!(seen.recv().unwrap(), allowed, "no request yet: every CPU");
+        tx.send(()).expect("thread runs");
+        assert_eq!(
+            seen.recv().expect("thread answers"),
+            allowed,
+            "no request yet: every CPU"
+        );
 
         let guard = cpus.request();
         assert!(cpus.narrowed());
-        tx.send(()).unwrap();
+        tx.send(()).expect("thread runs");
         assert_eq!(
-            seen.recv().unwrap(),
+            seen.recv().expect("thread answers"),
             allowed[1..].to_vec(),
             "during a request: off the first CPU"
         );
@@ -254,7 +258,7 @@ mod tests {
             cpus
         })
         .join()
-        .unwrap();
+        .expect("thread ends");
         assert_eq!(late, allowed[1..].to_vec());
         // Not released while the request runs, however long.
         std::thread::sleep(RELEASE_AFTER + Duration::from_millis(50));
@@ -267,11 +271,15 @@ mod tests {
         std::thread::sleep(RELEASE_AFTER + Duration::from_millis(50));
         cpus.tick();
         assert!(!cpus.narrowed());
-        tx.send(()).unwrap();
-        assert_eq!(seen.recv().unwrap(), allowed, "after requests stop: every CPU again");
+        tx.send(()).expect("thread runs");
+        assert_eq!(
+            seen.recv().expect("thread answers"),
+            allowed,
+            "after requests stop: every CPU again"
+        );
         assert_eq!(cpus.narrowings(), 1);
         drop(tx);
-        bg.join().unwrap();
+        bg.join().expect("thread ends");
     }
 
     #[test]

@@ -956,6 +956,18 @@ fn parse_nats(spec: &str) -> Result<(String, String)> {
     Ok((format!("nats://{auth}{host}:{port}"), namespace))
 }
 
+/// Gives the background threads every CPU back once ingest requests stop (see `cpus.rs`).
+async fn release_ingest_cpus(cpus: Arc<crate::cpus::IngestCpus>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => cpus.tick(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod stream_tests {
     use super::parse_nats;
@@ -971,18 +983,6 @@ mod stream_tests {
         assert_eq!(ok("nats://u:p@n1:4333/x"), ("nats://u:p@n1:4333".into(), "x".into()));
         for bad in ["kafka://x:1", "nats://h:1/Bad-Name", "nats://h:1/a/b", "local"] {
             assert!(parse_nats(bad).is_err(), "{bad}");
-        }
-    }
-}
-
-/// Gives the background threads every CPU back once ingest requests stop (see `cpus.rs`).
-async fn release_ingest_cpus(cpus: Arc<crate::cpus::IngestCpus>, mut shutdown: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = every.tick() => cpus.tick(),
-            _ = shutdown.changed() => return,
         }
     }
 }
