@@ -88,10 +88,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TARN_NO_INFER")]
     pub no_infer: bool,
     /// CPUs kept free of delivery and curate while ingest requests arrive (the lowest-numbered
-    /// of those the process may use); by default one in four, at least one, none on a single
-    /// CPU. 0 turns it off.
-    #[arg(long, env = "TARN_INGEST_CPUS")]
-    pub ingest_cpus: Option<usize>,
+    /// of those the process may use): a shorter ack tail at moderate load, a slower catch-up
+    /// after ingest that keeps every CPU busy. 0, the default, keeps none.
+    #[arg(long, env = "TARN_INGEST_CPUS", default_value_t = 0)]
+    pub ingest_cpus: usize,
     /// Delivery closes a batch after this many milliseconds.
     #[arg(long, env = "TARN_BATCH_AGE_MS", default_value_t = Limits::default().delivery_batch_age_ms)]
     pub batch_age_ms: u64,
