@@ -119,14 +119,18 @@ impl IngestCpus {
     /// Marks an ingest request as begun; the background leaves the reserved CPUs at once if
     /// it was on them. The request ends when the guard is dropped.
     pub fn request(&self) -> RequestGuard<'_> {
+        if self.rest.is_none() {
+            // Nothing reserved (the default): nothing to count on the request's path.
+            return RequestGuard(None);
+        }
         // The count goes up before the flag is read, and a release clears the flag before it
         // reads the count (all `SeqCst`): so either this request sees the flag cleared and
         // narrows again, or the release sees this request and gives up.
         self.inflight.fetch_add(1, SeqCst);
-        if self.rest.is_some() && !self.narrowed.load(SeqCst) {
+        if !self.narrowed.load(SeqCst) {
             self.apply(true);
         }
-        RequestGuard(self)
+        RequestGuard(Some(self))
     }
 
     /// Gives the background every CPU back once no request is in flight and none has ended
@@ -172,11 +176,11 @@ impl IngestCpus {
 }
 
 /// An ingest request in flight; see [`IngestCpus::request`].
-pub struct RequestGuard<'a>(&'a IngestCpus);
+pub struct RequestGuard<'a>(Option<&'a IngestCpus>);
 
 impl Drop for RequestGuard<'_> {
     fn drop(&mut self) {
-        let c = self.0;
+        let Some(c) = self.0 else { return };
         c.last_ms.store(c.epoch.elapsed().as_millis() as u64, Relaxed);
         c.inflight.fetch_sub(1, SeqCst);
     }

@@ -741,6 +741,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Curate rounds that failed and were retried.",
         c.errors.load(Relaxed),
     );
+    counter(
+        "tarn_background_narrowings_total",
+        "Times delivery and curate were moved off the CPUs reserved for ingest.",
+        app.ingest_cpus.narrowings(),
+    );
     if let Some(w) = &app.worker {
         let held = w.held_units();
         let _ = writeln!(
@@ -771,11 +776,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         out,
         "# HELP tarn_background_narrowed 1 while delivery and curate keep off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowed gauge\ntarn_background_narrowed {}",
         u8::from(cpus.narrowed())
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tarn_background_narrowings_total Times delivery and curate were moved off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowings_total counter\ntarn_background_narrowings_total {}",
-        cpus.narrowings()
     );
     m.latency.render(
         &mut out,
