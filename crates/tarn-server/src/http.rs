@@ -746,6 +746,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "Times delivery and curate were moved off the CPUs reserved for ingest.",
         app.ingest_cpus.narrowings(),
     );
+    counter(
+        "tarn_ingest_saturations_total",
+        "Times ingest requests kept every CPU busy, so delivery and curate got the reserved CPUs back.",
+        app.ingest_cpus.saturations(),
+    );
     if let Some(w) = &app.worker {
         let held = w.held_units();
         let _ = writeln!(
@@ -776,6 +781,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         out,
         "# HELP tarn_background_narrowed 1 while delivery and curate keep off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowed gauge\ntarn_background_narrowed {}",
         u8::from(cpus.narrowed())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tarn_ingest_load Ingest requests in flight on average over about 200 ms, measured while CPUs are reserved.\n# TYPE tarn_ingest_load gauge\ntarn_ingest_load {}",
+        cpus.load()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tarn_ingest_saturated 1 while ingest requests keep every CPU busy, so nothing is reserved for them.\n# TYPE tarn_ingest_saturated gauge\ntarn_ingest_saturated {}",
+        u8::from(cpus.saturated())
     );
     m.latency.render(
         &mut out,

@@ -87,11 +87,11 @@ pub struct ServeArgs {
     /// Refuse writes to datasets without a descriptor instead of inferring their contract.
     #[arg(long, env = "TARN_NO_INFER")]
     pub no_infer: bool,
-    /// CPUs kept free of delivery and curate while ingest requests arrive (the lowest-numbered
-    /// of those the process may use): a shorter ack tail at moderate load, a slower catch-up
-    /// after ingest that keeps every CPU busy. 0, the default, keeps none.
-    #[arg(long, env = "TARN_INGEST_CPUS", default_value_t = 0)]
-    pub ingest_cpus: usize,
+    /// CPUs kept free of delivery and curate while ingest requests arrive, unless ingest keeps
+    /// every CPU busy (the lowest-numbered of those the process may use); by default one in
+    /// four, at least one, none on a single CPU. 0 turns it off.
+    #[arg(long, env = "TARN_INGEST_CPUS")]
+    pub ingest_cpus: Option<usize>,
     /// Delivery closes a batch after this many milliseconds.
     #[arg(long, env = "TARN_BATCH_AGE_MS", default_value_t = Limits::default().delivery_batch_age_ms)]
     pub batch_age_ms: u64,
@@ -569,7 +569,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         ingest_cpus: ingest_cpus.clone(),
     });
     if ingest_cpus.reserved() > 0 {
-        tokio::spawn(release_ingest_cpus(ingest_cpus.clone(), shutdown_rx.clone()));
+        tokio::spawn(tick_ingest_cpus(ingest_cpus.clone(), shutdown_rx.clone()));
     }
     // The table of an earlier major version has no stream of its own.
     for spec in catalog
@@ -956,9 +956,10 @@ fn parse_nats(spec: &str) -> Result<(String, String)> {
     Ok((format!("nats://{auth}{host}:{port}"), namespace))
 }
 
-/// Gives the background threads every CPU back once ingest requests stop (see `cpus.rs`).
-async fn release_ingest_cpus(cpus: Arc<crate::cpus::IngestCpus>, mut shutdown: watch::Receiver<bool>) {
-    let mut every = tokio::time::interval(std::time::Duration::from_millis(50));
+/// Measures the ingest load, and gives the background threads every CPU back when ingest
+/// saturates them or once requests stop (see `cpus.rs`).
+async fn tick_ingest_cpus(cpus: Arc<crate::cpus::IngestCpus>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(crate::cpus::TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -474,7 +474,7 @@ fn background_threads(pid: u32) -> Vec<(String, String, u32)> {
 }
 
 /// Delivery and curate run in the idle scheduling class, keep off the CPU reserved for ingest
-/// while requests arrive, and get it back once they stop.
+/// while requests arrive, get it back while requests keep every CPU busy, and once they stop.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
@@ -501,21 +501,8 @@ async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
 
     // One request held open: its head is in, its body half sent. While it is in flight, however
     // long, every background thread stays off the first CPU.
-    let body = (0..1000)
-        .map(|j| event(&format!("e{j}"), 20 + (j % 3), "acme", 1.0))
-        .collect::<Vec<_>>()
-        .join("\n");
     let addr = s.url.strip_prefix("http://").expect("http url").to_string();
-    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let head = format!(
-        "POST /v1/datasets/cpu_test/events HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.expect("head");
-    let half = body.len() / 2;
-    conn.write_all(&body.as_bytes()[..half]).await.expect("first half");
-    conn.flush().await.expect("flush");
+    let first = HeldRequest::open(&addr, "cpu_test", 0).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while metric_total(&c, &s.url, "tarn_background_narrowed").await == 0 {
         assert!(
@@ -547,11 +534,34 @@ async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
         // Longer than the release delay: an open request keeps the CPU reserved.
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     }
-    conn.write_all(&body.as_bytes()[half..]).await.expect("second half");
-    let mut answer = String::new();
-    conn.read_to_string(&mut answer).await.expect("answer");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.contains(r#""accepted":1000"#), "{answer}");
+    assert_eq!(metric_total(&c, &s.url, "tarn_ingest_saturated").await, 0);
+
+    // Twice as many requests in flight as there are CPUs is ingest that keeps every CPU busy:
+    // the background gets the reserved CPU back although requests are still in flight.
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut held = vec![first];
+    for i in 1..2 * cpus {
+        held.push(HeldRequest::open(&addr, "cpu_test", i).await);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let threads = background_threads(pid);
+        if metric_total(&c, &s.url, "tarn_ingest_saturated").await == 1
+            && metric_total(&c, &s.url, "tarn_background_narrowed").await == 0
+            && threads.iter().all(|(_, cpus, _)| cpus == &all)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "saturating ingest left the background narrowed: {threads:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric_total(&c, &s.url, "tarn_ingest_saturations_total").await, 1);
+    for h in held {
+        h.finish().await;
+    }
     assert_eq!(metric_total(&c, &s.url, "tarn_background_narrowings_total").await, 1);
 
     // Once requests stop, every thread gets every CPU back.
@@ -569,8 +579,48 @@ async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let rows = 1000 * 2 * cpus;
     wait_for(&c, &s.url, "SELECT count(*) AS n FROM cpu_test", 30, |v| {
-        v["rows"][0][0] == 1000
+        v["rows"][0][0] == rows
     })
     .await;
+}
+
+/// An ingest request of 1,000 events over raw TCP, its head and half its body sent.
+struct HeldRequest {
+    conn: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl HeldRequest {
+    async fn open(addr: &str, dataset: &str, n: usize) -> Self {
+        use tokio::io::AsyncWriteExt;
+        let body = (0..1000)
+            .map(|j| event(&format!("r{n}e{j}"), 20 + (j % 3), "acme", 1.0))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let head = format!(
+            "POST /v1/datasets/{dataset}/events HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        conn.write_all(head.as_bytes()).await.expect("head");
+        let half = body.len() / 2;
+        conn.write_all(&body.as_bytes()[..half]).await.expect("first half");
+        conn.flush().await.expect("flush");
+        Self {
+            conn,
+            rest: body.as_bytes()[half..].to_vec(),
+        }
+    }
+
+    /// Sends the rest of the body and checks that all 1,000 events were accepted.
+    async fn finish(mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.conn.write_all(&self.rest).await.expect("second half");
+        let mut answer = String::new();
+        self.conn.read_to_string(&mut answer).await.expect("answer");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(r#""accepted":1000"#), "{answer}");
+    }
 }
