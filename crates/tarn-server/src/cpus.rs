@@ -62,14 +62,10 @@ pub struct IngestCpus {
     rest: Option<CpuSet>,
     /// The background threads: their ids, and whether they are narrowed now.
     threads: Mutex<Threads>,
-    /// Ingest requests being answered now.
-    inflight: AtomicU64,
-    /// When the last ingest request ended, in ms since `epoch`.
-    last_ms: AtomicU64,
     narrowed: AtomicBool,
     /// Whether ingest keeps every CPU busy now, so nothing is reserved.
     saturated: AtomicBool,
-    /// The requests' time in flight, for the load.
+    /// The requests in flight and their time in flight.
     busy: Mutex<Busy>,
     /// The smoothed load, updated by `tick`.
     load: Mutex<Load>,
@@ -88,15 +84,18 @@ struct Threads {
     narrowed: bool,
 }
 
-/// The requests' time in flight, in µs since `epoch`: at time `t` it is
-/// `done + inflight * t - starts`. Kept under one lock so that the three agree.
+/// The ingest requests in flight and their time in flight, in µs since `epoch`: at time `t`
+/// it is `done + inflight * t - starts`. Kept under one lock so that they agree.
 #[derive(Default)]
 struct Busy {
+    /// Ingest requests being answered now.
     inflight: u64,
     /// The sum of the start times of the requests in flight.
     starts: u64,
     /// The time in flight of the requests that ended.
     done: u64,
+    /// When the last request ended.
+    last_end: u64,
 }
 
 impl Busy {
@@ -157,8 +156,6 @@ impl IngestCpus {
             all,
             rest,
             threads: Mutex::new(Threads::default()),
-            inflight: AtomicU64::new(0),
-            last_ms: AtomicU64::new(0),
             narrowed: AtomicBool::new(false),
             saturated: AtomicBool::new(false),
             busy: Mutex::new(Busy::default()),
@@ -229,16 +226,16 @@ impl IngestCpus {
             return RequestGuard { cpus: None, start: 0 };
         }
         let start = self.now_us();
-        {
+        // The count goes up and the flag is read under the lock, and a release clears the flag
+        // before it takes the lock to read the count: so either this request sees the flag
+        // cleared and narrows again, or the release sees this request and gives up.
+        let narrow = {
             let mut b = lock(&self.busy);
             b.inflight += 1;
             b.starts += start;
-        }
-        // The count goes up before the flag is read, and a release clears the flag before it
-        // reads the count (all `SeqCst`): so either this request sees the flag cleared and
-        // narrows again, or the release sees this request and gives up.
-        self.inflight.fetch_add(1, SeqCst);
-        if !self.narrowed.load(SeqCst) && !self.saturated.load(SeqCst) {
+            !self.narrowed.load(SeqCst) && !self.saturated.load(SeqCst)
+        };
+        if narrow {
             self.narrow();
         }
         RequestGuard {
@@ -255,7 +252,10 @@ impl IngestCpus {
             return;
         }
         let now = self.now_us();
-        let busy = lock(&self.busy).at(now);
+        let (busy, inflight, last_end) = {
+            let b = lock(&self.busy);
+            (b.at(now), b.inflight, b.last_end)
+        };
         let (saturated, mean) = {
             let mut l = lock(&self.load);
             (l.update(now, busy, f64::from(self.all.count())), l.mean)
@@ -269,11 +269,10 @@ impl IngestCpus {
             self.widen(true);
             return;
         }
-        if !self.narrowed.load(SeqCst) || self.inflight.load(SeqCst) > 0 {
+        if !self.narrowed.load(SeqCst) || inflight > 0 {
             return;
         }
-        let idle_ms = (self.epoch.elapsed().as_millis() as u64).saturating_sub(self.last_ms.load(Relaxed));
-        if idle_ms >= RELEASE_AFTER.as_millis() as u64 {
+        if now.saturating_sub(last_end) >= RELEASE_AFTER.as_micros() as u64 {
             self.widen(false);
         }
     }
@@ -299,7 +298,7 @@ impl IngestCpus {
             return;
         }
         self.narrowed.store(false, SeqCst);
-        if !force && self.inflight.load(SeqCst) > 0 {
+        if !force && lock(&self.busy).inflight > 0 {
             // A request began meanwhile: it keeps the CPUs reserved.
             self.narrowed.store(true, SeqCst);
             return;
@@ -339,9 +338,8 @@ impl Drop for RequestGuard<'_> {
             b.inflight -= 1;
             b.starts -= self.start;
             b.done += end.saturating_sub(self.start);
+            b.last_end = end;
         }
-        c.last_ms.store(end / 1000, Relaxed);
-        c.inflight.fetch_sub(1, SeqCst);
     }
 }
 
@@ -362,6 +360,18 @@ mod tests {
     fn cpus_of_this_thread() -> Vec<usize> {
         let s = rustix::thread::sched_getaffinity(None).expect("this thread's CPUs");
         (0..CpuSet::MAX_CPU).filter(|&c| s.is_set(c)).collect()
+    }
+
+    /// Ticks every [`TICK`] until `done`, at most 40 times.
+    fn tick_until(cpus: &IngestCpus, done: impl Fn(&IngestCpus) -> bool, what: &str) {
+        for _ in 0..40 {
+            if done(cpus) {
+                return;
+            }
+            std::thread::sleep(TICK);
+            cpus.tick();
+        }
+        assert!(done(cpus), "never {what}; load {}", cpus.load());
     }
 
     /// A background thread that reports its CPUs each time it is asked.
@@ -458,13 +468,7 @@ mod tests {
         let held: Vec<_> = (0..2 * allowed.len()).map(|_| cpus.request()).collect();
         assert!(cpus.narrowed());
         assert_eq!(bg.cpus(), allowed[1..].to_vec());
-        let mut ticks = 0;
-        while !cpus.saturated() {
-            assert!(ticks < 40, "never saturated; load {}", cpus.load());
-            std::thread::sleep(TICK);
-            cpus.tick();
-            ticks += 1;
-        }
+        tick_until(&cpus, |c| c.saturated(), "saturated");
         assert!(cpus.load() >= SATURATED_ENTER * allowed.len() as f64);
         assert!(!cpus.narrowed(), "saturated: every CPU although requests are in flight");
         assert_eq!(bg.cpus(), allowed);
@@ -476,13 +480,7 @@ mod tests {
         drop(one_more);
         drop(held);
         // Once the load falls below the lower mark, a request reserves the CPU again.
-        let mut ticks = 0;
-        while cpus.saturated() {
-            assert!(ticks < 40, "never left saturation; load {}", cpus.load());
-            std::thread::sleep(TICK);
-            cpus.tick();
-            ticks += 1;
-        }
+        tick_until(&cpus, |c| !c.saturated(), "out of saturation");
         assert!(cpus.load() < SATURATED_LEAVE * allowed.len() as f64);
         let again = cpus.request();
         assert!(cpus.narrowed());

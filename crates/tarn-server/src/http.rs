@@ -772,26 +772,30 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         }
     }
     let cpus = &app.ingest_cpus;
-    let _ = writeln!(
-        out,
-        "# HELP tarn_ingest_cpus_reserved CPUs kept free of delivery and curate while ingest requests arrive.\n# TYPE tarn_ingest_cpus_reserved gauge\ntarn_ingest_cpus_reserved {}",
-        cpus.reserved()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tarn_background_narrowed 1 while delivery and curate keep off the CPUs reserved for ingest.\n# TYPE tarn_background_narrowed gauge\ntarn_background_narrowed {}",
-        u8::from(cpus.narrowed())
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tarn_ingest_load Ingest requests in flight on average over about 200 ms, measured while CPUs are reserved.\n# TYPE tarn_ingest_load gauge\ntarn_ingest_load {}",
-        cpus.load()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP tarn_ingest_saturated 1 while ingest requests keep every CPU busy, so nothing is reserved for them.\n# TYPE tarn_ingest_saturated gauge\ntarn_ingest_saturated {}",
-        u8::from(cpus.saturated())
-    );
+    for (name, help, v) in [
+        (
+            "tarn_ingest_cpus_reserved",
+            "CPUs kept free of delivery and curate while ingest requests arrive.",
+            cpus.reserved() as f64,
+        ),
+        (
+            "tarn_background_narrowed",
+            "1 while delivery and curate keep off the CPUs reserved for ingest.",
+            f64::from(u8::from(cpus.narrowed())),
+        ),
+        (
+            "tarn_ingest_load",
+            "Ingest requests in flight on average over about 200 ms, measured while CPUs are reserved.",
+            cpus.load(),
+        ),
+        (
+            "tarn_ingest_saturated",
+            "1 while ingest requests keep every CPU busy, so nothing is reserved for them.",
+            f64::from(u8::from(cpus.saturated())),
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
     m.latency.render(
         &mut out,
         "tarn_ingest_latency_seconds",

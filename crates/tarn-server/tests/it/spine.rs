@@ -543,21 +543,15 @@ async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
     for i in 1..2 * cpus {
         held.push(HeldRequest::open(&addr, "cpu_test", i).await);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let threads = background_threads(pid);
-        if metric_total(&c, &s.url, "tarn_ingest_saturated").await == 1
-            && metric_total(&c, &s.url, "tarn_background_narrowed").await == 0
-            && threads.iter().all(|(_, cpus, _)| cpus == &all)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "saturating ingest left the background narrowed: {threads:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    background_on_every_cpu(
+        &c,
+        &s.url,
+        pid,
+        &all,
+        true,
+        "saturating ingest left the background narrowed",
+    )
+    .await;
     assert_eq!(metric_total(&c, &s.url, "tarn_ingest_saturations_total").await, 1);
     for h in held {
         h.finish().await;
@@ -565,25 +559,29 @@ async fn background_keeps_off_the_ingest_cpu_while_requests_arrive() {
     assert_eq!(metric_total(&c, &s.url, "tarn_background_narrowings_total").await, 1);
 
     // Once requests stop, every thread gets every CPU back.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let threads = background_threads(pid);
-        if metric_total(&c, &s.url, "tarn_background_narrowed").await == 0
-            && threads.iter().all(|(_, cpus, _)| cpus == &all)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "background still narrowed: {threads:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    background_on_every_cpu(&c, &s.url, pid, &all, false, "background still narrowed").await;
     let rows = 1000 * 2 * cpus;
     wait_for(&c, &s.url, "SELECT count(*) AS n FROM cpu_test", 30, |v| {
         v["rows"][0][0] == rows
     })
     .await;
+}
+
+/// Waits up to 10 s until no background thread is narrowed and each is on every CPU (`all`),
+/// and, if `saturated`, the server says ingest saturates the CPUs.
+async fn background_on_every_cpu(c: &reqwest::Client, url: &str, pid: u32, all: &str, saturated: bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let threads = background_threads(pid);
+        if (!saturated || metric_total(c, url, "tarn_ingest_saturated").await == 1)
+            && metric_total(c, url, "tarn_background_narrowed").await == 0
+            && threads.iter().all(|(_, cpus, _)| cpus == all)
+        {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {threads:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// An ingest request of 1,000 events over raw TCP, its head and half its body sent.
