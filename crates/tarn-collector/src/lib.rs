@@ -348,4 +348,6 @@ impl Prepare {
 }
 
 #[cfg(test)]
+mod speed;
+#[cfg(test)]
 mod tests;

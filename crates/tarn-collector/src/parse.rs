@@ -53,6 +53,9 @@ pub(crate) struct Shape<'a> {
     /// The fields' names, in the contract's order.
     names: Vec<&'a str>,
     index: HashMap<&'a str, usize>,
+    /// Each name's bytes when a key that is those bytes and a quote can only be that name:
+    /// no quote, escape or control character in it.
+    plain: Vec<Option<&'a [u8]>>,
     pub track_unknown: bool,
 }
 
@@ -61,12 +64,23 @@ impl<'a> Shape<'a> {
     pub fn new(fields: impl IntoIterator<Item = (&'a str, FieldType)>, track_unknown: bool) -> Self {
         let (names, types): (Vec<&'a str>, Vec<FieldType>) = fields.into_iter().unzip();
         let index = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let plain = names
+            .iter()
+            .map(|n| (!n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)).then_some(n.as_bytes()))
+            .collect();
         Self {
             types,
             names,
             index,
+            plain,
             track_unknown,
         }
+    }
+
+    /// The name of field `i` as bytes to compare a key's text with, when there is a field
+    /// `i` and its name is plain.
+    pub fn expected(&self, i: usize) -> Option<&'a [u8]> {
+        self.plain.get(i).copied().flatten()
     }
 
     /// The position of field `key`; `next` is tried first, as producers mostly write the
