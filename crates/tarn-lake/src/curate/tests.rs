@@ -284,3 +284,33 @@ fn curated_files_keep_arrival_order_unless_they_span_row_groups() {
     assert_eq!(ids, by_time, "several row groups: event-time order");
     assert!(with_stats, "several row groups: statistics to prune within the file");
 }
+
+#[test]
+fn one_objects_batches_are_joined_in_order_when_they_share_a_schema() {
+    use deltalake::arrow::array::{Array as _, StringArray};
+
+    use crate::testkit::record_of;
+    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
+    let ids = |b: &deltalake::arrow::array::RecordBatch| -> Vec<String> {
+        let c = b.column_by_name("event_id").expect("ids");
+        let c = c.as_any().downcast_ref::<StringArray>().expect("strings");
+        c.iter().map(|v| v.unwrap_or_default().to_string()).collect()
+    };
+    // What an earlier object left stays as it is; this object's three batches become one.
+    let mut batches: Vec<_> = (0..4).map(|s| record_of(&spec, s, 3, "2026-11-22")).collect();
+    let before: Vec<String> = batches.iter().flat_map(ids).collect();
+    coalesce(&mut batches, 1).expect("coalesce");
+    assert_eq!(batches.len(), 2);
+    assert_eq!(batches[0].num_rows(), 3);
+    assert_eq!(batches[1].num_rows(), 9);
+    assert_eq!(batches.iter().flat_map(ids).collect::<Vec<_>>(), before);
+    // One batch, or none, is left alone; so are batches of two schemas.
+    coalesce(&mut batches, 1).expect("one");
+    coalesce(&mut batches, 2).expect("none");
+    assert_eq!(batches.len(), 2);
+    let mut v2 = spec.clone();
+    v2.major = 2;
+    let mut mixed = vec![record_of(&spec, 0, 3, "2026-11-22"), record_of(&v2, 1, 3, "2026-11-22")];
+    coalesce(&mut mixed, 0).expect("mixed");
+    assert_eq!(mixed.len(), 2);
+}
