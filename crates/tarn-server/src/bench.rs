@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// Customers (client_id values); their traffic is skewed (Zipf-like).
     #[arg(long, default_value_t = 200)]
     pub customers: u32,
+    /// Instead: time one request's preparation (splitting, checks, batch building and
+    /// encoding) of `--batch` events, best of 30 passes, beside serde_json parsing the same
+    /// events into trees; no server runs.
+    #[arg(long)]
+    pub prepare: bool,
     /// Instead: the compaction benchmark, over one partition of `--files` small files of
     /// `--batch` events each.
     #[arg(long)]
@@ -197,6 +202,63 @@ event_time: ts
 event_id: event_id
 partitioning: { tenant: client_id }
 "#;
+
+/// `tarn bench --prepare`: the collector's work on one request of `--batch` events, outside
+/// the server, against serde_json parsing the same events (the reference, same run, same data).
+fn prepare(a: &BenchArgs) -> Result<()> {
+    const PASSES: usize = 30;
+    std::fs::create_dir_all(&a.dir)?;
+    let path = a.dir.join("prepare.ndjson");
+    generate(&path, a.batch, a.days, a.customers)?;
+    let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::str::from_utf8(&body).context("generated events are UTF-8")?;
+    let spec = tarn_core::DatasetSpec::from_yaml(DESCRIPTOR)?;
+    let limits = tarn_core::Limits::default();
+    let mut best: Option<tarn_collector::PrepareTimes> = None;
+    for _ in 0..PASSES {
+        let t = tarn_collector::time_prepare(&spec, &body, &limits)?;
+        if t.accepted != a.batch || t.rejected != 0 {
+            bail!("{} of {} events accepted, {} rejected", t.accepted, a.batch, t.rejected);
+        }
+        let total = |t: &tarn_collector::PrepareTimes| t.split + t.check + t.encode;
+        if best.as_ref().is_none_or(|b| total(&t) < total(b)) {
+            best = Some(t);
+        }
+    }
+    let best = best.context("no pass ran")?;
+    let mut reference = Duration::MAX;
+    for _ in 0..PASSES {
+        let started = Instant::now();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            if !v.is_object() {
+                bail!("an event is not a JSON object");
+            }
+        }
+        reference = reference.min(started.elapsed());
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let total = best.split + best.check + best.encode;
+    println!(
+        "one request of {} events, {} bytes, best of {PASSES} passes:",
+        a.batch,
+        body.len()
+    );
+    println!(
+        "  tarn: split {:.2} ms, checks and batch {:.2} ms, encoding {:.2} ms; {:.2} ms in all, {:.0} ns an event",
+        ms(best.split),
+        ms(best.check),
+        ms(best.encode),
+        ms(total),
+        total.as_nanos() as f64 / a.batch.max(1) as f64
+    );
+    println!("  serde_json into trees (reference): {:.2} ms", ms(reference));
+    println!(
+        "  ratio tarn/reference time: {:.2}x",
+        total.as_secs_f64() / reference.as_secs_f64()
+    );
+    Ok(())
+}
 
 /// Writes `n` events as NDJSON, one per line; returns the byte count.
 pub fn generate(path: &Path, n: usize, days: u32, customers: u32) -> Result<u64> {
@@ -480,6 +542,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     }
     if a.scale_out {
         return crate::bench_scale::run(&a).await;
+    }
+    if a.prepare {
+        return prepare(&a);
     }
     if a.dir.exists() {
         std::fs::remove_dir_all(&a.dir).with_context(|| format!("wiping {}", a.dir.display()))?;
@@ -795,6 +860,17 @@ fn walk_count(path: &Path, suffix: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_collector_accepts_every_generated_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("e.ndjson");
+        generate(&p, 500, 3, 200).expect("generate");
+        let body = std::fs::read(&p).expect("read");
+        let spec = tarn_core::DatasetSpec::from_yaml(DESCRIPTOR).expect("descriptor");
+        let t = tarn_collector::time_prepare(&spec, &body, &tarn_core::Limits::default()).expect("prepare");
+        assert_eq!((t.accepted, t.rejected), (500, 0));
+    }
 
     #[test]
     fn generated_events_are_realistic() {

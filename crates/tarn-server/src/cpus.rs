@@ -407,15 +407,22 @@ mod tests {
         }
     }
 
+    /// The CPUs this thread may use, when there are several; none (with a note) when one
+    /// alone, as no CPU can then be reserved.
+    fn several_cpus() -> Option<Vec<usize>> {
+        let allowed = cpus_of_this_thread();
+        if allowed.len() < 2 {
+            eprintln!("skipped: this process may use only one CPU, so none can be reserved");
+            return None;
+        }
+        Some(allowed)
+    }
+
     /// A background thread leaves the reserved CPU while a request is in flight, new
     /// background threads start off it, and all get it back once requests stop.
     #[test]
     fn background_threads_leave_the_reserved_cpu_while_requests_run() {
-        let allowed = cpus_of_this_thread();
-        if allowed.len() < 2 {
-            eprintln!("skipped: this process may use only one CPU, so none can be reserved");
-            return;
-        }
+        let Some(allowed) = several_cpus() else { return };
         let cpus = std::sync::Arc::new(IngestCpus::new(Some(1)));
         assert_eq!(cpus.reserved(), 1);
         let bg = Reporter::start(&cpus);
@@ -457,11 +464,7 @@ mod tests {
     /// they are still in flight, and new requests do not take it away until the load falls.
     #[test]
     fn saturating_ingest_gives_the_background_every_cpu() {
-        let allowed = cpus_of_this_thread();
-        if allowed.len() < 2 {
-            eprintln!("skipped: this process may use only one CPU, so none can be reserved");
-            return;
-        }
+        let Some(allowed) = several_cpus() else { return };
         let cpus = std::sync::Arc::new(IngestCpus::new(Some(1)));
         let bg = Reporter::start(&cpus);
         // Twice as many requests in flight as there are CPUs.
