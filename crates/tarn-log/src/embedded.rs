@@ -62,6 +62,13 @@ pub struct TopicStats {
     pub segments_reused: u64,
 }
 
+/// Consumed segment files kept for reuse (`<root>/.spare`), which no topic's figures count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpareStats {
+    pub segments: usize,
+    pub bytes: u64,
+}
+
 struct AppendReq {
     topic: Arc<TopicInner>,
     payload: Vec<u8>,
@@ -117,6 +124,20 @@ impl Spares {
 
     fn take(&self) -> Option<PathBuf> {
         lock(&self.pool).0.pop()
+    }
+
+    /// The files in the pool and their bytes.
+    fn stats(&self) -> SpareStats {
+        let pool = lock(&self.pool);
+        SpareStats {
+            segments: pool.0.len(),
+            bytes: pool
+                .0
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum(),
+        }
     }
 
     /// Moves a consumed segment into the pool if it has room, or deletes it. Returns whether
@@ -237,6 +258,11 @@ impl Log {
 
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// The consumed segment files kept for reuse now.
+    pub fn spares(&self) -> SpareStats {
+        self.inner.spares.stats()
     }
 
     pub fn record_bytes_max(&self) -> usize {

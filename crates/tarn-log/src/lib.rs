@@ -31,7 +31,7 @@ mod nats;
 mod segment;
 mod stream;
 
-pub use embedded::{LogOptions, Record, TopicStats};
+pub use embedded::{LogOptions, Record, SpareStats, TopicStats};
 pub use nats::{NatsOptions, check_namespace, delete_namespace};
 pub use stream::{Cursor, Log, Topic};
 

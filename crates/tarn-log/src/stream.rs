@@ -44,6 +44,15 @@ impl Log {
         }
     }
 
+    /// The consumed segment files the embedded log keeps for reuse; `None` on NATS, whose
+    /// server keeps its own files.
+    pub fn spares(&self) -> Option<embedded::SpareStats> {
+        match &self.0 {
+            LogKind::Embedded(l) => Some(l.spares()),
+            LogKind::Nats(_) => None,
+        }
+    }
+
     /// Largest payload one record may have.
     pub fn record_bytes_max(&self) -> usize {
         match &self.0 {

@@ -837,5 +837,17 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             s.segments_reused
         );
     }
+    if let Some(spares) = app.log_spares() {
+        let _ = writeln!(
+            out,
+            "# HELP tarn_log_spare_segments Consumed log segment files kept for reuse (embedded log), counted in no topic.\n# TYPE tarn_log_spare_segments gauge\ntarn_log_spare_segments {}",
+            spares.segments
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tarn_log_spare_bytes Bytes of the consumed log segment files kept for reuse (embedded log).\n# TYPE tarn_log_spare_bytes gauge\ntarn_log_spare_bytes {}",
+            spares.bytes
+        );
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -298,6 +298,11 @@ impl App {
         self.background.spawn(f).await
     }
 
+    /// The consumed segment files the embedded log keeps for reuse (`None` on NATS).
+    pub fn log_spares(&self) -> Option<tarn_log::SpareStats> {
+        self.log.spares()
+    }
+
     pub async fn log_stats(&self) -> Vec<(String, tarn_log::TopicStats)> {
         let mut out = Vec::new();
         // On NATS each figure is a request: a slow server costs the scrape a few seconds at

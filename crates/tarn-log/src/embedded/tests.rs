@@ -233,8 +233,17 @@ fn reused_segments_never_yield_their_old_records() {
         a.commit("g", 8).expect("commit");
         assert_eq!(a.apply_retention().expect("retention"), 1);
         assert_eq!(spares(), 1, "the consumed segment is kept for reuse");
+        let kept = log.spares();
+        assert_eq!(kept.segments, 1);
+        let seg_len: u64 = std::fs::read_dir(&spare_dir)
+            .expect("spares")
+            .map(|e| e.expect("entry").metadata().expect("meta").len())
+            .sum();
+        assert!(seg_len > 300, "{seg_len}");
+        assert_eq!(kept.bytes, seg_len, "the gauge counts the kept file's bytes");
         let b = log.topic("b").expect("topic");
         assert_eq!(spares(), 0, "the new topic's first segment is the spare");
+        assert_eq!(log.spares(), SpareStats::default());
         let seg = last_segment(&dir.path().join("b"));
         assert!(
             std::fs::metadata(&seg).expect("meta").len() > 300,

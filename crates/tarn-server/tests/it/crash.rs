@@ -153,6 +153,27 @@ async fn kill_9_rounds(dir: &std::path::Path, extra: &[&str]) {
             reused > 0,
             "no log segment was started in a reused file, so reuse went untested"
         );
+        // The kept files are counted where an operator sees them. Retention may move a
+        // segment into the pool at any moment, so the gauge is read on both sides of the look
+        // at the folder until nothing moved in between.
+        let mut seen = Vec::new();
+        for _ in 0..20 {
+            let before = metric_total(&c, &server.url, "tarn_log_spare_bytes").await;
+            let on_disk: u64 = std::fs::read_dir(data.join("log/.spare"))
+                .expect("spare folder")
+                .map(|e| e.expect("entry").metadata().expect("meta").len())
+                .sum();
+            let after = metric_total(&c, &server.url, "tarn_log_spare_bytes").await;
+            seen.push((before, on_disk, after));
+            if before == after && before == on_disk {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            seen.last().is_some_and(|(b, d, a)| b == d && d == a),
+            "tarn_log_spare_bytes against the bytes in log/.spare: {seen:?}"
+        );
     }
     fn compacted(dir: &std::path::Path) -> usize {
         std::fs::read_dir(dir)
