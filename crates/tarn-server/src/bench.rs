@@ -486,6 +486,18 @@ pub async fn count(url: &str, table: &str) -> Result<u64> {
     Ok(r["rows"][0][0].as_u64().unwrap_or(0))
 }
 
+/// The fewest requests the half-peak phase sends, so that its p99 is not one or two requests'
+/// worth of luck: the bodies are sent again, in order, until there are this many.
+const PACED_REQUESTS_MIN: usize = 1000;
+
+/// `bodies` repeated in order until there are at least `n` (all of them, once, when more).
+fn at_least(bodies: &[(usize, bytes::Bytes)], n: usize) -> Vec<(usize, bytes::Bytes)> {
+    if bodies.is_empty() {
+        return Vec::new();
+    }
+    bodies.iter().cycle().take(n.max(bodies.len())).cloned().collect()
+}
+
 /// Request bodies of `batch` NDJSON lines each, cut up front so the clients only send.
 pub fn cut_bodies(ndjson: &Path, batch: usize) -> Result<Vec<(usize, bytes::Bytes)>> {
     let text = std::fs::read(ndjson)?;
@@ -614,7 +626,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             before.push(histogram(&url, name).await?);
         }
         let reused_before = log_counter(&url, "tarn_log_segments_reused_total").await?;
-        let paced = post_all(&url, "auctions_paced", bodies.clone(), a.clients, Some(rate / 2.0)).await?;
+        let paced_bodies = Arc::new(at_least(&bodies, PACED_REQUESTS_MIN));
+        let paced_events: usize = paced_bodies.iter().map(|(n, _)| n).sum();
+        let paced = post_all(&url, "auctions_paced", paced_bodies.clone(), a.clients, Some(rate / 2.0)).await?;
         let reused = log_counter(&url, "tarn_log_segments_reused_total").await? - reused_before;
         let rss_kib = peak_rss_kib(pid);
         // p50 and p99 bucket bounds of the whole request, its decoding and checks, and its append.
@@ -623,11 +637,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             let now = histogram(&url, name).await?;
             parts.push(format!("p50 <= {} p99 <= {}", bucket_quantile(was, &now, 0.5), bucket_quantile(was, &now, 0.99)));
         }
-        while count(&url, "auctions_paced").await? < a.events as u64 {
+        while count(&url, "auctions_paced").await? < paced_events as u64 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // The reference for the ack latency: the disk alone, same bytes, same pace.
-        let (disk_dir, disk_bodies) = (data.clone(), bodies.clone());
+        let (disk_dir, disk_bodies) = (data.clone(), paced_bodies.clone());
         let disk = tokio::task::spawn_blocking(move || disk_appends(&disk_dir, &disk_bodies, rate / 2.0)).await??;
         if a.queries && a.duckdb {
             let first_id = std::fs::read_to_string(&ndjson)?
@@ -683,9 +697,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             percentile(&lat, 0.99)
         );
         println!(
-            "  ack latency at half peak   p50 {:.1} ms  p99 {:.1} ms",
+            "  ack latency at half peak   p50 {:.1} ms  p99 {:.1} ms  ({} requests, {} events)",
             percentile(&paced, 0.5),
-            percentile(&paced, 0.99)
+            percentile(&paced, 0.99),
+            paced.len(),
+            paced_events
         );
         println!(
             "  the disk alone at half peak p50 {:.1} ms  p99 {:.1} ms (the same bytes appended and fdatasynced at the same pace, one group-commit writer); tarn/disk p99 {:.2}x",
@@ -870,6 +886,15 @@ mod tests {
         let spec = tarn_core::DatasetSpec::from_yaml(DESCRIPTOR).expect("descriptor");
         let t = tarn_collector::time_prepare(&spec, &body, &tarn_core::Limits::default()).expect("prepare");
         assert_eq!((t.accepted, t.rejected), (500, 0));
+    }
+
+    #[test]
+    fn the_half_peak_phase_repeats_bodies_in_order_up_to_its_minimum() {
+        let bodies: Vec<(usize, bytes::Bytes)> = (0..3).map(|i| (i, bytes::Bytes::from(vec![i as u8]))).collect();
+        let n: Vec<usize> = at_least(&bodies, 7).iter().map(|(n, _)| *n).collect();
+        assert_eq!(n, [0, 1, 2, 0, 1, 2, 0]);
+        assert_eq!(at_least(&bodies, 2).len(), 3, "never fewer than all of them");
+        assert!(at_least(&[], 5).is_empty());
     }
 
     #[test]
