@@ -126,13 +126,13 @@ impl Spares {
         lock(&self.pool).0.pop()
     }
 
-    /// The files in the pool and their bytes.
+    /// The files in the pool and their bytes. The files are looked at after the lock is let go:
+    /// a roll on the log writer's thread takes it too.
     fn stats(&self) -> SpareStats {
-        let pool = lock(&self.pool);
+        let files = lock(&self.pool).0.clone();
         SpareStats {
-            segments: pool.0.len(),
-            bytes: pool
-                .0
+            segments: files.len(),
+            bytes: files
                 .iter()
                 .filter_map(|p| std::fs::metadata(p).ok())
                 .map(|m| m.len())
