@@ -23,6 +23,7 @@ use serde_json::{Map, Value};
 use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
 
+use crate::writeback::WriteBehind;
 use crate::{Error, Result, io_err, sync_path};
 
 /// Strings longer than this many bytes get no maximum in file statistics (a truncated maximum
@@ -221,8 +222,9 @@ pub fn new_add(
 }
 
 /// Writes `batches` (each with `schema`) as one Parquet file at `table_dir/rel`, creating its
-/// directory; returns the file's size and statistics. The file is not synced: [`sync_files`]
-/// does that for all the files of a commit.
+/// directory; returns the file's size and statistics. Its pages go to the disk as it is
+/// written ([`WriteBehind`]), but it is not synced: [`sync_files`] does that for all the files
+/// of a commit.
 pub fn write_parquet(
     table_dir: &Path,
     rel: &str,
@@ -234,14 +236,17 @@ pub fn write_parquet(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    let file = std::fs::File::create(&path).map_err(io_err(&path))?;
+    let file = WriteBehind::new(std::fs::File::create(&path).map_err(io_err(&path))?);
     let w = std::io::BufWriter::with_capacity(1 << 20, file);
     let (mut buf, stats) = encode_parquet(w, rel, schema, props, batches)?;
     buf.flush().map_err(io_err(&path))?;
-    let file = buf.into_inner().map_err(|e| Error::Io {
-        path: path.clone(),
-        source: e.into_error(),
-    })?;
+    let file = buf
+        .into_inner()
+        .map_err(|e| Error::Io {
+            path: path.clone(),
+            source: e.into_error(),
+        })?
+        .into_inner();
     let size = file.metadata().map_err(io_err(&path))?.len();
     Ok((size, stats))
 }

@@ -33,6 +33,7 @@ pub mod table;
 mod testkit;
 pub mod tiers;
 pub mod vacuum;
+pub(crate) mod writeback;
 
 use std::path::PathBuf;
 

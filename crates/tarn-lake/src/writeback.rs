@@ -1,0 +1,161 @@
+//! Files whose pages go to the disk as they are written, not all at their final sync.
+//!
+//! The log's group commit syncs every few milliseconds, and each of those syncs flushes the
+//! disk's write cache: whatever else was written since the last flush is flushed with it. A
+//! raw object (about 14 MB in `tarn bench`) or a compacted file (up to 128 MB) written whole
+//! into the page cache and synced at its end reaches the disk in one burst, and the
+//! acknowledgements whose flush lands in that burst wait for all of it: at half the peak rate
+//! in `tarn bench`, the log's syncs that overlapped a raw object's had a p99 of 12.8 to 20.5 ms
+//! against 5.4 to 9.4 ms for the others.
+//!
+//! So a [`WriteBehind`] file asks the kernel to start writing each megabyte back as soon as it
+//! is written, without waiting for it. The bytes then reach the disk at the pace they are
+//! produced (encoding and compression set it), each of the log's flushes carries about a
+//! megabyte of them, and the final sync finds at most the last megabyte left. A file smaller
+//! than that is written as before. The durability of a file is unchanged: it is durable only
+//! once its own sync returns.
+//!
+//! The request is `posix_fadvise(POSIX_FADV_DONTNEED)` over the bytes just written: on Linux
+//! it starts writeback of the range's dirty pages (asynchronously) and then drops those of its
+//! pages that are already clean, which right after the request are few; the pages under
+//! writeback stay cached. It is advice: where it fails, or does nothing, the file is written
+//! as before. The call exists on Linux only; elsewhere the file is written as before.
+
+use std::fs::File;
+use std::io::Write;
+use std::num::NonZeroU64;
+
+/// Bytes written between two requests to start writeback.
+pub(crate) const WRITE_BEHIND_BYTES: u64 = 1 << 20;
+
+/// A file being written whose pages are sent toward the disk every [`WRITE_BEHIND_BYTES`].
+pub(crate) struct WriteBehind {
+    file: File,
+    /// Bytes written through this writer.
+    written: u64,
+    /// Bytes whose writeback has been requested.
+    sent: u64,
+    /// Requests made.
+    requests: u64,
+    /// Requests the kernel refused.
+    refused: u64,
+}
+
+impl WriteBehind {
+    /// Wraps a file opened for writing at its start.
+    pub(crate) fn new(file: File) -> Self {
+        Self {
+            file,
+            written: 0,
+            sent: 0,
+            requests: 0,
+            refused: 0,
+        }
+    }
+
+    /// How many times writeback was requested so far, and how many of those the kernel
+    /// refused.
+    #[cfg(test)]
+    fn requests(&self) -> (u64, u64) {
+        (self.requests, self.refused)
+    }
+
+    /// The file, for its final sync.
+    pub(crate) fn into_inner(self) -> File {
+        self.file
+    }
+
+    fn send(&mut self) {
+        let Some(len) = NonZeroU64::new(self.written - self.sent) else {
+            return;
+        };
+        #[cfg(target_os = "linux")]
+        if let Err(e) = rustix::fs::fadvise(&self.file, self.sent, Some(len), rustix::fs::Advice::DontNeed) {
+            self.refused += 1;
+            tracing::debug!(
+                error = %e,
+                refused = self.refused,
+                requests = self.requests + 1,
+                "could not start writeback early; the final sync writes it all"
+            );
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = len;
+        self.sent = self.written;
+        self.requests += 1;
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.sent >= WRITE_BEHIND_BYTES {
+            self.send();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    #[test]
+    fn writes_every_byte_and_requests_writeback_each_megabyte() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut w = WriteBehind::new(File::create(&path).expect("create"));
+        // Odd-sized writes, so that the megabyte boundaries fall inside writes: 13 writes are
+        // 1,011,101 bytes and 14 are 1,088,878, so a request follows every 14th write; 68
+        // writes make the 5 MB and more, so 4 requests.
+        let chunk: Vec<u8> = (0..77_777u32).map(|i| (i % 251) as u8).collect();
+        let mut want = Vec::new();
+        while want.len() < 5 * WRITE_BEHIND_BYTES as usize + 1000 {
+            w.write_all(&chunk).expect("write");
+            want.extend_from_slice(&chunk);
+        }
+        w.flush().expect("flush");
+        assert_eq!(want.len(), 68 * chunk.len());
+        assert_eq!(w.requests(), (4, 0));
+        let f = w.into_inner();
+        f.sync_all().expect("sync");
+        drop(f);
+        assert_eq!(std::fs::read(&path).expect("read"), want);
+    }
+
+    #[test]
+    fn megabyte_writes_ask_once_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut w = WriteBehind::new(File::create(&path).expect("create"));
+        for i in 0..3u8 {
+            w.write_all(&vec![i; WRITE_BEHIND_BYTES as usize]).expect("write");
+            assert_eq!(w.requests(), (u64::from(i) + 1, 0));
+        }
+        w.write_all(&[9u8; 10]).expect("write");
+        assert_eq!(w.requests(), (3, 0));
+        drop(w);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            3 * WRITE_BEHIND_BYTES + 10
+        );
+    }
+
+    #[test]
+    fn a_small_file_never_asks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut w = WriteBehind::new(File::create(&path).expect("create"));
+        w.write_all(&[7u8; 1000]).expect("write");
+        assert_eq!(w.requests(), (0, 0));
+        drop(w);
+        assert_eq!(std::fs::read(&path).expect("read"), vec![7u8; 1000]);
+    }
+}
