@@ -25,6 +25,11 @@ pub struct BenchArgs {
     /// Events per request.
     #[arg(long, default_value_t = 5_000)]
     pub batch: usize,
+    /// The rate of the latency phase, in events/s (default: half the rate to ack measured in
+    /// the same run). A fixed rate makes the latency of runs of different builds comparable:
+    /// the measured peak varies from run to run, and the latency with it.
+    #[arg(long)]
+    pub paced_rate: Option<f64>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 4)]
     pub clients: usize,
@@ -558,6 +563,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     if a.prepare {
         return prepare(&a);
     }
+    if let Some(r) = a.paced_rate
+        && !(r.is_finite() && r > 0.0)
+    {
+        bail!("--paced-rate is events per second and must be more than 0, not {r}");
+    }
     if a.dir.exists() {
         std::fs::remove_dir_all(&a.dir).with_context(|| format!("wiping {}", a.dir.display()))?;
     }
@@ -628,7 +638,8 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let reused_before = log_counter(&url, "tarn_log_segments_reused_total").await?;
         let paced_bodies = Arc::new(at_least(&bodies, PACED_REQUESTS_MIN));
         let paced_events: usize = paced_bodies.iter().map(|(n, _)| n).sum();
-        let paced = post_all(&url, "auctions_paced", paced_bodies.clone(), a.clients, Some(rate / 2.0)).await?;
+        let paced_rate = a.paced_rate.unwrap_or(rate / 2.0);
+        let paced = post_all(&url, "auctions_paced", paced_bodies.clone(), a.clients, Some(paced_rate)).await?;
         let reused = log_counter(&url, "tarn_log_segments_reused_total").await? - reused_before;
         let rss_kib = peak_rss_kib(pid);
         // p50 and p99 bucket bounds of the whole request, its decoding and checks, and its append.
@@ -642,7 +653,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         }
         // The reference for the ack latency: the disk alone, same bytes, same pace.
         let (disk_dir, disk_bodies) = (data.clone(), paced_bodies.clone());
-        let disk = tokio::task::spawn_blocking(move || disk_appends(&disk_dir, &disk_bodies, rate / 2.0)).await??;
+        let disk = tokio::task::spawn_blocking(move || disk_appends(&disk_dir, &disk_bodies, paced_rate)).await??;
         if a.queries && a.duckdb {
             let first_id = std::fs::read_to_string(&ndjson)?
                 .lines()
@@ -697,11 +708,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             percentile(&lat, 0.99)
         );
         println!(
-            "  ack latency at half peak   p50 {:.1} ms  p99 {:.1} ms  ({} requests, {} events)",
+            "  ack latency at half peak   p50 {:.1} ms  p99 {:.1} ms  ({} requests, {} events, at {:.0} events/s{})",
             percentile(&paced, 0.5),
             percentile(&paced, 0.99),
             paced.len(),
-            paced_events
+            paced_events,
+            paced_rate,
+            if a.paced_rate.is_some() { " as given by --paced-rate" } else { "" }
         );
         println!(
             "  the disk alone at half peak p50 {:.1} ms  p99 {:.1} ms (the same bytes appended and fdatasynced at the same pace, one group-commit writer); tarn/disk p99 {:.2}x",
@@ -895,6 +908,30 @@ mod tests {
         assert_eq!(n, [0, 1, 2, 0, 1, 2, 0]);
         assert_eq!(at_least(&bodies, 2).len(), 3, "never fewer than all of them");
         assert!(at_least(&[], 5).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_paced_rate_that_is_no_rate_is_refused_before_any_work() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let scratch = dir.path().join("scratch");
+        for bad in ["0", "inf", "NaN"] {
+            let cli = <Cli as clap::Parser>::try_parse_from([
+                "bench",
+                "--paced-rate",
+                bad,
+                "--dir",
+                scratch.to_str().expect("utf-8 path"),
+            ])
+            .expect("arguments");
+            let err = run(cli.bench).await.expect_err(bad).to_string();
+            assert!(err.contains("--paced-rate"), "{bad}: {err}");
+            assert!(!scratch.exists(), "{bad}: nothing is generated before the check");
+        }
     }
 
     #[test]
