@@ -8,7 +8,6 @@
 //! overwrites them instead of leaving orphans behind.
 
 use std::collections::HashMap;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use serde_json::{Map, Value};
 use tarn_core::DatasetSpec;
 use tarn_core::contract::DAY;
 
-use crate::writeback::WriteBehind;
+use crate::writeback;
 use crate::{Error, Result, io_err, sync_path};
 
 /// Strings longer than this many bytes get no maximum in file statistics (a truncated maximum
@@ -223,7 +222,7 @@ pub fn new_add(
 
 /// Writes `batches` (each with `schema`) as one Parquet file at `table_dir/rel`, creating its
 /// directory; returns the file's size and statistics. Its pages go to the disk as it is
-/// written ([`WriteBehind`]), but it is not synced: [`sync_files`] does that for all the files
+/// written (`writeback.rs`), but it is not synced: [`sync_files`] does that for all the files
 /// of a commit.
 pub fn write_parquet(
     table_dir: &Path,
@@ -236,17 +235,8 @@ pub fn write_parquet(
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     }
-    let file = WriteBehind::new(std::fs::File::create(&path).map_err(io_err(&path))?);
-    let w = std::io::BufWriter::with_capacity(1 << 20, file);
-    let (mut buf, stats) = encode_parquet(w, rel, schema, props, batches)?;
-    buf.flush().map_err(io_err(&path))?;
-    let file = buf
-        .into_inner()
-        .map_err(|e| Error::Io {
-            path: path.clone(),
-            source: e.into_error(),
-        })?
-        .into_inner();
+    let (w, stats) = encode_parquet(writeback::create(&path)?, rel, schema, props, batches)?;
+    let file = writeback::finish(w, &path)?;
     let size = file.metadata().map_err(io_err(&path))?.len();
     Ok((size, stats))
 }

@@ -11,7 +11,7 @@ use deltalake::arrow::ipc::CompressionType;
 use deltalake::arrow::ipc::reader::FileReader;
 use deltalake::arrow::ipc::writer::{FileWriter, IpcWriteOptions};
 
-use crate::writeback::WriteBehind;
+use crate::writeback;
 use crate::{Error, Result, io_err};
 
 /// The column holding each row's log sequence in raw objects.
@@ -36,7 +36,7 @@ pub fn with_seq(batch: &RecordBatch, seq: u64) -> Result<RecordBatch> {
 }
 
 /// Writes batches (all with one schema) as a raw object: temporary file (its pages sent to the
-/// disk as it is written, see [`WriteBehind`]), fsync, rename, and fsync of the directory.
+/// disk as it is written, see `writeback.rs`), fsync, rename, and fsync of the directory.
 /// Returns the file size.
 pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u64> {
     if batches.is_empty() {
@@ -49,16 +49,7 @@ pub fn write_object(root: &Path, rel: &str, batches: &[RecordBatch]) -> Result<u
         .unwrap_or_else(|| root.to_path_buf());
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let tmp: PathBuf = path.with_extension("arrow.tmp");
-    let file = WriteBehind::new(std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
-    let mut buf = encode_object(std::io::BufWriter::with_capacity(1 << 20, file), batches)?;
-    buf.flush().map_err(io_err(&tmp))?;
-    let file = buf
-        .into_inner()
-        .map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?
-        .into_inner();
+    let file = writeback::finish(encode_object(writeback::create(&tmp)?, batches)?, &tmp)?;
     file.sync_all().map_err(io_err(&tmp))?;
     let size = file.metadata().map_err(io_err(&tmp))?.len();
     drop(file);

@@ -22,8 +22,11 @@
 //! as before. The call exists on Linux only; elsewhere the file is written as before.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::num::NonZeroU64;
+use std::path::Path;
+
+use crate::{Error, Result, io_err};
 
 /// Bytes written between two requests to start writeback.
 pub(crate) const WRITE_BEHIND_BYTES: u64 = 1 << 20;
@@ -84,6 +87,20 @@ impl WriteBehind {
         self.sent = self.written;
         self.requests += 1;
     }
+}
+
+/// A new file at `path`, buffered a megabyte at a time and written back as it fills.
+pub(crate) fn create(path: &Path) -> Result<BufWriter<WriteBehind>> {
+    let file = File::create(path).map_err(io_err(path))?;
+    Ok(BufWriter::with_capacity(1 << 20, WriteBehind::new(file)))
+}
+
+/// Writes out what `w` still buffers and gives back the file, for its size and its sync.
+pub(crate) fn finish(w: BufWriter<WriteBehind>, path: &Path) -> Result<File> {
+    w.into_inner().map(WriteBehind::into_inner).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })
 }
 
 impl Write for WriteBehind {
