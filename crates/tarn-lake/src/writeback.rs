@@ -89,10 +89,14 @@ impl WriteBehind {
     }
 }
 
-/// A new file at `path`, buffered a megabyte at a time and written back as it fills.
+/// A new file at `path`, buffered [`WRITE_BEHIND_BYTES`] at a time, so that each write the
+/// buffer lets through is one request to start writeback.
 pub(crate) fn create(path: &Path) -> Result<BufWriter<WriteBehind>> {
     let file = File::create(path).map_err(io_err(path))?;
-    Ok(BufWriter::with_capacity(1 << 20, WriteBehind::new(file)))
+    Ok(BufWriter::with_capacity(
+        WRITE_BEHIND_BYTES as usize,
+        WriteBehind::new(file),
+    ))
 }
 
 /// Writes out what `w` still buffers and gives back the file, for its size and its sync.
