@@ -654,8 +654,8 @@ fn write_threads(partitions: usize) -> usize {
 
 /// Appends batches in one commit that also records the application transaction
 /// `(curate_app_id(dataset, shard), version)`. Each partition's rows become one Parquet file,
-/// written and synced by a few threads; the commit lists their `Add` actions with statistics,
-/// and its log entry and directory are synced before this returns.
+/// written by a few threads and synced 16 at a time; the commit lists their `Add` actions with
+/// statistics, and its log entry and directory are synced before this returns.
 pub async fn append(
     table: DeltaTable,
     spec: &DatasetSpec,

@@ -9,11 +9,20 @@
 //! against 5.4 to 9.4 ms for the others.
 //!
 //! So a [`WriteBehind`] file asks the kernel to start writing each megabyte back as soon as it
-//! is written, without waiting for it. The bytes then reach the disk at the pace they are
-//! produced (encoding and compression set it), each of the log's flushes carries about a
-//! megabyte of them, and the final sync finds at most the last megabyte left. A file smaller
-//! than that is written as before. The durability of a file is unchanged: it is durable only
-//! once its own sync returns.
+//! is written, without waiting for it, and [`finish`] asks for the rest of the file once it is
+//! complete. The bytes then reach the disk at the pace they are produced (encoding and
+//! compression set it), each of the log's flushes carries about a megabyte of them, and the
+//! final sync finds them written or on their way.
+//!
+//! Asking at the end matters for curate's commits, which write one small file per partition
+//! (600 files of about 60 KB a commit in `tarn bench`) and sync them all in one pass before the
+//! commit: without it, each file's data waited in the page cache until that pass, which then
+//! wrote all of them at once. Asked for as each file is finished, the data goes out while the
+//! other partitions are still being encoded, and the pass mostly waits for the file system's
+//! journal: in `tarn bench` it took 62 ms a commit at the median and at most 145 ms, against
+//! 119 and 354 ms before.
+//!
+//! The durability of a file is unchanged: it is durable only once its own sync returns.
 //!
 //! The request is `posix_fadvise(POSIX_FADV_DONTNEED)` over the bytes just written: on Linux
 //! it starts writeback of the range's dirty pages (asynchronously) and then drops those of its
@@ -99,12 +108,20 @@ pub(crate) fn create(path: &Path) -> Result<BufWriter<WriteBehind>> {
     ))
 }
 
-/// Writes out what `w` still buffers and gives back the file, for its size and its sync.
+/// Writes out what `w` still buffers, asks for the writeback of whatever of the file has not
+/// been asked for yet, and gives back the file, for its size and its sync.
 pub(crate) fn finish(w: BufWriter<WriteBehind>, path: &Path) -> Result<File> {
-    w.into_inner().map(WriteBehind::into_inner).map_err(|e| Error::Io {
+    complete(w, path).map(WriteBehind::into_inner)
+}
+
+/// [`finish`], giving back the writer.
+fn complete(w: BufWriter<WriteBehind>, path: &Path) -> Result<WriteBehind> {
+    let mut w = w.into_inner().map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: e.into_error(),
-    })
+    })?;
+    w.send();
+    Ok(w)
 }
 
 impl Write for WriteBehind {
@@ -170,13 +187,40 @@ mod tests {
     }
 
     #[test]
-    fn a_small_file_never_asks() {
+    fn a_small_file_asks_once_when_finished() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("f");
-        let mut w = WriteBehind::new(File::create(&path).expect("create"));
+        let mut w = create(&path).expect("create");
         w.write_all(&[7u8; 1000]).expect("write");
-        assert_eq!(w.requests(), (0, 0));
+        assert_eq!(
+            w.get_ref().requests(),
+            (0, 0),
+            "no request before a megabyte or the end"
+        );
+        let mut w = complete(w, &path).expect("complete");
+        assert_eq!(w.requests(), (1, 0));
+        w.send();
+        assert_eq!(w.requests(), (1, 0), "nothing new written, nothing asked");
         drop(w);
         assert_eq!(std::fs::read(&path).expect("read"), vec![7u8; 1000]);
+    }
+
+    #[test]
+    fn finish_asks_for_what_the_megabytes_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let mut w = create(&path).expect("create");
+        // Two megabytes and a half through the buffer: a request for each megabyte the buffer
+        // lets through, and one at the end for the half megabyte it still holds.
+        let half = WRITE_BEHIND_BYTES as usize / 2;
+        for i in 0..5u8 {
+            w.write_all(&vec![i; half]).expect("write");
+        }
+        assert_eq!(w.get_ref().requests(), (2, 0));
+        let w = complete(w, &path).expect("complete");
+        assert_eq!(w.requests(), (3, 0));
+        w.into_inner().sync_all().expect("sync");
+        let want: Vec<u8> = (0..5u8).flat_map(|i| vec![i; half]).collect();
+        assert_eq!(std::fs::read(&path).expect("read"), want);
     }
 }
