@@ -38,7 +38,7 @@ use std::path::Path;
 use crate::{Error, Result, io_err};
 
 /// Bytes written between two requests to start writeback.
-pub(crate) const WRITE_BEHIND_BYTES: u64 = 1 << 20;
+const WRITE_BEHIND_BYTES: u64 = 1 << 20;
 
 /// A file being written whose pages are sent toward the disk every [`WRITE_BEHIND_BYTES`].
 pub(crate) struct WriteBehind {
@@ -55,7 +55,7 @@ pub(crate) struct WriteBehind {
 
 impl WriteBehind {
     /// Wraps a file opened for writing at its start.
-    pub(crate) fn new(file: File) -> Self {
+    fn new(file: File) -> Self {
         Self {
             file,
             written: 0,
@@ -73,7 +73,7 @@ impl WriteBehind {
     }
 
     /// The file, for its final sync.
-    pub(crate) fn into_inner(self) -> File {
+    fn into_inner(self) -> File {
         self.file
     }
 
