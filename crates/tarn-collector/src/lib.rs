@@ -181,10 +181,18 @@ impl Collector {
             received_at: self.clock.now_micros(),
         };
         let preparing = std::time::Instant::now();
-        let p = tokio::task::spawn_blocking(move || prep.run(&body, encoding))
-            .await
-            .map_err(|e| Error::Internal(format!("decoder task: {e}")))??;
+        let (p, cpu) = tokio::task::spawn_blocking(move || {
+            let cpu = metrics::IngestMetrics::thread_cpu();
+            let p = prep.run(&body, encoding);
+            // The body's memory goes back on this thread's time too.
+            drop(body);
+            (p, metrics::IngestMetrics::thread_cpu().saturating_sub(cpu))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("decoder task: {e}")))?;
+        let p = p?;
         self.metrics.prepare.record(preparing.elapsed());
+        self.metrics.prepare_cpu.record(cpu);
         // One request goes to one shard, its records in order; the next request to the next.
         let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Dead letters are durable before the answer too: a rejected event is never only in a

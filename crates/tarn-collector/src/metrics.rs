@@ -60,6 +60,9 @@ pub struct IngestMetrics {
     /// Decoding, checking and encoding a request's events on a blocking thread, from the
     /// hand-off (so a wait for a free thread counts) to the encoded records.
     pub prepare: Histogram,
+    /// The CPU time the blocking thread spent on that work: what `prepare` adds to it is time
+    /// spent waiting (for a free thread, for a CPU, for memory the kernel gives back).
+    pub prepare_cpu: Histogram,
     /// The durable appends of a request's records alone (the wait for a turn in a group
     /// commit, the write and the sync).
     pub append: Histogram,
@@ -72,6 +75,12 @@ impl IngestMetrics {
         self.events_accepted.fetch_add(accepted as u64, Relaxed);
         self.events_rejected.fetch_add(rejected as u64, Relaxed);
         self.latency.record(took);
+    }
+
+    /// The CPU time the calling thread has used so far (zero where the clock is unavailable).
+    pub(crate) fn thread_cpu() -> Duration {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
     }
 
     pub(crate) fn count_failed(&self) {

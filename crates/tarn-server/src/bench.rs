@@ -626,9 +626,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let parquet_bytes = du(&table_dir, Some(".parquet"));
         let files = walk_count(&table_dir, ".parquet");
         // Phase 2: half the peak rate, for ack latency.
-        const PARTS: [&str; 3] = [
+        const PARTS: [&str; 4] = [
             "tarn_ingest_latency_seconds",
             "tarn_ingest_prepare_seconds",
+            "tarn_ingest_prepare_cpu_seconds",
             "tarn_ingest_append_seconds",
         ];
         let mut before = Vec::new();
@@ -642,7 +643,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         let paced = post_all(&url, "auctions_paced", paced_bodies.clone(), a.clients, Some(paced_rate)).await?;
         let reused = log_counter(&url, "tarn_log_segments_reused_total").await? - reused_before;
         let rss_kib = peak_rss_kib(pid);
-        // p50 and p99 bucket bounds of the whole request, its decoding and checks, and its append.
+        // p50 and p99 bucket bounds of the whole request, its decoding and checks (wall and CPU), and its append.
         let mut parts = Vec::new();
         for (name, was) in PARTS.iter().zip(&before) {
             let now = histogram(&url, name).await?;
@@ -723,8 +724,8 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             percentile(&paced, 0.99) / percentile(&disk, 0.99)
         );
         println!(
-            "  in the server at half peak: whole request {}; decoding and checks (waiting for a thread included) {}; the log append (group commit turn, write, fsync) {}; {reused} log segments started in reused files",
-            parts[0], parts[1], parts[2]
+            "  in the server at half peak: whole request {}; decoding and checks (waiting for a thread included) {}, their CPU time {}; the log append (group commit turn, write, fsync) {}; {reused} log segments started in reused files",
+            parts[0], parts[1], parts[2], parts[3]
         );
         println!("  last ack -> all queryable  {queryable_s:.2} s");
         println!(

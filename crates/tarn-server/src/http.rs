@@ -806,6 +806,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "tarn_ingest_prepare_seconds",
         "Time of a request's decoding, checks and encoding on a blocking thread, waiting for one included.",
     );
+    m.prepare_cpu.render(
+        &mut out,
+        "tarn_ingest_prepare_cpu_seconds",
+        "CPU time of a request's decoding, checks and encoding; the prepare time beyond it was spent waiting (for a thread, a CPU, memory).",
+    );
     m.append.render(
         &mut out,
         "tarn_ingest_append_seconds",

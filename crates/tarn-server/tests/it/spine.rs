@@ -304,7 +304,21 @@ async fn bad_input_gets_clear_errors() {
     };
     assert_eq!(count("tarn_ingest_latency_seconds"), 2, "{m}");
     assert_eq!(count("tarn_ingest_prepare_seconds"), 2, "{m}");
+    assert_eq!(count("tarn_ingest_prepare_cpu_seconds"), 2, "{m}");
     assert_eq!(count("tarn_ingest_append_seconds"), 1, "{m}");
+    // The CPU time of the preparation is real (parsing takes some) and within its wall time,
+    // which runs from before the hand-off to the blocking thread until after its return.
+    let sum = |name: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_sum ")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    let (cpu, wall) = (
+        sum("tarn_ingest_prepare_cpu_seconds"),
+        sum("tarn_ingest_prepare_seconds"),
+    );
+    assert!(cpu > 0.0 && cpu <= wall, "prepare CPU {cpu} s against wall {wall} s");
     let h = c.get(format!("{}/healthz", s.url)).send().await.expect("healthz");
     assert_eq!(h.status().as_u16(), 200);
 }
