@@ -182,11 +182,11 @@ impl Collector {
         };
         let preparing = std::time::Instant::now();
         let (p, cpu) = tokio::task::spawn_blocking(move || {
-            let cpu = metrics::IngestMetrics::thread_cpu();
+            let cpu = metrics::thread_cpu();
             let p = prep.run(&body, encoding);
             // The body's memory goes back on this thread's time too.
             drop(body);
-            (p, metrics::IngestMetrics::thread_cpu().saturating_sub(cpu))
+            (p, metrics::thread_cpu().saturating_sub(cpu))
         })
         .await
         .map_err(|e| Error::Internal(format!("decoder task: {e}")))?;

@@ -77,12 +77,6 @@ impl IngestMetrics {
         self.latency.record(took);
     }
 
-    /// The CPU time the calling thread has used so far (zero where the clock is unavailable).
-    pub(crate) fn thread_cpu() -> Duration {
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-        Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
-    }
-
     pub(crate) fn count_failed(&self) {
         self.requests_failed.fetch_add(1, Relaxed);
     }
@@ -90,4 +84,10 @@ impl IngestMetrics {
     pub(crate) fn count_overloaded(&self) {
         self.requests_overloaded.fetch_add(1, Relaxed);
     }
+}
+
+/// The CPU time the calling thread has used so far (its `CLOCK_THREAD_CPUTIME_ID`).
+pub(crate) fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
 }
