@@ -120,9 +120,10 @@ pub fn check_tenant_value(value: &str) -> std::result::Result<(), &'static str> 
     if value.starts_with('.') {
         return Err("tenant value must not start with '.'");
     }
+    // By bytes: a character outside ASCII has none that passes.
     if !value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'.')
     {
         return Err("tenant value may hold only A-Z, a-z, 0-9, _, - and .");
     }
