@@ -59,15 +59,12 @@ impl<'a> Scan<'a> {
                 // Producers mostly write the fields in the contract's order: the expected name
                 // and its closing quote, compared in place, are the key (a name holds no quote,
                 // escape or control character), with no scan for its end.
-                let found = match shape.expected(next) {
-                    Some(name)
-                        if self.bytes()[self.i..].starts_with(name)
-                            && self.bytes().get(self.i + name.len()) == Some(&b'"') =>
-                    {
-                        self.i += name.len() + 1;
+                let found = match shape.expected(next).and_then(|k| k.at(self.bytes(), self.i)) {
+                    Some(len) => {
+                        self.i += len;
                         Some(next)
                     }
-                    _ => None,
+                    None => None,
                 };
                 let key = match found {
                     Some(_) => "",
@@ -119,32 +116,42 @@ impl<'a> Scan<'a> {
         self.text.get(start..end)
     }
 
-    /// A number's text, and whether it is an integer, when it is one of the JSON grammar.
-    fn number(&mut self) -> Option<(&'a str, bool)> {
+    /// A number of the JSON grammar.
+    fn number(&mut self) -> Option<Number<'a>> {
         let start = self.i;
         let b = self.bytes();
-        let digits = |mut i: usize| {
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
+        // The digits from `i` on, and their value while it stays exact: up to 15 of them
+        // (across the integer and fraction parts), which every f64 holds.
+        let mut digits_total = 0usize;
+        let mut value = 0u64;
+        let mut digits = |mut i: usize| {
+            while let Some(d) = b.get(i).filter(|c| c.is_ascii_digit()) {
+                if digits_total < 15 {
+                    value = value * 10 + u64::from(d - b'0');
+                }
+                digits_total += 1;
                 i += 1;
             }
             i
         };
-        let mut i = start + usize::from(b[start] == b'-');
+        let negative = b[start] == b'-';
+        let mut i = start + usize::from(negative);
         let int_end = digits(i);
         // One digit, or several without a leading zero.
         if int_end == i || (b[i] == b'0' && int_end > i + 1) {
             return None;
         }
         i = int_end;
-        let mut integer = true;
+        let mut fraction = None;
         if b.get(i) == Some(&b'.') {
             let frac_end = digits(i + 1);
             if frac_end == i + 1 {
                 return None;
             }
+            fraction = Some(frac_end - i - 1);
             i = frac_end;
-            integer = false;
         }
+        let mut exponent = false;
         if let Some(b'e' | b'E') = b.get(i) {
             i += 1;
             if let Some(b'+' | b'-') = b.get(i) {
@@ -155,10 +162,18 @@ impl<'a> Scan<'a> {
                 return None;
             }
             i = exp_end;
-            integer = false;
+            exponent = true;
         }
         self.i = i;
-        Some((&self.text[start..i], integer))
+        Some(Number {
+            text: &self.text[start..i],
+            integer: fraction.is_none() && !exponent,
+            small: (digits_total <= 15 && !exponent).then(|| Small {
+                negative,
+                value,
+                scale: fraction.unwrap_or(0),
+            }),
+        })
     }
 
     /// A value converted to `ty`, as `parse::CellVisitor` converts it; `Json` takes any scalar
@@ -190,28 +205,99 @@ impl<'a> Scan<'a> {
                 }
             }
             b'-' | b'0'..=b'9' => {
-                let (n, integer) = self.number()?;
+                let n = self.number()?;
                 // serde_json reads `-0` as a float (-0.0), which an int64 field refuses.
-                if n == "-0" {
+                if n.text == "-0" {
                     return None;
                 }
+                let int = || match n.small {
+                    Some(s) => Some(if s.negative { -(s.value as i64) } else { s.value as i64 }),
+                    None => n.text.parse::<i64>().ok(),
+                };
                 match ty {
-                    FieldType::Int64 if integer => n.parse().ok().map(Cell::I64),
-                    FieldType::Timestamp if integer => n.parse::<i64>().ok()?.checked_mul(1000).map(Cell::Ts),
-                    FieldType::Float64 if integer => n.parse::<i64>().ok().map(|v| Cell::F64(v as f64)),
-                    // Up to 15 digits and no exponent, serde_json's result is exact, as is
-                    // Rust's; past that they may round differently, so serde_json decides.
-                    FieldType::Float64
-                        if !n.contains(['e', 'E']) && n.bytes().filter(u8::is_ascii_digit).count() <= 15 =>
-                    {
-                        n.parse().ok().map(Cell::F64)
-                    }
-                    FieldType::Json => Some(Cell::Str(Cow::Borrowed(n))),
+                    FieldType::Int64 if n.integer => int().map(Cell::I64),
+                    FieldType::Timestamp if n.integer => int()?.checked_mul(1000).map(Cell::Ts),
+                    FieldType::Float64 if n.integer => int().map(|v| Cell::F64(v as f64)),
+                    // Up to 15 digits and no exponent, the digits' integer divided by a power
+                    // of ten is exact before the one rounding, as serde_json computes it; past
+                    // that the two may round differently, so serde_json decides.
+                    FieldType::Float64 => n.small.map(|s| {
+                        let v = s.value as f64 / POW10[s.scale];
+                        Cell::F64(if s.negative { -v } else { v })
+                    }),
+                    FieldType::Json => Some(Cell::Str(Cow::Borrowed(n.text))),
                     _ => None,
                 }
             }
             _ => None,
         }
+    }
+}
+
+/// A number's text, and its value when that is exact in an f64.
+struct Number<'a> {
+    text: &'a str,
+    /// No fraction and no exponent.
+    integer: bool,
+    /// At most 15 digits and no exponent: the digits as one integer and how many of them are
+    /// after the point.
+    small: Option<Small>,
+}
+
+#[derive(Clone, Copy)]
+struct Small {
+    negative: bool,
+    value: u64,
+    scale: usize,
+}
+
+/// The powers of ten an f64 holds exactly, up to the most a [`Small`] number scales by.
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+
+/// A field's name and its closing quote, to find in place as an event's key: zero-padded to
+/// whole words of eight bytes, compared a word at a time (names are a few bytes, where a call
+/// to `memcmp` costs more than the comparison).
+pub(crate) struct NameKey {
+    padded: Vec<u8>,
+    len: usize,
+}
+
+impl NameKey {
+    /// The key of field `name`, when a key that is its bytes can only be that name: it holds
+    /// no quote, escape or control character.
+    pub fn new(name: &str) -> Option<Self> {
+        if name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            return None;
+        }
+        let mut padded = [name.as_bytes(), b"\""].concat();
+        let len = padded.len();
+        padded.resize(len.div_ceil(8) * 8, 0);
+        Some(Self { padded, len })
+    }
+
+    /// Whether `text` holds this key at `at`; if so, its length.
+    fn at(&self, text: &[u8], at: usize) -> Option<usize> {
+        let here = text.get(at..)?;
+        if here.len() < self.padded.len() {
+            return (here.get(..self.len)? == &self.padded[..self.len]).then_some(self.len);
+        }
+        let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("eight bytes"));
+        let mut i = 0;
+        while i < self.len {
+            let left = self.len - i;
+            let mask = if left >= 8 {
+                u64::MAX
+            } else {
+                u64::MAX >> (8 * (8 - left))
+            };
+            if word(here, i) & mask != word(&self.padded, i) {
+                return None;
+            }
+            i += 8;
+        }
+        Some(self.len)
     }
 }
 
@@ -407,6 +493,26 @@ mod tests {
         )) {
             let naive = text.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
             prop_assert_eq!(special(&text), naive);
+        }
+
+        /// A field's key is found in place exactly where its name and a quote are, whatever
+        /// the name's length against the eight-byte words and however little text follows.
+        #[test]
+        fn finds_keys_in_place(
+            name in "[a-z_]{1,20}",
+            before in "[a-z_\"]{0,3}",
+            cut in 0usize..24,
+            flip in proptest::option::of(0usize..24),
+            after in "[a-z_\":]{0,12}",
+        ) {
+            let key = NameKey::new(&name).expect("a plain name");
+            let mut text = format!("{before}{name}\"{after}").into_bytes();
+            if let Some(b) = flip.and_then(|at| text.get_mut(before.len() + at)) {
+                *b = b'x';
+            }
+            text.truncate(text.len().saturating_sub(cut));
+            let want = text[before.len().min(text.len())..].starts_with(format!("{name}\"").as_bytes());
+            prop_assert_eq!(key.at(&text, before.len()), want.then_some(name.len() + 1));
         }
 
         /// The parser in front of serde_json never changes what an event becomes: the same

@@ -10,7 +10,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use tarn_core::FieldType;
 use tarn_core::contract::parse_rfc3339_micros;
 
-use crate::flat::parse_flat;
+use crate::flat::{NameKey, parse_flat};
 
 /// A value converted to its field's type; a string borrows the request's text unless it held
 /// escapes.
@@ -53,9 +53,8 @@ pub(crate) struct Shape<'a> {
     /// The fields' names, in the contract's order.
     names: Vec<&'a str>,
     index: HashMap<&'a str, usize>,
-    /// Each name's bytes when a key that is those bytes and a quote can only be that name:
-    /// no quote, escape or control character in it.
-    plain: Vec<Option<&'a [u8]>>,
+    /// Each name as a key to find in place, when it is plain.
+    plain: Vec<Option<NameKey>>,
     pub track_unknown: bool,
 }
 
@@ -64,10 +63,7 @@ impl<'a> Shape<'a> {
     pub fn new(fields: impl IntoIterator<Item = (&'a str, FieldType)>, track_unknown: bool) -> Self {
         let (names, types): (Vec<&'a str>, Vec<FieldType>) = fields.into_iter().unzip();
         let index = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
-        let plain = names
-            .iter()
-            .map(|n| (!n.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20)).then_some(n.as_bytes()))
-            .collect();
+        let plain = names.iter().map(|n| NameKey::new(n)).collect();
         Self {
             types,
             names,
@@ -77,10 +73,9 @@ impl<'a> Shape<'a> {
         }
     }
 
-    /// The name of field `i` as bytes to compare a key's text with, when there is a field
-    /// `i` and its name is plain.
-    pub fn expected(&self, i: usize) -> Option<&'a [u8]> {
-        self.plain.get(i).copied().flatten()
+    /// The key of field `i`, when there is a field `i` and its name is plain.
+    pub fn expected(&self, i: usize) -> Option<&NameKey> {
+        self.plain.get(i)?.as_ref()
     }
 
     /// The position of field `key`; `next` is tried first, as producers mostly write the
