@@ -357,10 +357,13 @@ async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
     assert_eq!(first["k"], 1);
 
     // A client that stops reading a streamed answer does not keep the only query turn past the
-    // query's timeout.
+    // query's timeout. The answer (eight copies of the table, about 200 MB) is far larger than
+    // what the two sockets can hold between them (up to 32 MiB of receive buffer on loopback
+    // here), so the server is left waiting to write until the timeout cuts it.
+    let copies = vec!["SELECT * FROM auctions"; 8].join(" UNION ALL ");
     let stalled = c
         .post(format!("{}/v1/query", s.url))
-        .json(&serde_json::json!({"sql": "SELECT * FROM auctions", "format": "ndjson", "timeout_ms": 500}))
+        .json(&serde_json::json!({"sql": copies, "format": "ndjson", "timeout_ms": 500}))
         .send()
         .await
         .expect("query");
