@@ -360,7 +360,7 @@ async fn a_group_by_and_sort_larger_than_the_memory_limit_spill_and_complete() {
     // query's timeout. The answer (eight copies of the table, about 200 MB) is far larger than
     // what the two sockets can hold between them (up to 32 MiB of receive buffer on loopback
     // here), so the server is left waiting to write until the timeout cuts it.
-    let copies = vec!["SELECT * FROM auctions"; 8].join(" UNION ALL ");
+    let copies = ["SELECT * FROM auctions"; 8].join(" UNION ALL ");
     let stalled = c
         .post(format!("{}/v1/query", s.url))
         .json(&serde_json::json!({"sql": copies, "format": "ndjson", "timeout_ms": 500}))
