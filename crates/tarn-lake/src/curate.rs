@@ -250,6 +250,9 @@ impl Curator {
             // Where this object's rows start in the target they go to (one object holds one
             // schema, so one major version and one target).
             let mut fresh: Option<(String, usize)> = None;
+            // The sequence whose batches this object is adding now: one log record may hold
+            // several batches, back to back in one object, all of its sequence.
+            let mut adding: Option<i64> = None;
             for b in raw {
                 let seq = batch_seq(&b)? as i64;
                 let major = tarn_collector::major_of(&b.schema()).map_err(|reason| Error::Corrupt {
@@ -275,10 +278,11 @@ impl Curator {
                 let Some(t) = cur.as_mut() else {
                     return Err(Error::Internal("no target table".into()));
                 };
-                if seq <= t.last {
+                if seq < t.last || (seq == t.last && adding != Some(seq)) {
                     t.replayed |= seq <= t.done;
                     continue;
                 }
+                adding = Some(seq);
                 t.last = seq;
                 t.rows += b.num_rows() as u64;
                 t.held += b.get_array_memory_size();

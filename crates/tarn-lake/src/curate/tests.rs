@@ -41,6 +41,50 @@ async fn replays_and_overlaps_never_duplicate() {
     assert!(lake.table_dir("bids").join("day=2026-11-22/client_id=acme").is_dir());
 }
 
+/// A log record of several batches (its rows in pieces) is curated whole, and its replays,
+/// alone or inside a wider object, add nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_of_several_batches_is_taken_whole_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, lake, catalog) = setup(dir.path());
+    let cur = Curator::new(&log, lake.clone(), catalog, CurateOptions::default())
+        .await
+        .expect("curator");
+    let spec = DatasetSpec::from_yaml(SPEC).expect("spec");
+    let object = |first: u64, last: u64| {
+        let mut batches = Vec::new();
+        for seq in first..=last {
+            let b = crate::testkit::record_of(&spec, seq, 10, "2026-11-22");
+            if seq % 2 == 1 {
+                batches.extend([b.slice(0, 6), b.slice(6, 4)]);
+            } else {
+                batches.push(b);
+            }
+        }
+        let path = object_path("bids", 0, first, last);
+        let bytes = crate::raw::write_object(lake.root(), &path, &batches).expect("write");
+        crate::ObjectCreated {
+            version: 1,
+            dataset: "bids".into(),
+            shard: 0,
+            first_seq: first,
+            last_seq: last,
+            path,
+            rows: (last - first + 1) * 10,
+            bytes,
+        }
+    };
+    let a = object(0, 2);
+    cur.apply(std::slice::from_ref(&a)).await.expect("apply");
+    assert_eq!(count(&lake).await, (30, 30));
+    cur.apply(std::slice::from_ref(&a)).await.expect("replay");
+    assert_eq!(count(&lake).await, (30, 30));
+    // A wider object over the same records and new ones, the split record 1 among them.
+    let b = object(1, 3);
+    cur.apply(&[b]).await.expect("apply wider");
+    assert_eq!(count(&lake).await, (40, 40));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_raw_object_is_an_error_not_a_skip() {
     let dir = tempfile::tempdir().expect("tempdir");
