@@ -53,8 +53,13 @@ pub fn note_on(lake: &Lake, first: u64, last: u64, day: &str) -> ObjectCreated {
 /// [`note_on`] with the records written under `spec`.
 pub fn note_of(lake: &Lake, first: u64, last: u64, day: &str, spec: &DatasetSpec) -> ObjectCreated {
     let batches: Vec<_> = (first..=last).map(|s| record_of(spec, s, 10, day)).collect();
+    object_of(lake, first, last, &batches)
+}
+
+/// A raw object of `batches` (records `first` to `last` of bids' shard 0) and its notification.
+pub fn object_of(lake: &Lake, first: u64, last: u64, batches: &[RecordBatch]) -> ObjectCreated {
     let path = object_path("bids", 0, first, last);
-    let bytes = write_object(lake.root(), &path, &batches).expect("write");
+    let bytes = write_object(lake.root(), &path, batches).expect("write");
     ObjectCreated {
         version: 1,
         dataset: "bids".into(),
@@ -62,7 +67,7 @@ pub fn note_of(lake: &Lake, first: u64, last: u64, day: &str, spec: &DatasetSpec
         first_seq: first,
         last_seq: last,
         path,
-        rows: (last - first + 1) * 10,
+        rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
         bytes,
     }
 }

@@ -61,18 +61,7 @@ async fn a_record_of_several_batches_is_taken_whole_once() {
                 batches.push(b);
             }
         }
-        let path = object_path("bids", 0, first, last);
-        let bytes = crate::raw::write_object(lake.root(), &path, &batches).expect("write");
-        crate::ObjectCreated {
-            version: 1,
-            dataset: "bids".into(),
-            shard: 0,
-            first_seq: first,
-            last_seq: last,
-            path,
-            rows: (last - first + 1) * 10,
-            bytes,
-        }
+        crate::testkit::object_of(&lake, first, last, &batches)
     };
     let a = object(0, 2);
     cur.apply(std::slice::from_ref(&a)).await.expect("apply");
