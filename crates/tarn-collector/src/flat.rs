@@ -268,7 +268,7 @@ impl NameKey {
     /// The key of field `name`, when a key that is its bytes can only be that name: it holds
     /// no quote, escape or control character.
     pub fn new(name: &str) -> Option<Self> {
-        if name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        if special(name.as_bytes()).is_some() {
             return None;
         }
         let mut padded = [name.as_bytes(), b"\""].concat();
